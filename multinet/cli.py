@@ -1,0 +1,120 @@
+"""The ``multinet`` command line.
+
+    multinet inspect zoo:resnet
+    multinet inspect torchvision.models:resnet18 --input-shape 1,3,224,224
+    multinet inspect mypkg.models:build --input-shape 1,3,32,32 --checkpoint weights.pt
+
+Exit codes: 0 ok, 2 bad input (the message says what), 1 internal failure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from .errors import MultinetError
+
+
+def load_target(target: str, checkpoint: str | None, dataset: str) -> torch.nn.Module:
+    """``zoo:NAME`` or ``package.module:factory`` -> an nn.Module in eval mode."""
+    if ":" not in target:
+        raise MultinetError(f"model {target!r} must be zoo:NAME or module.path:factory")
+    module_name, factory_name = target.split(":", 1)
+    if module_name == "zoo":
+        from . import zoo
+
+        return zoo.create(factory_name, dataset, pretrained=checkpoint is None and zoo.checkpoint_path(
+            factory_name, dataset).exists()) if checkpoint is None else _with_checkpoint(
+            zoo.build(factory_name, dataset), checkpoint)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MultinetError(f"cannot import {module_name!r}: {exc}") from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise MultinetError(f"{module_name!r} has no callable {factory_name!r}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise MultinetError(f"{target} returned {type(model).__name__}, not a torch.nn.Module")
+    return _with_checkpoint(model, checkpoint) if checkpoint else model.eval()
+
+
+def _with_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise MultinetError(f"checkpoint {path!r} does not exist") from None
+    except Exception as exc:
+        raise MultinetError(f"checkpoint {path!r} cannot be read as tensors: {str(exc).splitlines()[0]}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise MultinetError(f"checkpoint {path!r} does not fit {type(model).__name__}: "
+                            f"{str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()}") from exc
+    return model.eval()
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise MultinetError(f"--input-shape {text!r} must be integers separated by commas, e.g. 1,3,32,32") from None
+    if not shape or min(shape) <= 0:
+        raise MultinetError(f"--input-shape {text!r} must be positive")
+    return shape
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import zoo
+    from .graph import count, trace
+    from .report_tables import groups_table, print_table
+
+    model = load_target(args.model, args.checkpoint, args.dataset)
+    if args.input_shape:
+        example = torch.zeros(parse_shape(args.input_shape))
+    elif args.model.startswith("zoo:"):
+        example = zoo.example_input(args.dataset, batch=1)
+    else:
+        raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32)")
+    graph = trace(model, example)
+    counts = count(graph.module)
+    print_table(groups_table(graph, counts, title=f"{args.model}  input {tuple(example.shape)}"))
+    if args.layers:
+        from .report_tables import layers_table
+
+        print_table(layers_table(counts))
+    prunable = graph.prunable_groups
+    print(f"{len(graph.groups)} groups, {len(prunable)} prunable "
+          f"({sum(g.size for g in prunable)} of {sum(g.size for g in graph.groups)} channels); "
+          f"FLOPs (MACs) {counts.flops:,}  params {counts.params:,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="trace a model and list its channel groups, FLOPs and params")
+    p.add_argument("model", help="zoo:NAME or module.path:factory")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (zoo models know theirs)")
+    p.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
+    p.add_argument("--dataset", default="digits", help="zoo models: which dataset's size and weights (digits, mnist)")
+    p.add_argument("--layers", action="store_true", help="also list FLOPs and params per layer")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MultinetError as exc:
+        print(f"multinet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

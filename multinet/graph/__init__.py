@@ -1,0 +1,7 @@
+"""Tracing, channel groups, graph surgery and counting."""
+from .counting import Counts, count
+from .groups import ChannelGraph, ChannelGroup, ConsumerSlot
+from .surgery import prune
+from .trace_api import trace
+
+__all__ = ["ChannelGraph", "ChannelGroup", "ConsumerSlot", "Counts", "count", "prune", "trace"]

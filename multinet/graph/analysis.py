@@ -1,0 +1,750 @@
+"""The channel analysis: one pass over an fx graph that tracks the channel axis of every tensor.
+
+Each rule maps the channel axes of a node's inputs to the channel axis of its output and records
+how surgery must edit the graph. Producers (Conv, Linear) create spaces; pass-through ops carry
+them; residual adds, gating and parameters tie them; concat and split move them by offsets.
+Anything not understood fails closed: the spaces that reach it are marked unprunable with a reason.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import op_tables as ops
+from .axes import Axis, Segment, scale_blocks, slice_segments
+from .edits import Edit, SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
+from .spaces import SpaceTable
+
+Info = Axis | list | None
+
+
+@dataclass
+class LayerUse:
+    """A Conv/Linear (module or functional) seen as producer and/or consumer of channels."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    nodes: list[str]
+    columns_per_position: int  # kh*kw for a conv, 1 for a linear
+    in_segments: tuple[Segment, ...] | None = None
+    out_space: int | None = None
+
+
+@dataclass
+class AnalysisResult:
+    table: SpaceTable
+    edits: list[Edit]
+    layers: dict[str, LayerUse]
+    passthrough: dict[int, set[str]]  # space -> names of pass-through layers carrying params
+    inexact: dict[int, list[str]]  # space -> why pruning it changes the kept channels' values
+    info: dict[str, Info] = field(default_factory=dict)
+
+
+def _shape(arg) -> tuple[int, ...] | None:
+    if isinstance(arg, fx.Node):
+        meta = arg.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            return tuple(meta.shape)
+    return None
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class ChannelAnalysis:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.table = SpaceTable()
+        self.info: dict[fx.Node, Info] = {}
+        self.edits: list[Edit] = []
+        self.layers: dict[str, LayerUse] = {}
+        self.passthrough: dict[int, set[str]] = defaultdict(set)
+        self.inexact: dict[int, list[str]] = defaultdict(list)
+        self._module_axis: dict[str, tuple[Segment, ...]] = {}
+        self._param_space: dict[tuple[str, int], int] = {}
+        self._param_binders: dict[str, set[str]] = defaultdict(set)
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> AnalysisResult:
+        for node in self.gm.graph.nodes:
+            self.info[node] = self._visit(node)
+        self._check_param_uses()
+        return AnalysisResult(
+            self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact),
+            {n.name: i for n, i in self.info.items()},
+        )
+
+    def _visit(self, node: fx.Node) -> Info:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            for ax in self._tracked_inputs(node):
+                self.table.mark(ax.spaces(), "reaches the model output")
+            return None
+        if node.op == "call_module":
+            return self._visit_module(node, self.modules[node.target])
+        if node.op == "call_function":
+            rule = ops.function_rule(node.target)
+            label = getattr(node.target, "__name__", str(node.target))
+        else:
+            rule = ops.method_rule(node.target)
+            label = f".{node.target}()"
+        if rule is None:
+            return self._unknown(node, f"unsupported op `{label}`")
+        return getattr(self, f"_rule_{rule}")(node)
+
+    # ------------------------------------------------------------------ helpers
+    def _axis(self, arg) -> Axis | None:
+        if isinstance(arg, fx.Node):
+            info = self.info.get(arg)
+            return info if isinstance(info, Axis) else None
+        return None
+
+    def _tracked_inputs(self, node: fx.Node) -> list[Axis]:
+        found: list[Axis] = []
+
+        def visit(a):
+            info = self.info.get(a)
+            if isinstance(info, Axis):
+                found.append(info)
+            elif isinstance(info, list):
+                found.extend(i for i in info if isinstance(i, Axis))
+            return a
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return found
+
+    def _fail(self, axes, why: str, node: fx.Node) -> None:
+        for ax in axes:
+            if ax is not None:
+                self.table.mark(ax.spaces(), f"{why} at `{node.name}`")
+
+    def _unknown(self, node: fx.Node, why: str) -> None:
+        self._fail(self._tracked_inputs(node), why, node)
+        return None
+
+    def _where(self, node: fx.Node) -> str:
+        return f"`{node.name}`"
+
+    def _tie_module_input(self, name: str, segments: tuple[Segment, ...], node: fx.Node) -> bool:
+        """A module called twice must see the same channels both times. True on the first call."""
+        if name in self._module_axis:
+            self.table.tie_segments(self._module_axis[name], segments, self._where(node))
+            return False
+        self._module_axis[name] = segments
+        return True
+
+    def _new_producer(self, name: str, size: int, kind: str, nodes: list[str], cols: int, reason: str | None,
+                      weight: str, bias: str | None, module: str | None) -> int:
+        use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
+        if use.out_space is None:
+            use.out_space = self.table.new(size, "producer", name, reason)
+            seg = (Segment(use.out_space, 0, size),)
+            self.edits.append(SliceTensor(weight, 0, seg))
+            if bias is not None:
+                self.edits.append(SliceTensor(bias, 0, seg))
+            if module is not None:
+                self.edits.append(SetCount(module, "out_channels" if kind == "conv" else "out_features", seg))
+        use.nodes.extend(n for n in nodes if n not in use.nodes)
+        return use.out_space
+
+    def _consume(self, name: str, kind: str, ax: Axis | None, node: fx.Node, cols: int, weight: str,
+                 module: str | None) -> None:
+        use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
+        if ax is None:
+            if use.in_segments is not None:
+                self.table.mark({s.space for s in use.in_segments}, f"layer `{name}` also reads untracked input")
+            return
+        if use.in_segments is None:
+            use.in_segments = ax.segments
+            self.edits.append(SliceTensor(weight, 1, ax.segments))
+            if module is not None:
+                self.edits.append(SetCount(module, "in_channels" if kind == "conv" else "in_features", ax.segments))
+        else:
+            self.table.tie_segments(use.in_segments, ax.segments, self._where(node))
+
+    def _passthrough_params(self, node: fx.Node, ax: Axis, attrs: list[str], counts: list[tuple[str, bool]]) -> None:
+        """A module with one parameter entry per channel (BatchNorm, LayerNorm, PReLU...)."""
+        name = node.target
+        if not self._tie_module_input(name, ax.segments, node):
+            return
+        module = self.modules[name]
+        for attr in attrs:
+            if getattr(module, attr, None) is not None:
+                self.edits.append(SliceTensor(f"{name}.{attr}", 0, ax.segments))
+        for attr, as_tuple in counts:
+            self.edits.append(SetCount(name, attr, ax.segments, as_tuple))
+        for s in ax.spaces():
+            self.passthrough[s].add(name)
+
+    def _bind_param(self, param: fx.Node, dim: int, ax: Axis, node: fx.Node) -> None:
+        """A channel-wise parameter (layer scale, functional norm weight): slice it with the channels."""
+        key = (param.target, dim)
+        width = ax.width
+        sid = self._param_space.get(key)
+        if sid is None:
+            sid = self.table.new(width, "param", param.target)
+            self._param_space[key] = sid
+            self.edits.append(SliceTensor(param.target, dim, (Segment(sid, 0, width),)))
+        self._param_binders[param.target].add(node.name)
+        self.table.tie_segments(ax.segments, (Segment(sid, 0, width),), self._where(node))
+        for s in ax.spaces():
+            self.passthrough[s].add(param.target)
+
+    def _check_param_uses(self) -> None:
+        """A bound parameter that other ops also read cannot be sliced safely."""
+        users: dict[str, set[str]] = defaultdict(set)
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr":
+                users[n.target].update(u.name for u in n.users)
+        for (target, _), sid in self._param_space.items():
+            extra = users[target] - self._param_binders[target]
+            if extra:
+                self.table.mark([sid], f"parameter `{target}` is also used by `{sorted(extra)[0]}`")
+
+    # ------------------------------------------------------------------ modules
+    def _visit_module(self, node: fx.Node, m: nn.Module) -> Info:
+        x = node.args[0] if node.args else None
+        ax = self._axis(x)
+        shape = _shape(x)
+        name = node.target
+        if isinstance(m, ops.CONV_MODULES):
+            return self._conv_module(node, m, ax)
+        if isinstance(m, nn.Linear):
+            return self._linear(node, ax, shape, name, m.out_features, f"{name}.weight",
+                                f"{name}.bias" if m.bias is not None else None, module=name)
+        if isinstance(m, ops.UNARY_MODULES):
+            return ax
+        if ax is None:
+            if isinstance(m, (ops.BATCHNORM_MODULES, ops.INSTANCENORM_MODULES, nn.LayerNorm, nn.GroupNorm)):
+                return None
+            return self._unknown(node, f"unsupported module `{type(m).__name__}`")
+        if isinstance(m, ops.BATCHNORM_MODULES + ops.INSTANCENORM_MODULES):
+            if ax.dim != 1:
+                return self._fail([ax], f"{type(m).__name__} on a non-channel dim", node)
+            self._passthrough_params(node, ax, ["weight", "bias", "running_mean", "running_var"],
+                                     [("num_features", False)])
+            return ax
+        if isinstance(m, nn.LayerNorm):
+            return self._layer_norm(node, ax, shape, tuple(m.normalized_shape), module=m)
+        if isinstance(m, nn.GroupNorm):
+            return self._group_norm(node, m, ax)
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:
+                return ax
+            if ax.dim != 1:
+                return self._fail([ax], "PReLU on a non-channel dim", node)
+            self._passthrough_params(node, ax, ["weight"], [("num_parameters", False)])
+            return ax
+        if type(m) in ops.POOL_MODULES:
+            if getattr(m, "return_indices", False):
+                return self._unknown(node, f"{type(m).__name__} with return_indices")
+            k = ops.POOL_MODULES[type(m)]
+            return self._spatial(node, ax, shape, k)
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, ax, shape, m.start_dim, m.end_dim)
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            return self._softmax_dim(node, ax, shape, m.dim)
+        return self._unknown(node, f"unsupported module `{type(m).__name__}`")
+
+    def _conv_module(self, node: fx.Node, m: nn.Module, ax: Axis | None) -> Info:
+        name = node.target
+        cols = math.prod(m.kernel_size)
+        if ax is not None and ax.dim != 1:
+            self._fail([ax], "conv input whose channel axis is not dim 1", node)
+            ax = None
+        bias = f"{name}.bias" if m.bias is not None else None
+        if m.groups == 1:
+            self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name)
+            sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight",
+                                     bias, module=name)
+            return Axis(1, (Segment(sid, 0, m.out_channels),))
+        if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
+            if ax is None:
+                return None
+            mult = m.out_channels // m.in_channels
+            out = scale_blocks(ax.segments, mult)
+            if self._tie_module_input(name, ax.segments, node):
+                self.edits += [SliceTensor(f"{name}.weight", 0, out), SetCount(name, "in_channels", ax.segments),
+                               SetCount(name, "out_channels", out), SetCount(name, "groups", ax.segments)]
+                if bias:
+                    self.edits.append(SliceTensor(bias, 0, out))
+                for s in ax.spaces():
+                    self.passthrough[s].add(name)
+            return Axis(1, out)
+        why = f"grouped conv `{name}` (groups={m.groups}) needs equal channels per group"
+        self._fail([ax], why, node)
+        sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, why, f"{name}.weight", bias,
+                                 module=name)
+        return Axis(1, (Segment(sid, 0, m.out_channels),))
+
+    def _linear(self, node, ax, shape, name, out_features, weight, bias, module) -> Info:
+        if shape is None:
+            return self._unknown(node, "Linear on an input of unknown shape")
+        if ax is not None and ax.dim != len(shape) - 1:
+            self._fail([ax], f"Linear `{name}` acts on a dim other than the channel dim", node)
+            ax = None
+        self._consume(name, "linear", ax, node, 1, weight, module=module)
+        sid = self._new_producer(name, out_features, "linear", [node.name], 1, None, weight, bias, module=module)
+        return Axis(len(shape) - 1, (Segment(sid, 0, out_features),))
+
+    def _layer_norm(self, node, ax, shape, normalized_shape, module=None, weight=None, bias=None) -> Info:
+        nd = len(normalized_shape)
+        if ax.dim < len(shape) - nd:
+            return ax  # normalises other dims: each channel on its own
+        if nd != 1:
+            self._fail([ax], "LayerNorm over the channel dim and other dims", node)
+            return ax
+        if module is not None:
+            self._passthrough_params(node, ax, ["weight", "bias"], [("normalized_shape", True)])
+        else:
+            for param in (weight, bias):
+                if isinstance(param, fx.Node) and param.op == "get_attr":
+                    self._bind_param(param, 0, ax, node)
+                elif isinstance(param, fx.Node):
+                    self._fail([ax], "layer_norm with a computed weight", node)
+            path = (1, 0) if len(node.args) > 1 else ("normalized_shape", 0)
+            self.edits.append(ShapeLiteral(node.name, path, ax.segments))
+        note = f"LayerNorm `{node.name}` normalises over this channel: pruning shifts the kept channels' statistics"
+        for s in ax.spaces():
+            self.inexact[s].append(note)
+        return ax
+
+    def _group_norm(self, node, m: nn.GroupNorm, ax: Axis) -> Info:
+        if ax.dim != 1:
+            return self._fail([ax], "GroupNorm on a non-channel dim", node)
+        if m.num_groups == m.num_channels:
+            self._passthrough_params(node, ax, ["weight", "bias"], [("num_channels", False), ("num_groups", False)])
+        elif m.num_groups == 1:
+            self._passthrough_params(node, ax, ["weight", "bias"], [("num_channels", False)])
+            for s in ax.spaces():
+                self.inexact[s].append(f"GroupNorm `{node.name}` (1 group) normalises over this channel")
+        else:
+            self._fail([ax], f"GroupNorm with {m.num_groups} groups ties channels into groups", node)
+        return ax
+
+    # ------------------------------------------------------------------ function rules
+    def _rule_meta(self, node):
+        return None
+
+    def _rule_unary(self, node):
+        ax = self._axis(node.args[0]) if node.args else None
+        others = [a for a in self._tracked_inputs(node) if a is not ax]
+        if others and node.target not in ("type_as", "to"):
+            self._fail(others, "used as a secondary argument", node)
+        return ax
+
+    def _rule_binary(self, node):
+        a = node.args[0] if node.args else node.kwargs.get("input")
+        b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        out_shape = _shape(node)
+        if out_shape is None:
+            return self._unknown(node, "elementwise op with an unknown output shape")
+        ndim = len(out_shape)
+        ax_a, ax_b = self._axis(a), self._axis(b)
+        placed = [(self._to_out_dim(x, ax, ndim), x, ax) for x, ax in ((a, ax_a), (b, ax_b))]
+        tracked = [(d, x, ax) for d, x, ax in placed if ax is not None]
+        if not tracked:
+            return None
+        dim = tracked[0][0]
+        if any(d != dim for d, _, _ in tracked) or any(ax.width != out_shape[dim] for _, _, ax in tracked):
+            return self._fail([t[2] for t in tracked], "elementwise op on mismatched channel dims", node)
+        if len(tracked) == 2:
+            self.table.tie_segments(ax_a.segments, ax_b.segments, self._where(node))
+            return ax_a.at(dim)
+        ax = tracked[0][2]
+        other = b if ax is ax_a else a
+        other_shape = _shape(other)
+        if other_shape is None:
+            return ax.at(dim)  # a Python scalar
+        odim = dim - (ndim - len(other_shape))
+        if odim < 0 or other_shape[odim] == 1:
+            return ax.at(dim)  # broadcast along the channels
+        if isinstance(other, fx.Node) and other.op == "get_attr":
+            self._bind_param(other, odim, ax, node)
+            return ax.at(dim)
+        self._fail([ax], "combined elementwise with an untracked tensor of full channel size", node)
+        return ax.at(dim)
+
+    def _to_out_dim(self, x, ax: Axis | None, out_ndim: int) -> int | None:
+        shape = _shape(x)
+        if ax is None or shape is None:
+            return None
+        return ax.dim + out_ndim - len(shape)
+
+    def _rule_cat(self, node):
+        tensors = list(_arg(node, 0, "tensors"))
+        out_shape = _shape(node)
+        dim = _norm(_arg(node, 1, "dim", 0), len(out_shape))
+        axes = [self._axis(t) for t in tensors]
+        tracked = [a for a in axes if a is not None]
+        if not tracked:
+            return None
+        if any(a.dim != tracked[0].dim for a in tracked):
+            return self._fail(tracked, "cat of tensors with different channel dims", node)
+        cdim = tracked[0].dim
+        if dim == cdim:
+            segs: list[Segment] = []
+            for t, a in zip(tensors, axes):
+                if a is not None:
+                    segs.extend(a.segments)
+                else:
+                    width = _shape(t)[dim]
+                    sid = self.table.new(width, "untracked", f"{node.name}[untracked input]",
+                                         f"untracked tensor concatenated at `{node.name}`")
+                    segs.append(Segment(sid, 0, width))
+            return Axis(dim, tuple(segs))
+        return self._tie_all(node, tensors, axes, cdim)
+
+    def _tie_all(self, node, tensors, axes, cdim: int) -> Info:
+        first = next(a for a in axes if a is not None)
+        for t, a in zip(tensors, axes):
+            if a is first:
+                continue
+            if a is not None:
+                self.table.tie_segments(first.segments, a.segments, self._where(node))
+            elif isinstance(t, fx.Node) and t.op == "get_attr":
+                self._bind_param(t, cdim, first, node)
+            else:
+                self._fail([first], "joined with an untracked tensor", node)
+        return first
+
+    def _rule_stack(self, node):
+        tensors = list(_arg(node, 0, "tensors"))
+        out_shape = _shape(node)
+        dim = _norm(_arg(node, 1, "dim", 0), len(out_shape))
+        axes = [self._axis(t) for t in tensors]
+        tracked = [a for a in axes if a is not None]
+        if not tracked:
+            return None
+        if any(a.dim != tracked[0].dim for a in tracked):
+            return self._fail(tracked, "stack of tensors with different channel dims", node)
+        first = self._tie_all(node, tensors, axes, tracked[0].dim)
+        return first.at(first.dim + (1 if dim <= first.dim else 0))
+
+    def _split_like(self, node, dim_arg_index: int, rewrite: bool) -> Info:
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        metas = node.meta.get("tensor_meta")
+        if ax is None:
+            return None
+        if not isinstance(metas, (tuple, list)) or shape is None:
+            return self._unknown(node, "split with unknown piece shapes")
+        dim = _norm(_arg(node, dim_arg_index, "dim", 0), len(shape))
+        if dim != ax.dim:
+            return [ax for _ in metas]
+        ranges, pos = [], 0
+        for meta in metas:
+            ranges.append((pos, pos + meta.shape[dim]))
+            pos += meta.shape[dim]
+        pieces = [slice_segments(ax.segments, lo, hi) for lo, hi in ranges]
+        if any(p is None for p in pieces):
+            self._fail([ax], "split cuts through a channel block", node)
+            return [None for _ in metas]
+        if rewrite:
+            self.edits.append(SplitSizes(node.name, ax.segments, tuple(ranges), dim))
+        return [Axis(dim, p) for p in pieces]
+
+    def _rule_split(self, node):
+        return self._split_like(node, 2, rewrite=True)
+
+    def _rule_chunk(self, node):
+        return self._split_like(node, 2, rewrite=True)
+
+    def _rule_getitem(self, node):
+        base, index = node.args[0], node.args[1]
+        info = self.info.get(base) if isinstance(base, fx.Node) else None
+        if isinstance(info, list):
+            return info[index] if isinstance(index, int) else self._unknown(node, "non-integer index into a tuple")
+        if not isinstance(info, Axis):
+            return None
+        shape = _shape(base)
+        return self._tensor_index(node, info, shape, index)
+
+    def _tensor_index(self, node, ax: Axis, shape, index) -> Info:
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
+            return self._fail([ax], "advanced indexing", node)
+        consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+        expanded: list[tuple[int, object]] = []
+        for pos, item in enumerate(items):
+            if item is Ellipsis:
+                expanded.extend((-2, slice(None)) for _ in range(len(shape) - consumed))
+            else:
+                expanded.append((pos, item))
+        in_d = out_d = 0
+        result: Axis | None = None
+        for pos, item in expanded:
+            if item is None:
+                out_d += 1
+                continue
+            if in_d == ax.dim:
+                if isinstance(item, int):
+                    return self._fail([ax], "integer index into the channel axis", node)
+                begin, end, step = item.indices(ax.width)
+                if step != 1:
+                    return self._fail([ax], "strided slice of the channel axis", node)
+                if (begin, end) == (0, ax.width):
+                    result = ax.at(out_d)
+                else:
+                    segs = slice_segments(ax.segments, begin, end)
+                    if segs is None:
+                        return self._fail([ax], "slice cuts through a channel block", node)
+                    where = pos if isinstance(index, tuple) else -1
+                    if where == -2:
+                        return self._fail([ax], "slice of the channel axis via Ellipsis", node)
+                    self.edits.append(SliceBounds(node.name, where, ax.segments, begin, end))
+                    result = Axis(out_d, segs)
+            if not isinstance(item, int):
+                out_d += 1
+            in_d += 1
+        if result is None:  # the channel dim lies past the index: untouched
+            result = ax.at(out_d + (ax.dim - in_d))
+        return result
+
+    def _rule_flatten(self, node):
+        x = node.args[0]
+        return self._flatten(node, self._axis(x), _shape(x), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+
+    def _flatten(self, node, ax, shape, start, end) -> Info:
+        if ax is None:
+            return None
+        start, end = _norm(start, len(shape)), _norm(end, len(shape))
+        if ax.dim < start:
+            return ax
+        if ax.dim > end:
+            return ax.at(ax.dim - (end - start))
+        if ax.dim != start:
+            return self._fail([ax], "flatten merges dims before the channel dim into it", node)
+        return Axis(start, scale_blocks(ax.segments, math.prod(shape[ax.dim + 1: end + 1])))
+
+    def _rule_view(self, node):
+        x = node.args[0]
+        ax, shape, out = self._axis(x), _shape(x), _shape(node)
+        if ax is None:
+            return None
+        mapped = _map_reshape(shape, out, ax.dim)
+        if mapped is None:
+            return self._fail([ax], "reshape splits or interleaves the channel axis", node)
+        j, mul, div = mapped
+        segs = scale_blocks(ax.segments, mul, div)
+        if segs is None:
+            return self._fail([ax], "reshape cuts through a channel block", node)
+        self._record_size_literal(node, j, ax.segments, mul, div)
+        return Axis(j, segs)
+
+    def _record_size_literal(self, node, j: int, segments, mul: int, div: int) -> None:
+        """view(..., 512*7*7) / expand(..., C): the literal size must follow the channel count."""
+        if node.op == "call_function":
+            path = (1, j)
+            sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        elif len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            path, sizes = (1, j), node.args[1]
+        else:
+            path, sizes = (1 + j,), node.args[1:]
+        if sizes is None or j >= len(sizes):
+            return
+        literal = sizes[j]
+        if isinstance(literal, int) and literal != -1:
+            self.edits.append(ShapeLiteral(node.name, path, segments, mul, div))
+
+    def _rule_expand(self, node):
+        x = node.args[0]
+        ax, shape, out = self._axis(x), _shape(x), _shape(node)
+        if ax is None:
+            return None
+        j = ax.dim + len(out) - len(shape)
+        self._record_size_literal(node, j, ax.segments, 1, 1)
+        return ax.at(j)
+
+    def _rule_permute(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dims = node.args[1:] if node.op == "call_method" else [_arg(node, 1, "dims")]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        dims = [_norm(d, len(shape)) for d in dims]
+        return ax.at(dims.index(ax.dim))
+
+    def _rule_transpose(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        d0, d1 = (_norm(d, len(shape)) for d in (node.args[1], node.args[2]))
+        return ax.at(d1 if ax.dim == d0 else d0 if ax.dim == d1 else ax.dim)
+
+    def _rule_unsqueeze(self, node):
+        x = node.args[0]
+        ax = self._axis(x)
+        if ax is None:
+            return None
+        d = _norm(_arg(node, 1, "dim"), len(_shape(node)))
+        return ax.at(ax.dim + (1 if d <= ax.dim else 0))
+
+    def _rule_squeeze(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dim = _arg(node, 1, "dim", None)
+        candidates = range(len(shape)) if dim is None else [dim] if isinstance(dim, int) else dim
+        removed = {_norm(d, len(shape)) for d in candidates if shape[_norm(d, len(shape))] == 1}
+        if ax.dim in removed:
+            return self._fail([ax], "squeeze removes the channel dim", node)
+        return ax.at(ax.dim - sum(1 for d in removed if d < ax.dim))
+
+    def _rule_reduce(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dim = _arg(node, 1, "dim", None)
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        if dim is None or dim == () or dim == []:
+            return self._fail([ax], "reduction over every dim", node)
+        dims = {_norm(d, len(shape)) for d in ([dim] if isinstance(dim, int) else dim)}
+        if ax.dim in dims:
+            return self._fail([ax], "reduction over the channel dim", node)
+        return ax if keepdim else ax.at(ax.dim - sum(1 for d in dims if d < ax.dim))
+
+    def _rule_spatial(self, node):
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        return self._spatial(node, self._axis(x), _shape(x), -1)
+
+    def _spatial(self, node, ax, shape, k: int) -> Info:
+        """Pooling/upsampling act on the last k dims (all but batch and channel when k < 0)."""
+        if ax is None:
+            return None
+        k = len(shape) - 2 if k < 0 else k
+        if ax.dim >= len(shape) - k:
+            return self._fail([ax], "pooling over the channel dim", node)
+        return ax
+
+    def _rule_pad(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        pad = _arg(node, 1, "pad")
+        padded_dims = {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+        if ax.dim in padded_dims:
+            return self._fail([ax], "padding along the channel dim", node)
+        return ax
+
+    def _rule_softmax(self, node):
+        x = node.args[0]
+        return self._softmax_dim(node, self._axis(x), _shape(x), _arg(node, 1, "dim"))
+
+    def _softmax_dim(self, node, ax, shape, dim) -> Info:
+        if ax is None:
+            return None
+        if dim is None or _norm(dim, len(shape)) == ax.dim:
+            self._fail([ax], "softmax across channels", node)
+        return ax
+
+    def _rule_layer_norm(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        ns = _arg(node, 1, "normalized_shape")
+        ns = (ns,) if isinstance(ns, int) else tuple(ns)
+        return self._layer_norm(node, ax, shape, ns, weight=_arg(node, 2, "weight"), bias=_arg(node, 3, "bias"))
+
+    def _rule_batch_norm(self, node):
+        x = node.args[0]
+        ax = self._axis(x)
+        if ax is None:
+            return None
+        if ax.dim != 1:
+            return self._fail([ax], "batch_norm on a non-channel dim", node)
+        for index, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+            param = _arg(node, index, name)
+            if isinstance(param, fx.Node) and param.op == "get_attr":
+                self._bind_param(param, 0, ax, node)
+            elif isinstance(param, fx.Node):
+                self._fail([ax], "batch_norm with computed statistics", node)
+        return ax
+
+    def _functional_weights(self, node) -> tuple[str, str | None] | None:
+        w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return None
+        if isinstance(b, fx.Node) and b.op != "get_attr":
+            return None
+        return w.target, (b.target if isinstance(b, fx.Node) else None)
+
+    def _rule_conv(self, node):
+        x = node.args[0]
+        ax = self._axis(x)
+        refs = self._functional_weights(node)
+        groups = _arg(node, 6, "groups", 1)
+        if refs is None or groups != 1:
+            return self._unknown(node, "functional conv with computed weights or groups > 1")
+        weight, bias = refs
+        w = _shape(_arg(node, 1, "weight"))
+        if ax is not None and ax.dim != 1:
+            self._fail([ax], "conv input whose channel axis is not dim 1", node)
+            ax = None
+        cols = math.prod(w[2:])
+        self._consume(weight, "conv", ax, node, cols, weight, module=None)
+        sid = self._new_producer(weight, w[0], "conv", [node.name], cols, None, weight, bias, module=None)
+        return Axis(1, (Segment(sid, 0, w[0]),))
+
+    def _rule_linear(self, node):
+        x = node.args[0]
+        refs = self._functional_weights(node)
+        if refs is None:
+            return self._unknown(node, "functional linear with computed weights")
+        weight, bias = refs
+        w = _shape(_arg(node, 1, "weight"))
+        return self._linear(node, self._axis(x), _shape(x), weight, w[0], weight, bias, module=None)
+
+
+def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
+    """Where the channel dim of ``shape`` lands in ``out``, and how its blocks scale (mul, div).
+
+    The leading dims before the channel dim must keep their product, and the channel dim may
+    absorb whole trailing dims (flatten: mul) or shed whole trailing dims (unflatten: div).
+    """
+    lead = math.prod(shape[:dim])
+    width = shape[dim]
+    for j in range(len(out)):
+        if math.prod(out[:j]) != lead:
+            continue
+        if out[j] == 1 and width != 1:
+            continue
+        if out[j] % width == 0:
+            mul = out[j] // width
+            trail, m = 1, dim + 1
+            while trail < mul and m < len(shape):
+                trail *= shape[m]
+                m += 1
+            if trail == mul:
+                return j, mul, 1
+        elif width % out[j] == 0:
+            div = width // out[j]
+            trail, m = 1, j + 1
+            while trail < div and m < len(out):
+                trail *= out[m]
+                m += 1
+            if trail == div:
+                return j, 1, div
+        return None
+    return None

@@ -1,0 +1,102 @@
+"""Which fx call targets follow which channel rule.
+
+Anything not listed here is *unknown*: the channel analysis fails closed on it (its tracked inputs
+become unprunable, with the op named in the reason) instead of guessing it is elementwise.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_FUNCTION_RULES: dict[object, str] = {}
+
+
+def _add(rule: str, *fns: object) -> None:
+    for fn in fns:
+        _FUNCTION_RULES[fn] = rule
+
+
+_add(
+    "unary",
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid,
+    torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.abs, torch.neg,
+    operator.neg, torch.exp, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.erf,
+    torch.sin, torch.cos, torch.log, torch.nn.functional.logsigmoid, torch.detach,
+)
+_add(
+    "binary",
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div,
+    torch.true_divide, torch.maximum, torch.minimum, torch.pow,
+)
+_add("cat", torch.cat, torch.concat, torch.concatenate)
+_add("stack", torch.stack)
+_add("split", torch.split)
+_add("chunk", torch.chunk)
+_add("getitem", operator.getitem)
+_add("flatten", torch.flatten)
+_add("view", torch.reshape)
+_add("permute", torch.permute)
+_add("transpose", torch.transpose, torch.swapaxes, torch.swapdims)
+_add("unsqueeze", torch.unsqueeze)
+_add("squeeze", torch.squeeze)
+_add("reduce", torch.mean, torch.sum, torch.amax, torch.amin)
+_add(
+    "spatial",
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
+)
+_add("softmax", F.softmax, torch.softmax, F.log_softmax, torch.log_softmax)
+_add("layer_norm", F.layer_norm)
+_add("batch_norm", F.batch_norm)
+_add("conv", F.conv1d, F.conv2d, F.conv3d)
+_add("linear", F.linear)
+_add("meta", builtins.getattr, torch._assert, builtins.len, builtins.isinstance)
+_add("pad", F.pad)
+
+_METHOD_RULES: dict[str, str] = {}
+for _name in (
+    "relu relu_ sigmoid sigmoid_ tanh tanh_ abs neg exp sqrt rsqrt square clamp clamp_ clip erf sin cos log "
+    "contiguous clone detach float half double bfloat16 to type_as cpu cuda hardswish"
+).split():
+    _METHOD_RULES[_name] = "unary"
+for _name in "add add_ sub sub_ mul mul_ div div_ pow maximum minimum".split():
+    _METHOD_RULES[_name] = "binary"
+_METHOD_RULES.update(
+    view="view", reshape="view", flatten="flatten", permute="permute", transpose="transpose",
+    unsqueeze="unsqueeze", squeeze="squeeze", mean="reduce", sum="reduce", amax="reduce", amin="reduce",
+    split="split", chunk="chunk", size="meta", dim="meta", numel="meta", expand="expand",
+    softmax="softmax", log_softmax="softmax",
+)
+
+UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.LogSigmoid, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+POOL_MODULES: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.Upsample: -1, nn.UpsamplingNearest2d: 2,
+    nn.UpsamplingBilinear2d: 2,
+}
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+INSTANCENORM_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def function_rule(target: object) -> str | None:
+    try:
+        return _FUNCTION_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def method_rule(name: str) -> str | None:
+    return _METHOD_RULES.get(name)

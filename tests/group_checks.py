@@ -1,0 +1,99 @@
+"""Checks every prunable group of a model must pass (the foundation issue's (a), (b), (c))."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import multinet
+from multinet.graph.axes import kept_positions
+from multinet.graph.edits import SliceTensor
+from multinet.graph.surgery import _local_keep, _resolve
+
+
+def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN/LN affine and running stats so that norms are not identities."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        for name in ("weight", "bias", "running_mean"):
+            t = getattr(m, name, None)
+            if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)) and t is not None:
+                t.data = torch.randn(t.shape, generator=gen) * 0.5 + (1.0 if name == "weight" else 0.0)
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_var is not None:
+            m.running_var.data = torch.rand(m.running_var.shape, generator=gen) + 0.5
+    return model.eval()
+
+
+def _consumer_weight_attrs(graph) -> set[str]:
+    out = set()
+    for use in graph.analysis.layers.values():
+        if use.in_segments is not None:
+            out.add(f"{use.name}.weight" if not use.name.endswith("weight") else use.name)
+    return out
+
+
+def zero_channel(graph, gid: int, channel: int, side: str) -> torch.fx.GraphModule:
+    """A copy of the traced model with one channel zeroed on the producer side or the consumer side.
+
+    Producer side: every tensor sliced with the channel except consumer inputs (producer
+    filters and biases, BatchNorm affine, layer scales) is zeroed at the channel.
+    Consumer side: the columns that read the channel are zeroed in every consumer.
+    """
+    group = graph.group(gid)
+    keep_local = _local_keep(graph, {gid: [c for c in range(group.size) if c != channel]})
+    gm = copy.deepcopy(graph.module)
+    consumers = _consumer_weight_attrs(graph)
+    for edit in graph.analysis.edits:
+        if not isinstance(edit, SliceTensor):
+            continue
+        is_consumer = edit.attr in consumers and edit.dim == 1
+        if is_consumer != (side == "consumer") or edit.attr.endswith(("running_mean", "running_var")):
+            continue
+        owner, attr = _resolve(gm, edit.attr)
+        tensor = getattr(owner, attr)
+        kept = set(kept_positions(edit.segments, keep_local).tolist())
+        removed = [p for p in range(tensor.shape[edit.dim]) if p not in kept]
+        if removed:
+            with torch.no_grad():
+                tensor.index_fill_(edit.dim, torch.tensor(removed), 0.0)
+    return gm
+
+
+def check_model(model: torch.nn.Module, x: torch.Tensor, seed: int = 0, max_channels: int = 2) -> multinet.ChannelGraph:
+    graph = multinet.trace(model, x)
+    with torch.no_grad():
+        reference = graph.module(x)
+        # (a) keeping every channel of every prunable group reproduces the outputs exactly
+        full = multinet.prune(graph, {g.id: list(range(g.size)) for g in graph.prunable_groups})
+        assert torch.equal(full(x), reference)
+        gen = torch.Generator().manual_seed(seed)
+        # (b) a zeroed channel, pruned, leaves the outputs unchanged
+        for g in graph.prunable_groups:
+            if not g.exact or g.size < 2:
+                continue
+            for channel in torch.randperm(g.size, generator=gen)[:max_channels].tolist():
+                keep = {g.id: [c for c in range(g.size) if c != channel]}
+                pruned = multinet.prune(graph, keep)
+                for side in ("consumer", "producer"):
+                    zeroed = zero_channel(graph, g.id, channel, side)
+                    torch.testing.assert_close(pruned(x), zeroed(x), rtol=1e-4, atol=1e-5,
+                                               msg=lambda m: f"group {g.id} channel {channel} ({side}): {m}")
+        # (c) random 30 % of every prunable group: runs, same output shape, fewer FLOPs
+        keep = {}
+        for g in graph.prunable_groups:
+            n_keep = max(1, round(g.size * 0.7))
+            keep[g.id] = torch.randperm(g.size, generator=gen)[:n_keep].sort().values
+        pruned = multinet.prune(graph, keep)
+        out = pruned(x)
+        assert _shapes(out) == _shapes(reference)
+        if graph.prunable_groups:
+            assert multinet.count(pruned, (x,)).flops < multinet.count(graph.module).flops
+    return graph
+
+
+def _shapes(out):
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    return tuple(_shapes(o) for o in out)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from group_checks import check_model, randomize_norm_stats
+from multinet import zoo
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_groups_prune_exactly(name, dataset):
+    torch.manual_seed(0)
+    model = randomize_norm_stats(zoo.build(name, dataset))
+    x = torch.randn(3, *zoo.example_input(dataset).shape[1:])
+    graph = check_model(model, x, max_channels=1 if dataset == "mnist" else 2)
+    assert len(graph.prunable_groups) == len(graph.groups) - 1  # only the logits are fixed
+    assert not graph.groups[-1].prunable and "output" in graph.groups[-1].reasons[0]
+
+
+def test_resnet_residual_stream_is_one_group():
+    graph = check_model(randomize_norm_stats(zoo.build("resnet")), torch.randn(2, 1, 8, 8))
+    stream = graph.group_of_layer("stem.0")
+    assert set(stream.producers) == {"stem.0", "blocks.0.conv2.0", "blocks.1.conv2.0"}
+    assert "blocks.2.downsample.0" in stream.consumer_names and "blocks.2.conv1.0" in stream.consumer_names
+    stage2 = graph.group_of_layer("blocks.2.downsample.0")
+    assert set(stage2.producers) == {"blocks.2.downsample.0", "blocks.2.conv2.0", "blocks.3.conv2.0"}
+
+
+def test_mobilenet_squeeze_excite_ties_gate_to_features():
+    graph = multinet_trace("mobilenet")
+    group = graph.group_of_layer("blocks.3.expand.0")
+    assert "blocks.3.se.fc2" in group.producers
+    assert {"blocks.3.se.fc1", "blocks.3.project.0"} <= set(group.consumer_names)
+    assert "blocks.3.depthwise.0" in group.passthrough
+
+
+def test_densenet_concat_offsets_reach_consumers():
+    graph = multinet_trace("densenet")
+    stem = graph.group_of_layer("stem.0")
+    # the stem's 24 channels enter every later dense layer of block 1 at positions 0..23
+    slots = [s for s in stem.consumers if s.consumer == "block1.2.conv"]
+    assert len(slots) == 1 and slots[0].positions.tolist() == list(range(24))
+    second = graph.group_of_layer("block1.1.conv")
+    slots = [s for s in second.consumers if s.consumer == "transition.2"]
+    assert slots[0].positions.tolist() == list(range(24 + 12, 24 + 24))
+
+
+def test_flatten_to_linear_blocks():
+    graph = multinet_trace("vgg", "mnist")
+    last_conv = graph.group_of_layer("features.4.0")
+    (slot,) = last_conv.consumers
+    assert slot.consumer == "classifier.0" and slot.block == 7 * 7
+    assert slot.positions[:3].tolist() == [0, 49, 98]
+
+
+def multinet_trace(name, dataset="digits"):
+    import multinet
+
+    return multinet.trace(zoo.build(name, dataset), zoo.example_input(dataset))
