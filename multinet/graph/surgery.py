@@ -54,7 +54,10 @@ def _local_keep(graph: ChannelGraph, keep: Mapping[int, object]) -> dict[int, to
     """Group channel indices -> kept channel indices of each member space."""
     out: dict[int, torch.Tensor] = {}
     for gid, indices in keep.items():
-        group = graph.group(gid)
+        try:
+            group = graph.group(gid)
+        except KeyError as exc:
+            raise PruneError(exc.args[0]) from None
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if idx.numel() == 0:
             raise PruneError(f"group {gid} would be pruned to zero channels; keep at least one")

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, TraceError
 
@@ -74,6 +75,29 @@ def as_tuple(example_inputs: Any) -> tuple:
     raise InputShapeError(f"example_inputs must be a tensor or a sequence of tensors, got {type(example_inputs).__name__}")
 
 
+class _ShapeProp(fx.Interpreter):
+    """Records each node's output shape (``meta['tensor_meta']``, as fx's ShapeProp does) and
+    reports the failing node in the user's terms instead of printing a traceback."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except InputShapeError:
+            raise
+        except Exception as exc:
+            what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
+            if n.op == "call_module":
+                what = f"{what} ({type(self.module.get_submodule(n.target)).__name__})"
+            raise InputShapeError(f"node `{n.name}` = {what}: {str(exc).strip().splitlines()[0]}") from exc
+        leaves = pytree.tree_leaves(result)
+        if any(isinstance(t, torch.Tensor) for t in leaves):
+            n.meta["tensor_meta"] = pytree.tree_map(
+                lambda t: _extract_tensor_metadata(t) if isinstance(t, torch.Tensor) else t, result)
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run the graph once on the example inputs, recording each node's output shape."""
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
@@ -81,18 +105,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         raise InputShapeError(f"model takes {n_placeholders} input(s), got {len(example_inputs)} example input(s)")
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        node = _failing_node(exc)
+            prop = _ShapeProp(gm)
+            prop.extra_traceback = False  # keep the message to one line
+            prop.run(*example_inputs)
+    except InputShapeError as exc:
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
-        raise InputShapeError(
-            f"example input(s) of shape {shapes} do not fit the model{node}: {str(cause).strip().splitlines()[0]}"
-        ) from exc
-
-
-def _failing_node(exc: Exception) -> str:
-    msg = str(exc)
-    if "node=" in msg:
-        return " at node " + msg.split("node=", 1)[1].split(",", 1)[0].strip()
-    return ""
+        raise InputShapeError(f"example input(s) of shape {shapes} do not fit the model at {exc}") from exc

@@ -1,0 +1,310 @@
+"""Hand-written architectures with the structures peers get wrong (see RELATED_WORK.md)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import multinet
+from group_checks import check_model, randomize_norm_stats
+
+
+def _group(graph, producer):
+    g = graph.group_of_layer(producer)
+    assert g is not None, f"no group produced by {producer}"
+    return g
+
+
+class ConcatOffsets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1), nn.Conv2d(3, 5, 3, padding=1)
+        self.mix = nn.Conv2d(15, 7, 3, padding=1)
+        self.bn = nn.BatchNorm2d(15)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
+        return self.mix(F.relu(self.bn(y)))
+
+
+def test_concat_offsets_and_batchnorm_over_concat():
+    graph = check_model(randomize_norm_stats(ConcatOffsets()), torch.randn(2, 3, 6, 6))
+    assert [_group(graph, n).consumers[0].positions.tolist() for n in "abc"] == [
+        [0, 1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert _group(graph, "b").passthrough == ["bn"]
+
+
+class SplitChunkSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 1)
+        self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(12, 5, 1)
+        self.tail = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a, b = torch.split(s, [4, 8], dim=1)
+        c, d = s.chunk(2, dim=1)
+        y = torch.cat([self.left(a), self.right(b), c[:, 2:6]], 1)
+        return self.head(y) + self.tail(d).sum(1, keepdim=True)
+
+
+def test_split_chunk_and_slice_rewrite_sizes():
+    graph = check_model(SplitChunkSlice(), torch.randn(2, 3, 5, 5))
+    stem = _group(graph, "stem")
+    assert stem.prunable and stem.size == 12
+    # uneven pruning of the two halves must rewrite chunk into explicit split sizes
+    pruned = multinet.prune(graph, {stem.id: [0, 1, 4, 5, 6, 7, 8, 11]})
+    assert pruned(torch.randn(1, 3, 5, 5)).shape == (1, 5, 5, 5)
+
+
+class ViewLiteral(nn.Module):
+    """LeNet-style x.view(-1, C*H*W) with a literal, and an unflatten back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 8)
+        self.conv2 = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.conv(x)), 2)
+        flat = y.view(-1, 6 * 4 * 4)
+        back = flat.reshape(flat.shape[0], 6, 4, 4)
+        return self.fc(flat), self.conv2(back)
+
+
+def test_view_with_literal_channel_count():
+    graph = check_model(ViewLiteral(), torch.randn(2, 1, 8, 8))
+    g = _group(graph, "conv")
+    assert {(s.consumer, s.block) for s in g.consumers} == {("fc", 16), ("conv2", 1)}
+
+
+class DepthwiseMultiplier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 6, 1)
+        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.bn = nn.BatchNorm2d(12)
+        self.out = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.out(F.relu6(self.bn(self.dw(self.pw(x)))))
+
+
+def test_depthwise_with_channel_multiplier():
+    graph = check_model(randomize_norm_stats(DepthwiseMultiplier()), torch.randn(2, 3, 5, 5))
+    g = _group(graph, "pw")
+    (slot,) = g.consumers
+    assert slot.consumer == "out" and slot.block == 2
+    pruned = multinet.prune(graph, {g.id: [0, 2, 5]})
+    assert pruned.dw.groups == 3 and pruned.dw.out_channels == 6 and pruned.out.in_channels == 6
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.g(self.a(x)))
+
+
+def test_grouped_conv_fails_closed():
+    graph = check_model(Grouped(), torch.randn(2, 3, 5, 5))
+    for name in ("a", "g"):
+        g = _group(graph, name)
+        assert not g.prunable and "grouped conv" in g.reasons[0]
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.c(self.b(y))
+
+
+def test_channel_shuffle_fails_closed():
+    graph = check_model(ChannelShuffle(), torch.randn(2, 3, 4, 4))
+    g = _group(graph, "a")
+    assert not g.prunable and "reshape" in g.reasons[0]
+    assert _group(graph, "b").prunable  # the damage stays local
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channel-last LayerNorm and FFN, layer scale, residual."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+        self.head = nn.Conv2d(dim, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+        return self.head(x + self.gamma * y)
+
+
+def test_convnext_block_channel_last_and_layer_scale():
+    graph = check_model(randomize_norm_stats(ConvNeXtBlock()), torch.randn(2, 3, 5, 5))
+    hidden = _group(graph, "fc1")
+    assert hidden.prunable and hidden.exact and hidden.consumer_names == ["fc2"]
+    stream = _group(graph, "stem")
+    assert set(stream.producers) == {"stem", "fc2"} and {"gamma", "dw", "norm"} <= set(stream.passthrough)
+    assert stream.prunable and not stream.exact  # LayerNorm statistics shift
+    pruned = multinet.prune(graph, {stream.id: [0, 3, 4, 7]})
+    assert pruned.gamma.shape == (4, 1, 1) and pruned.norm.normalized_shape == (4,)
+
+
+class FunctionalLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.b1 = nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(5, 6 * 2 * 2))
+        self.ln_w = nn.Parameter(torch.rand(6) + 0.5)
+        self.register_buffer("shift", torch.randn(1, 6, 1, 1))
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.w1, self.b1, padding=1) - self.shift)
+        y = F.adaptive_avg_pool2d(y, 2)
+        y = F.layer_norm(y.permute(0, 2, 3, 1), (6,), self.ln_w).permute(0, 3, 1, 2)
+        return F.linear(y.flatten(1), self.w2)
+
+
+def test_functional_conv_linear_and_parameters():
+    graph = check_model(FunctionalLayers(), torch.randn(2, 3, 4, 4))
+    g = _group(graph, "w1")
+    assert g.prunable and {"shift", "ln_w"} <= set(g.passthrough)
+    pruned = multinet.prune(graph, {g.id: [1, 2, 5]})
+    assert pruned.w1.shape == (3, 3, 3, 3) and pruned.w2.shape == (5, 12) and pruned.shift.shape == (1, 3, 1, 1)
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice (siamese): both calls must agree on channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.shared(F.relu(self.shared(self.a(x)))))
+
+
+def test_module_called_twice():
+    graph = check_model(SharedConv(), torch.randn(2, 3, 4, 4))
+    g = _group(graph, "a")
+    assert set(g.producers) == {"a", "shared"}  # the second call's input is the shared conv's output
+
+
+class Transformerish(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 16), nn.Linear(16, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h)[0]
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        return self.head(h)
+
+
+def test_attention_fails_closed_ffn_stays_prunable():
+    graph = check_model(randomize_norm_stats(Transformerish()), torch.randn(2, 4, 5))
+    stream = _group(graph, "embed")
+    assert not stream.prunable and "MultiheadAttention" in stream.reasons[0]
+    assert _group(graph, "up").prunable
+
+
+class Untracked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        y = x + self.a(x)  # residual from the model input
+        z = torch.cat([x, self.b(y)], 1)  # the input's part of the concat is not prunable
+        return self.c(torch.cumsum(z, 1))
+
+
+def test_input_residual_and_unknown_op_fail_closed():
+    graph = multinet.trace(Untracked(), torch.randn(2, 3, 4, 4))
+    a = _group(graph, "a")
+    assert not a.prunable and "untracked" in a.reasons[0]
+    b = _group(graph, "b")
+    assert not b.prunable and "cumsum" in b.reasons[0]
+
+
+class GatingAndScalars(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.gate = nn.Linear(6, 6)
+        self.gn = nn.GroupNorm(6, 6)
+        self.gn2 = nn.GroupNorm(2, 6)
+        self.b = nn.Conv2d(6, 6, 1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.gn(self.a(x)) * 0.5 + 1.0
+        s = torch.sigmoid(self.gate(y.mean((2, 3))))
+        y = y * s[:, :, None, None]
+        return self.out(self.gn2(self.b(y)))
+
+
+def test_gating_scalars_and_groupnorm():
+    # `* 0.5 + 1.0` turns a zeroed channel into ones, so only the consumer-side check applies
+    graph = check_model(randomize_norm_stats(GatingAndScalars()), torch.randn(2, 3, 4, 4), producer_side=False)
+    a = _group(graph, "a")
+    assert a.prunable and set(a.producers) == {"a", "gate"} and "gn" in a.passthrough
+    b = _group(graph, "b")
+    assert not b.prunable and "GroupNorm with 2 groups" in b.reasons[0]
+
+
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return {"logits": self.b(h), "features": h.sum(1)}
+
+
+def test_reduction_over_channels_fails_closed():
+    graph = check_model(DictOutput(), torch.randn(3, 4))
+    g = _group(graph, "a")
+    assert not g.prunable and "reduction over the channel dim" in g.reasons[0]
+
+
+@pytest.mark.parametrize("model_cls", [ConcatOffsets, SplitChunkSlice, DepthwiseMultiplier, ConvNeXtBlock])
+def test_prune_accepts_module_and_example_inputs(model_cls):
+    torch.manual_seed(0)
+    model, x = model_cls().eval(), torch.randn(2, 3, 5, 5)
+    graph = multinet.trace(model, x)
+    g = graph.prunable_groups[0]
+    pruned = multinet.prune(model, {g.id: list(range(0, g.size, 2))}, example_inputs=x)
+    assert multinet.count(pruned, (x,)).flops < multinet.count(graph.module).flops
