@@ -25,9 +25,9 @@ def load_target(target: str, checkpoint: str | None, dataset: str) -> torch.nn.M
     if module_name == "zoo":
         from . import zoo
 
-        return zoo.create(factory_name, dataset, pretrained=checkpoint is None and zoo.checkpoint_path(
-            factory_name, dataset).exists()) if checkpoint is None else _with_checkpoint(
-            zoo.build(factory_name, dataset), checkpoint)
+        if checkpoint:
+            return _with_checkpoint(zoo.build(factory_name, dataset), checkpoint)
+        return zoo.create(factory_name, dataset)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -87,6 +87,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .report_tables import layers_table
 
         print_table(layers_table(counts))
+    if args.evaluate:
+        if not args.model.startswith("zoo:"):
+            raise MultinetError("--evaluate needs a zoo model (its dataset is built in)")
+        from . import data
+
+        split = data.load(args.dataset)
+        acc = data.accuracy(graph.module, split.test_x, split.test_y)
+        print(f"test accuracy on {args.dataset} ({len(split.test_y)} held-out images): {acc:.4f}")
     prunable = graph.prunable_groups
     print(f"{len(graph.groups)} groups, {len(prunable)} prunable "
           f"({sum(g.size for g in prunable)} of {sum(g.size for g in graph.groups)} channels); "
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
     p.add_argument("--dataset", default="digits", help="zoo models: which dataset's size and weights (digits, mnist)")
     p.add_argument("--layers", action="store_true", help="also list FLOPs and params per layer")
+    p.add_argument("--evaluate", action="store_true", help="zoo models: measure test accuracy on the built-in data")
     p.set_defaults(func=cmd_inspect)
     return parser
 

@@ -69,6 +69,27 @@ def test_autowrap_function_escape_hatch():
         multinet.trace(UsesFunction(), torch.randn(2, 4))
     graph = multinet.trace(UsesFunction(), torch.randn(2, 4), autowrap_functions=[clamp_if_positive])
     assert any(n.target is clamp_if_positive for n in graph.module.graph.nodes)
+    assert not graph.group_of_layer("a").prunable  # unknown function: fail closed
+
+
+def scale_if_positive(h):
+    return h * 2 if bool(h.sum() > 0) else h
+
+
+class Declared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(scale_if_positive(self.a(x)))
+
+
+def test_registered_elementwise_function_passes_channels():
+    multinet.register_elementwise(scale_if_positive)
+    graph = multinet.trace(Declared(), torch.randn(2, 4), autowrap_functions=[scale_if_positive])
+    group = graph.group_of_layer("a")
+    assert group.prunable and group.consumer_names == ["b"]
 
 
 def test_wrong_input_shape():

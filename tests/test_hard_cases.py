@@ -308,3 +308,18 @@ def test_prune_accepts_module_and_example_inputs(model_cls):
     g = graph.prunable_groups[0]
     pruned = multinet.prune(model, {g.id: list(range(0, g.size, 2))}, example_inputs=x)
     assert multinet.count(pruned, (x,)).flops < multinet.count(graph.module).flops
+
+
+class CatOfComputedList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.cat(self.a(x).chunk(2, 1)[::-1], 1))
+
+
+def test_cat_of_computed_list_fails_closed():
+    graph = multinet.trace(CatOfComputedList(), torch.randn(1, 3, 2, 2))
+    group = _group(graph, "a")
+    assert not group.prunable and "tuple" in group.reasons[0]

@@ -56,3 +56,13 @@ def multinet_trace(name, dataset="digits"):
     import multinet
 
     return multinet.trace(zoo.build(name, dataset), zoo.example_input(dataset))
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_checkpoints_reproduce_recorded_accuracy(name):
+    from multinet import data
+
+    split = data.load("digits")
+    acc = data.accuracy(zoo.create(name), split.test_x, split.test_y)
+    assert acc == pytest.approx(zoo.recorded_accuracy("digits")[name], abs=1e-4)
+    assert acc > 0.95

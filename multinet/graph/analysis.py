@@ -104,7 +104,10 @@ class ChannelAnalysis:
             label = f".{node.target}()"
         if rule is None:
             return self._unknown(node, f"unsupported op `{label}`")
-        return getattr(self, f"_rule_{rule}")(node)
+        try:
+            return getattr(self, f"_rule_{rule}")(node)
+        except Exception as exc:  # an odd call signature must not crash tracing: fail closed
+            return self._unknown(node, f"could not analyse `{label}` ({type(exc).__name__}: {exc})")
 
     # ------------------------------------------------------------------ helpers
     def _axis(self, arg) -> Axis | None:
@@ -217,6 +220,12 @@ class ChannelAnalysis:
 
     # ------------------------------------------------------------------ modules
     def _visit_module(self, node: fx.Node, m: nn.Module) -> Info:
+        try:
+            return self._module_rule(node, m)
+        except Exception as exc:  # fail closed, as for functions
+            return self._unknown(node, f"could not analyse `{type(m).__name__}` ({type(exc).__name__}: {exc})")
+
+    def _module_rule(self, node: fx.Node, m: nn.Module) -> Info:
         x = node.args[0] if node.args else None
         ax = self._axis(x)
         shape = _shape(x)
@@ -385,8 +394,14 @@ class ChannelAnalysis:
             return None
         return ax.dim + out_ndim - len(shape)
 
+    def _tensor_list(self, node) -> list | None:
+        tensors = _arg(node, 0, "tensors")
+        return list(tensors) if isinstance(tensors, (list, tuple)) else None
+
     def _rule_cat(self, node):
-        tensors = list(_arg(node, 0, "tensors"))
+        tensors = self._tensor_list(node)
+        if tensors is None:
+            return self._unknown(node, "cat of a computed list of tensors")
         out_shape = _shape(node)
         dim = _norm(_arg(node, 1, "dim", 0), len(out_shape))
         axes = [self._axis(t) for t in tensors]
@@ -423,7 +438,9 @@ class ChannelAnalysis:
         return first
 
     def _rule_stack(self, node):
-        tensors = list(_arg(node, 0, "tensors"))
+        tensors = self._tensor_list(node)
+        if tensors is None:
+            return self._unknown(node, "stack of a computed list of tensors")
         out_shape = _shape(node)
         dim = _norm(_arg(node, 1, "dim", 0), len(out_shape))
         axes = [self._axis(t) for t in tensors]

@@ -91,11 +91,27 @@ INSTANCENORM_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+# Functions of optional libraries, matched by qualified name so that importing them is not needed.
+_QUALNAME_RULES: dict[str, str] = {
+    # per-sample random scaling of the whole input (identity in eval): channels pass through
+    "torchvision.ops.stochastic_depth.stochastic_depth": "unary",
+}
+
+
+def register_elementwise(fn: object) -> None:
+    """Declare that ``fn`` (e.g. a function passed to ``autowrap_functions``) treats each channel
+    of its first argument independently, so channels pass through it like through an activation."""
+    _FUNCTION_RULES[fn] = "unary"
+
+
 def function_rule(target: object) -> str | None:
     try:
-        return _FUNCTION_RULES.get(target)
+        rule = _FUNCTION_RULES.get(target)
     except TypeError:  # unhashable target
         return None
+    if rule is None:
+        rule = _QUALNAME_RULES.get(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}")
+    return rule
 
 
 def method_rule(name: str) -> str | None:

@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from multinet import zoo
+from multinet.cli import main
+
+
+def test_inspect_zoo_model_with_evaluation(capsys):
+    assert main(["inspect", "zoo:resnet", "--evaluate", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.2.downsample.0" in out and "reaches the model output" in out
+    assert "10 groups, 9 prunable" in out
+    measured = float(out.split("held-out images): ")[1].split()[0])
+    assert measured == pytest.approx(zoo.recorded_accuracy("digits")["resnet"], abs=1e-4)
+
+
+def test_inspect_factory_and_checkpoint(tmp_path, capsys):
+    assert main(["inspect", "cli_factories:tiny", "--input-shape", "1,3,8,8"]) == 0
+    assert "2 groups, 1 prunable" in capsys.readouterr().out
+    from cli_factories import tiny
+
+    path = tmp_path / "w.pt"
+    torch.save(tiny().state_dict(), path)
+    assert main(["inspect", "cli_factories:tiny", "--input-shape", "1,3,8,8", "--checkpoint", str(path)]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "nonsense"], "must be zoo:NAME or module.path:factory"),
+    (["inspect", "zoo:alexnet"], "unknown zoo model 'alexnet'"),
+    (["inspect", "no_such_module:f", "--input-shape", "1,3,8,8"], "cannot import 'no_such_module'"),
+    (["inspect", "cli_factories:missing", "--input-shape", "1,3,8,8"], "no callable 'missing'"),
+    (["inspect", "cli_factories:not_a_model", "--input-shape", "1,3,8,8"], "not a torch.nn.Module"),
+    (["inspect", "cli_factories:tiny"], "--input-shape is required"),
+    (["inspect", "cli_factories:tiny", "--input-shape", "1,a,8"], "must be integers"),
+    (["inspect", "cli_factories:tiny", "--input-shape", "1,1,8,8"], "do not fit the model at node"),
+    (["inspect", "cli_factories:untraceable", "--input-shape", "1,3,8,8"], "cannot trace M at"),
+    (["inspect", "cli_factories:tiny", "--input-shape", "1,3,8,8", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+])
+def test_inspect_bad_input_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_checkpoint_for_another_architecture(tmp_path, capsys):
+    path = tmp_path / "vgg.pt"
+    torch.save(zoo.build("vgg").state_dict(), path)
+    assert main(["inspect", "zoo:resnet", "--checkpoint", str(path)]) == 2
+    assert "does not fit ResNet" in capsys.readouterr().err
+    path.write_bytes(b"not a checkpoint")
+    assert main(["inspect", "zoo:resnet", "--checkpoint", str(path)]) == 2
+    assert "cannot be read as tensors" in capsys.readouterr().err
+
+
+def test_entry_point_runs_as_a_process():
+    result = subprocess.run([sys.executable, "-m", "multinet.cli", "inspect", "zoo:mlp"], capture_output=True, text=True)
+    assert result.returncode == 0 and "hidden.0" in result.stdout

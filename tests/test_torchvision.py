@@ -1,0 +1,28 @@
+"""The foundation checks on real torchvision architectures (random weights).
+
+Slow and needs torchvision (its own environment here, see benchmarks/torchvision_zoo.py):
+    .venv-tv/bin/python -m pytest -m slow tests/test_torchvision.py
+"""
+import pytest
+import torch
+
+from group_checks import check_model, randomize_norm_stats
+
+tvm = pytest.importorskip("torchvision.models")
+
+MODELS = {
+    "resnet18": 64, "resnext50_32x4d": 64, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64,
+    "convnext_tiny": 64, "densenet121": 64, "googlenet": 64, "inception_v3": 96, "squeezenet1_1": 64,
+    "shufflenet_v2_x0_5": 64, "regnet_y_400mf": 64, "mnasnet0_5": 64, "vgg11_bn": 64, "vit_b_16": 224,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchvision_groups_prune_exactly(name):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    model = randomize_norm_stats(tvm.get_model(name, weights=None, **kwargs))
+    side = MODELS[name]
+    graph = check_model(model, torch.randn(2, 3, side, side), max_channels=1)
+    assert graph.prunable_groups
