@@ -323,3 +323,68 @@ def test_cat_of_computed_list_fails_closed():
     graph = multinet.trace(CatOfComputedList(), torch.randn(1, 3, 2, 2))
     group = _group(graph, "a")
     assert not group.prunable and "tuple" in group.reasons[0]
+
+
+class ConcatIntoResidual(nn.Module):
+    """A wide stream added to a concat of two narrow producers, and one tensor concatenated twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3, 8, 1)
+        self.mix = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x) + torch.cat([self.a(x), self.b(x)], 1)
+        return self.mix(torch.cat([y, F.relu(y)], 1))
+
+
+def test_concat_added_to_stream_and_repeated_concat():
+    graph = check_model(ConcatIntoResidual(), torch.randn(2, 3, 3, 3))
+    g = _group(graph, "c")
+    assert g.size == 8 and set(g.producers) == {"a", "b", "c"}
+    (pa,) = [off for sid, off in g.members if graph.analysis.table.spaces[sid].owner == "b"]
+    assert pa == 3
+    slots = [s for s in g.consumers if s.consumer == "mix"]
+    assert sorted(s.positions[0].item() for s in slots) == [0, 8]
+    pruned = multinet.prune(graph, {g.id: [1, 4, 6]})
+    assert pruned.a.out_channels == 1 and pruned.b.out_channels == 2 and pruned.mix.in_channels == 6
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6)
+        self.dw = nn.Conv1d(6, 6, 5, padding=2, groups=6)
+        self.c2 = nn.Conv1d(6, 4, 1)
+        self.fc = nn.Linear(4 * 3, 2)
+
+    def forward(self, x):
+        y = self.dw(F.relu(self.bn(self.c1(x))))
+        return self.fc(F.adaptive_avg_pool1d(self.c2(y), 3).flatten(1))
+
+
+def test_conv1d_sequence_model():
+    graph = check_model(randomize_norm_stats(Conv1dNet()), torch.randn(2, 2, 9))
+    assert _group(graph, "c1").passthrough == ["bn", "dw"]
+    assert _group(graph, "c2").consumers[0].block == 3
+
+
+def test_column_blocks_match_unfolded_weights():
+    """Zeroing a channel's column block in weight.flatten(1) equals zeroing its input channel."""
+    torch.manual_seed(0)
+    graph = multinet.trace(ViewLiteral(), torch.randn(2, 1, 8, 8))
+    g = _group(graph, "conv")
+    for slot in g.consumers:
+        layer = graph.module.get_submodule(slot.consumer)
+        cols = slot.column_blocks()
+        assert cols.shape == (6, slot.block * slot.columns_per_position)
+        weight = layer.weight.detach().flatten(1)
+        channel = 4
+        expected = weight.clone()
+        if slot.kind == "linear":
+            expected[:, 4 * 16:5 * 16] = 0
+        else:
+            expected.view(layer.out_channels, 6, -1)[:, channel] = 0
+        got = weight.clone()
+        got[:, cols[channel]] = 0
+        assert torch.equal(got, expected)

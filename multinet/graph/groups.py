@@ -26,6 +26,12 @@ class ConsumerSlot:
     block: int
     columns_per_position: int
 
+    def column_blocks(self) -> torch.Tensor:
+        """Row i: the columns of the consumer's unfolded input (im2col for a conv, the features
+        for a linear; weight.flatten(1) has the same column order) that carry ``channels[i]``."""
+        width = self.block * self.columns_per_position
+        return self.positions[:, None] * self.columns_per_position + torch.arange(width)[None, :]
+
 
 @dataclass
 class ChannelGroup:
