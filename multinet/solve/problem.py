@@ -1,0 +1,72 @@
+"""The least-squares problems a channel group poses to its consumers, as plain tensors.
+
+A consumer computes Y = X W (X: rows x m input columns, W: m x d). Its statistics are the Gram
+matrix G = X^T X. Each channel of the group occupies a set of columns of X (one for a Linear,
+kh*kw for a conv, H*W after flatten); removing the channel removes those columns, and the
+remaining weights are re-solved by least squares. Columns that belong to no candidate (the
+bias column of ones, other groups' channels) are never removed but take part in the
+reconstruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MultinetError
+
+
+class SolverInputError(MultinetError):
+    """Statistics or weights the solver cannot use (NaN/Inf, wrong shapes)."""
+
+
+@dataclass
+class ConsumerProblem:
+    gram: torch.Tensor  # m x m
+    weight: torch.Tensor  # m x d
+    channels: torch.Tensor  # k group channels present in this consumer
+    columns: torch.Tensor  # k x w: the columns each of those channels occupies
+    scale: float = 1.0  # multiplies this consumer's errors (normalisation across consumers)
+
+    def validate(self) -> None:
+        m = self.gram.shape[0]
+        if self.gram.ndim != 2 or self.gram.shape != (m, m):
+            raise SolverInputError(f"gram must be square, got shape {tuple(self.gram.shape)}")
+        if self.weight.ndim != 2 or self.weight.shape[0] != m:
+            raise SolverInputError(f"weight must be {m} x d to match the gram, got {tuple(self.weight.shape)}")
+        if self.columns.ndim != 2 or len(self.columns) != len(self.channels):
+            raise SolverInputError("columns must be k x w with one row per channel")
+        if len(self.columns) and (self.columns.min() < 0 or self.columns.max() >= m):
+            raise SolverInputError(f"column indices must lie in 0..{m - 1}")
+        if len(torch.unique(self.columns)) != self.columns.numel():
+            raise SolverInputError("a column belongs to two channels")
+        for name, t in (("gram", self.gram), ("weight", self.weight)):
+            if not torch.isfinite(t).all():
+                raise SolverInputError(f"{name} contains NaN or Inf: recalibrate (the activations overflowed)")
+
+
+def blocked_columns(n_channels: int, block: int) -> torch.Tensor:
+    """Channel c = columns c*block .. c*block+block-1."""
+    return torch.arange(n_channels * block).reshape(n_channels, block)
+
+
+def prepare_gram(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 gram with dead columns decoupled and relative damping added.
+
+    A dead column (zero on every calibration row) carries no signal: it is cut loose from the
+    others with a unit diagonal, and the caller zeroes its weight row, so removing it costs
+    nothing. Damping adds damp * mean(diag) to the diagonal so rank-deficient statistics stay
+    solvable. Returns (gram, dead mask).
+    """
+    g = gram.to(torch.float64).clone()
+    g = (g + g.T) / 2
+    diag = torch.diagonal(g)
+    scale = diag.abs().max().clamp_min(1e-300)
+    dead = diag <= 1e-12 * scale
+    g[dead, :] = 0
+    g[:, dead] = 0
+    live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=g.dtype, device=g.device)
+    idx = torch.arange(len(g), device=g.device)
+    g[idx, idx] += damp * live_mean
+    g[dead, dead] = 1.0
+    return g, dead

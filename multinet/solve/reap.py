@@ -1,0 +1,130 @@
+"""REAP: greedy channel removal by the least error *after* least-squares reconstruction.
+
+Inverse form. With Ginv = G^-1 and S the columns of a candidate channel:
+
+    err(S) = tr(W_S^T (Ginv_SS)^-1 W_S)
+    W     <- W - Ginv[:, S] (Ginv_SS)^-1 W_S
+    Ginv  <- Ginv - Ginv[:, S] (Ginv_SS)^-1 Ginv[S, :]
+
+One inversion, then O(m^2 |S|) per removed channel instead of one least-squares solve per
+candidate per step. Per-step errors add up exactly to the total error (the residual of each
+step is orthogonal to everything the next step can change), so one greedy pass gives the whole
+error curve E(k).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .problem import ConsumerProblem, SolverInputError, blocked_columns, prepare_gram
+
+
+@dataclass
+class ReapResult:
+    removed: list[int]  # channels in removal order
+    errors: torch.Tensor  # error added by each removal (sum over consumers, scaled)
+    weights: list[torch.Tensor]  # reconstructed weight per consumer; removed rows are zero
+    n_channels: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weights[0]
+
+    @property
+    def error_curve(self) -> torch.Tensor:
+        """Total error after k removals, k = 1..n_remove."""
+        return torch.cumsum(self.errors, 0)
+
+    @property
+    def kept(self) -> list[int]:
+        gone = set(self.removed)
+        return [c for c in range(self.n_channels) if c not in gone]
+
+
+def invert(gram: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive definite matrix through its Cholesky factor."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:
+        raise SolverInputError("statistics are singular even after damping: raise damp")
+    return torch.cholesky_inverse(chol)
+
+
+def block_errors(ginv: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """err(S) for every candidate at once: columns is k x w, result has k entries."""
+    blocks = ginv[columns[:, :, None], columns[:, None, :]]  # k x w x w
+    w_s = weight[columns]  # k x w x d
+    return (w_s * torch.linalg.solve(blocks, w_s)).sum((1, 2))
+
+
+def remove_block(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> None:
+    """Re-solve the weights without columns ``cols`` and downdate the inverse, in place."""
+    g_cs = ginv[:, cols]
+    b = ginv[cols][:, cols]
+    weight -= g_cs @ torch.linalg.solve(b, weight[cols])
+    ginv -= g_cs @ torch.linalg.solve(b, g_cs.T)
+    weight[cols] = 0
+    ginv[cols, :] = 0
+    ginv[:, cols] = 0
+
+
+def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
+                      damp: float = 1e-6) -> ReapResult:
+    """Greedy REAP over a group read by several consumers: errors summed, all consumers re-solved."""
+    _check_counts(n_channels, n_remove)
+    states = []
+    for p in problems:
+        p.validate()
+        gram, dead = prepare_gram(p.gram, damp)
+        weight = p.weight.to(torch.float64).clone()
+        weight[dead] = 0
+        states.append((p, invert(gram), weight, p.weight.to(torch.float64)[dead], dead))
+    alive = torch.ones(n_channels, dtype=torch.bool)
+    removed, errors = [], []
+    for _ in range(n_remove):
+        scores = torch.zeros(n_channels, dtype=torch.float64)
+        for p, ginv, weight, _, _ in states:
+            live = alive[p.channels]
+            scores[p.channels[live]] += p.scale * block_errors(ginv, weight, p.columns[live])
+        scores[~alive] = torch.inf
+        best = int(torch.argmin(scores))
+        for p, ginv, weight, _, _ in states:
+            rows = (p.channels == best).nonzero().flatten()
+            if len(rows):
+                remove_block(ginv, weight, p.columns[rows].flatten())
+        alive[best] = False
+        removed.append(best)
+        errors.append(scores[best].clamp_min(0))
+    weights = []
+    for p, _, weight, dead_rows, dead in states:
+        # dead columns of kept channels keep their original weights (they see zeros anyway)
+        removed_cols = torch.zeros(len(weight), dtype=torch.bool)
+        for c in removed:
+            rows = (p.channels == c).nonzero().flatten()
+            removed_cols[p.columns[rows].flatten()] = True
+        restore = dead & ~removed_cols
+        weight[restore] = dead_rows[restore[dead]]
+        weights.append(weight.to(p.weight.dtype))
+    return ReapResult(removed, torch.stack(errors) if errors else torch.zeros(0, dtype=torch.float64),
+                      weights, n_channels)
+
+
+def reap_greedy(gram: torch.Tensor, weight: torch.Tensor, n_remove: int, block: int = 1, damp: float = 1e-6,
+                fixed: int = 0) -> ReapResult:
+    """Greedy REAP for one consumer.
+
+    gram: m x m with m = channels*block + fixed; weight: m x d. Channel c = columns
+    c*block .. c*block+block-1; the last ``fixed`` columns (e.g. the bias column of ones) are
+    never removed but help the reconstruction.
+    """
+    m = gram.shape[0]
+    if block < 1 or (m - fixed) % block:
+        raise SolverInputError(f"gram has {m} columns: not channels*{block} + {fixed}")
+    n_channels = (m - fixed) // block
+    problem = ConsumerProblem(gram, weight, torch.arange(n_channels), blocked_columns(n_channels, block))
+    return reap_greedy_multi([problem], n_channels, n_remove, damp)
+
+
+def _check_counts(n_channels: int, n_remove: int) -> None:
+    if not 0 <= n_remove < n_channels:
+        raise SolverInputError(f"n_remove must lie in 0..{n_channels - 1} (keep at least one channel), got {n_remove}")
