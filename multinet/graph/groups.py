@@ -7,7 +7,8 @@ import torch
 import torch.fx as fx
 
 from .analysis import AnalysisResult, ChannelAnalysis
-from .axes import Segment
+from .axes import Segment, slice_segments
+from .edits import SliceBounds, SplitSizes
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ChannelGroup:
     passthrough: list[str]
     consumers: list[ConsumerSlot]
     members: list[tuple[int, int]] = field(repr=False)  # (space, offset on the group index)
+    pieces: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """Channel sets cut out by split/chunk/slicing: each must keep at least one channel."""
 
     @property
     def consumer_names(self) -> list[str]:
@@ -100,6 +103,8 @@ def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult
             passthrough=sorted({p for s, _ in members for p in result.passthrough.get(s, ())}),
             consumers=[], members=members,
         ))
+    for edit in result.edits:
+        _add_pieces(edit, groups, space_to_group)
     for use in result.layers.values():
         if use.in_segments is None:
             continue
@@ -114,6 +119,24 @@ def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult
                 columns_per_position=use.columns_per_position,
             ))
     return groups, result
+
+
+def _add_pieces(edit, groups: list[ChannelGroup], space_to_group: dict[int, tuple[int, int]]) -> None:
+    if isinstance(edit, SplitSizes):
+        ranges = edit.ranges
+    elif isinstance(edit, SliceBounds):
+        ranges = ((edit.begin, edit.end),)
+    else:
+        return
+    for lo, hi in ranges:
+        per_group: dict[int, list[torch.Tensor]] = {}
+        for seg in slice_segments(edit.segments, lo, hi) or ():
+            if seg.space in space_to_group:
+                gid, off = space_to_group[seg.space]
+                per_group.setdefault(gid, []).append(torch.arange(seg.start, seg.start + seg.length) + off)
+        for gid, chans in per_group.items():
+            if len(per_group) == 1:  # a piece spanning several groups cannot be emptied by one of them
+                groups[gid].pieces.append(torch.unique(torch.cat(chans)))
 
 
 def _with_positions(segments: tuple[Segment, ...]):

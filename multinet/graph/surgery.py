@@ -153,6 +153,8 @@ def _set_consumer_weight(gm: fx.GraphModule, graph: ChannelGraph, name: str, spe
             raise PruneError(f"`{name}` has no bias to replace")
         b_owner, b_attr = _resolve(gm, bias_path)
         b_current = getattr(b_owner, b_attr)
+        if b_current is None and _is_module(gm, name) and tuple(bias.shape) == (current.shape[0],):
+            b_current = current.new_zeros(current.shape[0])  # a bias-free layer gains a bias
         if b_current is None or tuple(bias.shape) != tuple(b_current.shape):
             raise PruneError(f"replacement bias for `{name}` does not match the layer's bias")
         setattr(b_owner, b_attr, nn.Parameter(bias.detach().to(b_current).clone()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .problem import ConsumerProblem, blocked_columns, prepare_gram
-from .reap import ReapResult, _check_counts
+from .reap import ReapResult, _check_counts, protected
 
 
 def _candidate_solves(gram: torch.Tensor, live: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _errors_and_solves(gram, weight, live, columns, chunk: int):
 
 
 def reap_greedy_gs_multi(problems: list[ConsumerProblem], n_channels: int, n_remove: int, damp: float = 1e-6,
-                         chunk: int = 64) -> ReapResult:
+                         chunk: int = 64, pieces: list[torch.Tensor] = ()) -> ReapResult:
     """Gram-Schmidt form of ``reap_greedy_multi``; ``chunk`` bounds the candidates batched at once."""
     _check_counts(n_channels, n_remove)
     device = problems[0].gram.device
@@ -76,7 +76,7 @@ def reap_greedy_gs_multi(problems: list[ConsumerProblem], n_channels: int, n_rem
             err, sol = _errors_and_solves(gram, weight, live, p.columns[cand], chunk)
             scores[p.channels[cand]] += p.scale * err
             step_solves.append((p.channels[cand], sol))
-        scores[~alive] = torch.inf
+        scores[~alive | protected(alive.cpu(), pieces).to(device)] = torch.inf
         best = int(torch.argmin(scores))
         for (p, gram, weight, live, _, _), (chans, sol) in zip(states, step_solves):
             row = (chans == best).nonzero().flatten()

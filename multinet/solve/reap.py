@@ -68,9 +68,22 @@ def remove_block(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -
     ginv[:, cols] = 0
 
 
+def protected(alive: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Channels that are the last alive member of a piece (a split output must keep one channel)."""
+    mask = torch.zeros_like(alive)
+    for piece in pieces:
+        live = piece[alive[piece]]
+        if len(live) == 1:
+            mask[live] = True
+    return mask
+
+
 def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
-                      damp: float = 1e-6) -> ReapResult:
-    """Greedy REAP over a group read by several consumers: errors summed, all consumers re-solved."""
+                      damp: float = 1e-6, pieces: list[torch.Tensor] = ()) -> ReapResult:
+    """Greedy REAP over a group read by several consumers: errors summed, all consumers re-solved.
+
+    ``pieces``: channel sets of which at least one channel must stay (outputs of a split).
+    """
     _check_counts(n_channels, n_remove)
     states = []
     for p in problems:
@@ -86,7 +99,9 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
         for p, ginv, weight, _, _ in states:
             live = alive[p.channels]
             scores[p.channels[live]] += p.scale * block_errors(ginv, weight, p.columns[live])
-        scores[~alive] = torch.inf
+        scores[~alive | protected(alive, pieces)] = torch.inf
+        if torch.isinf(scores).all():
+            raise SolverInputError(f"cannot remove {n_remove} channels: every split piece must keep one")
         best = int(torch.argmin(scores))
         for p, ginv, weight, _, _ in states:
             rows = (p.channels == best).nonzero().flatten()
@@ -128,3 +143,26 @@ def reap_greedy(gram: torch.Tensor, weight: torch.Tensor, n_remove: int, block: 
 def _check_counts(n_channels: int, n_remove: int) -> None:
     if not 0 <= n_remove < n_channels:
         raise SolverInputError(f"n_remove must lie in 0..{n_channels - 1} (keep at least one channel), got {n_remove}")
+
+
+def reconstruct_multi(problems: list[ConsumerProblem], removed: list[int], damp: float = 1e-6) -> list[torch.Tensor]:
+    """Least-squares re-solve of every consumer once ``removed`` channels are gone (any selection)."""
+    weights = []
+    for p in problems:
+        p.validate()
+        gram, dead = prepare_gram(p.gram, damp)
+        ginv = invert(gram)
+        weight = p.weight.to(torch.float64).clone()
+        original_dead = weight[dead].clone()
+        weight[dead] = 0
+        removed_cols = torch.zeros(len(weight), dtype=torch.bool)
+        for c in removed:
+            rows = (p.channels == c).nonzero().flatten()
+            if len(rows):
+                cols = p.columns[rows].flatten()
+                remove_block(ginv, weight, cols)
+                removed_cols[cols] = True
+        restore = dead & ~removed_cols
+        weight[restore] = original_dead[restore[dead]]
+        weights.append(weight.to(p.weight.dtype))
+    return weights

@@ -1,0 +1,4 @@
+"""Calibration statistics for reconstruction solvers."""
+from .stats import ConsumerSpec, ConsumerStats, collect, consumer_specs, iterate_batches
+
+__all__ = ["ConsumerSpec", "ConsumerStats", "collect", "consumer_specs", "iterate_batches"]

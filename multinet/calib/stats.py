@@ -1,0 +1,181 @@
+"""Streaming Gram statistics of consumer inputs, float64, memory independent of the sample count.
+
+For each consumer we accumulate, over every row its weights see (one per sample for a Linear,
+one per output position for a conv), G = X^T X with a trailing column of ones (so a bias
+absorbs mean shifts). In sequential mode X comes from the model being compressed and the
+statistics also hold the cross term C = X^T X_ref with the *original* model's input, so the
+reconstruction aims at the original outputs and errors do not compound layer after layer.
+Sums are additive: shards can be reduced anywhere.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..errors import InputShapeError, MultinetError
+from .unfold import conv_geometry, linear_rows, unfold_conv_input
+
+
+@dataclass
+class ConsumerStats:
+    gram: torch.Tensor  # (m+1) x (m+1): X^T X with the ones column last
+    cross: torch.Tensor | None = None  # (m+1) x (m_ref+1): X^T X_ref (sequential mode)
+    rows: int = 0
+
+    def add(self, other: "ConsumerStats") -> None:
+        self.gram += other.gram
+        if self.cross is not None:
+            self.cross += other.cross
+        self.rows += other.rows
+
+
+@dataclass
+class ConsumerSpec:
+    """How to turn one consumer call's input into rows: from the fx node that calls it."""
+
+    name: str
+    kind: str  # conv | linear
+    nodes: list[str]
+    geometry: dict | None = None
+    bias: bool = True
+
+
+class _Capture(fx.Interpreter):
+    """Runs a GraphModule and hands the first input of watched nodes to a callback."""
+
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, str], callback):
+        super().__init__(gm)
+        self.watched = watched  # node name -> consumer name
+        self.callback = callback
+
+    def run_node(self, n: fx.Node):
+        if n.name in self.watched:
+            self.callback(self.watched[n.name], self.fetch_args_kwargs_from_env(n)[0][0])
+        return super().run_node(n)
+
+
+def _rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: torch.Generator) -> torch.Tensor:
+    if spec.kind == "linear":
+        rows = linear_rows(x)
+    else:
+        rows = unfold_conv_input(x, spec.geometry)
+        per_sample = rows.shape[0] // x.shape[0]
+        if max_positions and per_sample > max_positions:
+            pick = torch.randperm(per_sample, generator=gen)[:max_positions]
+            rows = rows.view(x.shape[0], per_sample, -1)[:, pick.to(rows.device)].reshape(-1, rows.shape[1])
+    rows = rows.to(torch.float64)
+    ones = torch.ones(rows.shape[0], 1, dtype=torch.float64, device=rows.device)
+    return torch.cat([rows, ones], 1)
+
+
+def iterate_batches(data, batch_size: int = 128) -> Iterable[torch.Tensor]:
+    """A tensor (split into batches), or an iterable of tensors or (inputs, targets) pairs."""
+    if isinstance(data, torch.Tensor):
+        if len(data) == 0:
+            raise MultinetError("no calibration data: the tensor is empty")
+        for i in range(0, len(data), batch_size):
+            yield data[i : i + batch_size]
+        return
+    seen = False
+    for batch in data:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise MultinetError(f"calibration batches must be tensors, got {type(batch).__name__}")
+        seen = True
+        yield batch
+    if not seen:
+        raise MultinetError("no calibration data: the iterable yielded no batch")
+
+
+def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: fx.GraphModule | None = None,
+            reference_specs: list[ConsumerSpec] | None = None, batch_size: int = 128,
+            max_positions: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
+            progress=None) -> dict[str, ConsumerStats]:
+    """Accumulate statistics for ``specs`` over ``data``.
+
+    With ``reference`` (the original model) the cross term with the reference model's input at
+    the consumer of the same name is accumulated as well (sequential mode).
+    """
+    stats: dict[str, ConsumerStats] = {}
+    by_name = {s.name: s for s in specs}
+    ref_by_name = {s.name: s for s in reference_specs or []}
+    watched = {n: s.name for s in specs for n in s.nodes}
+    ref_watched = {n: s.name for s in reference_specs or [] for n in s.nodes}
+    model = model.to(device).eval()
+    if reference is not None:
+        reference = reference.to(device).eval()
+    for batch in iterate_batches(data, batch_size):
+        batch = batch.to(device)
+        captured: dict[str, list[torch.Tensor]] = {}
+        ref_captured: dict[str, list[torch.Tensor]] = {}
+        # the same seed for both models so that sub-sampled positions line up
+        gen_state = seed + (stats[next(iter(stats))].rows if stats else 0)
+        with torch.no_grad():
+            try:
+                _Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x)).run(batch)
+                if reference is not None:
+                    _Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x)).run(batch)
+            except Exception as exc:
+                raise InputShapeError(f"calibration batch of shape {tuple(batch.shape)} does not fit the model: "
+                                      f"{str(exc).strip().splitlines()[0]}") from exc
+        for name, inputs in captured.items():
+            for call, x in enumerate(inputs):
+                rows = _rows(by_name[name], x, max_positions, torch.Generator().manual_seed(gen_state + call))
+                if not torch.isfinite(rows).all():
+                    raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
+                entry = stats.get(name)
+                gram = rows.T @ rows
+                cross = None
+                if reference is not None:
+                    ref_rows = _rows(ref_by_name[name], ref_captured[name][call], max_positions,
+                                     torch.Generator().manual_seed(gen_state + call))
+                    cross = rows.T @ ref_rows
+                if entry is None:
+                    stats[name] = ConsumerStats(gram, cross, rows.shape[0])
+                else:
+                    entry.add(ConsumerStats(gram, cross, rows.shape[0]))
+        if progress is not None:
+            progress(len(batch))
+    for name, s in stats.items():
+        columns = s.gram.shape[0]
+        if s.rows < 4 * columns:
+            warnings.warn(f"`{name}`: {s.rows} calibration rows for {columns} columns; the reconstruction may fit "
+                          f"the calibration set rather than the data (use more samples)", stacklevel=2)
+    missing = set(by_name) - set(stats)
+    if missing:
+        raise MultinetError(f"consumers never ran on the calibration data: {sorted(missing)}")
+    return stats
+
+
+def consumer_specs(graph, names: Iterable[str]) -> list[ConsumerSpec]:
+    """Specs for the named consumers of a ChannelGraph."""
+    gm = graph.module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    specs = []
+    for name in names:
+        use = graph.analysis.layers[name]
+        node = nodes[use.nodes[0]]
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if use.kind == "conv":
+            weight = module.weight if module is not None else getattr(gm, name)
+            geom = conv_geometry(module, node.args, node.kwargs, tuple(weight.shape))
+        else:
+            geom = None
+        specs.append(ConsumerSpec(name, use.kind, list(use.nodes), geom))
+    return specs
+
+
+def expected_columns(graph, name: str) -> int:
+    """Input columns of a consumer (without the ones column)."""
+    gm = graph.module
+    try:
+        weight = gm.get_submodule(name).weight
+    except AttributeError:
+        weight = getattr(gm, name)
+    return math.prod(weight.shape[1:])
