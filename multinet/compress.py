@@ -58,12 +58,12 @@ class CompressResult:
 
 def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, float] = 0.5, method: str = "reap",
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
-             seed: int = 0, leaf_modules=(), autowrap_functions=()) -> CompressResult:
+             seed: int = 0, leaf_modules=(), autowrap_functions=(), progress: bool = False) -> CompressResult:
     """Remove ``ratio`` of the channels of every prunable group (or per group: {group_id: ratio}).
 
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
     batches (a list or a DataLoader). ``max_positions`` sub-samples conv output positions per
-    image to bound calibration cost.
+    image to bound calibration cost. ``progress=True`` shows a progress bar over the groups.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -75,7 +75,9 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     current = original
     reports = []
     surviving: dict[str, torch.Tensor] = {}  # layer -> original indices of its remaining outputs
+    bar = _progress(progress, len(ratios), method)
     for gid, r in ratios.items():
+        bar.advance()
         start = time.time()
         group = current.group(gid)
         n_remove = min(math.floor(r * group.size + 1e-9), group.size - 1)
@@ -89,8 +91,30 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         current = trace(pruned, example)
         reports.append(GroupReport(gid, group.producers, group.size, len(keep), error, time.time() - start,
                                    sorted(removed)))
+    bar.close()
     before, after = count(original.module), count(current.module)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method)
+
+
+class _progress:
+    """A rich progress bar over groups, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, method: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task(f"{method}: groups", total=total)
+            self.bar.start()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
@@ -109,7 +133,10 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
     if isinstance(ratio, Mapping):
         ratios = dict(ratio)
         for gid in ratios:
-            group = graph.group(gid)
+            try:
+                group = graph.group(gid)
+            except KeyError as exc:
+                raise MultinetError(exc.args[0]) from None
             if not group.prunable and ratios[gid] > 0:
                 raise MultinetError(f"group {gid} is not prunable: {group.reasons[0]}")
     else:

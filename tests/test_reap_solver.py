@@ -158,3 +158,13 @@ def test_bad_inputs():
     with pytest.raises(SolverInputError, match="singular"):
         reap_greedy(singular, w, 1, damp=0.0)
     assert reap_greedy(singular, w, 1, damp=1e-3).removed  # damping makes it solvable
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gram_schmidt_on_cuda_matches_inverse_form():
+    x, w = _problem(3, rows=300, channels=16, block=4, d=6)
+    cpu = reap_greedy(x.T @ x, w, 8, block=4)
+    gpu = reap_greedy_gs((x.T @ x).cuda(), w.cuda(), 8, block=4)
+    assert gpu.removed == cpu.removed
+    torch.testing.assert_close(gpu.errors, cpu.errors, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-6, atol=1e-8)

@@ -150,6 +150,9 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
     missing = set(by_name) - set(stats)
     if missing:
         raise MultinetError(f"consumers never ran on the calibration data: {sorted(missing)}")
+    for s in stats.values():  # accumulated on ``device``; handed back on the CPU for the solvers
+        s.gram = s.gram.cpu()
+        s.cross = s.cross.cpu() if s.cross is not None else None
     return stats
 
 

@@ -1,0 +1,87 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import multinet
+from multinet.calib import collect, consumer_specs
+from multinet.errors import InputShapeError, MultinetError
+
+
+class ConvLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 3, 3, stride=2, padding=1, dilation=1)
+        self.fc = nn.Linear(3 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.b(F.relu(self.a(x)))), 1))
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = ConvLinear().eval()
+    x = torch.randn(10, 2, 6, 6)
+    return model, x, multinet.trace(model, x[:2])
+
+
+def test_conv_gram_matches_explicit_im2col(setup):
+    model, x, graph = setup
+    stats = collect(graph.module, consumer_specs(graph, ["b", "fc"]), x, batch_size=3)
+    h = F.relu(model.a(x)).detach()
+    # explicit im2col, written out position by position
+    padded = F.pad(h, (1, 1, 1, 1))
+    rows = []
+    for n in range(10):
+        for i in range(3):
+            for j in range(3):
+                patch = padded[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1)
+                rows.append(torch.cat([patch, torch.ones(1)]))
+    x_b = torch.stack(rows).double()
+    torch.testing.assert_close(stats["b"].gram, x_b.T @ x_b)
+    assert stats["b"].rows == 90
+    # and the layer's weights multiply those columns: X @ W^T reproduces the conv output
+    out = x_b[:, :-1].float() @ model.b.weight.flatten(1).T + model.b.bias
+    torch.testing.assert_close(out.reshape(10, 3, 3, 3).permute(0, 3, 1, 2), model.b(h), atol=1e-5, rtol=1e-5)
+    f = torch.flatten(F.relu(model.b(h)), 1).double()
+    f = torch.cat([f, torch.ones(10, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(stats["fc"].gram, f.T @ f)
+
+
+def test_statistics_are_additive_and_bounded(setup):
+    _, x, graph = setup
+    specs = consumer_specs(graph, ["b"])
+    whole = collect(graph.module, specs, x)["b"]
+    first, second = collect(graph.module, specs, x[:4])["b"], collect(graph.module, specs, x[4:])["b"]
+    first.add(second)
+    torch.testing.assert_close(first.gram, whole.gram)
+    more = collect(graph.module, specs, torch.cat([x, x, x]))["b"]
+    assert more.gram.shape == whole.gram.shape  # memory does not grow with the samples
+
+
+def test_cross_term_against_itself_equals_gram(setup):
+    _, x, graph = setup
+    specs = consumer_specs(graph, ["b", "fc"])
+    stats = collect(graph.module, specs, x, reference=graph.module, reference_specs=specs, max_positions=4)
+    for s in stats.values():
+        torch.testing.assert_close(s.cross, s.gram)
+    assert stats["b"].rows == 10 * 4
+
+
+def test_calibration_bad_inputs(setup):
+    model, x, graph = setup
+    specs = consumer_specs(graph, ["b"])
+    with pytest.raises(MultinetError, match="no calibration data"):
+        collect(graph.module, specs, torch.zeros(0, 2, 6, 6))
+    with pytest.raises(MultinetError, match="no calibration data"):
+        collect(graph.module, specs, [])
+    with pytest.raises(InputShapeError, match=r"\(4, 3, 6, 6\) does not fit"):
+        collect(graph.module, specs, torch.randn(4, 3, 6, 6))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(MultinetError, match="NaN or Inf"):
+        collect(graph.module, specs, bad)
+    with pytest.warns(UserWarning, match="calibration rows"):
+        collect(graph.module, consumer_specs(graph, ["fc"]), x[:3])
