@@ -33,5 +33,15 @@ def layers_table(counts: Counts) -> Table:
     return table
 
 
+def compress_table(result, title: str = "") -> Table:
+    table = Table(title=title)
+    for col in ("group", "producers", "channels", "error", "seconds"):
+        table.add_column(col, justify="left" if col == "producers" else "right")
+    for g in result.groups:
+        table.add_row(str(g.group), _short(g.producers), f"{g.channels_before} -> {g.channels_after}",
+                      f"{g.error:.4f}", f"{g.seconds:.2f}")
+    return table
+
+
 def print_table(table: Table) -> None:
     Console(width=140).print(table)

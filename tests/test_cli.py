@@ -58,3 +58,21 @@ def test_checkpoint_for_another_architecture(tmp_path, capsys):
 def test_entry_point_runs_as_a_process():
     result = subprocess.run([sys.executable, "-m", "multinet.cli", "inspect", "zoo:mlp"], capture_output=True, text=True)
     assert result.returncode == 0 and "hidden.0" in result.stdout
+
+
+def test_compress_command_reports_groups_flops_and_accuracy(capsys):
+    assert main(["compress", "zoo:mlp", "--ratio", "0.5", "--calibration", "256", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden.0" in out and "128 -> 64" in out and "kept); params" in out
+    before, after = (float(v) for v in out.split("no fine-tuning): ")[1].split()[0:3:2])
+    assert after > before - 0.03
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "zoo:mlp", "--ratio", "1.5"], "--ratio must lie in [0, 1)"),
+    (["compress", "zoo:mlp", "--calibration", "0"], "at least 1 sample"),
+    (["compress", "zoo:mlp", "--dataset", "cifar"], "unknown dataset"),
+])
+def test_compress_bad_input_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
