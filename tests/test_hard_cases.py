@@ -388,3 +388,43 @@ def test_column_blocks_match_unfolded_weights():
         got = weight.clone()
         got[:, cols[channel]] = 0
         assert torch.equal(got, expected)
+
+
+class SizeFromAnotherTensor(nn.Module):
+    """maxvit-style: a channel count read off one tensor shapes another (attention output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.qkv = nn.Linear(6, 18)
+        self.b = nn.Linear(6, 2)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        n, t, d = h.shape
+        q = self.qkv(h)[..., :6]
+        mixed = torch.cumsum(q, 1).reshape(n, t, d)  # d comes from h, the data from q
+        own = h.reshape(n * t, h.size(-1))  # a count used on its own tensor is fine
+        return self.b(mixed) + self.c(own).sum(-1, keepdim=True)[:, :1].reshape(n, t, 1)
+
+
+def test_channel_count_used_to_shape_another_tensor_fails_closed():
+    graph = multinet.trace(SizeFromAnotherTensor(), torch.randn(2, 3, 4))
+    group = _group(graph, "a")
+    assert not group.prunable and "channel count shapes another tensor" in " ".join(group.reasons)
+
+
+class SizeOnOwnTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h.reshape(-1, h.size(-1)))
+
+
+def test_channel_count_used_on_its_own_tensor_is_fine():
+    graph = check_model(SizeOnOwnTensor(), torch.randn(2, 3, 4))
+    assert _group(graph, "a").prunable

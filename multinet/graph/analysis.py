@@ -76,6 +76,10 @@ class ChannelAnalysis:
         self._module_axis: dict[str, tuple[Segment, ...]] = {}
         self._param_space: dict[tuple[str, int], int] = {}
         self._param_binders: dict[str, set[str]] = defaultdict(set)
+        # values read off a channel axis (x.size(1), x.shape[-1], and arithmetic on them): node -> spaces,
+        # or for a whole shape tuple node -> (channel dim, spaces)
+        self._channel_sizes: dict[fx.Node, set[int]] = {}
+        self._shape_tuples: dict[fx.Node, tuple[int, set[int]]] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> AnalysisResult:
@@ -347,7 +351,43 @@ class ChannelAnalysis:
 
     # ------------------------------------------------------------------ function rules
     def _rule_meta(self, node):
+        """x.size(d), x.size(), x.shape: remember which values carry a channel count."""
+        x = node.args[0] if node.args else None
+        ax = self._axis(x)
+        if ax is None:
+            return None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name == "size" and len(node.args) > 1:
+            if _norm(node.args[1], len(_shape(x))) == ax.dim:
+                self._channel_sizes[node] = ax.spaces()
+        elif name == "size" or (name == "getattr" and node.args[1] == "shape"):
+            self._shape_tuples[node] = (ax.dim, ax.spaces())
         return None
+
+    def _size_tags(self, node) -> set[int]:
+        """Spaces whose channel count flows into any argument of ``node``."""
+        tags: set[int] = set()
+
+        def visit(a):
+            tags.update(self._channel_sizes.get(a, ()))
+            return a
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return tags
+
+    def _check_shape_args(self, node, allowed_position: int | None, ax: Axis | None) -> None:
+        """A channel count read off one tensor and used to shape another cannot follow pruning."""
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        for pos, value in enumerate(sizes):
+            tags = self._channel_sizes.get(value, set()) if isinstance(value, fx.Node) else set()
+            if not tags:
+                continue
+            same = ax is not None and pos == allowed_position and tags <= ax.spaces()
+            if not same:
+                self.table.mark(tags | (ax.spaces() if ax is not None else set()),
+                                f"a channel count shapes another tensor at `{node.name}`")
 
     def _rule_unary(self, node):
         ax = self._axis(node.args[0]) if node.args else None
@@ -357,6 +397,10 @@ class ChannelAnalysis:
         return ax
 
     def _rule_binary(self, node):
+        tags = self._size_tags(node)
+        if tags and _shape(node) is None:  # arithmetic on a channel count (C // 2, C * 4)
+            self._channel_sizes[node] = tags
+            return None
         a = node.args[0] if node.args else node.kwargs.get("input")
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         out_shape = _shape(node)
@@ -483,6 +527,13 @@ class ChannelAnalysis:
 
     def _rule_getitem(self, node):
         base, index = node.args[0], node.args[1]
+        if base in self._shape_tuples:
+            dim, spaces = self._shape_tuples[base]
+            if isinstance(index, int) and _norm(index, len(_shape(base.args[0]))) == dim:
+                self._channel_sizes[node] = spaces
+            elif not isinstance(index, int):
+                self.table.mark(spaces, f"a shape containing the channel count is sliced at `{node.name}`")
+            return None
         info = self.info.get(base) if isinstance(base, fx.Node) else None
         if isinstance(info, list):
             return info[index] if isinstance(index, int) else self._unknown(node, "non-integer index into a tuple")
@@ -552,11 +603,13 @@ class ChannelAnalysis:
         x = node.args[0]
         ax, shape, out = self._axis(x), _shape(x), _shape(node)
         if ax is None:
+            self._check_shape_args(node, None, None)
             return None
         mapped = _map_reshape(shape, out, ax.dim)
         if mapped is None:
             return self._fail([ax], "reshape splits or interleaves the channel axis", node)
         j, mul, div = mapped
+        self._check_shape_args(node, j, ax)
         segs = scale_blocks(ax.segments, mul, div)
         if segs is None:
             return self._fail([ax], "reshape cuts through a channel block", node)
@@ -582,8 +635,10 @@ class ChannelAnalysis:
         x = node.args[0]
         ax, shape, out = self._axis(x), _shape(x), _shape(node)
         if ax is None:
+            self._check_shape_args(node, None, None)
             return None
         j = ax.dim + len(out) - len(shape)
+        self._check_shape_args(node, j, ax)
         self._record_size_literal(node, j, ax.segments, 1, 1)
         return ax.at(j)
 
