@@ -35,7 +35,7 @@ class GroupReport:
     producers: list[str]
     channels_before: int
     channels_after: int
-    error: float  # relative squared error at the group's consumers (fraction of their output energy)
+    error: float  # squared error at the group's consumers, each as a fraction of its output energy, summed
     seconds: float
     removed: list[int] = field(default_factory=list)
 
@@ -69,7 +69,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not isinstance(calibration_data, torch.Tensor) and iter(calibration_data) is calibration_data:
         raise MultinetError("calibration_data must be re-iterable (a tensor, a list or a DataLoader), not an iterator")
-    example = next(iter(iterate_batches(calibration_data, batch_size)))[:2]
+    example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
     ratios = _ratios(original, ratio)
     current = original
