@@ -52,8 +52,10 @@ def invert(gram: torch.Tensor) -> torch.Tensor:
 
 def block_errors(ginv: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """err(S) for every candidate at once: columns is k x w, result has k entries."""
-    blocks = ginv[columns[:, :, None], columns[:, None, :]]  # k x w x w
     w_s = weight[columns]  # k x w x d
+    if columns.shape[1] == 1:  # one column per channel: err = |w_c|^2 / Ginv_cc, no solves
+        return (w_s[:, 0] ** 2).sum(1) / ginv[columns[:, 0], columns[:, 0]]
+    blocks = ginv[columns[:, :, None], columns[:, None, :]]  # k x w x w
     return (w_s * torch.linalg.solve(blocks, w_s)).sum((1, 2))
 
 
