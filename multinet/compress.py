@@ -24,6 +24,7 @@ from .calib import collect, consumer_specs, iterate_batches
 from .errors import MultinetError
 from .graph import ChannelGraph, count, prune, trace
 from .solve import ConsumerProblem, reap_greedy_multi, reconstruct_multi
+from .solve.problem import removed_columns
 from .solve.selection import lowest, magnitude_scores, random_channels
 
 METHODS = ("reap", "magnitude", "magnitude+ls", "random")
@@ -244,22 +245,16 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
 
 def _zero_removed(problem: ConsumerProblem, removed: list[int]) -> torch.Tensor:
     weight = problem.weight.clone()
-    for c in removed:
-        rows = (problem.channels == c).nonzero().flatten()
-        weight[problem.columns[rows].flatten()] = 0
+    weight[removed_columns(problem, removed)] = 0
     return weight
 
 
 def _to_layer_weights(problems, weights, layout, removed) -> dict:
     out = {}
-    gone = set(removed)
     for p, w, (name, shape, has_bias, scale) in zip(problems, weights, layout):
         if scale is not None:
             w = w / scale[None]
-        drop = torch.zeros(len(w), dtype=torch.bool)
-        for c, cols in zip(p.channels.tolist(), p.columns):
-            if c in gone:
-                drop[cols] = True
+        drop = removed_columns(p, removed)
         if has_bias:
             drop[-1] = True
         kept = w[~drop]

@@ -45,6 +45,15 @@ class ConsumerProblem:
                 raise SolverInputError(f"{name} contains NaN or Inf: recalibrate (the activations overflowed)")
 
 
+def removed_columns(problem: "ConsumerProblem", removed) -> torch.Tensor:
+    """Mask of the columns the ``removed`` channels occupy in this consumer."""
+    mask = torch.zeros(problem.gram.shape[0], dtype=torch.bool, device=problem.gram.device)
+    gone = torch.isin(problem.channels, torch.as_tensor(list(removed), dtype=problem.channels.dtype,
+                                                        device=problem.channels.device))
+    mask[problem.columns[gone].flatten()] = True
+    return mask
+
+
 def blocked_columns(n_channels: int, block: int) -> torch.Tensor:
     """Channel c = columns c*block .. c*block+block-1."""
     return torch.arange(n_channels * block).reshape(n_channels, block)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import ConsumerProblem, SolverInputError, blocked_columns, prepare_gram
+from .problem import ConsumerProblem, SolverInputError, blocked_columns, prepare_gram, removed_columns
 
 
 @dataclass
@@ -115,11 +115,7 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
     weights = []
     for p, _, weight, dead_rows, dead in states:
         # dead columns of kept channels keep their original weights (they see zeros anyway)
-        removed_cols = torch.zeros(len(weight), dtype=torch.bool)
-        for c in removed:
-            rows = (p.channels == c).nonzero().flatten()
-            removed_cols[p.columns[rows].flatten()] = True
-        restore = dead & ~removed_cols
+        restore = dead & ~removed_columns(p, removed)
         weight[restore] = dead_rows[restore[dead]]
         weights.append(weight.to(p.weight.dtype))
     return ReapResult(removed, torch.stack(errors) if errors else torch.zeros(0, dtype=torch.float64),
@@ -157,14 +153,11 @@ def reconstruct_multi(problems: list[ConsumerProblem], removed: list[int], damp:
         weight = p.weight.to(torch.float64).clone()
         original_dead = weight[dead].clone()
         weight[dead] = 0
-        removed_cols = torch.zeros(len(weight), dtype=torch.bool)
         for c in removed:
             rows = (p.channels == c).nonzero().flatten()
             if len(rows):
-                cols = p.columns[rows].flatten()
-                remove_block(ginv, weight, cols)
-                removed_cols[cols] = True
-        restore = dead & ~removed_cols
+                remove_block(ginv, weight, p.columns[rows].flatten())
+        restore = dead & ~removed_columns(p, removed)
         weight[restore] = original_dead[restore[dead]]
         weights.append(weight.to(p.weight.dtype))
     return weights
