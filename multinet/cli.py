@@ -83,7 +83,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32)")
     graph = trace(model, example)
     counts = count(graph.module)
-    print_table(groups_table(graph, counts, title=f"{args.model}  input {tuple(example.shape)}"))
+    print_table(groups_table(graph, title=f"{args.model}  input {tuple(example.shape)}"))
     if args.layers:
         from .report_tables import layers_table
 

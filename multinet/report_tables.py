@@ -12,7 +12,7 @@ def _short(names: list[str], limit: int = 3) -> str:
     return shown + (f" +{len(names) - limit}" if len(names) > limit else "")
 
 
-def groups_table(graph: ChannelGraph, counts: Counts, title: str = "") -> Table:
+def groups_table(graph: ChannelGraph, title: str = "") -> Table:
     table = Table(title=title)
     for col in ("group", "channels", "producers", "consumers", "prunable"):
         table.add_column(col, overflow="fold")

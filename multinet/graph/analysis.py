@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -42,7 +42,6 @@ class AnalysisResult:
     layers: dict[str, LayerUse]
     passthrough: dict[int, set[str]]  # space -> names of pass-through layers carrying params
     inexact: dict[int, list[str]]  # space -> why pruning it changes the kept channels' values
-    info: dict[str, Info] = field(default_factory=dict)
 
 
 def _shape(arg) -> tuple[int, ...] | None:
@@ -86,10 +85,7 @@ class ChannelAnalysis:
         for node in self.gm.graph.nodes:
             self.info[node] = self._visit(node)
         self._check_param_uses()
-        return AnalysisResult(
-            self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact),
-            {n.name: i for n, i in self.info.items()},
-        )
+        return AnalysisResult(self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact))
 
     def _visit(self, node: fx.Node) -> Info:
         if node.op in ("placeholder", "get_attr"):

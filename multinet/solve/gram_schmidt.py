@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .problem import ConsumerProblem, blocked_columns, prepare_gram
+from .problem import ConsumerProblem, blocked_columns, finish, start
 from .reap import ReapResult, _check_counts, protected
 
 
@@ -42,8 +42,8 @@ def _candidate_solves(gram: torch.Tensor, live: torch.Tensor, columns: torch.Ten
 
 def _errors_and_solves(gram, weight, live, columns, chunk: int):
     errs, sols = [], []
-    for start in range(0, len(columns), chunk):
-        cols = columns[start:start + chunk]
+    for first in range(0, len(columns), chunk):
+        cols = columns[first:first + chunk]
         sol = _candidate_solves(gram, live, cols)  # k x m x w
         g_ss = gram[cols[:, :, None], cols[:, None, :]]
         schur = g_ss - gram[:, cols].permute(1, 2, 0) @ sol  # k x w x w
@@ -60,25 +60,21 @@ def reap_greedy_gs_multi(problems: list[ConsumerProblem], n_channels: int, n_rem
     device = problems[0].gram.device
     states = []
     for p in problems:
-        p.validate()
-        gram, dead = prepare_gram(p.gram, damp)
-        weight = p.weight.to(torch.float64).clone()
-        original_dead = weight[dead].clone()
-        weight[dead] = 0
-        states.append([p, gram, weight, torch.ones(len(gram), dtype=torch.bool, device=device), dead, original_dead])
+        gram, dead, weight = start(p, damp)
+        states.append((p, gram, weight, torch.ones(len(gram), dtype=torch.bool, device=device), dead))
     alive = torch.ones(n_channels, dtype=torch.bool, device=device)
     removed, errors = [], []
     for _ in range(n_remove):
         scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
         step_solves = []
-        for p, gram, weight, live, _, _ in states:
+        for p, gram, weight, live, _ in states:
             cand = alive[p.channels]
             err, sol = _errors_and_solves(gram, weight, live, p.columns[cand], chunk)
             scores[p.channels[cand]] += p.scale * err
             step_solves.append((p.channels[cand], sol))
         scores[~alive | protected(alive.cpu(), pieces).to(device)] = torch.inf
         best = int(torch.argmin(scores))
-        for (p, gram, weight, live, _, _), (chans, sol) in zip(states, step_solves):
+        for (p, gram, weight, live, _), (chans, sol) in zip(states, step_solves):
             row = (chans == best).nonzero().flatten()
             if len(row):
                 cols = p.columns[(p.channels == best).nonzero().flatten()].flatten()
@@ -88,11 +84,7 @@ def reap_greedy_gs_multi(problems: list[ConsumerProblem], n_channels: int, n_rem
         alive[best] = False
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
-    weights = []
-    for p, _, weight, live, dead, original_dead in states:
-        restore = dead & live
-        weight[restore] = original_dead[restore[dead]]
-        weights.append(weight.to(p.weight.dtype))
+    weights = [finish(p, weight, dead, live) for p, _, weight, live, dead in states]
     return ReapResult(removed, torch.stack(errors).cpu() if errors else torch.zeros(0, dtype=torch.float64),
                       weights, n_channels)
 

@@ -45,6 +45,24 @@ class ConsumerProblem:
                 raise SolverInputError(f"{name} contains NaN or Inf: recalibrate (the activations overflowed)")
 
 
+def start(problem: "ConsumerProblem", damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated, damped float64 gram, its dead-column mask, and a working float64 weight whose
+    dead rows are zero (they see only zeros, so removing them must cost nothing)."""
+    problem.validate()
+    gram, dead = prepare_gram(problem.gram, damp)
+    weight = problem.weight.to(torch.float64).clone()
+    weight[dead] = 0
+    return gram, dead, weight
+
+
+def finish(problem: "ConsumerProblem", weight: torch.Tensor, dead: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The reconstructed weight in the caller's dtype; dead columns of kept channels get their
+    original rows back (zero on calibration data does not mean zero on other data)."""
+    restore = dead & kept
+    weight[restore] = problem.weight.to(torch.float64)[restore]
+    return weight.to(problem.weight.dtype)
+
+
 def removed_columns(problem: "ConsumerProblem", removed) -> torch.Tensor:
     """Mask of the columns the ``removed`` channels occupy in this consumer."""
     mask = torch.zeros(problem.gram.shape[0], dtype=torch.bool, device=problem.gram.device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import ConsumerProblem, SolverInputError, blocked_columns, prepare_gram, removed_columns
+from .problem import ConsumerProblem, SolverInputError, blocked_columns, finish, removed_columns, start
 
 
 @dataclass
@@ -89,35 +89,27 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
     _check_counts(n_channels, n_remove)
     states = []
     for p in problems:
-        p.validate()
-        gram, dead = prepare_gram(p.gram, damp)
-        weight = p.weight.to(torch.float64).clone()
-        weight[dead] = 0
-        states.append((p, invert(gram), weight, p.weight.to(torch.float64)[dead], dead))
+        gram, dead, weight = start(p, damp)
+        states.append((p, invert(gram), weight, dead))
     alive = torch.ones(n_channels, dtype=torch.bool)
     removed, errors = [], []
     for _ in range(n_remove):
         scores = torch.zeros(n_channels, dtype=torch.float64)
-        for p, ginv, weight, _, _ in states:
+        for p, ginv, weight, _ in states:
             live = alive[p.channels]
             scores[p.channels[live]] += p.scale * block_errors(ginv, weight, p.columns[live])
         scores[~alive | protected(alive, pieces)] = torch.inf
         if torch.isinf(scores).all():
             raise SolverInputError(f"cannot remove {n_remove} channels: every split piece must keep one")
         best = int(torch.argmin(scores))
-        for p, ginv, weight, _, _ in states:
+        for p, ginv, weight, _ in states:
             rows = (p.channels == best).nonzero().flatten()
             if len(rows):
                 remove_block(ginv, weight, p.columns[rows].flatten())
         alive[best] = False
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
-    weights = []
-    for p, _, weight, dead_rows, dead in states:
-        # dead columns of kept channels keep their original weights (they see zeros anyway)
-        restore = dead & ~removed_columns(p, removed)
-        weight[restore] = dead_rows[restore[dead]]
-        weights.append(weight.to(p.weight.dtype))
+    weights = [finish(p, weight, dead, ~removed_columns(p, removed)) for p, _, weight, dead in states]
     return ReapResult(removed, torch.stack(errors) if errors else torch.zeros(0, dtype=torch.float64),
                       weights, n_channels)
 
@@ -147,17 +139,11 @@ def reconstruct_multi(problems: list[ConsumerProblem], removed: list[int], damp:
     """Least-squares re-solve of every consumer once ``removed`` channels are gone (any selection)."""
     weights = []
     for p in problems:
-        p.validate()
-        gram, dead = prepare_gram(p.gram, damp)
+        gram, dead, weight = start(p, damp)
         ginv = invert(gram)
-        weight = p.weight.to(torch.float64).clone()
-        original_dead = weight[dead].clone()
-        weight[dead] = 0
         for c in removed:
             rows = (p.channels == c).nonzero().flatten()
             if len(rows):
                 remove_block(ginv, weight, p.columns[rows].flatten())
-        restore = dead & ~removed_columns(p, removed)
-        weight[restore] = original_dead[restore[dead]]
-        weights.append(weight.to(p.weight.dtype))
+        weights.append(finish(p, weight, dead, ~removed_columns(p, removed)))
     return weights
