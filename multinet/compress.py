@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -22,9 +23,14 @@ import torch.nn as nn
 
 from .calib import collect, consumer_specs, iterate_batches
 from .errors import MultinetError
+from .execute import Executor
+from .progress import Bar
+from .schedule import Budget, Plan, Scheduling, make_plan, prepare
+from .schedule.latency import latency_input, measure_ms
+from .schedule.oneshot import flat_outputs, output_error
 from .graph import ChannelGraph, count, prune, trace
-from .solve import ConsumerProblem, reap_greedy_multi, reconstruct_multi
-from .solve.problem import removed_columns
+from .group_solve import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
+from .solve import reap_greedy_multi, reconstruct_multi
 from .solve.selection import lowest, magnitude_scores, random_channels
 
 METHODS = ("reap", "magnitude", "magnitude+ls", "random")
@@ -50,6 +56,7 @@ class CompressResult:
     params_before: int
     params_after: int
     method: str
+    plan: Plan | None = None
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -57,35 +64,74 @@ class CompressResult:
         return out
 
 
-def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, float] = 0.5, method: str = "reap",
+def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, float] | None = None,
+             method: str = "reap", budget: Budget | None = None, schedule: str = "auto", plan_path=None,
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
-             seed: int = 0, leaf_modules=(), autowrap_functions=(), progress: bool = False) -> CompressResult:
-    """Remove ``ratio`` of the channels of every prunable group (or per group: {group_id: ratio}).
+             seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
+             autowrap_functions=(), progress: bool = False) -> CompressResult:
+    """Compress ``model`` without retraining.
+
+    Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
+    0.5 when neither is given) or ``budget`` (a :class:`Budget`: FLOPs, parameters or latency)
+    with a ``schedule`` ("auto", "exhaustive" or "uniform") that decides per-group amounts. The
+    plan is returned in ``result.plan`` and written to ``plan_path`` when given.
 
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
     batches (a list or a DataLoader). ``max_positions`` sub-samples conv output positions per
-    image to bound calibration cost. ``progress=True`` shows a progress bar over the groups.
+    image to bound calibration cost; ``eval_samples`` calibration samples measure errors at the
+    final outputs. ``progress=True`` shows progress bars.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not isinstance(calibration_data, torch.Tensor) and iter(calibration_data) is calibration_data:
         raise MultinetError("calibration_data must be re-iterable (a tensor, a list or a DataLoader), not an iterator")
+    if budget is not None and ratio is not None:
+        raise MultinetError("give either ratio= or budget=, not both")
+    if budget is not None and method != "reap":
+        raise MultinetError(f"budgets are scheduled with REAP's error curves; method {method!r} takes ratio= only")
+    if budget is not None and not isinstance(budget, Budget):
+        raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
     example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
-    ratios = _ratios(original, ratio)
+    settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed)
+    plan = None
+    if budget is None:
+        ratios = _ratios(original, 0.5 if ratio is None else ratio)
+        requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
+                    for gid, r in ratios.items()}
+    else:
+        ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
+        plan = make_plan(ctx, schedule, executor, progress)
+        requests = plan.removals()
+    current, reports = _apply(original, requests, method, calibration_data, example, progress, **settings)
+    before, after = count(original.module), count(current.module)
+    if plan is not None:
+        _measure(plan, ctx, current.module, after)
+        if plan_path is not None:
+            plan.save(plan_path)
+    return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
+                          plan)
+
+
+def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
+           progress: bool, batch_size: int, max_positions: int | None, damp: float, device: str, seed: int):
+    """Compress group by group in graph order; a request is a channel count (the method selects)
+    or the channels themselves (a schedule selected them; the consumers are re-solved)."""
     current = original
     reports = []
     surviving: dict[str, torch.Tensor] = {}  # layer -> original indices of its remaining outputs
-    bar = _progress(progress, len(ratios), method)
-    for gid, r in ratios.items():
+    bar = Bar(progress, len(requests), f"{method}: groups")
+    for gid in sorted(requests):
         bar.advance()
+        request = requests[gid]
+        if not request:
+            continue
         start = time.time()
         group = current.group(gid)
-        n_remove = min(math.floor(r * group.size + 1e-9), group.size - 1)
-        if n_remove == 0:
-            continue
-        removed, weights, error = _solve_group(current, original, group, n_remove, method, calibration_data,
-                                               batch_size, max_positions, damp, device, seed + gid, surviving)
+        n_remove = request if isinstance(request, int) else len(request)
+        preset = None if isinstance(request, int) else list(request)
+        removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
+                                               max_positions, damp, device, seed + gid, surviving, preset)
         keep = [c for c in range(group.size) if c not in set(removed)]
         _track_outputs(current, group, keep, surviving)
         pruned = prune(current, {gid: keep}, consumer_weights=weights)
@@ -93,29 +139,24 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         reports.append(GroupReport(gid, group.producers, group.size, len(keep), error, time.time() - start,
                                    sorted(removed)))
     bar.close()
-    before, after = count(original.module), count(current.module)
-    return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method)
+    return current, reports
 
 
-class _progress:
-    """A rich progress bar over groups, or nothing."""
-
-    def __init__(self, enabled: bool, total: int, method: str):
-        self.bar = None
-        if enabled:
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
-            self.task = self.bar.add_task(f"{method}: groups", total=total)
-            self.bar.start()
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _measure(plan: Plan, ctx: Scheduling, compressed: nn.Module, counts) -> None:
+    """What the applied plan really costs, and its error at the final outputs on the evaluation samples."""
+    with torch.no_grad():
+        out = torch.cat([flat_outputs(compressed(x)) for x in ctx.masked.inputs])
+    plan.measured_error = output_error(out, ctx.masked.reference)
+    budget = ctx.budget
+    if plan.metric == "latency":
+        x = latency_input(ctx.masked.inputs[0][:1].cpu(), budget.latency_batch)
+        plan.measured_cost = measure_ms(compressed, x, budget.device)
+        if plan.measured_cost > plan.target * (1 + budget.latency_tolerance):
+            warnings.warn(f"the compressed model measures {plan.measured_cost:.3f} ms, over the {plan.target:.3f} ms "
+                          f"budget by more than the {budget.latency_tolerance:.0%} tolerance (noisy timings?)",
+                          stacklevel=3)
+    else:
+        plan.measured_cost = float(counts.flops if plan.metric == "flops" else counts.params)
 
 
 def _track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
@@ -148,78 +189,11 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
     return ratios
 
 
-def _consumer_weight(gm: fx.GraphModule, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(weight, bias, is_module) of a consumer: a module name or a functional weight attribute."""
-    try:
-        module = gm.get_submodule(name)
-        return module.weight, module.bias, True
-    except AttributeError:
-        return getattr(gm, name), None, False
-
-
-def _output_scale(gm: fx.GraphModule, graph: ChannelGraph, name: str) -> torch.Tensor | None:
-    """gamma/sigma of a BatchNorm that directly follows the consumer: errors count where they matter."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    node = nodes[graph.analysis.layers[name].nodes[0]]
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
-        bn = gm.get_submodule(users[0].target)
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
-            gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-            return (gamma.abs() / torch.sqrt(bn.running_var + bn.eps)).double().clamp_min(1e-8)
-    return None
-
-
-def _problems(current: ChannelGraph, original: ChannelGraph, group, stats, damp: float, surviving):
-    """One least-squares problem per consumer, aimed at the original model's outputs."""
-    problems, layout = [], []
-    for name in group.consumer_names:
-        w_cur, b_cur, is_module = _consumer_weight(current.module, name)
-        w_ref, b_ref, _ = _consumer_weight(original.module, name)
-        has_bias = is_module or b_cur is not None
-        s = stats[name]
-        gram, cross = s.gram, s.cross
-        outputs = surviving.get(name, torch.arange(w_ref.shape[0]))
-        target = w_ref.detach().flatten(1).T.double()[:, outputs]  # m_ref x d (outputs still present)
-        bias_ref = b_ref.detach().double()[outputs] if b_ref is not None else torch.zeros(len(outputs), dtype=torch.float64)
-        target = torch.cat([target, bias_ref[None]], 0)
-        if not has_bias:
-            gram, cross = gram[:-1, :-1], cross[:-1]
-        # the full-column least-squares fit of the original outputs is the weight REAP starts from
-        damped = gram + damp * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        weight = torch.linalg.solve(damped, cross @ target)
-        scale = _output_scale(current.module, current, name)
-        if scale is not None:
-            weight = weight * scale[None]
-        energy = float((weight * (gram @ weight)).sum().clamp_min(1e-30))
-        slots = [sl for sl in group.consumers if sl.consumer == name]
-        channels, columns = _merge_slots(slots)
-        problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy))
-        layout.append((name, tuple(w_cur.shape), has_bias, scale))
-    return problems, layout
-
-
-def _merge_slots(slots):
-    """A channel entering one consumer twice (cat([y, y])) occupies both column blocks."""
-    per_channel: dict[int, list[torch.Tensor]] = {}
-    for slot in slots:
-        for c, cols in zip(slot.channels.tolist(), slot.column_blocks()):
-            per_channel.setdefault(c, []).append(cols)
-    channels = sorted(per_channel)
-    return torch.tensor(channels), torch.stack([torch.cat(per_channel[c]) for c in channels])
-
-
-def _relative_error(problems, weights) -> float:
-    total = 0.0
-    for p, w in zip(problems, weights):
-        delta = p.weight.double() - w.double()
-        total += p.scale * float((delta * (p.gram @ delta)).sum())
-    return total
-
-
 def _solve_group(current, original, group, n_remove, method, data, batch_size, max_positions, damp, device, seed,
-                 surviving):
-    if method == "random":
+                 surviving, preset=None):
+    if preset is not None:
+        removed = preset
+    elif method == "random":
         removed = random_channels(group.size, n_remove, seed, group.pieces)
     elif method in ("magnitude", "magnitude+ls"):
         removed = lowest(_magnitude(current, group), n_remove, group.pieces)
@@ -229,38 +203,18 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
     ref_specs = consumer_specs(original, group.consumer_names)
     stats = collect(current.module, specs, data, reference=original.module, reference_specs=ref_specs,
                     batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
-    problems, layout = _problems(current, original, group, stats, damp, surviving)
-    if removed is None:
+    problems, layout = group_problems(current, original, group, stats, damp, surviving)
+    if removed is None:  # REAP selects, and reconstructs on the way
         result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
         removed, weights = result.removed, result.weights
-    elif method == "magnitude+ls":
+    elif method in ("magnitude+ls", "reap"):
         weights = reconstruct_multi(problems, removed, damp)
     else:
-        weights = [_zero_removed(p, removed) for p in problems]
-    error = _relative_error(problems, weights)
+        weights = [zero_removed(p, removed) for p in problems]
+    error = relative_error(problems, weights)
     if method in ("magnitude", "random"):
         return removed, None, error
-    return removed, _to_layer_weights(problems, weights, layout, removed), error
-
-
-def _zero_removed(problem: ConsumerProblem, removed: list[int]) -> torch.Tensor:
-    weight = problem.weight.clone()
-    weight[removed_columns(problem, removed)] = 0
-    return weight
-
-
-def _to_layer_weights(problems, weights, layout, removed) -> dict:
-    out = {}
-    for p, w, (name, shape, has_bias, scale) in zip(problems, weights, layout):
-        if scale is not None:
-            w = w / scale[None]
-        drop = removed_columns(p, removed)
-        if has_bias:
-            drop[-1] = True
-        kept = w[~drop]
-        layer_w = kept.T.reshape(shape[0], -1, *shape[2:]).float()
-        out[name] = (layer_w, w[-1].float()) if has_bias else layer_w
-    return out
+    return removed, to_layer_weights(problems, weights, layout, removed), error
 
 
 def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:
@@ -269,7 +223,7 @@ def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:
     for space, _ in group.members:
         sp = table.spaces[space]
         if sp.kind == "producer":
-            weights[sp.owner] = _consumer_weight(graph.module, sp.owner)[0]
+            weights[sp.owner] = consumer_weight(graph.module, sp.owner)[0]
     sizes = {s: table.spaces[s].size for s, _ in group.members}
     owners = {s: table.spaces[s].owner for s, _ in group.members}
     return magnitude_scores(group, weights, sizes, owners)

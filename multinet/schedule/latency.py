@@ -1,0 +1,35 @@
+"""Latency measured on the target device: warm-up runs, then the median of timed runs.
+
+Medians, because a 2-core CI box or a shared GPU has outliers that a mean would chase.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+
+def measure_ms(model: nn.Module, example: torch.Tensor, device: str = "cpu", warmup: int = 5, repeats: int = 21) -> float:
+    """Median milliseconds of one forward pass of ``example`` on ``device``."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    x = example.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def latency_input(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch of ``batch`` inputs shaped like the calibration data."""
+    reps = -(-batch // len(example))
+    return torch.cat([example] * reps)[:batch].contiguous()

@@ -1,0 +1,176 @@
+"""One calibration pass over the original model, and everything the scheduler derives from it.
+
+* ``GroupCurve``: each group's greedy REAP removal order and its layer-wise error curve E(k),
+  from one solve per group (the per-step errors of REAP add up to the error after k removals).
+* ``MaskedModel``: the model with any per-group removal sets applied *without* surgery: removed
+  channels keep flowing but every consumer reads them with zero weight, and the remaining weights
+  are least-squares re-solved from the same statistics. Its outputs equal those of the pruned,
+  one-shot reconstructed model, so the error at the final outputs of any candidate schedule costs
+  one forward pass and no re-trace.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..calib import collect, consumer_specs, iterate_batches
+from ..graph import ChannelGraph
+from ..group_solve import consumer_weight, group_problems
+from ..solve import reap_greedy_multi
+from ..solve.problem import prepare_gram
+
+
+@dataclass
+class GroupCurve:
+    group: int
+    size: int
+    order: list[int]  # channels in REAP's removal order
+    errors: np.ndarray  # layer-wise error after k removals, k = 0..len(order) (errors[0] = 0)
+
+    @property
+    def max_remove(self) -> int:
+        return len(self.order)
+
+
+def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_size: int, max_positions: int | None,
+                   device: str, seed: int):
+    """Gram statistics of every consumer of the given groups, in one pass over the data."""
+    names = list(dict.fromkeys(n for g in group_ids for n in graph.group(g).consumer_names))
+    return collect(graph.module, consumer_specs(graph, names), data, batch_size=batch_size,
+                   max_positions=max_positions, device=device, seed=seed)
+
+
+def group_curve(graph: ChannelGraph, gid: int, stats, max_remove: int, damp: float) -> GroupCurve:
+    group = graph.group(gid)
+    if max_remove <= 0:
+        return GroupCurve(gid, group.size, [], np.zeros(1))
+    problems, _ = group_problems(graph, graph, group, stats, damp, {})
+    result = reap_greedy_multi(problems, group.size, max_remove, damp, group.pieces)
+    errors = np.concatenate([[0.0], np.cumsum(result.errors.numpy())])
+    return GroupCurve(gid, group.size, list(result.removed), errors)
+
+
+def output_error(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Squared error at the final outputs as a fraction of their energy."""
+    return float(((outputs - reference) ** 2).sum() / (reference ** 2).sum().clamp_min(1e-30))
+
+
+def flat_outputs(out) -> torch.Tensor:
+    """All of a model's outputs (tensor, tuple, list or dict of tensors) as one float64 matrix."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().double().flatten(1)
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    return torch.cat([flat_outputs(o) for o in out], 1)
+
+
+def evaluation_inputs(data, batch_size: int, limit: int) -> list[torch.Tensor]:
+    """The first ``limit`` calibration samples, in batches: where final-output errors are measured."""
+    batches, seen = [], 0
+    for batch in iterate_batches(data, batch_size):
+        batches.append(batch[: limit - seen])
+        seen += len(batches[-1])
+        if seen >= limit:
+            break
+    return batches
+
+
+@dataclass
+class _Consumer:
+    name: str
+    gram: torch.Tensor  # damped, decoupled dead columns (m x m)
+    target: torch.Tensor  # G @ W: right-hand side of the full least-squares fit (m x d)
+    weight: torch.Tensor  # original (m x d), bias row last when has_bias
+    dead: torch.Tensor
+    slots: list[tuple[int, torch.Tensor, torch.Tensor]]  # (group, channels, column blocks)
+    shape: tuple[int, ...]
+    has_bias: bool
+
+
+class MaskedModel:
+    """Final-output error of one-shot REAP reconstructions for any removal sets (see module doc)."""
+
+    def __init__(self, graph: ChannelGraph, stats, group_ids: Sequence[int], inputs: list[torch.Tensor], damp: float,
+                 device: str = "cpu"):
+        self.gm = copy.deepcopy(graph.module).to(device).eval()
+        self.inputs = [x.to(device) for x in inputs]
+        self.device = device
+        with torch.no_grad():
+            self.reference = torch.cat([flat_outputs(self.gm(x)) for x in self.inputs])
+        wanted = set(group_ids)
+        self.consumers: dict[str, _Consumer] = {}
+        for gid in group_ids:
+            for name in graph.group(gid).consumer_names:
+                if name not in self.consumers:
+                    self.consumers[name] = self._consumer(graph, name, stats[name], wanted, damp)
+        self._loaded: dict[str, frozenset] = {name: frozenset() for name in self.consumers}
+        self.evaluations = 0
+
+    @staticmethod
+    def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
+        w, b, is_module = consumer_weight(graph.module, name)
+        has_bias = is_module or b is not None
+        weight = w.detach().flatten(1).T.double()
+        bias = b.detach().double() if b is not None else torch.zeros(weight.shape[1], dtype=torch.float64)
+        weight = torch.cat([weight, bias[None]], 0) if has_bias else weight
+        gram = stats.gram if has_bias else stats.gram[:-1, :-1]
+        damped, dead = prepare_gram(gram, damp)
+        slots = [(g.id, sl.channels, sl.column_blocks()) for g in graph.groups if g.id in wanted
+                 for sl in g.consumers if sl.consumer == name]
+        return _Consumer(name, damped, gram.double() @ weight, weight, dead, slots, tuple(w.shape), has_bias)
+
+    def _weights(self, c: _Consumer, removed: Mapping[int, set[int]]) -> tuple[frozenset, torch.Tensor]:
+        gone = []
+        for gid, channels, blocks in c.slots:
+            rem = removed.get(gid)
+            if rem:
+                mask = torch.tensor([int(ch) in rem for ch in channels.tolist()], dtype=torch.bool)
+                gone.append(blocks[mask].flatten())
+        cols = torch.unique(torch.cat(gone)) if gone else torch.zeros(0, dtype=torch.long)
+        key = frozenset(cols.tolist())
+        if not key:
+            return key, c.weight
+        kept = torch.ones(len(c.weight), dtype=torch.bool)
+        kept[cols] = False
+        w = torch.zeros_like(c.weight)
+        w[kept] = torch.linalg.solve(c.gram[kept][:, kept], c.target[kept])
+        restore = c.dead & kept  # zero on calibration data is not zero elsewhere
+        w[restore] = c.weight[restore]
+        return key, w
+
+    def _load(self, c: _Consumer, w: torch.Tensor) -> None:
+        layer_w = (w[:-1] if c.has_bias else w).T.reshape(c.shape)
+        try:
+            module = self.gm.get_submodule(c.name)
+        except AttributeError:
+            module = None
+        if isinstance(module, nn.Module):
+            module.weight.data = layer_w.to(module.weight)
+            if c.has_bias:
+                if module.bias is None:
+                    module.bias = nn.Parameter(torch.zeros(c.shape[0], device=module.weight.device))
+                module.bias.data = w[-1].to(module.weight)
+        else:
+            weight = self.gm.get_parameter(c.name)
+            weight.data = layer_w.to(weight)  # functional layers are read without a bias (as in compress)
+
+    def set_removed(self, removed: Mapping[int, Sequence[int]]) -> None:
+        sets = {g: {int(c) for c in r} for g, r in removed.items() if len(r)}
+        for name, c in self.consumers.items():
+            key, w = self._weights(c, sets)
+            if key != self._loaded[name]:
+                self._load(c, w)
+                self._loaded[name] = key
+
+    def error(self, removed: Mapping[int, Sequence[int]]) -> float:
+        """Relative squared error at the final outputs with these channels removed."""
+        self.set_removed(removed)
+        self.evaluations += 1
+        with torch.no_grad():
+            out = torch.cat([flat_outputs(self.gm(x)) for x in self.inputs])
+        return output_error(out, self.reference)

@@ -1,0 +1,76 @@
+"""A schedule's result: how many channels each group loses and which, in what order, and why.
+
+Saved as JSON next to the compressed model so a run can be inspected, compared and re-applied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import MultinetError
+
+
+@dataclass
+class GroupPlan:
+    group: int
+    producers: list[str]
+    size: int
+    removed: list[int]  # channels to remove, in the order REAP removes them
+    layer_error: float  # REAP's error at the group's consumers for this many removals
+    predicted_error: float | None = None  # the scheduler's estimate of its effect at the final outputs
+
+    @property
+    def kept(self) -> int:
+        return self.size - len(self.removed)
+
+
+@dataclass
+class Plan:
+    schedule: str
+    budget: dict
+    metric: str  # flops | params | latency
+    target: float  # absolute: MACs, parameters or milliseconds
+    original: float  # the original model's cost in the same unit
+    predicted_cost: float
+    predicted_error: float  # relative squared error at the final outputs, as the scheduler estimates it
+    groups: list[GroupPlan]
+    steps: list[tuple[int, int]]  # (group, channels removed so far) in the order the schedule chose them
+    seconds: dict[str, float] = field(default_factory=dict)  # statistics, curves, search, ...
+    evaluations: int = 0  # forward passes over the evaluation samples the search needed
+    measured_cost: float | None = None
+    measured_error: float | None = None  # after applying the plan with sequential reconstruction
+
+    def removals(self) -> dict[int, list[int]]:
+        return {g.group: list(g.removed) for g in self.groups if g.removed}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (a temporary file renamed into place): a killed run leaves no half plan."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.as_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        try:
+            raw = json.loads(Path(path).read_text())
+            groups = [GroupPlan(**g) for g in raw.pop("groups")]
+            raw["steps"] = [tuple(s) for s in raw["steps"]]
+            return cls(groups=groups, **raw)
+        except FileNotFoundError:
+            raise MultinetError(f"no plan at {path}") from None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise MultinetError(f"{path} is not a multinet plan: {exc}") from None

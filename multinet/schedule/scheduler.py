@@ -1,0 +1,238 @@
+"""Schedules: which groups to shrink, by how much and in what order, to meet a global budget.
+
+All three start from one calibration pass over the original model and one REAP solve per group
+(its removal order and layer-wise error curve E_g(k)), and differ in how they trade groups:
+
+* ``uniform``: the same fraction of every group (the baseline);
+* ``exhaustive``: at each step, every group's next removals are applied to the (masked, one-shot
+  reconstructed) model and the error at the *final outputs* is measured; the move with the least
+  error per unit of budget saved wins. Exact but one forward pass per group per step;
+* ``auto``: the final-output error of each group is predicted as E_g(k) times an amplification
+  factor a_g(k), measured at three probe depths per group (3 forward passes per group in total),
+  and the errors of groups are assumed to add. The same greedy then runs on predictions only.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..calib import iterate_batches
+from ..execute import Executor, resolve_executor
+from ..graph import ChannelGraph, prune
+from ..progress import Bar
+from .allocate import Step, counts_at, greedy
+from .budget import Budget, BudgetError, schedulable_groups
+from .costs import CostModel, PrefixCosts
+from .latency import latency_input, measure_ms
+from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curve, one_shot_stats
+from .plan import GroupPlan, Plan
+
+SCHEDULES = ("auto", "exhaustive", "uniform")
+PROBES = (0.25, 0.5, 0.75)  # depths (fractions of a group's removable channels) where auto measures amplification
+AUTO_LOOKAHEAD = 4
+EXHAUSTIVE_STEPS = 16  # the exhaustive search moves a group by ~1/16 of its channels at a time
+
+
+@dataclass
+class Scheduling:
+    """Everything a schedule needs, built once per model and reusable across budgets."""
+
+    graph: ChannelGraph
+    budget: Budget
+    allowed: dict[int, list[int]]
+    curves: dict[int, GroupCurve]
+    costs: PrefixCosts
+    masked: MaskedModel
+    seconds: dict[str, float]
+    original: tuple[float, float]
+    predictor: dict | None = None  # auto's per-group predictions, measured on first use
+
+    def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
+        return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
+
+    def cost(self, counts: Mapping[int, int], metric: int) -> float:
+        return self.costs(counts)[metric]
+
+
+def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128, max_positions: int | None = 256,
+            damp: float = 1e-6, device: str = "cpu", seed: int = 0, eval_samples: int = 1024) -> Scheduling:
+    """Statistics, REAP curves, the cost model and the masked evaluator (shared by all schedules)."""
+    budget.check_device()
+    allowed = schedulable_groups(graph, budget)
+    if not allowed:
+        raise BudgetError("no channel group may be pruned under these constraints (ignored layers, min_channels, "
+                          "round_to, residual_streams): nothing to schedule")
+    seconds = {}
+    start = time.perf_counter()
+    stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed)
+    seconds["statistics"] = time.perf_counter() - start
+    start = time.perf_counter()
+    curves = {g: group_curve(graph, g, stats, options[-1], damp) for g, options in allowed.items()}
+    seconds["curves"] = time.perf_counter() - start
+    model = CostModel(graph)
+    masked = MaskedModel(graph, stats, list(allowed), evaluation_inputs(data, batch_size, eval_samples), damp, device)
+    return Scheduling(graph, budget, allowed, curves, model.along({g: c.order for g, c in curves.items()}), masked,
+                      seconds, (model.flops_full, model.params_full))
+
+
+def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None = None, progress: bool = False,
+              budget: Budget | None = None) -> Plan:
+    """Per-group removals meeting ``budget`` (default: the one ``ctx`` was prepared for)."""
+    if schedule not in SCHEDULES:
+        raise BudgetError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    budget = budget or ctx.budget
+    start = time.perf_counter()
+    evaluations = ctx.masked.evaluations
+    if budget.metric == "latency":
+        counts, steps, target, original, cost = _latency_search(ctx, budget, schedule, executor, progress)
+    else:
+        metric = 0 if budget.metric == "flops" else 1
+        original = ctx.original[metric]
+        target = (budget.flops if metric == 0 else budget.params) * original
+        floor = ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, metric)
+        if target < floor:
+            raise BudgetError(f"{budget.metric} budget {target / original:.3f} is below {floor / original:.3f} of the "
+                              f"original: what the layers that cannot be pruned (and the minimum channels) cost")
+        counts, steps = _search(ctx, schedule, metric, target, executor, progress)
+        cost = ctx.cost(counts, metric)
+    predictions = _auto_predictor(ctx) if schedule == "auto" else None
+    if predictions is not None:
+        predicted = sum(predictions[g](k) for g, k in counts.items())
+    else:
+        predicted = ctx.masked.error(ctx.removals(counts))
+    seconds = dict(ctx.seconds, search=time.perf_counter() - start)
+    groups = []
+    for g, c in ctx.curves.items():
+        k = counts.get(g, 0)
+        group = ctx.graph.group(g)
+        groups.append(GroupPlan(g, group.producers, group.size, c.order[:k], float(c.errors[k]),
+                                float(predictions[g](k)) if predictions else None))
+    return Plan(schedule, budget.as_dict(), budget.metric, float(target), float(original), float(cost),
+                float(predicted), groups, steps, seconds, ctx.masked.evaluations - evaluations)
+
+
+def _search(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool,
+            ) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    if schedule == "uniform":
+        counts = _uniform(ctx, lambda c: ctx.cost(c, metric) <= target)
+        return counts, [(g, k) for g, k in counts.items() if k]
+    path = _greedy(ctx, schedule, metric, target, executor, progress)
+    return counts_at(path, len(path)), [(s.group, s.count) for s in path]
+
+
+def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool) -> list[Step]:
+    start_cost = ctx.cost({}, metric)
+    bar = Bar(progress, start_cost - target, f"{schedule} schedule")
+
+    def saving(counts, g, k):
+        return ctx.costs.change(counts, g, k)[metric]
+
+    if schedule == "auto":
+        predict = _auto_predictor(ctx)
+
+        def errors_of(counts, moves):
+            base = sum(predict[g](k) for g, k in counts.items())
+            return [base - predict[g](counts[g]) + predict[g](k) for g, k in moves]
+
+        lookahead, every = {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True
+    else:
+        run = resolve_executor(executor)
+
+        def errors_of(counts, moves):
+            states = [ctx.removals({**counts, g: k}) for g, k in moves]
+            return run.map(ctx.masked.error, states)
+
+        lookahead = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
+        every = False
+    try:
+        return greedy(ctx.allowed, saving, start_cost, target, errors_of, lookahead, every,
+                      progress=lambda cost: bar.update(start_cost - cost))
+    finally:
+        bar.close()
+
+
+def _auto_predictor(ctx: Scheduling) -> dict[int, Callable[[int], float]]:
+    """Per group: k -> predicted final-output error, E_g(k) * a_g(k) with a_g measured at PROBES."""
+    if ctx.predictor is not None:
+        return ctx.predictor
+    predict = {}
+    for g, options in ctx.allowed.items():
+        curve = ctx.curves[g]
+        probes = sorted({options[max(1, round(p * (len(options) - 1)))] for p in PROBES})
+        ks, ratios = [], []
+        for k in probes:
+            layer = curve.errors[k]
+            final = ctx.masked.error({g: curve.order[:k]})
+            ks.append(k)
+            ratios.append(final / layer if layer > 1e-15 else 0.0)
+        predict[g] = _interpolated(curve.errors, np.array(ks, dtype=float), np.array(ratios))
+    ctx.predictor = predict
+    return predict
+
+
+def _interpolated(errors: np.ndarray, ks: np.ndarray, ratios: np.ndarray):
+    def predict(k: int) -> float:
+        return float(errors[k] * np.interp(k, ks, ratios))
+    return predict
+
+
+def _uniform(ctx: Scheduling, fits, iterations: int = 40) -> dict[int, int]:
+    """The smallest common fraction r (each group loses its largest allowed count <= r * size) that fits."""
+    def counts(r: float) -> dict[int, int]:
+        out = {}
+        for g, options in ctx.allowed.items():
+            limit = r * ctx.curves[g].size + 1e-9
+            out[g] = max(k for k in options if k <= limit)
+        return out
+
+    lo, hi = 0.0, 1.0
+    if fits(counts(lo)):
+        return counts(lo)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(counts(mid)) else (mid, hi)
+    return counts(hi)
+
+
+def _latency_search(ctx: Scheduling, budget: Budget, schedule: str, executor, progress: bool):
+    """Walk the FLOPs schedule (or the uniform fraction) until the measured latency fits.
+
+    Latency does not decompose over layers, so the schedule is built for FLOPs down to the
+    smallest model, and the point on that path is chosen by bisection on measured medians (aiming
+    half a tolerance below the target so that a re-measurement of the result still fits).
+    """
+    graph = ctx.graph
+    example = next(iter(iterate_batches(ctx.masked.inputs, budget.latency_batch)))
+    x = latency_input(example.cpu(), budget.latency_batch)
+    target = budget.latency_ms
+    aim = target * (1 - budget.latency_tolerance / 2)
+
+    def latency(counts) -> float:
+        removals = ctx.removals(counts)
+        keep = {g: [c for c in range(ctx.curves[g].size) if c not in set(r)] for g, r in removals.items()}
+        model = prune(graph, keep) if keep else graph.module
+        return measure_ms(model, x, budget.device)
+
+    original = latency({})
+    if original <= aim:
+        return {}, [], target, original, original
+    if schedule == "uniform":
+        counts = _uniform(ctx, lambda c: latency(c) <= aim, iterations=8)
+        steps = [(g, k) for g, k in counts.items() if k]
+    else:
+        path = _greedy(ctx, schedule, 0, ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, 0), executor, progress)
+        lo, hi = 0, len(path)  # latency(path[:lo]) > aim; find the shortest prefix that fits
+        if latency(counts_at(path, hi)) > aim:
+            raise BudgetError(f"latency budget {target:.3f} ms cannot be met: the smallest model this schedule "
+                              f"reaches takes {latency(counts_at(path, hi)):.3f} ms on {budget.device}")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if latency(counts_at(path, mid)) <= aim else (mid, hi)
+        counts = counts_at(path, hi)
+        steps = [(s.group, s.count) for s in path[:hi]]
+    if schedule == "uniform" and latency(counts) > aim:
+        raise BudgetError(f"latency budget {target:.3f} ms cannot be met by uniform pruning on {budget.device}")
+    return counts, steps, target, original, latency(counts)
