@@ -25,9 +25,9 @@ from .calib import collect, consumer_specs, iterate_batches
 from .errors import MultinetError
 from .execute import Executor
 from .progress import Bar
-from .schedule import Budget, Plan, Scheduling, make_plan, prepare
+from .schedule import Budget, Plan, make_plan, prepare
 from .schedule.latency import latency_input, measure_ms
-from .schedule.oneshot import flat_outputs, output_error
+from .schedule.oneshot import evaluation_inputs, flat_outputs, output_error
 from .graph import ChannelGraph, count, prune, trace
 from .group_solve import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
 from .solve import reap_greedy_multi, reconstruct_multi
@@ -65,7 +65,8 @@ class CompressResult:
 
 
 def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, float] | None = None,
-             method: str = "reap", budget: Budget | None = None, schedule: str = "auto", plan_path=None,
+             method: str = "reap", budget: Budget | None = None, schedule: str = "auto", plan: Plan | None = None,
+             plan_path=None,
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
              autowrap_functions=(), progress: bool = False) -> CompressResult:
@@ -74,7 +75,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
     0.5 when neither is given) or ``budget`` (a :class:`Budget`: FLOPs, parameters or latency)
     with a ``schedule`` ("auto", "exhaustive" or "uniform") that decides per-group amounts. The
-    plan is returned in ``result.plan`` and written to ``plan_path`` when given.
+    plan is returned in ``result.plan`` and written to ``plan_path`` when given; ``plan=`` applies a
+    plan made earlier (``Plan.load(path)``) to the same model without scheduling again.
 
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
     batches (a list or a DataLoader). ``max_positions`` sub-samples conv output positions per
@@ -85,28 +87,29 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not isinstance(calibration_data, torch.Tensor) and iter(calibration_data) is calibration_data:
         raise MultinetError("calibration_data must be re-iterable (a tensor, a list or a DataLoader), not an iterator")
-    if budget is not None and ratio is not None:
-        raise MultinetError("give either ratio= or budget=, not both")
-    if budget is not None and method != "reap":
+    if sum(x is not None for x in (ratio, budget, plan)) > 1:
+        raise MultinetError("give one of ratio=, budget= or plan=")
+    if (budget is not None or plan is not None) and method != "reap":
         raise MultinetError(f"budgets are scheduled with REAP's error curves; method {method!r} takes ratio= only")
     if budget is not None and not isinstance(budget, Budget):
         raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
     example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
     settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed)
-    plan = None
-    if budget is None:
+    if budget is not None:
+        ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
+        plan = make_plan(ctx, schedule, executor, progress)
+    if plan is not None:
+        requests = _plan_requests(original, plan)
+    else:
         ratios = _ratios(original, 0.5 if ratio is None else ratio)
         requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
                     for gid, r in ratios.items()}
-    else:
-        ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
-        plan = make_plan(ctx, schedule, executor, progress)
-        requests = plan.removals()
     current, reports = _apply(original, requests, method, calibration_data, example, progress, **settings)
     before, after = count(original.module), count(current.module)
     if plan is not None:
-        _measure(plan, ctx, current.module, after)
+        _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, batch_size,
+                                                                                 eval_samples))
         if plan_path is not None:
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
@@ -142,18 +145,35 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
     return current, reports
 
 
-def _measure(plan: Plan, ctx: Scheduling, compressed: nn.Module, counts) -> None:
+def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
+    """A plan's removals, checked against the model it is applied to."""
+    requests = plan.removals()
+    for gp in plan.groups:
+        try:
+            group = graph.group(gp.group)
+        except KeyError:
+            raise MultinetError(f"the plan names group {gp.group}, which this model does not have: "
+                                f"it was made for another model") from None
+        if group.size != gp.size or group.producers != gp.producers:
+            raise MultinetError(f"the plan's group {gp.group} ({gp.size} channels of {gp.producers}) does not match "
+                                f"this model's ({group.size} channels of {group.producers}): it was made for another model")
+    return requests
+
+
+def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor]) -> None:
     """What the applied plan really costs, and its error at the final outputs on the evaluation samples."""
+    device = next(compressed.parameters()).device
     with torch.no_grad():
-        out = torch.cat([flat_outputs(compressed(x)) for x in ctx.masked.inputs])
-    plan.measured_error = output_error(out, ctx.masked.reference)
-    budget = ctx.budget
+        reference = torch.cat([flat_outputs(original(x.to(device))) for x in inputs])
+        out = torch.cat([flat_outputs(compressed(x.to(device))) for x in inputs])
+    plan.measured_error = output_error(out, reference)
     if plan.metric == "latency":
-        x = latency_input(ctx.masked.inputs[0][:1].cpu(), budget.latency_batch)
-        plan.measured_cost = measure_ms(compressed, x, budget.device)
-        if plan.measured_cost > plan.target * (1 + budget.latency_tolerance):
+        x = latency_input(inputs[0][:1].cpu(), plan.budget["latency_batch"])
+        plan.measured_cost = measure_ms(compressed, x, plan.budget["device"])
+        tolerance = plan.budget["latency_tolerance"]
+        if plan.measured_cost > plan.target * (1 + tolerance):
             warnings.warn(f"the compressed model measures {plan.measured_cost:.3f} ms, over the {plan.target:.3f} ms "
-                          f"budget by more than the {budget.latency_tolerance:.0%} tolerance (noisy timings?)",
+                          f"budget by more than the {tolerance:.0%} tolerance (noisy timings?)",
                           stacklevel=3)
     else:
         plan.measured_cost = float(counts.flops if plan.metric == "flops" else counts.params)
