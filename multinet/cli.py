@@ -4,6 +4,7 @@
     multinet inspect torchvision.models:resnet18 --input-shape 1,3,224,224
     multinet inspect mypkg.models:build --input-shape 1,3,32,32 --checkpoint weights.pt
     multinet compress zoo:resnet --ratio 0.5 --method reap
+    multinet compress zoo:resnet --flops 0.4 --schedule auto --plan-out plan.json
 
 Exit codes: 0 ok, 2 bad input (the message says what), 1 internal failure.
 """
@@ -111,28 +112,64 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
     from .report_tables import compress_table, print_table
 
-    if not 0 <= args.ratio < 1:
+    budget = _budget(args)
+    if args.ratio is not None and (budget is not None or args.plan):
+        raise MultinetError("give --ratio, a budget (--flops/--params/--latency-ms) or --plan, not several")
+    if args.ratio is not None and not 0 <= args.ratio < 1:
         raise MultinetError(f"--ratio must lie in [0, 1), got {args.ratio}")
     if args.calibration < 1:
         raise MultinetError("--calibration must be at least 1 sample")
+    plan = None
+    if args.plan:
+        from .schedule import Plan
+
+        plan = Plan.load(args.plan)
     model = load_target(args.model, args.checkpoint, args.dataset)
     split = data.load(args.dataset)
     calib = split.train_x[: args.calibration]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = compress(model, calib, ratio=args.ratio, method=args.method, max_positions=args.max_positions,
-                          seed=args.seed, progress=sys.stderr.isatty() and not args.quiet)
+        result = compress(model, calib, ratio=args.ratio, method=args.method, budget=budget, schedule=args.schedule,
+                          plan=plan, plan_path=args.plan_out, max_positions=args.max_positions, seed=args.seed,
+                          progress=sys.stderr.isatty() and not args.quiet)
     before = data.accuracy(model, split.test_x, split.test_y)
     after = data.accuracy(result.model, split.test_x, split.test_y)
-    print_table(compress_table(result, title=f"{args.model}: {args.method}, {args.ratio:.0%} of every prunable group"))
+    if result.plan is not None:
+        p = result.plan
+        how = f"{p.schedule} schedule, {p.metric} budget"
+    else:
+        how = f"{args.method}, {0.5 if args.ratio is None else args.ratio:.0%} of every prunable group"
+    print_table(compress_table(result, title=f"{args.model}: {how}"))
     print(f"FLOPs (MACs) {result.flops_before:,} -> {result.flops_after:,} "
           f"({result.flops_after / result.flops_before:.1%} kept); params {result.params_before:,} -> "
           f"{result.params_after:,}")
     print(f"test accuracy on {args.dataset} ({len(split.test_y)} held-out images, no fine-tuning): "
           f"{before:.4f} -> {after:.4f}")
-    for w in {str(w.message) for w in caught if "calibration rows" in str(w.message)}:
+    if result.plan is not None:
+        p = result.plan
+        unit = "ms" if p.metric == "latency" else p.metric
+        print(f"budget: {p.metric} <= {p.target:,.3f} {unit} (original {p.original:,.3f}); achieved "
+              f"{p.measured_cost:,.3f}; final-output error predicted {p.predicted_error:.5f}, measured "
+              f"{p.measured_error:.5f}; scheduling took {sum(p.seconds.values()):.1f} s")
+        if args.plan_out:
+            print(f"plan written to {args.plan_out}")
+    for w in {str(w.message) for w in caught if "calibration rows" in str(w.message) or "budget" in str(w.message)}:
         print(f"note: {w}", file=sys.stderr)
     return 0
+
+
+def _budget(args: argparse.Namespace):
+    """A Budget from the command line flags, or None when none is given."""
+    if args.flops is None and args.params is None and args.latency_ms is None:
+        if args.round_to != 1 or args.ignore or args.min_channels != 1 or args.plan_out:
+            raise MultinetError("--round-to, --ignore, --min-channels and --plan-out need a budget "
+                                "(--flops, --params or --latency-ms)")
+        return None
+    from .schedule import Budget
+
+    return Budget(flops=args.flops, params=args.params, latency_ms=args.latency_ms, device=args.device,
+                  latency_batch=args.latency_batch, round_to=args.round_to, ignore=tuple(args.ignore),
+                  min_channels=args.min_channels, residual_streams=not args.keep_residual)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     c = sub.add_parser("compress", help="compress a model on built-in data without retraining")
     c.add_argument("model", help="zoo:NAME or module.path:factory (taking the dataset's images)")
-    c.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed from every prunable group")
+    c.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group (default 0.5 "
+                   "when no budget is given)")
+    c.add_argument("--flops", type=float, help="budget: keep at most this fraction of the FLOPs")
+    c.add_argument("--params", type=float, help="budget: keep at most this fraction of the parameters")
+    c.add_argument("--latency-ms", type=float, help="budget: at most this median latency (ms per batch)")
+    c.add_argument("--device", default="cpu", help="where latency is measured (cpu, cuda)")
+    c.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    c.add_argument("--schedule", default="auto", choices=["auto", "exhaustive", "uniform"],
+                   help="how a budget is shared among groups")
+    c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    c.add_argument("--ignore", action="append", default=[], help="layer name or glob whose outputs stay (repeatable)")
+    c.add_argument("--min-channels", type=int, default=1, help="channels every group keeps at least")
+    c.add_argument("--keep-residual", action="store_true", help="leave residual streams whole")
+    c.add_argument("--plan-out", help="write the schedule's plan (JSON) here")
+    c.add_argument("--plan", help="apply a plan written earlier by --plan-out")
     c.add_argument("--method", default="reap", choices=["reap", "magnitude", "magnitude+ls", "random"])
     c.add_argument("--dataset", default="digits", help="built-in data for calibration and evaluation (digits, mnist)")
     c.add_argument("--calibration", type=int, default=1024, help="calibration samples from the training split")

@@ -25,17 +25,19 @@ ErrorsOf = Callable[[Mapping[int, int], Sequence[tuple[int, int]]], Sequence[flo
 
 def greedy(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, int], int, int], float],
            start_cost: float, target: float, errors_of: ErrorsOf, lookahead: Mapping[int, int],
-           every_step: bool, progress: Callable[[float], None] | None = None) -> list[Step]:
-    """Moves from nothing removed until the cost is at most ``target`` (or nothing is left to remove).
+           every_step: bool, progress: Callable[[float], None] | None = None,
+           start: Mapping[int, int] | None = None, start_error: float = 0.0) -> list[Step]:
+    """Moves from ``start`` (default: nothing removed; its cost ``start_cost`` and error ``start_error``)
+    until the cost is at most ``target`` (or nothing is left to remove).
 
     ``saving(counts, g, k)``: cost saved by moving group g to k removals. ``errors_of(counts,
     [(g, k), ...])``: the error of each candidate state. ``lookahead[g]``: how many allowed counts
     ahead a move may jump; with ``every_step`` each intermediate count is a candidate too, else
     only the furthest one (or the first that meets the target).
     """
-    position = {g: 0 for g in allowed}
-    counts = {g: 0 for g in allowed}
-    cost, error = start_cost, 0.0  # nothing removed: no error
+    counts = {g: (start or {}).get(g, 0) for g in allowed}
+    position = {g: list(allowed[g]).index(counts[g]) for g in allowed}
+    cost, error = start_cost, start_error
     path: list[Step] = []
     while cost > target:
         candidates: list[tuple[int, int, float]] = []  # (group, index into allowed, cost after)

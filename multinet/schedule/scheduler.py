@@ -7,14 +7,14 @@ All three start from one calibration pass over the original model and one REAP s
 * ``exhaustive``: at each step, every group's next removals are applied to the (masked, one-shot
   reconstructed) model and the error at the *final outputs* is measured; the move with the least
   error per unit of budget saved wins. Exact but one forward pass per group per step;
-* ``auto``: the final-output error of each group is predicted as E_g(k) times an amplification
-  factor a_g(k), measured at three probe depths per group (3 forward passes per group in total),
-  and the errors of groups are assumed to add. The same greedy then runs on predictions only.
+* ``auto``: the final-output error of a move is predicted as the group's layer-wise error E_g
+  times an amplification slope measured for every group at a few points along the way (see
+  ``_auto``); the same greedy then runs on predictions, one channel at a time.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curve, on
 from .plan import GroupPlan, Plan
 
 SCHEDULES = ("auto", "exhaustive", "uniform")
-PROBES = (0.25, 0.5, 0.75)  # depths (fractions of a group's removable channels) where auto measures amplification
+AUTO_STAGES = 6  # auto re-measures each group's amplification this many times along the way
 AUTO_LOOKAHEAD = 4
 EXHAUSTIVE_STEPS = 16  # the exhaustive search moves a group by ~1/16 of its channels at a time
 
@@ -48,7 +48,6 @@ class Scheduling:
     masked: MaskedModel
     seconds: dict[str, float]
     original: tuple[float, float]
-    predictor: dict | None = None  # auto's per-group predictions, measured on first use
 
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
         return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
@@ -84,10 +83,15 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
     if schedule not in SCHEDULES:
         raise BudgetError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     budget = budget or ctx.budget
+    fixed = ("round_to", "ignore", "min_channels", "residual_streams", "device")
+    if any(getattr(budget, k) != getattr(ctx.budget, k) for k in fixed):
+        raise BudgetError(f"this budget's constraints ({', '.join(fixed)}) differ from those the scheduling was "
+                          f"prepared for: call prepare() again")
     start = time.perf_counter()
     evaluations = ctx.masked.evaluations
     if budget.metric == "latency":
         counts, steps, target, original, cost = _latency_search(ctx, budget, schedule, executor, progress)
+        predicted = None
     else:
         metric = 0 if budget.metric == "flops" else 1
         original = ctx.original[metric]
@@ -96,87 +100,102 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
         if target < floor:
             raise BudgetError(f"{budget.metric} budget {target / original:.3f} is below {floor / original:.3f} of the "
                               f"original: what the layers that cannot be pruned (and the minimum channels) cost")
-        counts, steps = _search(ctx, schedule, metric, target, executor, progress)
+        counts, steps, predicted = _search(ctx, schedule, metric, target, executor, progress)
         cost = ctx.cost(counts, metric)
-    predictions = _auto_predictor(ctx) if schedule == "auto" else None
-    if predictions is not None:
-        predicted = sum(predictions[g](k) for g, k in counts.items())
-    else:
+    if predicted is None:
         predicted = ctx.masked.error(ctx.removals(counts))
     seconds = dict(ctx.seconds, search=time.perf_counter() - start)
     groups = []
     for g, c in ctx.curves.items():
         k = counts.get(g, 0)
         group = ctx.graph.group(g)
-        groups.append(GroupPlan(g, group.producers, group.size, c.order[:k], float(c.errors[k]),
-                                float(predictions[g](k)) if predictions else None))
+        groups.append(GroupPlan(g, group.producers, group.size, c.order[:k], float(c.errors[k])))
     return Plan(schedule, budget.as_dict(), budget.metric, float(target), float(original), float(cost),
                 float(predicted), groups, steps, seconds, ctx.masked.evaluations - evaluations)
 
 
 def _search(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool,
-            ) -> tuple[dict[int, int], list[tuple[int, int]]]:
+            ) -> tuple[dict[int, int], list[tuple[int, int]], float | None]:
+    """(counts, moves, predicted final-output error or None when it must be measured)."""
     if schedule == "uniform":
         counts = _uniform(ctx, lambda c: ctx.cost(c, metric) <= target)
-        return counts, [(g, k) for g, k in counts.items() if k]
+        return counts, [(g, k) for g, k in counts.items() if k], None
     path = _greedy(ctx, schedule, metric, target, executor, progress)
-    return counts_at(path, len(path)), [(s.group, s.count) for s in path]
+    return counts_at(path, len(path)), [(s.group, s.count) for s in path], (path[-1].error if path else 0.0)
 
 
 def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool) -> list[Step]:
     start_cost = ctx.cost({}, metric)
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
+    run = resolve_executor(executor)
+    strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
 
     def saving(counts, g, k):
         return ctx.costs.change(counts, g, k)[metric]
 
-    if schedule == "auto":
-        predict = _auto_predictor(ctx)
+    def report(cost):
+        bar.update(start_cost - cost)
 
-        def errors_of(counts, moves):
-            base = sum(predict[g](k) for g, k in counts.items())
-            return [base - predict[g](counts[g]) + predict[g](k) for g, k in moves]
-
-        lookahead, every = {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True
-    else:
-        run = resolve_executor(executor)
-
-        def errors_of(counts, moves):
-            states = [ctx.removals({**counts, g: k}) for g, k in moves]
-            return run.map(ctx.masked.error, states)
-
-        lookahead = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
-        every = False
     try:
-        return greedy(ctx.allowed, saving, start_cost, target, errors_of, lookahead, every,
-                      progress=lambda cost: bar.update(start_cost - cost))
+        if schedule == "exhaustive":
+            def errors_of(counts, moves):
+                return run.map(ctx.masked.error, [ctx.removals({**counts, g: k}) for g, k in moves])
+
+            return greedy(ctx.allowed, saving, start_cost, target, errors_of, strides, False, progress=report)
+        return _auto(ctx, saving, start_cost, target, strides, run, report)
     finally:
         bar.close()
 
 
-def _auto_predictor(ctx: Scheduling) -> dict[int, Callable[[int], float]]:
-    """Per group: k -> predicted final-output error, E_g(k) * a_g(k) with a_g measured at PROBES."""
-    if ctx.predictor is not None:
-        return ctx.predictor
-    predict = {}
+def _auto(ctx: Scheduling, saving, start_cost: float, target: float, strides, run, report) -> list[Step]:
+    """The greedy on predicted errors, in AUTO_STAGES stages of equal budget.
+
+    At the start of a stage, each group's next chunk (1/16 of it) is applied to the current state
+    and the final-output error measured: its ratio to the chunk's layer-wise REAP error is the
+    group's amplification slope s_g for the stage, which captures how the groups already pruned
+    change each other's effect. Within the stage, moving group g from k to k' is predicted to add
+    s_g (E_g(k') - E_g(k)), and the greedy moves one channel at a time (looking ahead a few) on
+    predictions alone: G + 1 forward passes per stage instead of G per step.
+    """
+    counts = {g: 0 for g in ctx.allowed}
+    cost, error, path = start_cost, 0.0, []
+    for stage in range(1, AUTO_STAGES + 1):
+        level = start_cost - (start_cost - target) * stage / AUTO_STAGES
+        if cost <= level:
+            continue
+        slopes = _slopes(ctx, counts, error, strides, run)
+        anchor = dict(counts)
+
+        def errors_of(state, moves, anchor=anchor, slopes=slopes, base=error):
+            now = base + sum(slopes[g] * (ctx.curves[g].errors[k] - ctx.curves[g].errors[anchor[g]])
+                             for g, k in state.items())
+            return [now + slopes[g] * (ctx.curves[g].errors[k] - ctx.curves[g].errors[state[g]]) for g, k in moves]
+
+        steps = greedy(ctx.allowed, saving, cost, level, errors_of, {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True,
+                       progress=report, start=counts, start_error=error)
+        if not steps:
+            break
+        path += steps
+        counts = {**counts, **counts_at(steps, len(steps))}
+        cost = steps[-1].cost
+        error = ctx.masked.error(ctx.removals(counts)) if cost > target else steps[-1].error
+    return path
+
+
+def _slopes(ctx: Scheduling, counts, error: float, strides, run) -> dict[int, float]:
+    moves = {}
     for g, options in ctx.allowed.items():
-        curve = ctx.curves[g]
-        probes = sorted({options[max(1, round(p * (len(options) - 1)))] for p in PROBES})
-        ks, ratios = [], []
-        for k in probes:
-            layer = curve.errors[k]
-            final = ctx.masked.error({g: curve.order[:k]})
-            ks.append(k)
-            ratios.append(final / layer if layer > 1e-15 else 0.0)
-        predict[g] = _interpolated(curve.errors, np.array(ks, dtype=float), np.array(ratios))
-    ctx.predictor = predict
-    return predict
-
-
-def _interpolated(errors: np.ndarray, ks: np.ndarray, ratios: np.ndarray):
-    def predict(k: int) -> float:
-        return float(errors[k] * np.interp(k, ks, ratios))
-    return predict
+        i = options.index(counts[g])
+        if i + 1 < len(options):
+            moves[g] = options[min(i + strides[g], len(options) - 1)]
+    finals = run.map(ctx.masked.error, [ctx.removals({**counts, g: k}) for g, k in moves.items()])
+    slopes = {}
+    for (g, k), final in zip(moves.items(), finals):
+        layer = ctx.curves[g].errors[k] - ctx.curves[g].errors[counts[g]]
+        slopes[g] = max(final - error, 0.0) / layer if layer > 1e-15 else 0.0
+    positive = [v for v in slopes.values() if v > 0]
+    floor = 0.05 * float(np.median(positive)) if positive else 0.0  # noise must not make a group free
+    return {g: max(slopes.get(g, 0.0), floor) for g in ctx.allowed}
 
 
 def _uniform(ctx: Scheduling, fits, iterations: int = 40) -> dict[int, int]:
