@@ -72,7 +72,25 @@ def test_compress_command_reports_groups_flops_and_accuracy(capsys):
     (["compress", "zoo:mlp", "--ratio", "1.5"], "--ratio must lie in [0, 1)"),
     (["compress", "zoo:mlp", "--calibration", "0"], "at least 1 sample"),
     (["compress", "zoo:mlp", "--dataset", "cifar"], "unknown dataset"),
+    (["compress", "zoo:mlp", "--flops", "1.5"], "must lie in (0, 1)"),
+    (["compress", "zoo:mlp", "--flops", "0.5", "--params", "0.5"], "exactly one"),
+    (["compress", "zoo:mlp", "--flops", "0.5", "--ratio", "0.3"], "not several"),
+    (["compress", "zoo:mlp", "--round-to", "4"], "need a budget"),
+    (["compress", "zoo:mlp", "--flops", "0.5", "--ignore", "nope*"], "matches no layer"),
+    (["compress", "zoo:mlp", "--plan", "/nonexistent/plan.json"], "no plan at"),
 ])
 def test_compress_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compress_to_a_budget_writes_a_plan_that_reapplies(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    argv = ["compress", "zoo:mlp", "--flops", "0.4", "--calibration", "256", "--quiet"]
+    assert main(argv + ["--plan-out", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "auto schedule, flops budget" in out and "plan written to" in out and plan.exists()
+    kept = float(out.split("% kept)")[0].split("(")[-1])
+    assert kept <= 40.0
+    assert main(["compress", "zoo:mlp", "--plan", str(plan), "--calibration", "256", "--quiet"]) == 0
+    assert f"({kept}% kept)" in capsys.readouterr().out

@@ -7,14 +7,15 @@ All three start from one calibration pass over the original model and one REAP s
 * ``exhaustive``: at each step, every group's next removals are applied to the (masked, one-shot
   reconstructed) model and the error at the *final outputs* is measured; the move with the least
   error per unit of budget saved wins. Exact but one forward pass per group per step;
-* ``auto``: the final-output error of a move is predicted as the group's layer-wise error E_g
-  times an amplification slope measured for every group at a few points along the way (see
-  ``_auto``); the same greedy then runs on predictions, one channel at a time.
+* ``auto``: each group's error at the final outputs is predicted as its layer-wise REAP error
+  E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 forward
+  passes per group in all), and the errors of groups are taken to add (see ``_predictor``); the
+  same greedy then runs on predictions only, one channel at a time.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curve, on
 from .plan import GroupPlan, Plan
 
 SCHEDULES = ("auto", "exhaustive", "uniform")
-AUTO_STAGES = 6  # auto re-measures each group's amplification this many times along the way
+PROBES = (0.25, 0.5, 0.75, 1.0)  # depths (fractions of a group's removable channels) where auto measures amplification
 AUTO_LOOKAHEAD = 4
 EXHAUSTIVE_STEPS = 16  # the exhaustive search moves a group by ~1/16 of its channels at a time
 
@@ -148,54 +149,45 @@ def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor
 
 
 def _auto(ctx: Scheduling, saving, start_cost: float, target: float, strides, run, report) -> list[Step]:
-    """The greedy on predicted errors, in AUTO_STAGES stages of equal budget.
+    """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k)."""
+    predict = _predictor(ctx, run)
 
-    At the start of a stage, each group's next chunk (1/16 of it) is applied to the current state
-    and the final-output error measured: its ratio to the chunk's layer-wise REAP error is the
-    group's amplification slope s_g for the stage, which captures how the groups already pruned
-    change each other's effect. Within the stage, moving group g from k to k' is predicted to add
-    s_g (E_g(k') - E_g(k)), and the greedy moves one channel at a time (looking ahead a few) on
-    predictions alone: G + 1 forward passes per stage instead of G per step.
+    def errors_of(counts, moves):
+        now = sum(predict[g](k) for g, k in counts.items())
+        return [now - predict[g](counts[g]) + predict[g](k) for g, k in moves]
+
+    return greedy(ctx.allowed, saving, start_cost, target, errors_of, {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True,
+                  progress=report)
+
+
+def _predictor(ctx: Scheduling, run) -> dict[int, Callable[[int], float]]:
+    """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
+
+    D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
+    masked forward pass each) at PROBES depths of the group and interpolated linearly in k. Groups
+    are assumed to add: sequential reconstruction re-solves every consumer towards the original
+    outputs, so one group's error is not amplified through the next group's pruned layers.
     """
-    counts = {g: 0 for g in ctx.allowed}
-    cost, error, path = start_cost, 0.0, []
-    for stage in range(1, AUTO_STAGES + 1):
-        level = start_cost - (start_cost - target) * stage / AUTO_STAGES
-        if cost <= level:
-            continue
-        slopes = _slopes(ctx, counts, error, strides, run)
-        anchor = dict(counts)
-
-        def errors_of(state, moves, anchor=anchor, slopes=slopes, base=error):
-            now = base + sum(slopes[g] * (ctx.curves[g].errors[k] - ctx.curves[g].errors[anchor[g]])
-                             for g, k in state.items())
-            return [now + slopes[g] * (ctx.curves[g].errors[k] - ctx.curves[g].errors[state[g]]) for g, k in moves]
-
-        steps = greedy(ctx.allowed, saving, cost, level, errors_of, {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True,
-                       progress=report, start=counts, start_error=error)
-        if not steps:
-            break
-        path += steps
-        counts = {**counts, **counts_at(steps, len(steps))}
-        cost = steps[-1].cost
-        error = ctx.masked.error(ctx.removals(counts)) if cost > target else steps[-1].error
-    return path
-
-
-def _slopes(ctx: Scheduling, counts, error: float, strides, run) -> dict[int, float]:
-    moves = {}
+    probes = {}
     for g, options in ctx.allowed.items():
-        i = options.index(counts[g])
-        if i + 1 < len(options):
-            moves[g] = options[min(i + strides[g], len(options) - 1)]
-    finals = run.map(ctx.masked.error, [ctx.removals({**counts, g: k}) for g, k in moves.items()])
-    slopes = {}
-    for (g, k), final in zip(moves.items(), finals):
-        layer = ctx.curves[g].errors[k] - ctx.curves[g].errors[counts[g]]
-        slopes[g] = max(final - error, 0.0) / layer if layer > 1e-15 else 0.0
-    positive = [v for v in slopes.values() if v > 0]
-    floor = 0.05 * float(np.median(positive)) if positive else 0.0  # noise must not make a group free
-    return {g: max(slopes.get(g, 0.0), floor) for g in ctx.allowed}
+        for p in PROBES:
+            probes.setdefault(g, set()).add(options[max(1, round(p * (len(options) - 1)))])
+    jobs = [(g, k) for g in probes for k in sorted(probes[g])]
+    finals = run.map(ctx.masked.error, [{g: ctx.curves[g].order[:k]} for g, k in jobs])
+    measured: dict[int, list[tuple[int, float]]] = {}
+    for (g, k), final in zip(jobs, finals):
+        layer = ctx.curves[g].errors[k]
+        measured.setdefault(g, []).append((k, final / layer if layer > 1e-15 else 0.0))
+    return {g: _interpolated(ctx.curves[g].errors, points) for g, points in measured.items()}
+
+
+def _interpolated(errors: np.ndarray, points: list[tuple[int, float]]) -> Callable[[int], float]:
+    ks = np.array([k for k, _ in points], dtype=float)
+    ratios = np.array([r for _, r in points])
+
+    def predict(k: int) -> float:
+        return float(errors[k] * np.interp(k, ks, ratios))
+    return predict
 
 
 def _uniform(ctx: Scheduling, fits, iterations: int = 40) -> dict[int, int]:
