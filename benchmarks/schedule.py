@@ -90,7 +90,7 @@ def plot(rows: list[dict], baseline: dict[str, float], path: Path) -> None:
         ax.set_title(model)
         ax.set_xlabel("FLOPs kept")
         ax.set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -99,7 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=zoo.names())
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from results/schedule.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((RESULTS / "schedule.json").read_text())
+        plot(saved["rows"], saved["baseline"], RESULTS / "schedule.png")
+        return
     warnings.filterwarnings("ignore")
     split = data.load("digits")
     calib = split.train_x[:1024]

@@ -2,10 +2,13 @@
 from .errors import InputShapeError, MultinetError, PruneError, TraceError
 from .compress import CompressResult, compress
 from .schedule import Budget, BudgetError, Plan
+from .infer import infer
+from .unification import MultiNet, MultiNetError, Unified, model_costs, unify
 from .graph import ChannelGraph, ChannelGroup, Counts, count, prune, register_elementwise, trace
 
 __all__ = [
     "Budget", "BudgetError", "ChannelGraph", "ChannelGroup", "CompressResult", "compress", "Counts", "InputShapeError", "MultinetError", "Plan", "PruneError", "TraceError",
-    "count", "prune", "register_elementwise", "trace",
+    "MultiNet", "MultiNetError", "Unified", "count", "infer", "model_costs", "prune", "register_elementwise", "trace",
+    "unify",
 ]
 __version__ = "0.1.0"

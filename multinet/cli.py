@@ -161,7 +161,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _budget(args: argparse.Namespace):
     """A Budget from the command line flags, or None when none is given."""
     if args.flops is None and args.params is None and args.latency_ms is None:
-        if args.round_to != 1 or args.ignore or args.min_channels != 1 or args.plan_out:
+        if args.round_to != 1 or args.ignore or args.min_channels is not None or args.plan_out:
             raise MultinetError("--round-to, --ignore, --min-channels and --plan-out need a budget "
                                 "(--flops, --params or --latency-ms)")
         return None
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a budget is shared among groups")
     c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     c.add_argument("--ignore", action="append", default=[], help="layer name or glob whose outputs stay (repeatable)")
-    c.add_argument("--min-channels", type=int, default=1, help="channels every group keeps at least")
+    c.add_argument("--min-channels", type=int, help="channels every group keeps at least (default 1)")
     c.add_argument("--keep-residual", action="store_true", help="leave residual streams whole")
     c.add_argument("--plan-out", help="write the schedule's plan (JSON) here")
     c.add_argument("--plan", help="apply a plan written earlier by --plan-out")

@@ -5,6 +5,8 @@ the original model (sequential mode), so every consumer is re-solved towards the
 outputs and errors do not compound. Methods:
 
 * ``reap``: greedy REAP selection and least-squares reconstruction (the seed method);
+* ``unify``: Neuro Unification — each removed channel is replaced by an affine function of one
+  remaining channel of the group, folded into the consumers' weights and biases;
 * ``magnitude``: lowest L1 norm of producer filters, no reconstruction;
 * ``magnitude+ls``: the same selection, least-squares reconstruction;
 * ``random``: a seeded random selection, no reconstruction.
@@ -27,13 +29,15 @@ from .execute import Executor
 from .progress import Bar
 from .schedule import Budget, Plan, make_plan, prepare
 from .schedule.latency import latency_input, measure_ms
-from .schedule.oneshot import evaluation_inputs, flat_outputs, output_error
+from .schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from .graph import ChannelGraph, count, prune, trace
+from .graph.dropping import drop_group
 from .group_solve import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
 from .solve import reap_greedy_multi, reconstruct_multi
+from .solve.pairs import unify_pairs
 from .solve.selection import lowest, magnitude_scores, random_channels
 
-METHODS = ("reap", "magnitude", "magnitude+ls", "random")
+METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
 
 
 @dataclass
@@ -123,6 +127,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
     current = original
     reports = []
     surviving: dict[str, torch.Tensor] = {}  # layer -> original indices of its remaining outputs
+    keys = {g.id: _group_key(original, g) for g in original.groups}
     bar = Bar(progress, len(requests), f"{method}: groups")
     for gid in sorted(requests):
         bar.advance()
@@ -130,14 +135,21 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
         if not request:
             continue
         start = time.time()
-        group = current.group(gid)
+        # groups are found by the layers they live in: dropping a whole group renumbers the rest,
+        # and may take other groups' layers with it (they only fed the dropped group)
+        group = next((g for g in current.groups if _group_key(current, g) == keys[gid]), None)
+        if group is None:
+            continue
         n_remove = request if isinstance(request, int) else len(request)
         preset = None if isinstance(request, int) else list(request)
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
                                                max_positions, damp, device, seed + gid, surviving, preset)
         keep = [c for c in range(group.size) if c not in set(removed)]
-        _track_outputs(current, group, keep, surviving)
-        pruned = prune(current, {gid: keep}, consumer_weights=weights)
+        if keep:
+            _track_outputs(current, group, keep, surviving)
+            pruned = prune(current, {group.id: keep}, consumer_weights=weights)
+        else:
+            pruned = drop_group(current, group.id, weights)
         current = trace(pruned, example)
         reports.append(GroupReport(gid, group.producers, group.size, len(keep), error, time.time() - start,
                                    sorted(removed)))
@@ -162,11 +174,7 @@ def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
 
 def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor]) -> None:
     """What the applied plan really costs, and its error at the final outputs on the evaluation samples."""
-    device = next(compressed.parameters()).device
-    with torch.no_grad():
-        reference = torch.cat([flat_outputs(original(x.to(device))) for x in inputs])
-        out = torch.cat([flat_outputs(compressed(x.to(device))) for x in inputs])
-    plan.measured_error = output_error(out, reference)
+    plan.measured_error = output_error(run_outputs(compressed, inputs), run_outputs(original, inputs))
     if plan.metric == "latency":
         x = latency_input(inputs[0][:1].cpu(), plan.budget["latency_batch"])
         plan.measured_cost = measure_ms(compressed, x, plan.budget["device"])
@@ -177,6 +185,11 @@ def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inp
                           stacklevel=3)
     else:
         plan.measured_cost = float(counts.flops if plan.metric == "flops" else counts.params)
+
+
+def _group_key(graph: ChannelGraph, group) -> tuple[str, ...]:
+    table = graph.analysis.table
+    return tuple(sorted({table.spaces[s].owner for s, _ in group.members}))
 
 
 def _track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
@@ -224,7 +237,12 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
     stats = collect(current.module, specs, data, reference=original.module, reference_specs=ref_specs,
                     batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
     problems, layout = group_problems(current, original, group, stats, damp, surviving)
-    if removed is None:  # REAP selects, and reconstructs on the way
+    if method == "unify" and preset is None:
+        if not all(has_bias for _, _, has_bias, _ in layout):
+            raise MultinetError(f"unify needs a bias in every consumer of group {group.id} (a functional layer "
+                                f"without one cannot absorb the affine offset); use method='reap'")
+        removed, weights, _ = unify_pairs(problems, group.size, n_remove, group.pieces)
+    elif removed is None:  # REAP selects, and reconstructs on the way
         result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
         removed, weights = result.removed, result.weights
     elif method in ("magnitude+ls", "reap"):

@@ -14,7 +14,7 @@ from multinet.group_solve import group_problems, to_layer_weights
 from multinet.schedule import make_plan, prepare
 from multinet.schedule.allocate import greedy
 from multinet.schedule.costs import CostModel
-from multinet.schedule.oneshot import flat_outputs, output_error
+from multinet.schedule.oneshot import output_error, run_outputs
 from multinet.solve import reconstruct_multi
 
 
@@ -64,9 +64,7 @@ def test_masked_evaluation_equals_the_pruned_one_shot_model(calib):
         weights = to_layer_weights(problems, reconstruct_multi(problems, removed, 1e-6), layout, removed)
         keep = [c for c in range(graph.group(gid).size) if c not in set(removed)]
         pruned = prune(graph, {gid: keep}, consumer_weights=weights)
-        with torch.no_grad():
-            expected = output_error(torch.cat([flat_outputs(pruned(x)) for x in ctx.masked.inputs]),
-                                    ctx.masked.reference)
+        expected = output_error(run_outputs(pruned, ctx.masked.inputs), ctx.masked.reference)
         assert ctx.masked.error({gid: removed}) == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
@@ -94,8 +92,7 @@ def test_exhaustive_first_step_is_the_best_pruned_candidate(calib):
         weights = to_layer_weights(problems, reconstruct_multi(problems, removed, 1e-6), layout, removed)
         keep = [c for c in range(graph.group(gid).size) if c not in set(removed)]
         pruned = prune(graph, {gid: keep}, consumer_weights=weights)
-        with torch.no_grad():
-            err = output_error(torch.cat([flat_outputs(pruned(x)) for x in ctx.masked.inputs]), ctx.masked.reference)
+        err = output_error(run_outputs(pruned, ctx.masked.inputs), ctx.masked.reference)
         saved = cost.totals({})[0] - cost.totals({gid: removed})[0]
         scores[gid] = err / saved
     assert first_group == min(scores, key=scores.get)
@@ -199,7 +196,7 @@ def test_latency_budget_is_met_within_tolerance():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(flops=1.0), "must lie in"), (dict(flops=1.5), "must lie in"), (dict(params=0), "must lie in"),
     (dict(), "exactly one"), (dict(flops=0.5, params=0.5), "exactly one"), (dict(latency_ms=-1), "positive"),
-    (dict(flops=0.5, round_to=0), "round_to"), (dict(flops=0.5, min_channels=0), "min_channels"),
+    (dict(flops=0.5, round_to=0), "round_to"), (dict(flops=0.5, min_channels=-1), "min_channels"),
 ])
 def test_malformed_budgets(kwargs, match):
     with pytest.raises(BudgetError, match=match):

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import MultinetError
 from ..graph import ChannelGraph
+from ..graph.dropping import droppable
 
 
 class BudgetError(MultinetError):
@@ -23,8 +24,9 @@ class Budget:
     batch of ``latency_batch`` on ``device``, median after warm-up, met within ``latency_tolerance``).
     ``round_to``: kept channel counts are multiples of it (or the whole group), so kernels really
     get faster. ``ignore``: layer names or glob patterns whose output channels stay. ``min_channels``:
-    channels every group keeps, or {group id: channels}. ``residual_streams=False`` leaves groups
-    tied by residual additions whole.
+    channels every group keeps, or {group id: channels}; by default 1, or 0 for a group whose
+    every reader also reads another model's channels (a MultiNet bridge), which may then vanish.
+    ``residual_streams=False`` leaves groups tied by residual additions whole.
     """
 
     flops: float | None = None
@@ -35,7 +37,7 @@ class Budget:
     latency_tolerance: float = 0.05
     round_to: int = 1
     ignore: tuple[str, ...] = ()
-    min_channels: int | Mapping[int, int] = 1
+    min_channels: int | Mapping[int, int] | None = None
     residual_streams: bool = True
 
     def __post_init__(self):
@@ -53,9 +55,10 @@ class Budget:
             raise BudgetError(f"round_to must be a positive integer, got {self.round_to!r}")
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
-        mins = self.min_channels.values() if isinstance(self.min_channels, Mapping) else [self.min_channels]
-        if any(not isinstance(m, int) or m < 1 for m in mins):
-            raise BudgetError(f"min_channels must be positive integers, got {self.min_channels!r}")
+        mins = (self.min_channels.values() if isinstance(self.min_channels, Mapping)
+                else [] if self.min_channels is None else [self.min_channels])
+        if any(not isinstance(m, int) or m < 0 for m in mins):
+            raise BudgetError(f"min_channels must be non-negative integers, got {self.min_channels!r}")
         if not 0 < self.latency_tolerance < 1:
             raise BudgetError(f"latency_tolerance must lie in (0, 1), got {self.latency_tolerance!r}")
 
@@ -98,8 +101,11 @@ def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[in
         if group.id in ignored or (not budget.residual_streams and is_residual_stream(graph, group)):
             continue
         mins = budget.min_channels
-        floor = mins.get(group.id, 1) if isinstance(mins, Mapping) else mins
-        floor = max(floor, len(group.pieces), 1)  # each piece of a split keeps a channel
+        can_vanish = droppable(graph, group)
+        default = 0 if can_vanish else 1
+        floor = mins.get(group.id, default) if isinstance(mins, Mapping) else default if mins is None else mins
+        if not can_vanish:
+            floor = max(floor, len(group.pieces), 1)  # each piece of a split keeps a channel
         kept = [n for n in range(group.size - 1, floor - 1, -1) if n % budget.round_to == 0]
         if kept:
             out[group.id] = [0] + [group.size - n for n in kept]

@@ -50,23 +50,34 @@ def group_curve(graph: ChannelGraph, gid: int, stats, max_remove: int, damp: flo
     if max_remove <= 0:
         return GroupCurve(gid, group.size, [], np.zeros(1))
     problems, _ = group_problems(graph, graph, group, stats, damp, {})
-    result = reap_greedy_multi(problems, group.size, max_remove, damp, group.pieces)
+    result = reap_greedy_multi(problems, group.size, max_remove, damp, group.pieces,
+                               allow_all=max_remove == group.size)
     errors = np.concatenate([[0.0], np.cumsum(result.errors.numpy())])
     return GroupCurve(gid, group.size, list(result.removed), errors)
 
 
-def output_error(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """Squared error at the final outputs as a fraction of their energy."""
-    return float(((outputs - reference) ** 2).sum() / (reference ** 2).sum().clamp_min(1e-30))
+def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Squared error at the final outputs as a fraction of their energy, averaged over the outputs
+    (a MultiNet's models count equally, whatever the scale of their logits)."""
+    errors = [float(((o - r) ** 2).sum() / (r ** 2).sum().clamp_min(1e-30)) for o, r in zip(outputs, reference)]
+    return sum(errors) / len(errors)
 
 
-def flat_outputs(out) -> torch.Tensor:
-    """All of a model's outputs (tensor, tuple, list or dict of tensors) as one float64 matrix."""
+def output_parts(out) -> list[torch.Tensor]:
+    """A model's outputs (tensor, tuple, list or dict of tensors) as float64 matrices, one per output."""
     if isinstance(out, torch.Tensor):
-        return out.detach().double().flatten(1)
+        return [out.detach().double().flatten(1)]
     if isinstance(out, Mapping):
         out = list(out.values())
-    return torch.cat([flat_outputs(o) for o in out], 1)
+    return [part for o in out for part in output_parts(o)]
+
+
+def run_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of ``model`` over batches of inputs, concatenated per output."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        batches = [output_parts(model(x.to(device))) for x in inputs]
+    return [torch.cat(column) for column in zip(*batches)]
 
 
 def evaluation_inputs(data, batch_size: int, limit: int) -> list[torch.Tensor]:
@@ -100,8 +111,7 @@ class MaskedModel:
         self.gm = copy.deepcopy(graph.module).to(device).eval()
         self.inputs = [x.to(device) for x in inputs]
         self.device = device
-        with torch.no_grad():
-            self.reference = torch.cat([flat_outputs(self.gm(x)) for x in self.inputs])
+        self.reference = run_outputs(self.gm, self.inputs)
         wanted = set(group_ids)
         self.consumers: dict[str, _Consumer] = {}
         for gid in group_ids:
@@ -171,6 +181,4 @@ class MaskedModel:
         """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
         self.evaluations += 1
-        with torch.no_grad():
-            out = torch.cat([flat_outputs(self.gm(x)) for x in self.inputs])
-        return output_error(out, self.reference)
+        return output_error(run_outputs(self.gm, self.inputs), self.reference)

@@ -81,12 +81,13 @@ def protected(alive: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
 
 
 def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
-                      damp: float = 1e-6, pieces: list[torch.Tensor] = ()) -> ReapResult:
+                      damp: float = 1e-6, pieces: list[torch.Tensor] = (), allow_all: bool = False) -> ReapResult:
     """Greedy REAP over a group read by several consumers: errors summed, all consumers re-solved.
 
     ``pieces``: channel sets of which at least one channel must stay (outputs of a split).
+    ``allow_all``: the group may lose every channel (its consumers also read other channels).
     """
-    _check_counts(n_channels, n_remove)
+    _check_counts(n_channels, n_remove, allow_all)
     states = []
     for p in problems:
         gram, dead, weight = start(p, damp)
@@ -130,8 +131,8 @@ def reap_greedy(gram: torch.Tensor, weight: torch.Tensor, n_remove: int, block: 
     return reap_greedy_multi([problem], n_channels, n_remove, damp)
 
 
-def _check_counts(n_channels: int, n_remove: int) -> None:
-    if not 0 <= n_remove < n_channels:
+def _check_counts(n_channels: int, n_remove: int, allow_all: bool = False) -> None:
+    if not 0 <= n_remove < n_channels + allow_all:
         raise SolverInputError(f"n_remove must lie in 0..{n_channels - 1} (keep at least one channel), got {n_remove}")
 
 

@@ -1,0 +1,124 @@
+"""``multinet.unify``: several models on one input -> one network that computes what they share once."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..calib import collect, consumer_specs, iterate_batches
+from ..compress import CompressResult, compress
+from ..graph import trace
+from ..schedule import Budget, Plan
+from .bridges import Bridge, add_bridges
+from .multinet import MultiNet, model_costs, named_models
+
+
+@dataclass
+class Match:
+    """A removed channel of a later model and the earlier model's channel that best stands in for it."""
+
+    model: str
+    layer: str  # the layer that read the removed channel (it now reads the other model's channels)
+    channel: int  # position in that layer's own input
+    other_model: str
+    other_layer: str  # whose input holds the stand-in channel
+    other_channel: int
+    alpha: float  # removed ≈ alpha * stand-in + beta, over the calibration data
+    beta: float
+    r2: float
+
+
+@dataclass
+class Unified:
+    model: fx.GraphModule  # forward(x) -> {model name: output}
+    names: list[str]
+    bridges: list[Bridge]
+    costs_before: dict[str, dict[str, int]]  # per model, "shared" and "total": flops and params
+    costs_after: dict[str, dict[str, int]]
+    plan: Plan | None
+    matches: list[Match] = field(default_factory=list)
+    result: CompressResult | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("model", "result"):
+            out.pop(key)
+        return out
+
+
+def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
+          batch_size: int = 128, **compress_options) -> Unified:
+    """Merge models that read the same input into one MultiNet and compress it to ``budget``.
+
+    ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget, or a FLOPs
+    fraction of all the models together. Each later model's layers may read earlier models'
+    channels (bridges found from shapes); the schedule then decides, with REAP, which channels of
+    every model to remove, and a later model's channels that earlier ones can stand in for go
+    away entirely. ``compress_options`` are passed to :func:`multinet.compress`.
+    """
+    named = named_models(models)
+    if not isinstance(budget, Budget):
+        budget = Budget(flops=budget)
+    example = example_inputs
+    if example is None:
+        example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]
+    net = MultiNet(named, example)
+    bridged, bridges = add_bridges(net, example)
+    result = compress(bridged, calibration_data, budget=budget, schedule=schedule, batch_size=batch_size,
+                      **compress_options)
+    model = result.model
+    model.meta["multinet_models"] = list(named)
+    matches = _matches(bridged, bridges, result.plan, calibration_data, example, batch_size)
+    return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example), result.plan, matches,
+                   result)
+
+
+def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, data, example,
+             batch_size: int) -> list[Match]:
+    """For every channel a bridged layer lost, the earlier model's channel with the best affine fit."""
+    if plan is None or not bridges:
+        return []
+    graph = trace(bridged, example)
+    removed = plan.removals()
+    lost: dict[str, list[tuple[int, int]]] = {}  # bridged layer -> [(own position, column)]
+    by_name = {b.consumer: b for b in bridges}
+    for gid, channels in removed.items():
+        for slot in graph.group(gid).consumers:
+            if slot.consumer not in by_name:
+                continue
+            gone = torch.isin(slot.channels, torch.tensor(channels))
+            centre = slot.columns_per_position * slot.block // 2
+            for pos, cols in zip(slot.positions[gone].tolist(), slot.column_blocks()[gone]):
+                lost.setdefault(slot.consumer, []).append((pos, int(cols[centre])))
+    if not lost:
+        return []
+    stats = collect(graph.module, consumer_specs(graph, list(lost)), data, batch_size=batch_size, max_positions=64)
+    out = []
+    for layer, items in lost.items():
+        bridge = by_name[layer]
+        g = stats[layer].gram
+        n = g[-1, -1]
+        mean = g[:-1, -1] / n
+        cov = g[:-1, :-1] / n - mean[:, None] * mean[None, :]
+        per_position = graph.analysis.layers[layer].columns_per_position
+        offset = 0
+        sources = []
+        for model, other_layer, width in bridge.sources:
+            sources.append((model, other_layer, offset, width))
+            offset += width
+        shared = offset
+        for pos, col in items:
+            best = None
+            for model, other_layer, start, width in sources:
+                cols = (torch.arange(start, start + width) * per_position + (col % per_position))
+                var_a = cov[col, col].clamp_min(1e-30)
+                var_b = cov[cols, cols].clamp_min(1e-30)
+                r2 = cov[col, cols] ** 2 / (var_a * var_b)
+                k = int(torch.argmax(r2))
+                if best is None or r2[k] > best[-1]:
+                    alpha = float(cov[col, cols[k]] / var_b[k])
+                    best = (model, other_layer, k, alpha, float(mean[col] - alpha * mean[cols[k]]), float(r2[k]))
+            model, other_layer, k, alpha, beta, r2 = best
+            out.append(Match(bridge.model, layer, pos - shared, model, other_layer, k, alpha, beta, r2))
+    return out

@@ -1,0 +1,122 @@
+"""MultiNet and Neuro Unification: exact merging, identical and permuted copies collapse, bad input."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import multinet
+from multinet import MultiNet, MultiNetError, data, zoo
+from multinet.graph import count, trace
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*calibration rows.*")
+        yield
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load("digits")
+
+
+def test_multinet_equals_separate_execution_for_mixed_architectures(split):
+    models = {name: zoo.create(name) for name in ("mlp", "vgg", "resnet", "densenet")}
+    net = MultiNet(models, split.train_x[:1])
+    x = split.test_x[:64]
+    with torch.no_grad():
+        out = net(x)
+        for name, model in models.items():
+            assert torch.equal(out[name], model(x))
+    costs = multinet.model_costs(net)
+    for name, model in models.items():
+        assert costs[name]["flops"] == count(trace(model, x[:1]).module).flops
+    assert costs["shared"]["flops"] == 0 and costs["total"]["flops"] == sum(costs[n]["flops"] for n in models)
+    assert len(trace(net, x[:1]).prunable_groups) == sum(len(trace(m, x[:1]).prunable_groups) for m in models.values())
+
+
+def test_infer_batches_a_multinet_and_a_plain_model(split):
+    models = [zoo.create("mlp"), zoo.create("vgg")]
+    net = MultiNet(models, split.train_x[:1])
+    x = split.test_x[:100]
+    outs = multinet.infer(net, x, batch_size=32)
+    assert set(outs) == {"m0", "m1"}
+    with torch.no_grad():
+        torch.testing.assert_close(outs["m1"], models[1](x))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, split.test_y[:100]), batch_size=30)
+    torch.testing.assert_close(multinet.infer(models[0], loader), models[0](x).detach())
+
+
+def _permuted_scaled(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The same function with every hidden layer's neurons permuted and positively rescaled."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    linears = [m for m in other.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer, nxt in zip(linears, linears[1:]):
+            perm = torch.randperm(layer.out_features, generator=g)
+            scale = torch.rand(layer.out_features, generator=g) + 0.5
+            layer.weight.copy_(layer.weight[perm] * scale[:, None])
+            layer.bias.copy_(layer.bias[perm] * scale)
+            nxt.weight.copy_(nxt.weight[:, perm] / scale[None, :])
+    return other
+
+
+@pytest.mark.parametrize("make_copy", [copy.deepcopy, _permuted_scaled], ids=["identical", "permuted+scaled"])
+def test_unifying_a_copy_removes_its_computation_without_changing_outputs(split, make_copy):
+    a = zoo.create("mlp")
+    b = make_copy(a)
+    x = split.test_x[:128]
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)
+    head = count(trace(a, x[:1]).module).layers[-1]  # the copy keeps only its output layer
+    total = 2 * count(trace(a, x[:1]).module).flops
+    unified = multinet.unify({"a": a, "b": b}, split.train_x[:512], budget=(total / 2 + head.flops) / total + 1e-6,
+                             damp=1e-9)
+    layers = {name for name, _ in unified.model.named_modules()}
+    assert not any(n.startswith("b.hidden") for n in layers)  # b's hidden layers are gone, b.head remains
+    assert "b.head" in layers
+    with torch.no_grad():
+        out = unified.model(x)
+    torch.testing.assert_close(out["a"], a(x), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out["b"], b(x), atol=1e-3, rtol=1e-3)
+    assert unified.costs_after["b"]["flops"] - unified.costs_after["shared"]["flops"] == head.flops
+    assert unified.matches and all(m.r2 > 0.99 for m in unified.matches)
+    if make_copy is copy.deepcopy:  # each removed neuron is matched to its twin
+        assert all(m.other_channel == m.channel and abs(m.alpha - 1) < 1e-3 for m in unified.matches)
+
+
+def test_unify_within_a_model_folds_affine_copies():
+    from test_compress import Redundant
+
+    torch.manual_seed(0)
+    model = Redundant().eval()
+    x = torch.randn(256, 1, 8, 8)
+    graph = multinet.trace(model, x[:2])
+    ratio = {graph.group_of_layer("conv1").id: 0.5, graph.group_of_layer("fc1").id: 0.5}
+    result = multinet.compress(model, x, ratio=ratio, method="unify")
+    assert result.model.conv1.out_channels == 4 and result.model.fc1.out_features == 5
+    test = torch.randn(64, 1, 8, 8)
+    torch.testing.assert_close(result.model(test), model(test), atol=1e-4, rtol=1e-4)
+
+
+class _Tuple(nn.Module):
+    def forward(self, x):
+        return x.flatten(1), 3
+
+
+def test_bad_models_are_refused(split):
+    x = split.train_x[:1]
+    with pytest.raises(MultiNetError, match="duplicate model names: a"):
+        MultiNet([("a", zoo.create("mlp")), ("a", zoo.create("vgg"))], x)
+    with pytest.raises(MultiNetError, match="must be a Python identifier"):
+        MultiNet({"a.b": zoo.create("mlp")}, x)
+    with pytest.raises(MultiNetError, match="model 'wide' does not accept the shared input"):
+        MultiNet({"small": zoo.create("mlp"), "wide": zoo.create("mlp", "mnist")}, x)
+    with pytest.raises(MultiNetError, match="returns something other than tensors"):
+        MultiNet({"a": zoo.create("mlp"), "odd": _Tuple()}, x)
+    with pytest.raises(MultiNetError, match="not a torch.nn.Module"):
+        MultiNet({"a": "resnet"}, x)
