@@ -1,14 +1,14 @@
 """``multinet.unify``: several models on one input -> one network that computes what they share once."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.fx as fx
 
 from ..calib import collect, consumer_specs, iterate_batches
 from ..compress import CompressResult, compress
-from ..graph import trace
+from ..graph import count, trace
 from ..schedule import Budget, Plan
 from .bridges import Bridge, add_bridges
 from .multinet import MultiNet, model_costs, named_models
@@ -22,8 +22,8 @@ class Match:
     layer: str  # the layer that read the removed channel (it now reads the other model's channels)
     channel: int  # position in that layer's own input
     other_model: str
-    other_layer: str  # whose input holds the stand-in channel
-    other_channel: int
+    other_layer: str  # whose input holds the stand-in channel; "(bias)" for a constant channel
+    other_channel: int  # -1 for a constant channel
     alpha: float  # removed ≈ alpha * stand-in + beta, over the calibration data
     beta: float
     r2: float
@@ -65,13 +65,24 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
         example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]
     net = MultiNet(named, example)
     bridged, bridges = add_bridges(net, example)
-    result = compress(bridged, calibration_data, budget=budget, schedule=schedule, batch_size=batch_size,
-                      **compress_options)
+    result = compress(bridged, calibration_data, budget=_relative_to(budget, net, bridged), schedule=schedule,
+                      batch_size=batch_size, **compress_options)
     model = result.model
     model.meta["multinet_models"] = list(named)
     matches = _matches(bridged, bridges, result.plan, calibration_data, example, batch_size)
     return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example), result.plan, matches,
                    result)
+
+
+def _relative_to(budget: Budget, net: fx.GraphModule, bridged: fx.GraphModule) -> Budget:
+    """The budget is a fraction of the models as given; bridges widen layers (zero weights), so
+    the same absolute cost is a smaller fraction of the bridged network."""
+    if budget.metric == "latency":
+        return budget
+    before, after = count(net), count(bridged)
+    key = budget.metric
+    fraction = getattr(budget, key) * getattr(before, key) / getattr(after, key)
+    return replace(budget, **{key: fraction})
 
 
 def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, data, example,
@@ -109,6 +120,10 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
             offset += width
         shared = offset
         for pos, col in items:
+            if cov[col, col] <= 1e-12 * cov.diagonal().max().clamp_min(1e-30):  # constant: the bias stands in
+                out.append(Match(bridge.model, layer, pos - shared, bridge.model, "(bias)", -1, 0.0,
+                                 float(mean[col]), 1.0))
+                continue
             best = None
             for model, other_layer, start, width in sources:
                 cols = (torch.arange(start, start + width) * per_position + (col % per_position))
