@@ -85,6 +85,8 @@ def test_unifying_a_copy_removes_its_computation_without_changing_outputs(split,
     torch.testing.assert_close(out["b"], b(x), atol=1e-3, rtol=1e-3)
     assert unified.costs_after["b"]["flops"] - unified.costs_after["shared"]["flops"] == head.flops
     assert unified.matches and all(m.r2 > 0.99 for m in unified.matches)
+    b_row = next(r for r in unified.summary() if r["model"] == "b")
+    assert b_row["channels_after"] == 0 and b_row["groups_removed"] == 2
     if make_copy is copy.deepcopy:  # each removed neuron is matched to its twin
         assert all((m.other_channel == m.channel and abs(m.alpha - 1) < 1e-3) or m.other_channel == -1
                    for m in unified.matches)
@@ -121,3 +123,19 @@ def test_bad_models_are_refused(split):
         MultiNet({"a": zoo.create("mlp"), "odd": _Tuple()}, x)
     with pytest.raises(MultiNetError, match="not a torch.nn.Module"):
         MultiNet({"a": "resnet"}, x)
+
+
+def test_unifying_a_cnn_with_its_copy_keeps_only_the_copys_head(split):
+    a = zoo.create("vgg")
+    b = copy.deepcopy(a)
+    x = split.test_x[:64]
+    full = count(trace(a, x[:1]).module)
+    head = full.layers[-1]
+    budget = multinet.Budget(flops=(full.flops + head.flops) / (2 * full.flops) + 1e-6, ignore=("a.*",))
+    unified = multinet.unify({"a": a, "b": b}, split.train_x[:512], budget=budget, damp=1e-9, max_positions=16)
+    kept = [n for n, m in unified.model.named_modules() if n.startswith("b.") and isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kept == ["b.classifier.3"]
+    with torch.no_grad():
+        out = unified.model(x)
+    torch.testing.assert_close(out["b"], b(x), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out["a"], a(x))

@@ -44,7 +44,24 @@ class Unified:
         out = asdict(self)
         for key in ("model", "result"):
             out.pop(key)
+        out["summary"] = self.summary()
         return out
+
+    def summary(self) -> list[dict]:
+        """Per model: FLOPs before -> after, channels kept of its groups, channels another model stands in for."""
+        rows = []
+        groups = self.plan.groups if self.plan else []
+        for name in self.names:
+            mine = [g for g in groups if g.producers and all(p.startswith(f"{name}.") for p in g.producers)]
+            rows.append(dict(
+                model=name, flops_before=self.costs_before[name]["flops"], flops_after=self.costs_after[name]["flops"],
+                channels_before=sum(g.size for g in mine), channels_after=sum(g.kept for g in mine),
+                groups_removed=sum(1 for g in mine if g.kept == 0),
+                replaced_by_other_models=sum(1 for m in self.matches if m.model == name and m.other_channel >= 0),
+            ))
+        rows.append(dict(model="shared", flops_before=self.costs_before["shared"]["flops"],
+                         flops_after=self.costs_after["shared"]["flops"]))
+        return rows
 
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,

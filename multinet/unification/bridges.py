@@ -32,8 +32,8 @@ class Bridge:
     own: int  # the layer's own input channels
 
 
-def _consumers(graph: ChannelGraph, gm: fx.GraphModule, model: str) -> list[tuple[str, fx.Node]]:
-    """The model's module consumers with a tracked input, in graph order."""
+def _consumers(graph: ChannelGraph, gm: fx.GraphModule, model: str) -> list[tuple[str, fx.Node, fx.Node]]:
+    """The model's module consumers with a tracked input, in graph order: (name, call, its own input)."""
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.target.startswith(f"{model}."):
@@ -44,7 +44,7 @@ def _consumers(graph: ChannelGraph, gm: fx.GraphModule, model: str) -> list[tupl
             continue
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             continue
-        out.append((node.target, node))
+        out.append((node.target, node, node.args[0]))
     return out
 
 
@@ -87,20 +87,20 @@ def add_bridges(net: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, li
     bridges = []
     for i, later in enumerate(names[1:], 1):
         own = per_model[later]
-        for idx, (name, node) in enumerate(own):
+        for idx, (name, node, x) in enumerate(own):
             if name not in prunable_inputs:
                 continue
             depth = idx / max(1, len(own) - 1)
-            x = node.args[0]
             sources, described = [], []
             for earlier in names[:i]:
-                theirs = per_model[earlier]
-                options = [(abs(j / max(1, len(theirs) - 1) - depth), j, n) for j, (_, n) in enumerate(theirs)
-                           if _compatible(_shape(n.args[0]), _shape(x)) and n.args[0].op != "placeholder"]
+                theirs = per_model[earlier]  # their own inputs: an earlier bridge's concatenation is not shared
+                options = [(abs(j / max(1, len(theirs) - 1) - depth), j, layer, inp)
+                           for j, (layer, _, inp) in enumerate(theirs)
+                           if _compatible(_shape(inp), _shape(x)) and inp.op != "placeholder"]
                 if options:
-                    _, _, chosen = min(options, key=lambda o: (o[0], o[1]))
-                    sources.append(chosen.args[0])
-                    described.append((earlier, chosen.target, _shape(chosen.args[0])[1]))
+                    _, _, layer, inp = min(options, key=lambda o: (o[0], o[1]))
+                    sources.append(inp)
+                    described.append((earlier, layer, _shape(inp)[1]))
             if not sources:
                 continue
             with gm.graph.inserting_before(node):
