@@ -31,7 +31,7 @@ from .schedule import Budget, Plan, make_plan, prepare
 from .schedule.latency import latency_input, measure_ms
 from .schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from .graph import ChannelGraph, count, prune, trace
-from .graph.dropping import drop_group
+from .graph.dropping import drop_group, droppable
 from .group_solve import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
 from .solve import reap_greedy_multi, reconstruct_multi
 from .solve.pairs import unify_pairs
@@ -139,9 +139,15 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
         # and may take other groups' layers with it (they only fed the dropped group)
         group = next((g for g in current.groups if _group_key(current, g) == keys[gid]), None)
         if group is None:
+            if not _layers_gone(current, original.group(gid)):
+                warnings.warn(f"group {gid} ({', '.join(original.group(gid).producers)}) was not found after earlier "
+                              f"groups were cut; it is left as it is", stacklevel=3)
             continue
         n_remove = request if isinstance(request, int) else len(request)
         preset = None if isinstance(request, int) else list(request)
+        if preset is not None and len(preset) == group.size and not droppable(current, group):
+            preset = preset[:-1]  # an earlier removal took away the other channels its readers had
+            n_remove -= 1
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
                                                max_positions, damp, device, seed + gid, surviving, preset)
         keep = [c for c in range(group.size) if c not in set(removed)]
@@ -185,6 +191,15 @@ def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inp
                           stacklevel=3)
     else:
         plan.measured_cost = float(counts.flops if plan.metric == "flops" else counts.params)
+        if plan.measured_cost > plan.target:
+            warnings.warn(f"the compressed model has {plan.measured_cost:,.0f} {plan.metric}, over the plan's target "
+                          f"{plan.target:,.0f}", stacklevel=3)
+
+
+def _layers_gone(graph: ChannelGraph, group) -> bool:
+    """True when dead-code elimination removed the group's producers (they fed only dropped groups)."""
+    layers = dict(graph.module.named_modules())
+    return all(p not in layers for p in group.producers)
 
 
 def _group_key(graph: ChannelGraph, group) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ def _output_scale(gm: fx.GraphModule, graph: ChannelGraph, name: str) -> torch.T
         bn = gm.get_submodule(users[0].target)
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
             gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-            return (gamma.abs() / torch.sqrt(bn.running_var + bn.eps)).double().clamp_min(1e-8)
+            return (gamma.abs() / torch.sqrt(bn.running_var + bn.eps)).double().cpu().clamp_min(1e-8)
     return None
 
 
@@ -49,8 +49,10 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         gram = s.gram
         cross = s.cross if s.cross is not None else s.gram  # one-shot: the model is its own reference
         outputs = surviving.get(name, torch.arange(w_ref.shape[0]))
-        target = w_ref.detach().flatten(1).T.double()[:, outputs]  # m_ref x d (outputs still present)
-        bias_ref = b_ref.detach().double()[outputs] if b_ref is not None else torch.zeros(len(outputs), dtype=torch.float64)
+        # statistics come back on the CPU; so do the weights, whatever device the model is on
+        target = w_ref.detach().cpu().flatten(1).T.double()[:, outputs]  # m_ref x d (outputs still present)
+        bias_ref = (b_ref.detach().cpu().double()[outputs] if b_ref is not None
+                    else torch.zeros(len(outputs), dtype=torch.float64))
         target = torch.cat([target, bias_ref[None]], 0)
         if not has_bias:
             gram, cross = gram[:-1, :-1], cross[:-1]

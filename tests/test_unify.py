@@ -86,7 +86,8 @@ def test_unifying_a_copy_removes_its_computation_without_changing_outputs(split,
     assert unified.costs_after["b"]["flops"] - unified.costs_after["shared"]["flops"] == head.flops
     assert unified.matches and all(m.r2 > 0.99 for m in unified.matches)
     b_row = next(r for r in unified.summary() if r["model"] == "b")
-    assert b_row["channels_after"] == 0 and b_row["groups_removed"] == 2
+    assert b_row["channels_before"] == 128 + 64 + 10 and b_row["channels_after"] == 10  # its logits remain
+    assert b_row["groups_removed"] == 2
     if make_copy is copy.deepcopy:  # each removed neuron is matched to its twin
         assert all((m.other_channel == m.channel and abs(m.alpha - 1) < 1e-3) or m.other_channel == -1
                    for m in unified.matches)
@@ -139,3 +140,17 @@ def test_unifying_a_cnn_with_its_copy_keeps_only_the_copys_head(split):
         out = unified.model(x)
     torch.testing.assert_close(out["b"], b(x), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out["a"], a(x))
+
+
+def test_unify_mixed_pair_reports_only_the_later_models_lost_channels(split):
+    models = {"a": zoo.create("vgg"), "b": zoo.create("resnet")}
+    unified = multinet.unify(models, split.train_x[:512], budget=0.3, max_positions=16)
+    assert unified.costs_after["total"]["flops"] <= 0.3 * unified.costs_before["total"]["flops"]
+    removed_a = {g.group for g in unified.plan.groups if g.removed and g.producers[0].startswith("a.")}
+    assert removed_a  # the earlier model is pruned too, so its channels must not show up as b's losses
+    assert unified.matches and all(m.model == "b" and m.channel >= 0 for m in unified.matches)
+    with torch.no_grad():
+        out = unified.model(split.test_x)
+    acc = {k: float((out[k].argmax(1) == split.test_y).float().mean()) for k in models}
+    assert min(acc.values()) > 0.9
+    assert [r["model"] for r in unified.summary()] == ["a", "b", "shared"]

@@ -65,8 +65,10 @@ def _span(cat: fx.Node, index: int) -> tuple[int, int]:
 
 
 def droppable(graph: ChannelGraph, group: ChannelGroup) -> bool:
-    """True when the group can lose all its channels (see the module doc)."""
-    if not group.prunable or group.pieces or not group.consumers:
+    """True when the group can lose all its channels: every reader is a MultiNet bridge (a module
+    layer whose concatenated input also holds another model's channels; see the module doc)."""
+    bridged = set(graph.module.meta.get("multinet_bridges", ()))
+    if not group.prunable or group.pieces or not group.consumers or not set(group.consumer_names) <= bridged:
         return False
     return all(_owned_args(graph, group, c) is not None for c in group.consumer_names)
 

@@ -101,7 +101,7 @@ def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[in
         if group.id in ignored or (not budget.residual_streams and is_residual_stream(graph, group)):
             continue
         mins = budget.min_channels
-        can_vanish = droppable(graph, group)
+        can_vanish = droppable(graph, group) and budget.metric != "latency"  # timing needs surgery
         default = 0 if can_vanish else 1
         floor = mins.get(group.id, default) if isinstance(mins, Mapping) else default if mins is None else mins
         if not can_vanish:

@@ -4,6 +4,7 @@ Medians, because a 2-core CI box or a shared GPU has outliers that a mean would 
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 def measure_ms(model: nn.Module, example: torch.Tensor, device: str = "cpu", warmup: int = 5, repeats: int = 21) -> float:
     """Median milliseconds of one forward pass of ``example`` on ``device``."""
     dev = torch.device(device)
-    model = model.to(dev).eval()
+    model = copy.deepcopy(model).to(dev).eval()  # never move the caller's model
     x = example.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []

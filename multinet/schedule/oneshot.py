@@ -125,8 +125,8 @@ class MaskedModel:
     def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
         w, b, is_module = consumer_weight(graph.module, name)
         has_bias = is_module or b is not None
-        weight = w.detach().flatten(1).T.double()
-        bias = b.detach().double() if b is not None else torch.zeros(weight.shape[1], dtype=torch.float64)
+        weight = w.detach().cpu().flatten(1).T.double()  # statistics are on the CPU
+        bias = b.detach().cpu().double() if b is not None else torch.zeros(weight.shape[1], dtype=torch.float64)
         weight = torch.cat([weight, bias[None]], 0) if has_bias else weight
         gram = stats.gram if has_bias else stats.gram[:-1, :-1]
         damped, dead = prepare_gram(gram, damp)

@@ -20,7 +20,6 @@ class GroupPlan:
     size: int
     removed: list[int]  # channels to remove, in the order REAP removes them
     layer_error: float  # REAP's error at the group's consumers for this many removals
-    predicted_error: float | None = None  # the scheduler's estimate of its effect at the final outputs
 
     @property
     def kept(self) -> int:

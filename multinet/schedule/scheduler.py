@@ -99,8 +99,9 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
         target = (budget.flops if metric == 0 else budget.params) * original
         floor = ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, metric)
         if target < floor:
-            raise BudgetError(f"{budget.metric} budget {target / original:.3f} is below {floor / original:.3f} of the "
-                              f"original: what the layers that cannot be pruned (and the minimum channels) cost")
+            raise BudgetError(f"{budget.metric} budget {target:,.0f} ({target / original:.3f} of the network) is below "
+                              f"{floor:,.0f} ({floor / original:.3f}): what the layers that cannot be pruned (and the "
+                              f"minimum channels) cost")
         counts, steps, predicted = _search(ctx, schedule, metric, target, executor, progress)
         cost = ctx.cost(counts, metric)
     if predicted is None:

@@ -47,6 +47,11 @@ def unify_pairs(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
         cov[ch[:, None], ch[None, :]] = torch.where(same[ch[:, None], ch[None, :]],
                                                     cov[ch[:, None], ch[None, :]], block)
         same[ch[:, None], ch[None, :]] = True
+    readers = torch.zeros(len(problems), n_channels, dtype=torch.bool)
+    for pi, p in enumerate(problems):
+        readers[pi, p.channels] = True
+    # i may stand in for j only if every reader of j also reads i (else that reader loses alpha * a_i)
+    covers = ~(readers[:, None, :] & ~readers[:, :, None]).any(0)  # covers[i, j]
     var = cov.diagonal().clamp_min(0)
     alive = torch.ones(n_channels, dtype=torch.bool)
     removed, folds = [], []
@@ -58,7 +63,7 @@ def unify_pairs(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
         r2 = (cov ** 2 / (safe[:, None] * safe[None, :])).clamp(max=1.0)  # r2[i, j]
         residual = var[None, :] * (1 - r2)  # residual variance of a_j fitted from a_i
         cost = residual * energy[None, :]
-        ok = alive[:, None] & alive[None, :] & same & ~torch.eye(n_channels, dtype=torch.bool)
+        ok = alive[:, None] & alive[None, :] & same & covers & ~torch.eye(n_channels, dtype=torch.bool)
         ok &= ~protected(alive, pieces)[None, :]
         constant = var <= 1e-12 * var.max().clamp_min(1e-30)
         cost = torch.where(ok, cost, torch.full_like(cost, torch.inf))

@@ -38,6 +38,7 @@ class Unified:
     costs_after: dict[str, dict[str, int]]
     plan: Plan | None
     matches: list[Match] = field(default_factory=list)
+    channels: dict[str, int] = field(default_factory=dict)  # per model: channels of its groups before unification
     result: CompressResult | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
@@ -48,14 +49,16 @@ class Unified:
         return out
 
     def summary(self) -> list[dict]:
-        """Per model: FLOPs before -> after, channels kept of its groups, channels another model stands in for."""
+        """Per model: FLOPs before -> after, channels of its groups (all of them, outputs included) before ->
+        after, groups removed entirely, and how many of its channels another model stands in for."""
         rows = []
         groups = self.plan.groups if self.plan else []
         for name in self.names:
             mine = [g for g in groups if g.producers and all(p.startswith(f"{name}.") for p in g.producers)]
+            before = self.channels.get(name, 0)
             rows.append(dict(
                 model=name, flops_before=self.costs_before[name]["flops"], flops_after=self.costs_after[name]["flops"],
-                channels_before=sum(g.size for g in mine), channels_after=sum(g.kept for g in mine),
+                channels_before=before, channels_after=before - sum(len(g.removed) for g in mine),
                 groups_removed=sum(1 for g in mine if g.kept == 0),
                 replaced_by_other_models=sum(1 for m in self.matches if m.model == name and m.other_channel >= 0),
             ))
@@ -87,8 +90,10 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     model = result.model
     model.meta["multinet_models"] = list(named)
     matches = _matches(bridged, bridges, result.plan, calibration_data, example, batch_size)
+    channels = {name: sum(g.size for g in trace(net, example).groups
+                          if g.producers and all(p.startswith(f"{name}.") for p in g.producers)) for name in named}
     return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example), result.plan, matches,
-                   result)
+                   channels, result)
 
 
 def _relative_to(budget: Budget, net: fx.GraphModule, bridged: fx.GraphModule) -> Budget:
@@ -109,16 +114,21 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
         return []
     graph = trace(bridged, example)
     removed = plan.removals()
-    lost: dict[str, list[tuple[int, int]]] = {}  # bridged layer -> [(own position, column)]
+    lost: dict[str, list[tuple[int, int]]] = {}  # bridged layer -> [(position, column)] of its own lost inputs
+    gone_sources: dict[str, set[int]] = {}  # bridged layer -> positions of earlier models' removed channels
     by_name = {b.consumer: b for b in bridges}
     for gid, channels in removed.items():
         for slot in graph.group(gid).consumers:
             if slot.consumer not in by_name:
                 continue
+            shared = sum(w for _, _, w in by_name[slot.consumer].sources)
             gone = torch.isin(slot.channels, torch.tensor(channels))
             centre = slot.columns_per_position * slot.block // 2
             for pos, cols in zip(slot.positions[gone].tolist(), slot.column_blocks()[gone]):
-                lost.setdefault(slot.consumer, []).append((pos, int(cols[centre])))
+                if pos >= shared:
+                    lost.setdefault(slot.consumer, []).append((pos, int(cols[centre])))
+                else:  # the earlier model lost it too: it cannot stand in
+                    gone_sources.setdefault(slot.consumer, set()).add(pos)
     if not lost:
         return []
     stats = collect(graph.module, consumer_specs(graph, list(lost)), data, batch_size=batch_size, max_positions=64)
@@ -143,10 +153,12 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
                 continue
             best = None
             for model, other_layer, start, width in sources:
-                cols = (torch.arange(start, start + width) * per_position + (col % per_position))
+                positions = torch.arange(start, start + width)
+                cols = positions * per_position + (col % per_position)
                 var_a = cov[col, col].clamp_min(1e-30)
                 var_b = cov[cols, cols].clamp_min(1e-30)
                 r2 = cov[col, cols] ** 2 / (var_a * var_b)
+                r2[torch.isin(positions, torch.tensor(sorted(gone_sources.get(layer, ())), dtype=torch.long))] = -1
                 k = int(torch.argmax(r2))
                 if best is None or r2[k] > best[-1]:
                     alpha = float(cov[col, cols[k]] / var_b[k])

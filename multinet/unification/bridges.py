@@ -44,6 +44,10 @@ def _consumers(graph: ChannelGraph, gm: fx.GraphModule, model: str) -> list[tupl
             continue
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             continue
+        if len(use.nodes) != 1:  # a layer called twice would be widened twice
+            continue
+        if isinstance(module, nn.Linear) and len(_shape(node.args[0])) != 2:  # channels on dim 1 only
+            continue
         out.append((node.target, node, node.args[0]))
     return out
 
