@@ -29,7 +29,7 @@ class Redundant(nn.Module):
         return self.fc2(F.relu(self.fc1(y.flatten(1))))
 
 
-def test_reap_removes_redundant_channels_without_changing_outputs():
+def test_reap_and_unify_remove_redundant_channels_without_changing_outputs():
     torch.manual_seed(0)
     model = Redundant().eval()
     x = torch.randn(256, 1, 8, 8)
@@ -40,6 +40,10 @@ def test_reap_removes_redundant_channels_without_changing_outputs():
     test = torch.randn(64, 1, 8, 8)
     torch.testing.assert_close(result.model(test), model(test), atol=1e-3, rtol=1e-3)
     assert all(g.error < 1e-6 for g in result.groups)
+    # Neuro Unification folds each copy into its original (one-to-one affine fits): as exact here
+    unified = multinet.compress(model, x, ratio=ratio, method="unify")
+    assert unified.model.conv1.out_channels == 4 and unified.model.fc1.out_features == 5
+    torch.testing.assert_close(unified.model(test), model(test), atol=1e-4, rtol=1e-4)
     # magnitude keeps the big copies but cannot fold the removed ones back in
     magnitude = multinet.compress(model, x, ratio=ratio, method="magnitude")
     assert (magnitude.model(test) - model(test)).abs().max() > 1e-2

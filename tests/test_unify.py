@@ -93,20 +93,6 @@ def test_unifying_a_copy_removes_its_computation_without_changing_outputs(split,
                    for m in unified.matches)
 
 
-def test_unify_within_a_model_folds_affine_copies():
-    from test_compress import Redundant
-
-    torch.manual_seed(0)
-    model = Redundant().eval()
-    x = torch.randn(256, 1, 8, 8)
-    graph = multinet.trace(model, x[:2])
-    ratio = {graph.group_of_layer("conv1").id: 0.5, graph.group_of_layer("fc1").id: 0.5}
-    result = multinet.compress(model, x, ratio=ratio, method="unify")
-    assert result.model.conv1.out_channels == 4 and result.model.fc1.out_features == 5
-    test = torch.randn(64, 1, 8, 8)
-    torch.testing.assert_close(result.model(test), model(test), atol=1e-4, rtol=1e-4)
-
-
 class _Tuple(nn.Module):
     def forward(self, x):
         return x.flatten(1), 3
