@@ -20,7 +20,13 @@ from .errors import MultinetError
 
 
 def load_target(target: str, checkpoint: str | None, dataset: str) -> torch.nn.Module:
-    """``zoo:NAME`` or ``package.module:factory`` -> an nn.Module in eval mode."""
+    """``zoo:NAME``, ``package.module:factory`` or a saved ``.mnet`` file -> an nn.Module in eval mode."""
+    if target.endswith(".mnet"):
+        from .io import load
+
+        if checkpoint:
+            raise MultinetError("a .mnet file holds its own weights; drop --checkpoint")
+        return load(target)
     if ":" not in target:
         raise MultinetError(f"model {target!r} must be zoo:NAME or module.path:factory")
     module_name, factory_name = target.split(":", 1)
@@ -78,6 +84,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = load_target(args.model, args.checkpoint, args.dataset)
     if args.input_shape:
         example = torch.zeros(parse_shape(args.input_shape))
+    elif model.meta.get("input_shapes") if hasattr(model, "meta") else None:
+        example = torch.zeros((1, *model.meta["input_shapes"][0][1:]))
     elif args.model.startswith("zoo:"):
         example = zoo.example_input(args.dataset, batch=1)
     else:
@@ -153,6 +161,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{p.measured_error:.5f}; scheduling took {sum(p.seconds.values()):.1f} s")
         if args.plan_out:
             print(f"plan written to {args.plan_out}")
+    if args.save:
+        from .io import save
+
+        print(f"model written to {save(result.model, args.save)} (load with multinet.load)")
     for w in {str(w.message) for w in caught if "calibration rows" in str(w.message) or "budget" in str(w.message)}:
         print(f"note: {w}", file=sys.stderr)
     return 0
@@ -176,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="trace a model and list its channel groups, FLOPs and params")
-    p.add_argument("model", help="zoo:NAME or module.path:factory")
+    p.add_argument("model", help="zoo:NAME, module.path:factory or a saved .mnet file")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (zoo models know theirs)")
     p.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
     p.add_argument("--dataset", default="digits", help="zoo models: which dataset's size and weights (digits, mnist)")
@@ -200,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-residual", action="store_true", help="leave residual streams whole")
     c.add_argument("--plan-out", help="write the schedule's plan (JSON) here")
     c.add_argument("--plan", help="apply a plan written earlier by --plan-out")
+    c.add_argument("--save", help="write the compressed model here (.mnet: tensors and a graph manifest, no pickle)")
     c.add_argument("--method", default="reap", choices=["reap", "magnitude", "magnitude+ls", "random"])
     c.add_argument("--dataset", default="digits", help="built-in data for calibration and evaluation (digits, mnist)")
     c.add_argument("--calibration", type=int, default=1024, help="calibration samples from the training split")

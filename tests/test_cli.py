@@ -94,3 +94,15 @@ def test_compress_to_a_budget_writes_a_plan_that_reapplies(tmp_path, capsys):
     assert kept <= 40.0
     assert main(["compress", "zoo:mlp", "--plan", str(plan), "--calibration", "256", "--quiet"]) == 0
     assert f"({kept}% kept)" in capsys.readouterr().out
+
+
+def test_compress_saves_a_model_that_inspect_reads(tmp_path, capsys):
+    path = tmp_path / "small.mnet"
+    assert main(["compress", "zoo:mlp", "--flops", "0.5", "--calibration", "256", "--quiet", "--save", str(path)]) == 0
+    assert "model written to" in capsys.readouterr().out and path.exists()
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "hidden.0" in out and "prunable" in out
+    path.write_bytes(b"garbage")
+    assert main(["inspect", str(path)]) == 2
+    assert "not a multinet model file" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""Saving and loading without pickle: identical outputs, no original class, nothing executable."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import multinet
+from multinet import Budget, data, zoo
+from multinet.io import ModelFileError, load, save
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return data.load("digits").train_x[:256]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*calibration rows.*")
+        yield
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_compressed_zoo_models_reload_to_identical_outputs(name, calib, tmp_path):
+    result = multinet.compress(zoo.create(name), calib, budget=Budget(flops=0.5))
+    path = save(result.model, tmp_path / f"{name}.mnet")
+    loaded = load(path)
+    assert type(loaded).__name__ == "LoadedModel"  # rebuilt from the file, not the zoo class
+    x = calib[:32]
+    with torch.no_grad():  # same weights; only memory layouts (and so summation order) may differ
+        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-5, rtol=1e-6)
+    exported = torch.export.export(loaded, (x,))  # the rebuilt graph exports
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), result.model(x))
+
+
+def test_unified_multinet_and_plain_module_reload(calib, tmp_path):
+    unified = multinet.unify({"a": zoo.create("vgg"), "b": zoo.create("mlp")}, calib, budget=0.4, max_positions=16)
+    loaded = load(save(unified.model, tmp_path / "pair.mnet"))
+    x = calib[:16]
+    with torch.no_grad():
+        out, ref = loaded(x), unified.model(x)
+    assert set(out) == {"a", "b"}
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-6)
+    assert loaded.meta["multinet_models"] == ["a", "b"]
+    model = zoo.create("resnet")
+    plain = load(save(model, tmp_path / "resnet.mnet", example_inputs=x[:1]))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-6)
+
+
+def _rewrite(path, tmp_path, change):
+    blob = torch.load(path, weights_only=True)
+    manifest = json.loads(blob["manifest"])
+    change(manifest)
+    out = tmp_path / "tampered.mnet"
+    torch.save({"manifest": json.dumps(manifest), "tensors": blob["tensors"]}, out)
+    return out
+
+
+def test_bad_model_files_are_refused(calib, tmp_path):
+    path = save(zoo.create("mlp"), tmp_path / "mlp.mnet", example_inputs=calib[:1])
+    with pytest.raises(ModelFileError, match="no model file"):
+        load(tmp_path / "missing.mnet")
+    (tmp_path / "junk.mnet").write_bytes(b"\x00not a model")
+    with pytest.raises(ModelFileError, match="not a multinet model file"):
+        load(tmp_path / "junk.mnet")
+    torch.save(zoo.create("mlp"), tmp_path / "pickled.pt")  # a whole pickled module: never unpickled
+    with pytest.raises(ModelFileError, match="not a multinet model file"):
+        load(tmp_path / "pickled.pt")
+
+    def call_os_system(m):
+        node = next(n for n in m["nodes"] if n["op"] == "call_function" or n["op"] == "call_module")
+        node["op"], node["target"] = "call_function", "os.system"
+    with pytest.raises(ModelFileError, match="does not load"):
+        load(_rewrite(path, tmp_path, call_os_system))
+
+    def foreign_module(m):
+        next(iter(m["modules"].values()))["type"] = "Evil"
+    with pytest.raises(ModelFileError, match="not a torch.nn layer"):
+        load(_rewrite(path, tmp_path, foreign_module))
+
+    def drop_tensor(m):
+        m["parameters"].append("no.such.weight")
+    with pytest.raises(ModelFileError, match="not a valid multinet model file"):
+        load(_rewrite(path, tmp_path, drop_tensor))
