@@ -5,6 +5,9 @@
     multinet inspect mypkg.models:build --input-shape 1,3,32,32 --checkpoint weights.pt
     multinet compress zoo:resnet --ratio 0.5 --method reap
     multinet compress zoo:resnet --flops 0.4 --schedule auto --plan-out plan.json
+    multinet run scenarios/quickstart.yaml --out runs/quickstart [--resume] [--set data.calibration=512]
+    multinet report runs/quickstart
+    multinet infer runs/quickstart/resnet.mnet --dataset digits
 
 Exit codes: 0 ok, 2 bad input (the message says what), 1 internal failure.
 """
@@ -184,6 +187,63 @@ def _budget(args: argparse.Namespace):
                   min_channels=args.min_channels, residual_streams=not args.keep_residual)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a scenario file and write its run directory."""
+    from .scenario import load_scenario, run
+
+    scenario = load_scenario(args.scenario, args.set)
+    out = args.out or f"runs/{scenario.name}"
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run(scenario, out, resume=args.resume, progress=sys.stderr.isatty() and not args.quiet, log=log)
+    from .scenario.report import markdown
+
+    if not args.quiet:
+        for note in dict.fromkeys(str(w.message) for w in caught):
+            print(f"note: {note}", file=sys.stderr)
+
+    print(markdown(report))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a finished run's report (and redraw its plot)."""
+    from pathlib import Path
+
+    from .scenario.report import markdown, read_report, write_report
+
+    report = read_report(args.run_dir)
+    if not args.no_plot:
+        write_report(Path(args.run_dir), report)
+    print(markdown(report))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Batch inference of a model (or a saved MultiNet) on a built-in dataset's test split."""
+    import time
+
+    from . import data
+    from .infer import infer
+
+    model = load_target(args.model, None, args.dataset)
+    split = data.load(args.dataset)
+    start = time.perf_counter()
+    outputs = infer(model, split.test_x, batch_size=args.batch_size, device=args.device,
+                    progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    outputs = outputs if isinstance(outputs, dict) else {"output": outputs}
+    for name, out in outputs.items():
+        print(f"{name}: accuracy {data.accuracy_of(out, split.test_y):.4f} on {len(split.test_y)} {args.dataset} "
+              f"test images")
+    print(f"{len(split.test_x) / seconds:,.0f} images/s (batch {args.batch_size}, {args.device})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)
+    r = sub.add_parser("run", help="run a scenario YAML file")
+    r.add_argument("scenario")
+    r.add_argument("--out", help="run directory (default runs/<scenario name>)")
+    r.add_argument("--resume", action="store_true", help="continue a killed run after its last finished step")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario field, e.g. --set steps.0.compress.budget.flops=0.3 (repeatable)")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=cmd_run)
+    rp = sub.add_parser("report", help="print a finished run's report and redraw its plot")
+    rp.add_argument("run_dir")
+    rp.add_argument("--no-plot", action="store_true")
+    rp.set_defaults(func=cmd_report)
+    i = sub.add_parser("infer", help="batch inference of a model or saved .mnet file on built-in data")
+    i.add_argument("model", help="a .mnet file, zoo:NAME or module.path:factory")
+    i.add_argument("--dataset", default="digits")
+    i.add_argument("--batch-size", type=int, default=256)
+    i.add_argument("--device", default="cpu")
+    i.set_defaults(func=cmd_infer)
     return parser
 
 

@@ -57,6 +57,11 @@ def load(name: str = "digits", test_fraction: float = 0.2, seed: int = 0) -> Spl
     return Split(as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te), int(y.max()) + 1)
 
 
+def accuracy_of(outputs: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of logits already computed."""
+    return float((outputs.argmax(1) == y).float().mean())
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy, batched, in eval mode without gradients."""
     model.eval()

@@ -1,0 +1,242 @@
+"""The scenario file: which models, which data, which steps, which budget, where to run, what to write.
+
+Validated with pydantic (unknown keys are errors, not silently ignored); errors name the YAML path
+and line and suggest the nearest valid key. ``--set a.b=value`` overrides any field.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import MultinetError
+
+
+class ScenarioError(MultinetError):
+    """A scenario file that is missing, malformed or names something that does not exist."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    model: str  # zoo:NAME or package.module:factory
+    checkpoint: str | None = None
+
+
+class DataSpec(_Strict):
+    source: Literal["digits", "mnist"] = "digits"
+    calibration: int = Field(1024, ge=1)
+    batch_size: int = Field(128, ge=1)
+
+
+class BudgetSpec(_Strict):
+    flops: float | None = Field(None, gt=0, lt=1)
+    params: float | None = Field(None, gt=0, lt=1)
+    latency_ms: float | None = Field(None, gt=0)
+    round_to: int = Field(1, ge=1)
+    ignore: list[str] = []
+    min_channels: int | None = Field(None, ge=0)
+    residual_streams: bool = True
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(v is not None for v in (self.flops, self.params, self.latency_ms)) != 1:
+            raise ValueError("give exactly one of flops, params, latency_ms")
+        return self
+
+
+class CompressStep(_Strict):
+    budget: BudgetSpec | None = None
+    ratio: float | None = Field(None, ge=0, lt=1)
+    schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
+    method: Literal["reap", "unify", "magnitude", "magnitude+ls", "random"] = "reap"
+    max_positions: int | None = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _either(self):
+        if (self.budget is None) == (self.ratio is None):
+            raise ValueError("give exactly one of budget and ratio")
+        return self
+
+
+class UnifyStep(_Strict):
+    budget: BudgetSpec
+    schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
+    max_positions: int | None = Field(64, ge=1)
+
+
+class EvaluateStep(_Strict):
+    split: Literal["test", "train"] = "test"
+
+
+class InferStep(_Strict):
+    split: Literal["test", "train"] = "test"
+    batch_size: int = Field(256, ge=1)
+
+
+class Step(_Strict):
+    compress: CompressStep | None = None
+    unify: UnifyStep | None = None
+    evaluate: EvaluateStep | None = None
+    infer: InferStep | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("compress", "unify", "evaluate", "infer") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("each step is exactly one of compress, unify, evaluate, infer")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("compress", "unify", "evaluate", "infer") if getattr(self, k) is not None)
+
+    @property
+    def spec(self):
+        return getattr(self, self.kind)
+
+
+class RuntimeSpec(_Strict):
+    device: str = "cpu"
+    executor: Literal["local"] = "local"  # "ray" arrives with the Ray issue
+    seed: int = 0
+
+
+class OutputSpec(_Strict):
+    save_model: bool = True
+    plots: bool = True
+
+
+class Scenario(_Strict):
+    name: str = "scenario"
+    models: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec = DataSpec()
+    steps: list[Step] = Field(min_length=1)
+    runtime: RuntimeSpec = RuntimeSpec()
+    outputs: OutputSpec = OutputSpec()
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models):
+        names = [m.name for m in models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate model names: {', '.join(dup)}")
+        return models
+
+    @model_validator(mode="after")
+    def _unify_needs_models(self):
+        if any(s.kind == "unify" for s in self.steps) and len(self.models) < 2:
+            raise ValueError("a unify step needs at least two models")
+        return self
+
+
+def _coerce(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` / ``steps.0.compress.budget.flops=0.3``: values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ScenarioError(f"--set {item!r} must look like key.path=value")
+        path, value = item.split("=", 1)
+        keys = path.split(".")
+        node = raw
+        for key in keys[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(key)]
+                except (ValueError, IndexError):
+                    raise ScenarioError(f"--set {path}: no list entry {key!r}") from None
+            else:
+                node = node.setdefault(key, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = _coerce(value)
+            except (ValueError, IndexError):
+                raise ScenarioError(f"--set {path}: no list entry {last!r}") from None
+        else:
+            node[last] = _coerce(value)
+    return raw
+
+
+def _line_of(root, loc: tuple) -> int | None:
+    """1-based line of a pydantic error location in the composed YAML (None when not in the file)."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                return line
+            node, line = match[1], match[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model = Scenario
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)),
+                     next((a.__args__[0] for a in inner if getattr(a, "__args__", None)
+                           and isinstance(a.__args__[0], type) and issubclass(a.__args__[0], BaseModel)), None))
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _message(exc: ValidationError, root, source: str) -> str:
+    err = exc.errors()[0]
+    loc = tuple(k for k in err["loc"] if not (isinstance(k, str) and k.startswith("function-after")))
+    where = ".".join(str(k) for k in loc) or "(top level)"
+    line = _line_of(root, loc) if root is not None else None
+    at = f"{source}:{line}: " if line else f"{source}: "
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(_fields_at(loc))}"
+        return f"{at}unknown key `{where}`{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{at}`{where}`: {msg}" + (f" (got {err['input']!r})" if "input" in err and not isinstance(
+        err["input"], (dict, list)) else "")
+
+
+def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError(f"no scenario file at {path}") from None
+    except OSError as exc:
+        raise ScenarioError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}: " if mark else f"{path}: "
+        raise ScenarioError(f"{where}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: a scenario is a mapping with models, data, steps, runtime, outputs")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_message(exc, root, str(path))) from None
