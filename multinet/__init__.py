@@ -3,13 +3,13 @@ from .errors import InputShapeError, MultinetError, PruneError, TraceError
 from .compress import CompressResult, compress
 from .schedule import Budget, BudgetError, Plan
 from .infer import infer
-from .io import ModelFileError, load, save
+from .io import ModelFileError, export, load, save
 from .unification import MultiNet, MultiNetError, Unified, model_costs, unify
 from .graph import ChannelGraph, ChannelGroup, Counts, count, prune, register_elementwise, trace
 
 __all__ = [
     "Budget", "BudgetError", "ChannelGraph", "ChannelGroup", "CompressResult", "compress", "Counts", "InputShapeError", "MultinetError", "Plan", "PruneError", "TraceError",
     "MultiNet", "MultiNetError", "Unified", "count", "infer", "model_costs", "prune", "register_elementwise", "trace",
-    "unify", "load", "save", "ModelFileError",
+    "unify", "export", "load", "save", "ModelFileError",
 ]
 __version__ = "0.1.0"

@@ -244,6 +244,26 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model (a .mnet file, zoo or factory model) to ONNX or torch.export."""
+    from .io import export
+
+    model = load_target(args.model, None, args.dataset)
+    shapes = model.meta.get("input_shapes") if hasattr(model, "meta") else None
+    if args.input_shape:
+        example = torch.zeros(parse_shape(args.input_shape))
+    elif shapes:
+        example = torch.zeros((1, *shapes[0][1:]))
+    elif args.model.startswith("zoo:"):
+        from . import zoo
+
+        example = zoo.example_input(args.dataset, batch=1)
+    else:
+        raise MultinetError("--input-shape is required for this model (e.g. --input-shape 1,3,32,32)")
+    print(f"written {export(model, example, args.out, format=args.format)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=256)
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=cmd_infer)
+    e = sub.add_parser("export", help="export a model or .mnet file to ONNX or torch.export")
+    e.add_argument("model", help="a .mnet file, zoo:NAME or module.path:factory")
+    e.add_argument("--out", required=True)
+    e.add_argument("--format", default="onnx", choices=["onnx", "torch.export"])
+    e.add_argument("--input-shape", help="example input shape (.mnet files and zoo models know theirs)")
+    e.add_argument("--dataset", default="digits")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

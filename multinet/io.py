@@ -278,3 +278,45 @@ def _has(root: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# --- export ---------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("torch.export", "onnx")
+
+
+def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: str = "onnx") -> Path:
+    """Export a model (compressed, MultiNet, loaded .mnet) for deployment: ``torch.export``
+    (an ExportedProgram file) or ONNX (opset from torch's exporter; the batch size is dynamic)."""
+    from .graph.tracing import as_tuple
+
+    if format not in EXPORT_FORMATS:
+        raise ModelFileError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    inputs = as_tuple(example_inputs)
+    model = model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        if format == "torch.export":
+            program = torch.export.export(model, inputs)
+            torch.export.save(program, tmp)
+        else:
+            import importlib.util
+
+            if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+                raise ModelFileError("ONNX export needs the onnx and onnxscript packages (pip install onnx "
+                                     "onnxscript)")
+            batch = torch.export.Dim("batch")
+            shapes = tuple({0: batch} for _ in inputs)
+            try:
+                program = torch.onnx.export(model, inputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
+            except Exception as exc:
+                raise ModelFileError(f"this graph does not export to ONNX: {str(exc).strip().splitlines()[0]}") from exc
+            program.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

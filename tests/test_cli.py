@@ -103,6 +103,9 @@ def test_compress_saves_a_model_that_inspect_reads(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "hidden.0" in out and "prunable" in out
+    onnx_path = tmp_path / "small.onnx"
+    if __import__("importlib").util.find_spec("onnxscript"):
+        assert main(["export", str(path), "--out", str(onnx_path)]) == 0 and onnx_path.exists()
     path.write_bytes(b"garbage")
     assert main(["inspect", str(path)]) == 2
     assert "not a multinet model file" in capsys.readouterr().err

@@ -87,3 +87,27 @@ def test_bad_model_files_are_refused(calib, tmp_path):
         m["parameters"].append("no.such.weight")
     with pytest.raises(ModelFileError, match="not a valid multinet model file"):
         load(_rewrite(path, tmp_path, drop_tensor))
+
+
+def test_export_to_onnx_and_torch_export_match_outputs(calib, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    result = multinet.compress(zoo.create("resnet"), calib, budget=Budget(flops=0.5))
+    path = multinet.export(result.model, calib[:2], tmp_path / "resnet.onnx", format="onnx")
+    session = ort.InferenceSession(str(path))
+    x = calib[:17]  # another batch size than the example: the batch dimension is dynamic
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), result.model(x), atol=1e-4, rtol=1e-4)
+    program = torch.export.load(multinet.export(result.model, calib[:2], tmp_path / "resnet.pt2", format="torch.export"))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(calib[:2]), result.model(calib[:2]))
+    unified = multinet.unify({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, calib, budget=0.4, max_positions=16)
+    session = ort.InferenceSession(str(multinet.export(unified.model, calib[:2], tmp_path / "pair.onnx")))
+    outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        ref = unified.model(x)
+    for got, key in zip(outs, ["a", "b"]):  # a MultiNet's outputs in model order
+        torch.testing.assert_close(torch.from_numpy(got), ref[key], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ModelFileError, match="unknown export format"):
+        multinet.export(result.model, calib[:2], tmp_path / "x", format="tflite")
