@@ -191,7 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a scenario file and write its run directory."""
     from .scenario import load_scenario, run
 
-    scenario = load_scenario(args.scenario, args.set)
+    overrides = list(args.set)
+    if args.ray_address:
+        overrides += ["runtime.executor=ray", f"runtime.address={args.ray_address}"]
+    scenario = load_scenario(args.scenario, overrides)
     out = args.out or f"runs/{scenario.name}"
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     import warnings
@@ -308,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field, e.g. --set steps.0.compress.budget.flops=0.3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--ray-address", help="run the jobs on a Ray cluster: 'auto' (inside `ray job submit`), host:port, "
+                   "or 'local' to start one here")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="print a finished run's report and redraw its plot")
     rp.add_argument("run_dir")

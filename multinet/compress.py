@@ -23,9 +23,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .calib import collect, consumer_specs, iterate_batches
+from .calib import consumer_specs, iterate_batches
+from .calib.sharded import collect_on
 from .errors import MultinetError
-from .execute import Executor
+from .execute import Executor, resolve_executor
 from .progress import Bar
 from .schedule import Budget, Plan, make_plan, prepare
 from .schedule.latency import latency_input, measure_ms
@@ -99,7 +100,9 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
     example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
-    settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed)
+    executor = resolve_executor(executor)
+    settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed,
+                    executor=executor)
     if budget is not None:
         ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
         plan = make_plan(ctx, schedule, executor, progress)
@@ -121,7 +124,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
-           progress: bool, batch_size: int, max_positions: int | None, damp: float, device: str, seed: int):
+           progress: bool, batch_size: int, max_positions: int | None, damp: float, device: str, seed: int,
+           executor: Executor | None = None):
     """Compress group by group in graph order; a request is a channel count (the method selects)
     or the channels themselves (a schedule selected them; the consumers are re-solved)."""
     current = original
@@ -149,7 +153,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             preset = preset[:-1]  # an earlier removal took away the other channels its readers had
             n_remove -= 1
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
-                                               max_positions, damp, device, seed + gid, surviving, preset)
+                                               max_positions, damp, device, seed + gid, surviving, preset, executor)
         keep = [c for c in range(group.size) if c not in set(removed)]
         if keep:
             _track_outputs(current, group, keep, surviving)
@@ -238,7 +242,7 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
 
 
 def _solve_group(current, original, group, n_remove, method, data, batch_size, max_positions, damp, device, seed,
-                 surviving, preset=None):
+                 surviving, preset=None, executor=None):
     if preset is not None:
         removed = preset
     elif method == "random":
@@ -249,8 +253,8 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
         removed = None
     specs = consumer_specs(current, group.consumer_names)
     ref_specs = consumer_specs(original, group.consumer_names)
-    stats = collect(current.module, specs, data, reference=original.module, reference_specs=ref_specs,
-                    batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
+    stats = collect_on(executor, current.module, specs, data, reference=original.module, reference_specs=ref_specs,
+                       batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
     problems, layout = group_problems(current, original, group, stats, damp, surviving)
     if method == "unify" and preset is None:
         if not all(has_bias for _, _, has_bias, _ in layout):

@@ -1,20 +1,34 @@
-"""Where independent jobs run. The in-process executor is the default and needs nothing else; a
-Ray executor with the same ``map`` contract spreads jobs over a cluster (see the Ray issue).
+"""Where independent jobs run: in this process (the default; no Ray needed at run time) or on a
+Ray cluster. Both have the same contract — ``map(fn, items)`` returns results in order, ``put``
+shares a large object once — so callers do not care which one they hold. Jobs receive tensors and
+plain specs (models travel as multinet model bytes: tensors and JSON), never nn.Module objects.
 """
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from .errors import MultinetError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+class ExecutorError(MultinetError):
+    """A cluster that cannot be reached or cannot run what was asked."""
+
+
 class Executor(Protocol):
     name: str
+    workers: int
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """Results of ``fn`` on every item, in order."""
+        ...
+
+    def put(self, obj: Any) -> Any:
+        """A handle to share ``obj`` with every job (the object itself when local)."""
         ...
 
 
@@ -22,10 +36,70 @@ class LocalExecutor:
     """Runs jobs here, one after another: deterministic, and no process start-up to pay."""
 
     name = "local"
+    workers = 1
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [fn(item) for item in items]
 
+    def put(self, obj: Any) -> Any:
+        return obj
 
-def resolve_executor(executor: Executor | None) -> Executor:
-    return LocalExecutor() if executor is None else executor
+
+def _reachable(address: str, timeout: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ExecutorError(f"Ray address {address!r} must be 'auto', 'local' or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ExecutorError(f"cannot reach a Ray cluster at {address} within {timeout:.0f} s: {exc.strerror or exc}") \
+            from None
+
+
+class RayExecutor:
+    """Jobs as Ray tasks (retried when a worker dies; idempotent by construction)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3,
+                 connect_timeout: float = 10.0, resources: dict[str, float] | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ExecutorError("the Ray executor needs ray: pip install 'multinet[ray]'") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            target = address or "local"
+            if target not in ("auto", "local"):
+                _reachable(target.removeprefix("ray://"), connect_timeout)
+            try:
+                ray.init(address=target, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ExecutorError(f"cannot connect to Ray at {target}: {str(exc).strip().splitlines()[0]}") from None
+        available = ray.cluster_resources()
+        wanted = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
+        missing = {k: v for k, v in wanted.items() if v and available.get(k, 0) < v}
+        if missing:  # a task asking for what no node has would wait forever
+            have = {k: available.get(k, 0) for k in missing}
+            raise ExecutorError(f"the Ray cluster cannot run these jobs: each asks for {missing}, the cluster has {have}")
+        self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries,
+                        "resources": resources or {}}
+        self.workers = max(1, int(available.get("CPU", 1) // max(num_cpus, 1e-9)))
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        remote = self._ray.remote(fn).options(**self.options)
+        return self._ray.get([remote.remote(item) for item in items])
+
+    def put(self, obj: Any) -> Any:
+        return self._ray.put(obj)
+
+
+def resolve_executor(executor: Executor | str | None) -> Executor:
+    """None or "local" -> in-process; "ray" or "ray:ADDRESS" -> a Ray executor; an executor as is."""
+    if executor is None or executor == "local":
+        return LocalExecutor()
+    if isinstance(executor, str):
+        if executor == "ray" or executor.startswith("ray:"):
+            return RayExecutor(executor.partition(":")[2] or None)
+        raise ExecutorError(f"unknown executor {executor!r}; use 'local', 'ray' or 'ray:host:port'")
+    return executor

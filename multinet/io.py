@@ -94,6 +94,36 @@ def _module_spec(module: nn.Module) -> dict:
 def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> Path:
     """Write ``model`` (a GraphModule such as a compressed model or MultiNet, or any traceable
     module with ``example_inputs``) to ``path``, atomically."""
+    blob = _blob(model, example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_bytes(model: nn.Module, example_inputs=None) -> bytes:
+    """The model file's content in memory: how a model travels to a Ray worker (tensors and JSON, no pickle)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(_blob(model, example_inputs), buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> fx.GraphModule:
+    import io
+
+    return _from_blob(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), "<bytes>")
+
+
+def _blob(model: nn.Module, example_inputs=None) -> dict:
     gm = model if isinstance(model, fx.GraphModule) else None
     if gm is None:
         if example_inputs is None:
@@ -129,17 +159,7 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> Path
                 "input_shapes": shapes,
                 "buffers": sorted(buffers), "constants": sorted(attributes),
                 "meta": {k: v for k, v in gm.meta.items() if _jsonable(v)}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"manifest": json.dumps(manifest), "tensors": tensors}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return {"manifest": json.dumps(manifest), "tensors": tensors}
 
 
 def _jsonable(value) -> bool:
@@ -227,6 +247,10 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> fx.GraphModule:
     except Exception as exc:
         raise ModelFileError(f"{path} is not a multinet model file (or it is corrupted): "
                              f"{str(exc).strip().splitlines()[0][:200]}") from None
+    return _from_blob(blob, path)
+
+
+def _from_blob(blob, path) -> fx.GraphModule:
     try:
         manifest = json.loads(blob["manifest"])
         tensors = blob["tensors"]

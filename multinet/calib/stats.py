@@ -95,7 +95,7 @@ def iterate_batches(data, batch_size: int = 128) -> Iterable[torch.Tensor]:
 def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: fx.GraphModule | None = None,
             reference_specs: list[ConsumerSpec] | None = None, batch_size: int = 128,
             max_positions: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-            progress=None) -> dict[str, ConsumerStats]:
+            progress=None, first_batch: int = 0, warn: bool = True) -> dict[str, ConsumerStats]:
     """Accumulate statistics for ``specs`` over ``data``.
 
     With ``reference`` (the original model) the cross term with the reference model's input at
@@ -109,7 +109,7 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
     model = model.to(device).eval()
     if reference is not None:
         reference = reference.to(device).eval()
-    for batch_index, batch in enumerate(iterate_batches(data, batch_size)):
+    for batch_index, batch in enumerate(iterate_batches(data, batch_size), start=first_batch):
         batch = batch.to(device)
         captured: dict[str, list[torch.Tensor]] = {}
         ref_captured: dict[str, list[torch.Tensor]] = {}
@@ -141,11 +141,8 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
                     entry.add(ConsumerStats(gram, cross, rows.shape[0]))
         if progress is not None:
             progress(len(batch))
-    for name, s in stats.items():
-        columns = s.gram.shape[0]
-        if s.rows < 4 * columns:
-            warnings.warn(f"`{name}`: {s.rows} calibration rows for {columns} columns; the reconstruction may fit "
-                          f"the calibration set rather than the data (use more samples)", stacklevel=2)
+    if warn:
+        warn_few_rows(stats)
     missing = set(by_name) - set(stats)
     if missing:
         raise MultinetError(f"consumers never ran on the calibration data: {sorted(missing)}")
@@ -153,6 +150,14 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
         s.gram = s.gram.cpu()
         s.cross = s.cross.cpu() if s.cross is not None else None
     return stats
+
+
+def warn_few_rows(stats: dict[str, ConsumerStats]) -> None:
+    for name, s in stats.items():
+        columns = s.gram.shape[0]
+        if s.rows < 4 * columns:
+            warnings.warn(f"`{name}`: {s.rows} calibration rows for {columns} columns; the reconstruction may fit "
+                          f"the calibration set rather than the data (use more samples)", stacklevel=3)
 
 
 def consumer_specs(graph, names: Iterable[str]) -> list[ConsumerSpec]:

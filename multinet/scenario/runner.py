@@ -95,6 +95,11 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
         raise ScenarioError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     write_atomic(out / "scenario.yaml", resolved)
     torch.manual_seed(scenario.runtime.seed)
+    executor = None
+    if scenario.runtime.executor == "ray":
+        from ..execute import RayExecutor
+
+        executor = RayExecutor(scenario.runtime.address)
     split = datasets.load(scenario.data.source)
     calib = split.train_x[: scenario.data.calibration]
     example = calib[:1]
@@ -124,7 +129,7 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
                                   budget=_budget(spec.budget, scenario.runtime.device) if spec.budget else None,
                                   schedule=spec.schedule, batch_size=scenario.data.batch_size,
                                   max_positions=spec.max_positions, device=scenario.runtime.device,
-                                  seed=scenario.runtime.seed, progress=progress)
+                                  seed=scenario.runtime.seed, progress=progress, executor=executor)
                 entry["models"][name] = result.as_dict()
                 if net is not None:
                     result.model.meta["multinet_models"] = net.meta["multinet_models"]
@@ -136,7 +141,7 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
             unified = unify(models, calib, budget=_budget(spec.budget, scenario.runtime.device),
                             schedule=spec.schedule, batch_size=scenario.data.batch_size,
                             max_positions=spec.max_positions, device=scenario.runtime.device, seed=scenario.runtime.seed,
-                            progress=progress)
+                            progress=progress, executor=executor)
             net = unified.model
             entry["unified"] = unified.as_dict()
         elif step.kind == "evaluate":

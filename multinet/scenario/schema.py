@@ -104,7 +104,8 @@ class Step(_Strict):
 
 class RuntimeSpec(_Strict):
     device: str = "cpu"
-    executor: Literal["local"] = "local"  # "ray" arrives with the Ray issue
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None  # Ray: "auto", "host:port", or None for a cluster started in this process
     seed: int = 0
 
 

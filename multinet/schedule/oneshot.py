@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..calib import collect, consumer_specs, iterate_batches
+from ..calib import consumer_specs, iterate_batches
+from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..group_solve import consumer_weight, group_problems
 from ..solve import reap_greedy_multi
@@ -38,11 +39,12 @@ class GroupCurve:
 
 
 def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_size: int, max_positions: int | None,
-                   device: str, seed: int):
-    """Gram statistics of every consumer of the given groups, in one pass over the data."""
+                   device: str, seed: int, executor=None):
+    """Gram statistics of every consumer of the given groups, in one pass over the data (sharded
+    over the executor's workers when it has several)."""
     names = list(dict.fromkeys(n for g in group_ids for n in graph.group(g).consumer_names))
-    return collect(graph.module, consumer_specs(graph, names), data, batch_size=batch_size,
-                   max_positions=max_positions, device=device, seed=seed)
+    return collect_on(executor, graph.module, consumer_specs(graph, names), data, batch_size=batch_size,
+                      max_positions=max_positions, device=device, seed=seed)
 
 
 def group_curve(graph: ChannelGraph, gid: int, stats, max_remove: int, damp: float) -> GroupCurve:

@@ -58,7 +58,8 @@ class Scheduling:
 
 
 def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128, max_positions: int | None = 256,
-            damp: float = 1e-6, device: str = "cpu", seed: int = 0, eval_samples: int = 1024) -> Scheduling:
+            damp: float = 1e-6, device: str = "cpu", seed: int = 0, eval_samples: int = 1024,
+            executor=None) -> Scheduling:
     """Statistics, REAP curves, the cost model and the masked evaluator (shared by all schedules)."""
     budget.check_device()
     allowed = schedulable_groups(graph, budget)
@@ -67,7 +68,7 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
                           "round_to, residual_streams): nothing to schedule")
     seconds = {}
     start = time.perf_counter()
-    stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed)
+    stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
     curves = {g: group_curve(graph, g, stats, options[-1], damp) for g, options in allowed.items()}
@@ -129,7 +130,9 @@ def _search(ctx: Scheduling, schedule: str, metric: int, target: float, executor
 def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool) -> list[Step]:
     start_cost = ctx.cost({}, metric)
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
-    run = resolve_executor(executor)
+    # masked evaluations share one in-memory model, so they run here whatever the executor
+    # (shipping them to Ray would mean the model's bytes once per worker; not built yet)
+    run = resolve_executor(None)
     strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
 
     def saving(counts, g, k):
