@@ -195,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides += ["runtime.executor=ray", f"runtime.address={args.ray_address}"]
     scenario = load_scenario(args.scenario, overrides)
-    out = args.out or f"runs/{scenario.name}"
+    out = args.out or _default_run_dir(scenario.name, args.resume)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     import warnings
 
@@ -211,6 +211,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(markdown(report))
     print(f"run directory: {out}")
     return 0
+
+
+def _default_run_dir(name: str, resume: bool) -> str:
+    """runs/NAME, or runs/NAME-2, -3... when earlier runs are there (--resume: the latest one)."""
+    from pathlib import Path
+
+    candidates = [Path(f"runs/{name}")] + [Path(f"runs/{name}-{i}") for i in range(2, 10_000)]
+    i = 0
+    while i + 1 < len(candidates) and candidates[i].exists():
+        i += 1
+    return str(candidates[max(i - 1, 0)] if resume else candidates[i])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -306,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
     r = sub.add_parser("run", help="run a scenario YAML file")
     r.add_argument("scenario")
-    r.add_argument("--out", help="run directory (default runs/<scenario name>)")
+    r.add_argument("--out", help="run directory (default runs/<scenario name>, numbered when taken)")
     r.add_argument("--resume", action="store_true", help="continue a killed run after its last finished step")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field, e.g. --set steps.0.compress.budget.flops=0.3 (repeatable)")

@@ -58,8 +58,10 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     before, after = report.get("costs_original", {}), report.get("costs_final", {})
+    shared = after.get("shared")
+    fig, axes = plt.subplots(1, 3 if shared else 2, figsize=(15 if shared else 10, 3.6))
+    ax1, ax2 = axes[0], axes[1]
     acc0, acc1 = report.get("accuracy", {}).get("original", {}), report.get("accuracy", {}).get("final", {})
     for name in before:
         if name in acc0 and name in acc1 and name in after:
@@ -83,6 +85,15 @@ def plot(report: dict, path: Path) -> None:
         ax2.set_xticks(range(len(bars)), labels, rotation=90, fontsize=6)
         ax2.legend(fontsize=7)
     ax2.set_title("channels kept per group")
+    if shared:  # a MultiNet: what each model computes alone and what it shares
+        names = [k for k in after if k not in ("shared", "total")]
+        own = [after[k]["flops"] - shared["flops"] for k in names]
+        axes[2].bar(names, [shared["flops"]] * len(names), label="shared with other models")
+        axes[2].bar(names, own, bottom=[shared["flops"]] * len(names), label="its own layers")
+        axes[2].bar(names, [before[k]["flops"] for k in names], fill=False, edgecolor="gray", label="before")
+        axes[2].set_ylabel("FLOPs (MACs) per image")
+        axes[2].set_title("MultiNet: shared and own computation")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
