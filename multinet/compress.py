@@ -74,7 +74,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              plan_path=None,
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
-             autowrap_functions=(), progress: bool = False) -> CompressResult:
+             autowrap_functions=(), progress: bool = False, run_dir=None) -> CompressResult:
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
@@ -86,7 +86,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
     batches (a list or a DataLoader). ``max_positions`` sub-samples conv output positions per
     image to bound calibration cost; ``eval_samples`` calibration samples measure errors at the
-    final outputs. ``progress=True`` shows progress bars.
+    final outputs. ``progress=True`` shows progress bars. ``run_dir``: persist the plan and the model
+    after every finished group there; rerunning with the same arguments resumes (see checkpoint.py).
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -103,16 +104,29 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     executor = resolve_executor(executor)
     settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed,
                     executor=executor)
+    state = None
+    if run_dir is not None:
+        from .checkpoint import RunState, fingerprint
+
+        key = fingerprint(original.module, calibration_data, batch_size, ratio=ratio, method=method,
+                          budget=budget.as_dict() if budget else None, schedule=schedule,
+                          plan=plan.removals() if plan else None, max_positions=max_positions, damp=damp, seed=seed)
+        state = RunState(run_dir, key)
+        if budget is not None and (state.dir / "plan.json").exists():
+            plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
     if budget is not None:
         ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
         plan = make_plan(ctx, schedule, executor, progress)
+        if state is not None:
+            plan.save(state.dir / "plan.json")
     if plan is not None:
         requests = _plan_requests(original, plan)
     else:
         ratios = _ratios(original, 0.5 if ratio is None else ratio)
         requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
                     for gid, r in ratios.items()}
-    current, reports = _apply(original, requests, method, calibration_data, example, progress, **settings)
+    current, reports = _apply(original, requests, method, calibration_data, example, progress, state=state,
+                              **settings)
     before, after = count(original.module), count(current.module)
     if plan is not None:
         _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, batch_size,
@@ -125,18 +139,24 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
            progress: bool, batch_size: int, max_positions: int | None, damp: float, device: str, seed: int,
-           executor: Executor | None = None):
+           executor: Executor | None = None, state=None):
     """Compress group by group in graph order; a request is a channel count (the method selects)
     or the channels themselves (a schedule selected them; the consumers are re-solved)."""
     current = original
     reports = []
     surviving: dict[str, torch.Tensor] = {}  # layer -> original indices of its remaining outputs
+    finished: list[int] = []
+    if state is not None:
+        restored, finished, saved_reports, surviving = state.restore()
+        if restored is not None:
+            current = trace(restored, example)
+            reports = [GroupReport(**r) for r in saved_reports]
     keys = {g.id: _group_key(original, g) for g in original.groups}
     bar = Bar(progress, len(requests), f"{method}: groups")
     for gid in sorted(requests):
         bar.advance()
         request = requests[gid]
-        if not request:
+        if not request or gid in finished:
             continue
         start = time.time()
         # groups are found by the layers they live in: dropping a whole group renumbers the rest,
@@ -163,6 +183,9 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
         current = trace(pruned, example)
         reports.append(GroupReport(gid, group.producers, group.size, len(keep), error, time.time() - start,
                                    sorted(removed)))
+        if state is not None:
+            finished.append(gid)
+            state.record(current.module, example, finished, [asdict(r) for r in reports], surviving)
     bar.close()
     return current, reports
 

@@ -105,3 +105,35 @@ def test_ray_scenario_runs_on_the_cluster(cluster, tmp_path, capsys):
                  "--ray-address", cluster.address]) == 0
     assert (out / "resnet.mnet").exists()
     assert "executor: ray" in (out / "scenario.yaml").read_text()
+
+
+class _DyingOnce(RayExecutor):
+    """Every job of the first shard kills its worker process once: Ray must retry it elsewhere."""
+
+    def __init__(self, marker, **kwargs):
+        super().__init__(**kwargs)
+        self.marker = str(marker)
+
+    def map(self, fn, items):
+        marker = self.marker
+
+        def job(item):
+            import os
+
+            if item["first_batch"] == 0 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # the worker process dies mid-job
+            return fn(item)
+
+        return super().map(job, items)
+
+
+def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, calib, tmp_path):
+    graph = trace(zoo.create("mlp"), calib[:1])
+    specs = consumer_specs(graph, [n for g in graph.prunable_groups for n in g.consumer_names])
+    here = collect(graph.module, specs, calib, batch_size=64)
+    executor = _DyingOnce(tmp_path / "killed", max_retries=2)
+    there = collect_on(executor, graph.module, specs, calib, batch_size=64)
+    assert (tmp_path / "killed").exists()  # a worker did die
+    for name in here:
+        torch.testing.assert_close(there[name].gram, here[name].gram, rtol=1e-10, atol=1e-8)
