@@ -22,7 +22,7 @@ from ..calib import consumer_specs, iterate_batches
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..group_solve import consumer_weight, group_problems
-from ..solve import reap_greedy_multi
+from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import prepare_gram
 
 
@@ -47,15 +47,38 @@ def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_si
                       max_positions=max_positions, device=device, seed=seed)
 
 
-def group_curve(graph: ChannelGraph, gid: int, stats, max_remove: int, damp: float) -> GroupCurve:
-    group = graph.group(gid)
-    if max_remove <= 0:
-        return GroupCurve(gid, group.size, [], np.zeros(1))
-    problems, _ = group_problems(graph, graph, group, stats, damp, {})
-    result = reap_greedy_multi(problems, group.size, max_remove, damp, group.pieces,
-                               allow_all=max_remove == group.size)
-    errors = np.concatenate([[0.0], np.cumsum(result.errors.numpy())])
-    return GroupCurve(gid, group.size, list(result.removed), errors)
+def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
+    """One group's whole greedy REAP sequence, from plain tensors (runs on any executor)."""
+    problems = [ConsumerProblem(*p) for p in job["problems"]]
+    result = reap_greedy_multi(problems, job["size"], job["n_remove"], job["damp"], job["pieces"],
+                               allow_all=job["n_remove"] == job["size"])
+    return list(result.removed), result.errors.numpy()
+
+
+def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: float, executor=None
+                 ) -> dict[int, GroupCurve]:
+    """Every group's removal order and error curve: independent solves, one job per group."""
+    from ..execute import resolve_executor
+
+    jobs, ids = [], []
+    for gid, n in max_remove.items():
+        group = graph.group(gid)
+        if n <= 0:
+            continue
+        problems, _ = group_problems(graph, graph, group, stats, damp, {})
+        jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale) for p in problems],
+                         size=group.size, n_remove=n, damp=damp, pieces=list(group.pieces)))
+        ids.append(gid)
+    solved = dict(zip(ids, resolve_executor(executor).map(_solve_job, jobs)))
+    curves = {}
+    for gid in max_remove:
+        size = graph.group(gid).size
+        if gid not in solved:
+            curves[gid] = GroupCurve(gid, size, [], np.zeros(1))
+            continue
+        removed, errors = solved[gid]
+        curves[gid] = GroupCurve(gid, size, removed, np.concatenate([[0.0], np.cumsum(errors)]))
+    return curves
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -28,7 +28,7 @@ from .allocate import Step, counts_at, greedy
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts
 from .latency import latency_input, measure_ms
-from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curve, one_shot_stats
+from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curves, one_shot_stats
 from .plan import GroupPlan, Plan
 
 SCHEDULES = ("auto", "exhaustive", "uniform")
@@ -71,7 +71,7 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
     stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
-    curves = {g: group_curve(graph, g, stats, options[-1], damp) for g, options in allowed.items()}
+    curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor)
     seconds["curves"] = time.perf_counter() - start
     model = CostModel(graph)
     masked = MaskedModel(graph, stats, list(allowed), evaluation_inputs(data, batch_size, eval_samples), damp, device)
