@@ -10,12 +10,17 @@ from .errors import MultinetError
 from .progress import Bar
 
 
-def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", progress: bool = False):
+def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", progress: bool = False,
+          executor=None):
     """Run ``net`` over ``data`` (a tensor, a list of batches or a DataLoader) in batches.
 
     Returns the outputs concatenated along the batch: for a MultiNet {model name: output}, for a
     plain model its output. The network is moved to ``device``; inputs are moved batch by batch.
+    With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
+    that each rebuild the network once from its model bytes), in order.
     """
+    if executor is not None and getattr(executor, "name", "local") == "ray":
+        return _infer_ray(net, data, batch_size, executor)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MultinetError(f"device {device!r} requested, but this machine has no CUDA device")
@@ -37,4 +42,46 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     finally:
         bar.close()
     joined = [torch.cat(column) for column in zip(*parts)]
+    return pytree.tree_unflatten(joined, spec)
+
+
+class _Predictor:
+    """A Ray Data actor: rebuilds the network once, then maps batches of images to outputs."""
+
+    def __init__(self, blob_ref):
+        import ray
+
+        from .io import from_bytes
+
+        self.net = from_bytes(ray.get(blob_ref) if isinstance(blob_ref, ray.ObjectRef) else blob_ref)
+
+    def __call__(self, batch: dict) -> dict:
+        with torch.no_grad():
+            out = self.net(torch.from_numpy(batch["data"]))
+        leaves, _ = pytree.tree_flatten(out)
+        return {f"out{i}": t.numpy() for i, t in enumerate(leaves)}
+
+
+def _infer_ray(net: nn.Module, data, batch_size: int, executor):
+    import ray
+    import ray.data
+
+    from .io import to_bytes
+
+    x = torch.cat(list(iterate_batches(data, batch_size)))
+    with torch.no_grad():
+        _, spec = pytree.tree_flatten(net(x[:1]))
+    blob = ray.put(to_bytes(net, x[:1]))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    blocks = [c.numpy() for c in torch.chunk(x, max(1, executor.workers))]  # one block per actor to start with
+    dataset = ray.data.from_numpy(blocks).map_batches(
+        _Predictor, fn_constructor_args=(blob,), batch_size=batch_size, batch_format="numpy",
+        concurrency=max(1, executor.workers), num_cpus=executor.options["num_cpus"],
+        num_gpus=executor.options["num_gpus"] or None)
+    columns: dict[str, list] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in batch.items():
+            columns.setdefault(name, []).append(torch.from_numpy(values))
+    joined = [torch.cat(columns[f"out{i}"]) for i in range(len(columns))]
     return pytree.tree_unflatten(joined, spec)

@@ -137,3 +137,13 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, calib, 
     assert (tmp_path / "killed").exists()  # a worker did die
     for name in here:
         torch.testing.assert_close(there[name].gram, here[name].gram, rtol=1e-10, atol=1e-8)
+
+
+def test_batch_inference_of_a_multinet_with_ray_data(cluster, calib):
+    pytest.importorskip("pyarrow")
+    net = multinet.MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, calib[:1])
+    here = multinet.infer(net, calib[:300], batch_size=64)
+    there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor())
+    assert set(there) == {"a", "b"}
+    for key in here:  # every image, in order
+        torch.testing.assert_close(there[key], here[key], atol=1e-5, rtol=1e-5)
