@@ -64,8 +64,11 @@ class _Predictor:
 
 def _infer_ray(net: nn.Module, data, batch_size: int, executor):
     import ray
-    import ray.data
 
+    try:
+        import ray.data
+    except ImportError as exc:
+        raise MultinetError(f"batch inference on Ray uses Ray Data: pip install 'ray[data]' ({exc})") from None
     from .io import to_bytes
 
     x = torch.cat(list(iterate_batches(data, batch_size)))

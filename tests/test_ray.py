@@ -140,7 +140,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, calib, 
 
 
 def test_batch_inference_of_a_multinet_with_ray_data(cluster, calib):
-    pytest.importorskip("pyarrow")
+    pytest.importorskip("ray.data")
     net = multinet.MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, calib[:1])
     here = multinet.infer(net, calib[:300], batch_size=64)
     there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor())
