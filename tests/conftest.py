@@ -5,3 +5,16 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def quiet_calibration():
+    """Small calibration sets are the point of fast tests: silence the rows-per-column warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*calibration rows.*")
+        yield

@@ -1,6 +1,5 @@
 """Saving and loading without pickle: identical outputs, no original class, nothing executable."""
 import json
-import warnings
 
 import pytest
 import torch
@@ -15,11 +14,7 @@ def calib():
     return data.load("digits").train_x[:256]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*calibration rows.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
 
 
 @pytest.mark.parametrize("name", zoo.names())

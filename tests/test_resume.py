@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -16,11 +15,7 @@ KILL_AFTER = 3
 compress_module = importlib.import_module("multinet.compress")  # the module (multinet.compress is the function)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*calibration rows.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
 
 
 def _count_solves(monkeypatch) -> list:

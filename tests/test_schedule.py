@@ -2,7 +2,6 @@
 checked against pruned models, the greedy against brute force, and clear errors."""
 import itertools
 import random
-import warnings
 
 import pytest
 import torch
@@ -23,11 +22,7 @@ def calib():
     return data.load("digits").train_x[:256]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*calibration rows.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
 
 
 def _random_removals(graph, rng):

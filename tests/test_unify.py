@@ -1,6 +1,5 @@
 """MultiNet and Neuro Unification: exact merging, identical and permuted copies collapse, bad input."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -11,11 +10,7 @@ from multinet import MultiNet, MultiNetError, data, zoo
 from multinet.graph import count, trace
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*calibration rows.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
 
 
 @pytest.fixture(scope="module")
