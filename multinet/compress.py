@@ -116,7 +116,10 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
     if budget is not None:
         ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
-        plan = make_plan(ctx, schedule, executor, progress)
+        try:
+            plan = make_plan(ctx, schedule, executor, progress)
+        finally:
+            executor.release()  # the search's worker pool must not keep the resources the next jobs need
         if state is not None:
             plan.save(state.dir / "plan.json")
     if plan is not None:

@@ -31,6 +31,15 @@ class Executor(Protocol):
         """A handle to share ``obj`` with every job (the object itself when local)."""
         ...
 
+    def map_with(self, setup: Callable[..., Any], args: tuple, fn: Callable[[Any, T], R], items: Iterable[T]) -> list[R]:
+        """``fn(state, item)`` for every item, where each worker builds ``state = setup(*args)`` once
+        (a pool of long-lived workers for many small jobs on one big object)."""
+        ...
+
+    def release(self) -> None:
+        """Free what map_with holds (its workers keep their CPUs/GPUs until then)."""
+        ...
+
 
 class LocalExecutor:
     """Runs jobs here, one after another: deterministic, and no process start-up to pay."""
@@ -43,6 +52,26 @@ class LocalExecutor:
 
     def put(self, obj: Any) -> Any:
         return obj
+
+    def map_with(self, setup, args, fn, items):
+        state = setup(*args)
+        return [fn(state, item) for item in items]
+
+    def release(self) -> None:
+        pass
+
+
+class _Stateful:
+    """A Ray actor holding one worker's state for map_with."""
+
+    def __init__(self, setup, args):
+        import ray
+
+        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+        self.state = setup(*args)
+
+    def call(self, fn, item):
+        return fn(self.state, item)
 
 
 def _reachable(address: str, timeout: float) -> None:
@@ -61,8 +90,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3,
-                 connect_timeout: float = 10.0, resources: dict[str, float] | None = None):
+    def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float | str = "auto",
+                 max_retries: int = 3, connect_timeout: float = 10.0, resources: dict[str, float] | None = None):
         try:
             import ray
         except ImportError:
@@ -77,6 +106,8 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ExecutorError(f"cannot connect to Ray at {target}: {str(exc).strip().splitlines()[0]}") from None
         available = ray.cluster_resources()
+        if num_gpus == "auto":  # GPU jobs when the cluster has GPUs, CPU jobs otherwise
+            num_gpus = 1 if available.get("GPU", 0) >= 1 else 0
         wanted = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
         missing = {k: v for k, v in wanted.items() if v and available.get(k, 0) < v}
         if missing:  # a task asking for what no node has would wait forever
@@ -85,6 +116,9 @@ class RayExecutor:
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries,
                         "resources": resources or {}}
         self.workers = max(1, int(available.get("CPU", 1) // max(num_cpus, 1e-9)))
+        if num_gpus:
+            self.workers = max(1, min(self.workers, int(available.get("GPU", 0) // num_gpus)))
+        self.gpu = bool(num_gpus)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         remote = self._ray.remote(fn).options(**self.options)
@@ -92,6 +126,27 @@ class RayExecutor:
 
     def put(self, obj: Any) -> Any:
         return self._ray.put(obj)
+
+    def map_with(self, setup, args, fn, items):
+        from ray.util import ActorPool
+
+        if not hasattr(self, "_pools"):
+            self._pools = {}
+        key = (setup, tuple(id(a) for a in args))
+        if key not in self._pools:  # long-lived actors: the state is built once per worker, reused per call
+            actor = self._ray.remote(_Stateful).options(num_cpus=self.options["num_cpus"],
+                                                        num_gpus=self.options["num_gpus"],
+                                                        resources=self.options["resources"], max_restarts=1)
+            shared = [self._ray.put(a) for a in args]
+            self._pools = {key: ActorPool([actor.remote(setup, shared) for _ in range(self.workers)])}
+        return list(self._pools[key].map(lambda a, item: a.call.remote(fn, item), list(items)))
+
+    def release(self) -> None:
+        """Kill the pool's actors: they hold their CPUs/GPUs, which tasks may need next."""
+        for pool in getattr(self, "_pools", {}).values():
+            while pool.has_free():
+                self._ray.kill(pool.pop_idle())
+        self._pools = {}
 
 
 def resolve_executor(executor: Executor | str | None) -> Executor:

@@ -17,11 +17,12 @@ from multinet.graph import trace  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two nodes with one CPU each (a head and a 'worker' node): start-up once for the module."""
+    """Two nodes with one CPU each (a head, and a 'worker' node that declares one GPU — there is no
+    CUDA here, so GPU jobs land there and fall back to the CPU): start-up once for the module."""
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    c.add_node(num_cpus=1, resources={"worker": 1})
+    c.add_node(num_cpus=1, num_gpus=1, resources={"worker": 1})
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     yield c
@@ -35,7 +36,7 @@ def calib():
 
 
 def test_sharded_statistics_equal_in_process_ones(cluster, calib):
-    executor = RayExecutor()
+    executor = RayExecutor(num_gpus=0)
     assert executor.workers == 2
     graph = trace(zoo.create("resnet"), calib[:1])
     specs = consumer_specs(graph, [n for g in graph.prunable_groups for n in g.consumer_names][:4])
@@ -53,7 +54,7 @@ def test_custom_resources_place_jobs_on_the_worker_node(cluster):
 
         return worker_ray.get_runtime_context().get_node_id()
 
-    executor = RayExecutor(resources={"worker": 1})
+    executor = RayExecutor(num_gpus=0, resources={"worker": 1})
     nodes = executor.map(node_id, range(4))
     head = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("head"))
     assert len(set(nodes)) == 1 and nodes[0] != head
@@ -71,7 +72,7 @@ def test_compress_on_ray_equals_in_process(cluster, calib):
 def test_resources_the_cluster_lacks_fail_at_once(cluster):
     start = time.perf_counter()
     with pytest.raises(ExecutorError, match="cannot run these jobs"):
-        RayExecutor(num_gpus=1)
+        RayExecutor(num_gpus=2)
     with pytest.raises(ExecutorError, match="cannot run these jobs"):
         RayExecutor(resources={"tpu_pod": 1})
     assert time.perf_counter() - start < 5
@@ -132,7 +133,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(cluster, calib, 
     graph = trace(zoo.create("mlp"), calib[:1])
     specs = consumer_specs(graph, [n for g in graph.prunable_groups for n in g.consumer_names])
     here = collect(graph.module, specs, calib, batch_size=64)
-    executor = _DyingOnce(tmp_path / "killed", max_retries=2)
+    executor = _DyingOnce(tmp_path / "killed", max_retries=2, num_gpus=0)
     there = collect_on(executor, graph.module, specs, calib, batch_size=64)
     assert (tmp_path / "killed").exists()  # a worker did die
     for name in here:
@@ -147,3 +148,53 @@ def test_batch_inference_of_a_multinet_with_ray_data(cluster, calib):
     assert set(there) == {"a", "b"}
     for key in here:  # every image, in order
         torch.testing.assert_close(there[key], here[key], atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_jobs_go_to_the_gpu_node_when_the_cluster_has_gpus(cluster, calib):
+    executor = RayExecutor()  # num_gpus="auto": the cluster declares a GPU, so every job asks for one
+    assert executor.gpu and executor.workers == 1
+
+    def where(_):
+        import ray as worker_ray
+        import torch as worker_torch
+
+        return worker_ray.get_runtime_context().get_node_id(), worker_ray.get_gpu_ids(), worker_torch.cuda.is_available()
+
+    head = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("head"))
+    for node, gpus, cuda in executor.map(where, range(3)):
+        assert node != head and len(gpus) == 1 and not cuda  # placed on the GPU node; no CUDA here: CPU fallback
+    graph = trace(zoo.create("mlp"), calib[:1])
+    specs = consumer_specs(graph, [n for g in graph.prunable_groups for n in g.consumer_names])
+    here = collect(graph.module, specs, calib, batch_size=64)
+    there = collect_on(executor, graph.module, specs, calib, batch_size=64)
+    for name in here:
+        torch.testing.assert_close(there[name].gram, here[name].gram, rtol=1e-10, atol=1e-8)
+
+
+def test_exhaustive_schedule_evaluates_candidates_on_a_worker_pool(cluster, calib):
+    budget = Budget(flops=0.6)
+    here = multinet.compress(zoo.create("mlp"), calib, budget=budget, schedule="exhaustive")
+    there = multinet.compress(zoo.create("mlp"), calib, budget=budget, schedule="exhaustive",
+                              executor=RayExecutor(num_gpus=0))
+    assert here.plan.removals() == there.plan.removals()
+    assert there.plan.predicted_error == pytest.approx(here.plan.predicted_error, rel=1e-6)
+
+
+def test_cuda_out_of_memory_falls_back_to_the_cpu():
+    """Simulated (no GPU here): the first evaluation runs out of memory, the retry on the CPU succeeds."""
+    from multinet.schedule.oneshot import masked_error
+
+    class Evaluator:
+        device = "cuda"
+
+        def error(self, removed):
+            if self.device == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return 0.25
+
+        def to(self, device):
+            self.device = device
+            return self
+
+    evaluator = Evaluator()
+    assert masked_error(evaluator, {0: [1]}) == 0.25 and evaluator.device == "cpu"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict
 
+import torch
+
 from .stats import ConsumerSpec, ConsumerStats, collect, iterate_batches, warn_few_rows
 
 
@@ -30,11 +32,22 @@ def _shard_job(job: dict) -> dict[str, tuple]:
     reference = from_bytes(fetch(job["reference"])) if job["reference"] is not None else None
     specs = [ConsumerSpec(**s) for s in job["specs"]]
     ref_specs = [ConsumerSpec(**s) for s in job["reference_specs"]] if job["reference_specs"] else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # per-shard row counts are not the run's: the driver checks the total
-        stats = collect(model, specs, job["batches"], reference=reference, reference_specs=ref_specs,
-                        batch_size=job["batch_size"], max_positions=job["max_positions"], device=job["device"],
-                        seed=job["seed"], first_batch=job["first_batch"], warn=False)
+    device = job["device"]
+    if job.get("gpu") and torch.cuda.is_available():
+        device = "cuda"  # a GPU job on a GPU node accumulates there
+
+    def run(on: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # per-shard row counts are not the run's: the driver checks the total
+            return collect(model, specs, job["batches"], reference=reference, reference_specs=ref_specs,
+                           batch_size=job["batch_size"], max_positions=job["max_positions"], device=on,
+                           seed=job["seed"], first_batch=job["first_batch"], warn=False)
+
+    try:
+        stats = run(device)
+    except torch.cuda.OutOfMemoryError:  # too big for this GPU: the same shard on the CPU
+        torch.cuda.empty_cache()
+        stats = run("cpu")
     return {k: (v.gram, v.cross, v.rows) for k, v in stats.items()}
 
 
@@ -55,7 +68,8 @@ def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None,
     jobs = [dict(model=model_ref, reference=ref_ref, specs=[asdict(s) for s in specs],
                  reference_specs=[asdict(s) for s in reference_specs] if reference_specs else None,
                  batches=batches[lo:hi], first_batch=lo, batch_size=batch_size, max_positions=max_positions,
-                 device=device, seed=seed) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+                 device=device, seed=seed, gpu=getattr(executor, "gpu", False))
+            for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     total: dict[str, ConsumerStats] = {}
     for part in executor.map(_shard_job, jobs):
         for name, (gram, cross, rows) in part.items():

@@ -194,6 +194,12 @@ class MaskedModel:
             weight = self.gm.get_parameter(c.name)
             weight.data = layer_w.to(weight)  # functional layers are read without a bias (as in compress)
 
+    def to(self, device: str) -> "MaskedModel":
+        self.gm = self.gm.to(device)
+        self.inputs = [x.to(device) for x in self.inputs]
+        self.device = device
+        return self
+
     def set_removed(self, removed: Mapping[int, Sequence[int]]) -> None:
         sets = {g: {int(c) for c in r} for g, r in removed.items() if len(r)}
         for name, c in self.consumers.items():
@@ -207,3 +213,24 @@ class MaskedModel:
         self.set_removed(removed)
         self.evaluations += 1
         return output_error(run_outputs(self.gm, self.inputs), self.reference)
+
+
+# --- the masked evaluator on executor workers (built once per worker, from plain data) ----------
+
+def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: float) -> MaskedModel:
+    """Runs on a worker: rebuild the model from bytes and its masked evaluator (on its GPU if any)."""
+    from ..graph import trace
+    from ..io import from_bytes
+
+    graph = trace(from_bytes(model_bytes), example)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return MaskedModel(graph, stats, group_ids, inputs, damp, device)
+
+
+def masked_error(masked: MaskedModel, removed) -> float:
+    """One candidate's final-output error; a CUDA out-of-memory moves this worker's evaluator to the CPU."""
+    try:
+        return masked.error(removed)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return masked.to("cpu").error(removed)

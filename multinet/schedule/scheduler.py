@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calib import iterate_batches
-from ..execute import Executor, resolve_executor
+from ..execute import Executor
 from ..graph import ChannelGraph, prune
 from ..progress import Bar
 from .allocate import Step, counts_at, greedy
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts
 from .latency import latency_input, measure_ms
-from .oneshot import GroupCurve, MaskedModel, evaluation_inputs, group_curves, one_shot_stats
+from .oneshot import (GroupCurve, MaskedModel, evaluation_inputs, group_curves, masked_error, masked_setup,
+                      one_shot_stats)
 from .plan import GroupPlan, Plan
 
 SCHEDULES = ("auto", "exhaustive", "uniform")
@@ -49,6 +50,14 @@ class Scheduling:
     masked: MaskedModel
     seconds: dict[str, float]
     original: tuple[float, float]
+    executor: object = None  # where candidate evaluations run (in this process when None or local)
+    remote_args: tuple | None = None  # what a worker needs to rebuild the masked evaluator
+
+    def errors(self, states: list[dict]) -> list[float]:
+        """Final-output errors of several removal states: here, or on the executor's worker pool."""
+        if self.remote_args is None:
+            return [self.masked.error(s) for s in states]
+        return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
 
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
         return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
@@ -74,9 +83,15 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
     curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor)
     seconds["curves"] = time.perf_counter() - start
     model = CostModel(graph)
-    masked = MaskedModel(graph, stats, list(allowed), evaluation_inputs(data, batch_size, eval_samples), damp, device)
+    inputs = evaluation_inputs(data, batch_size, eval_samples)
+    masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device)
+    remote = None
+    if executor is not None and getattr(executor, "name", "local") != "local":
+        from ..io import to_bytes
+
+        remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp)
     return Scheduling(graph, budget, allowed, curves, model.along({g: c.order for g, c in curves.items()}), masked,
-                      seconds, (model.flops_full, model.params_full))
+                      seconds, (model.flops_full, model.params_full), executor, remote)
 
 
 def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None = None, progress: bool = False,
@@ -130,9 +145,6 @@ def _search(ctx: Scheduling, schedule: str, metric: int, target: float, executor
 def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool) -> list[Step]:
     start_cost = ctx.cost({}, metric)
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
-    # masked evaluations share one in-memory model, so they run here whatever the executor
-    # (shipping them to Ray would mean the model's bytes once per worker; not built yet)
-    run = resolve_executor(None)
     strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
 
     def saving(counts, g, k):
@@ -144,17 +156,17 @@ def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor
     try:
         if schedule == "exhaustive":
             def errors_of(counts, moves):
-                return run.map(ctx.masked.error, [ctx.removals({**counts, g: k}) for g, k in moves])
+                return ctx.errors([ctx.removals({**counts, g: k}) for g, k in moves])
 
             return greedy(ctx.allowed, saving, start_cost, target, errors_of, strides, False, progress=report)
-        return _auto(ctx, saving, start_cost, target, strides, run, report)
+        return _auto(ctx, saving, start_cost, target, report)
     finally:
         bar.close()
 
 
-def _auto(ctx: Scheduling, saving, start_cost: float, target: float, strides, run, report) -> list[Step]:
+def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report) -> list[Step]:
     """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k)."""
-    predict = _predictor(ctx, run)
+    predict = _predictor(ctx)
 
     def errors_of(counts, moves):
         now = sum(predict[g](k) for g, k in counts.items())
@@ -164,7 +176,7 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, strides, ru
                   progress=report)
 
 
-def _predictor(ctx: Scheduling, run) -> dict[int, Callable[[int], float]]:
+def _predictor(ctx: Scheduling) -> dict[int, Callable[[int], float]]:
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
@@ -177,7 +189,7 @@ def _predictor(ctx: Scheduling, run) -> dict[int, Callable[[int], float]]:
         for p in PROBES:
             probes.setdefault(g, set()).add(options[max(1, round(p * (len(options) - 1)))])
     jobs = [(g, k) for g in probes for k in sorted(probes[g])]
-    finals = run.map(ctx.masked.error, [{g: ctx.curves[g].order[:k]} for g, k in jobs])
+    finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs])
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
