@@ -16,6 +16,7 @@ import torch
 
 from .calib import iterate_batches
 from .errors import MultinetError
+from .files import write_atomic
 from .io import load, save, to_bytes
 
 
@@ -60,9 +61,7 @@ class RunState:
         save(model, self.dir / name, example)
         body = {"key": self.key, "model": name, "finished": finished, "reports": reports,
                 "surviving": {k: v.tolist() for k, v in surviving.items()}}
-        tmp = self.progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        tmp.replace(self.progress)
+        write_atomic(self.progress, json.dumps(body))
         for old in self.dir.glob("model-*.mnet"):
             if old.name != name:
                 old.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ import json
 import math
 import operator
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MultinetError
+from .files import atomic_path
 from .graph import trace
 
 FORMAT = "multinet-graph/1"
@@ -95,17 +95,9 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> Path
     """Write ``model`` (a GraphModule such as a compressed model or MultiNet, or any traceable
     module with ``example_inputs``) to ``path``, atomically."""
     blob = _blob(model, example_inputs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def to_bytes(model: nn.Module, example_inputs=None) -> bytes:
@@ -318,11 +310,7 @@ def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: st
         raise ModelFileError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     inputs = as_tuple(example_inputs)
     model = model.eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if format == "torch.export":
             program = torch.export.export(model, inputs)
             torch.export.save(program, tmp)
@@ -339,8 +327,4 @@ def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: st
             except Exception as exc:
                 raise ModelFileError(f"this graph does not export to ONNX: {str(exc).strip().splitlines()[0]}") from exc
             program.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

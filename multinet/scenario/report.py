@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import atomic_path, write_atomic
+
 
 def _pct(after: float, before: float) -> str:
     return f"{after:,.0f} ({after / before:.1%})" if before else f"{after:,.0f}"
@@ -100,13 +102,10 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(out: Path, report: dict, plots: bool = True) -> None:
-    from .runner import write_atomic
-
     write_atomic(out / "report.md", markdown(report))
     if plots:
-        tmp = out / ".report.png.tmp.png"
-        plot(report, tmp)
-        tmp.replace(out / "report.png")
+        with atomic_path(out / "report.png") as tmp:
+            plot(report, tmp)
 
 
 def read_report(run_dir: str | Path) -> dict:

@@ -9,8 +9,6 @@ finished steps and never a half-written model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ import yaml
 
 from .. import data as datasets
 from ..compress import compress
+from ..files import write_atomic
 from ..graph import count, trace
 from ..infer import infer
 from ..io import load, save
@@ -27,18 +26,6 @@ from ..schedule import Budget
 from ..unification import unify
 from .report import write_report
 from .schema import BudgetSpec, Scenario, ScenarioError
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _budget(spec: BudgetSpec, device: str) -> Budget:

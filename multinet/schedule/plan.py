@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MultinetError
+from ..files import write_atomic
 
 
 @dataclass
@@ -50,17 +50,8 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (a temporary file renamed into place): a killed run leaves no half plan."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.as_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        write_atomic(path, json.dumps(self.as_dict(), indent=1))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
