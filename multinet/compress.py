@@ -177,7 +177,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             n_remove -= 1
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
                                                max_positions, damp, device, seed + gid, surviving, preset, executor)
-        keep = [c for c in range(group.size) if c not in set(removed)]
+        keep = sorted(set(range(group.size)) - set(removed))
         if keep:
             _track_outputs(current, group, keep, surviving)
             pruned = prune(current, {group.id: keep}, consumer_weights=weights)

@@ -143,7 +143,7 @@ class MaskedModel:
             for name in graph.group(gid).consumer_names:
                 if name not in self.consumers:
                     self.consumers[name] = self._consumer(graph, name, stats[name], wanted, damp)
-        self._loaded: dict[str, frozenset] = {name: frozenset() for name in self.consumers}
+        self._loaded: dict[str, tuple] = {name: () for name in self.consumers}
         self.evaluations = 0
 
     @staticmethod
@@ -159,24 +159,25 @@ class MaskedModel:
                  for sl in g.consumers if sl.consumer == name]
         return _Consumer(name, damped, gram.double() @ weight, weight, dead, slots, tuple(w.shape), has_bias)
 
-    def _weights(self, c: _Consumer, removed: Mapping[int, set[int]]) -> tuple[frozenset, torch.Tensor]:
-        gone = []
-        for gid, channels, blocks in c.slots:
-            rem = removed.get(gid)
-            if rem:
-                mask = torch.tensor([int(ch) in rem for ch in channels.tolist()], dtype=torch.bool)
-                gone.append(blocks[mask].flatten())
-        cols = torch.unique(torch.cat(gone)) if gone else torch.zeros(0, dtype=torch.long)
-        key = frozenset(cols.tolist())
-        if not key:
-            return key, c.weight
+    @staticmethod
+    def _removed_columns(c: _Consumer, removed: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Sorted input columns of ``c`` that the removed channels occupy."""
+        gone = [blocks[torch.isin(channels, removed[gid])].flatten()
+                for gid, channels, blocks in c.slots if gid in removed]
+        return torch.unique(torch.cat(gone)) if gone else torch.zeros(0, dtype=torch.long)
+
+    @staticmethod
+    def _weights(c: _Consumer, cols: torch.Tensor) -> torch.Tensor:
+        """The consumer re-solved by least squares without ``cols`` (which read zero weight)."""
+        if not len(cols):
+            return c.weight
         kept = torch.ones(len(c.weight), dtype=torch.bool)
         kept[cols] = False
         w = torch.zeros_like(c.weight)
         w[kept] = torch.linalg.solve(c.gram[kept][:, kept], c.target[kept])
         restore = c.dead & kept  # zero on calibration data is not zero elsewhere
         w[restore] = c.weight[restore]
-        return key, w
+        return w
 
     def _load(self, c: _Consumer, w: torch.Tensor) -> None:
         layer_w = (w[:-1] if c.has_bias else w).T.reshape(c.shape)
@@ -201,11 +202,14 @@ class MaskedModel:
         return self
 
     def set_removed(self, removed: Mapping[int, Sequence[int]]) -> None:
-        sets = {g: {int(c) for c in r} for g, r in removed.items() if len(r)}
+        """Load every consumer's weights for these removals; only consumers whose removed columns
+        changed since the last call are re-solved."""
+        sets = {g: torch.as_tensor(list(r), dtype=torch.long) for g, r in removed.items() if len(r)}
         for name, c in self.consumers.items():
-            key, w = self._weights(c, sets)
+            cols = self._removed_columns(c, sets)
+            key = tuple(cols.tolist())
             if key != self._loaded[name]:
-                self._load(c, w)
+                self._load(c, self._weights(c, cols))
                 self._loaded[name] = key
 
     def error(self, removed: Mapping[int, Sequence[int]]) -> float:

@@ -239,7 +239,7 @@ def _latency_search(ctx: Scheduling, budget: Budget, schedule: str, executor, pr
 
     def latency(counts) -> float:
         removals = ctx.removals(counts)
-        keep = {g: [c for c in range(ctx.curves[g].size) if c not in set(r)] for g, r in removals.items()}
+        keep = {g: sorted(set(range(ctx.curves[g].size)) - set(r)) for g, r in removals.items()}
         model = prune(graph, keep) if keep else graph.module
         return measure_ms(model, x, budget.device)
 
