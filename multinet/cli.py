@@ -79,20 +79,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def example_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+    """One example input: --input-shape, else the shape a .mnet file recorded, else the zoo dataset's."""
     from . import zoo
+
+    shapes = model.meta.get("input_shapes") if hasattr(model, "meta") else None
+    if args.input_shape:
+        return torch.zeros(parse_shape(args.input_shape))
+    if shapes:
+        return torch.zeros((1, *shapes[0][1:]))
+    if args.model.startswith("zoo:"):
+        return zoo.example_input(args.dataset, batch=1)
+    raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph import count, trace
     from .report_tables import groups_table, print_table
 
     model = load_target(args.model, args.checkpoint, args.dataset)
-    if args.input_shape:
-        example = torch.zeros(parse_shape(args.input_shape))
-    elif model.meta.get("input_shapes") if hasattr(model, "meta") else None:
-        example = torch.zeros((1, *model.meta["input_shapes"][0][1:]))
-    elif args.model.startswith("zoo:"):
-        example = zoo.example_input(args.dataset, batch=1)
-    else:
-        raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32)")
+    example = example_for(model, args)
     graph = trace(model, example)
     counts = count(graph.module)
     print_table(groups_table(graph, title=f"{args.model}  input {tuple(example.shape)}"))
@@ -263,18 +269,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io import export
 
     model = load_target(args.model, None, args.dataset)
-    shapes = model.meta.get("input_shapes") if hasattr(model, "meta") else None
-    if args.input_shape:
-        example = torch.zeros(parse_shape(args.input_shape))
-    elif shapes:
-        example = torch.zeros((1, *shapes[0][1:]))
-    elif args.model.startswith("zoo:"):
-        from . import zoo
-
-        example = zoo.example_input(args.dataset, batch=1)
-    else:
-        raise MultinetError("--input-shape is required for this model (e.g. --input-shape 1,3,32,32)")
-    print(f"written {export(model, example, args.out, format=args.format)}")
+    print(f"written {export(model, example_for(model, args), args.out, format=args.format)}")
     return 0
 
 
