@@ -61,14 +61,20 @@ class LocalExecutor:
         pass
 
 
+def fetch(obj: Any) -> Any:
+    """The object behind a handle from ``put`` (a Ray object reference, or the object itself)."""
+    try:
+        import ray
+    except ImportError:
+        return obj
+    return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
+
+
 class _Stateful:
     """A Ray actor holding one worker's state for map_with."""
 
     def __init__(self, setup, args):
-        import ray
-
-        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
-        self.state = setup(*args)
+        self.state = setup(*[fetch(a) for a in args])
 
     def call(self, fn, item):
         return fn(self.state, item)

@@ -49,11 +49,10 @@ class _Predictor:
     """A Ray Data actor: rebuilds the network once, then maps batches of images to outputs."""
 
     def __init__(self, blob_ref):
-        import ray
-
+        from .execute import fetch
         from .io import from_bytes
 
-        self.net = from_bytes(ray.get(blob_ref) if isinstance(blob_ref, ray.ObjectRef) else blob_ref)
+        self.net = from_bytes(fetch(blob_ref))
 
     def __call__(self, batch: dict) -> dict:
         with torch.no_grad():

@@ -16,17 +16,8 @@ from .stats import ConsumerSpec, ConsumerStats, collect, iterate_batches, warn_f
 
 def _shard_job(job: dict) -> dict[str, tuple]:
     """Runs on a worker: rebuild the model(s) from bytes, accumulate statistics for a shard."""
+    from ..execute import fetch
     from ..io import from_bytes
-
-    def fetch(ref):
-        if ref is None:
-            return None
-        try:
-            import ray
-
-            return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        except ImportError:
-            return ref
 
     model = from_bytes(fetch(job["model"]))
     reference = from_bytes(fetch(job["reference"])) if job["reference"] is not None else None

@@ -18,7 +18,7 @@ import yaml
 
 from .. import data as datasets
 from ..compress import compress
-from ..files import write_atomic
+from ..files import atomic_path, write_atomic
 from ..graph import count, trace
 from ..infer import infer
 from ..io import load, save
@@ -54,7 +54,7 @@ def _costs(models: dict, net, example) -> dict[str, dict[str, int]]:
     if net is not None:
         from ..unification import model_costs
 
-        return {k: v for k, v in model_costs(net, example).items()}
+        return model_costs(net, example)
     return {k: {"flops": c.flops, "params": c.params} for k, m in models.items() for c in [count(trace(m, example).module)]}
 
 
@@ -141,8 +141,8 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
             t0 = time.perf_counter()
             outs = _outputs(models, net, x, step.spec.batch_size)
             seconds = time.perf_counter() - t0
-            buffer = _tensor_bytes({k: v.argmax(1) for k, v in outs.items()})
-            write_atomic(out / f"predictions-step{index + 1}.pt", buffer)
+            with atomic_path(out / f"predictions-step{index + 1}.pt") as tmp:
+                torch.save({k: v.argmax(1) for k, v in outs.items()}, tmp)
             entry["images_per_second"] = len(x) / max(seconds, 1e-9)
         entry["seconds"] = time.perf_counter() - start
         report["steps"].append(entry)
@@ -154,14 +154,6 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
     write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
     write_report(out, report, plots=scenario.outputs.plots)
     return report
-
-
-def _tensor_bytes(tensors: dict) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(tensors, buf)
-    return buf.getvalue()
 
 
 def _checkpoint(state_dir: Path, models: dict, net, report: dict, steps_done: int, example) -> None:
