@@ -117,7 +117,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     if budget is not None:
         ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
         try:
-            plan = make_plan(ctx, schedule, executor, progress)
+            plan = make_plan(ctx, schedule, progress)
         finally:
             executor.release()  # the search's worker pool must not keep the resources the next jobs need
         if state is not None:

@@ -144,7 +144,6 @@ class MaskedModel:
                 if name not in self.consumers:
                     self.consumers[name] = self._consumer(graph, name, stats[name], wanted, damp)
         self._loaded: dict[str, tuple] = {name: () for name in self.consumers}
-        self.evaluations = 0
 
     @staticmethod
     def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
@@ -215,7 +214,6 @@ class MaskedModel:
     def error(self, removed: Mapping[int, Sequence[int]]) -> float:
         """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
-        self.evaluations += 1
         return output_error(run_outputs(self.gm, self.inputs), self.reference)
 
 

@@ -50,11 +50,13 @@ class Scheduling:
     masked: MaskedModel
     seconds: dict[str, float]
     original: tuple[float, float]
-    executor: object = None  # where candidate evaluations run (in this process when None or local)
+    executor: Executor | None = None  # where candidate evaluations run (in this process when None or local)
     remote_args: tuple | None = None  # what a worker needs to rebuild the masked evaluator
+    evaluations: int = 0  # forward passes over the evaluation samples so far, wherever they ran
 
     def errors(self, states: list[dict]) -> list[float]:
         """Final-output errors of several removal states: here, or on the executor's worker pool."""
+        self.evaluations += len(states)
         if self.remote_args is None:
             return [self.masked.error(s) for s in states]
         return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
@@ -68,7 +70,7 @@ class Scheduling:
 
 def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128, max_positions: int | None = 256,
             damp: float = 1e-6, device: str = "cpu", seed: int = 0, eval_samples: int = 1024,
-            executor=None) -> Scheduling:
+            executor: Executor | None = None) -> Scheduling:
     """Statistics, REAP curves, the cost model and the masked evaluator (shared by all schedules)."""
     budget.check_device()
     allowed = schedulable_groups(graph, budget)
@@ -94,9 +96,9 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
                       seconds, (model.flops_full, model.params_full), executor, remote)
 
 
-def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None = None, progress: bool = False,
-              budget: Budget | None = None) -> Plan:
-    """Per-group removals meeting ``budget`` (default: the one ``ctx`` was prepared for)."""
+def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, budget: Budget | None = None) -> Plan:
+    """Per-group removals meeting ``budget`` (default: the one ``ctx`` was prepared for); candidate
+    evaluations run where ``prepare`` was told to run jobs."""
     if schedule not in SCHEDULES:
         raise BudgetError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     budget = budget or ctx.budget
@@ -105,9 +107,9 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
         raise BudgetError(f"this budget's constraints ({', '.join(fixed)}) differ from those the scheduling was "
                           f"prepared for: call prepare() again")
     start = time.perf_counter()
-    evaluations = ctx.masked.evaluations
+    evaluations = ctx.evaluations
     if budget.metric == "latency":
-        counts, steps, target, original, cost = _latency_search(ctx, budget, schedule, executor, progress)
+        counts, steps, target, original, cost = _latency_search(ctx, budget, schedule, progress)
         predicted = None
     else:
         metric = 0 if budget.metric == "flops" else 1
@@ -118,10 +120,10 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
             raise BudgetError(f"{budget.metric} budget {target:,.0f} ({target / original:.3f} of the network) is below "
                               f"{floor:,.0f} ({floor / original:.3f}): what the layers that cannot be pruned (and the "
                               f"minimum channels) cost")
-        counts, steps, predicted = _search(ctx, schedule, metric, target, executor, progress)
+        counts, steps, predicted = _search(ctx, schedule, metric, target, progress)
         cost = ctx.cost(counts, metric)
     if predicted is None:
-        predicted = ctx.masked.error(ctx.removals(counts))
+        predicted = ctx.errors([ctx.removals(counts)])[0]
     seconds = dict(ctx.seconds, search=time.perf_counter() - start)
     groups = []
     for g, c in ctx.curves.items():
@@ -129,20 +131,20 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", executor: Executor | None
         group = ctx.graph.group(g)
         groups.append(GroupPlan(g, group.producers, group.size, c.order[:k], float(c.errors[k])))
     return Plan(schedule, budget.as_dict(), budget.metric, float(target), float(original), float(cost),
-                float(predicted), groups, steps, seconds, ctx.masked.evaluations - evaluations)
+                float(predicted), groups, steps, seconds, ctx.evaluations - evaluations)
 
 
-def _search(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool,
+def _search(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool,
             ) -> tuple[dict[int, int], list[tuple[int, int]], float | None]:
     """(counts, moves, predicted final-output error or None when it must be measured)."""
     if schedule == "uniform":
         counts = _uniform(ctx, lambda c: ctx.cost(c, metric) <= target)
         return counts, [(g, k) for g, k in counts.items() if k], None
-    path = _greedy(ctx, schedule, metric, target, executor, progress)
+    path = _greedy(ctx, schedule, metric, target, progress)
     return counts_at(path, len(path)), [(s.group, s.count) for s in path], (path[-1].error if path else 0.0)
 
 
-def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, executor, progress: bool) -> list[Step]:
+def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool) -> list[Step]:
     start_cost = ctx.cost({}, metric)
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
     strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
@@ -224,7 +226,7 @@ def _uniform(ctx: Scheduling, fits, iterations: int = 40) -> dict[int, int]:
     return counts(hi)
 
 
-def _latency_search(ctx: Scheduling, budget: Budget, schedule: str, executor, progress: bool):
+def _latency_search(ctx: Scheduling, budget: Budget, schedule: str, progress: bool):
     """Walk the FLOPs schedule (or the uniform fraction) until the measured latency fits.
 
     Latency does not decompose over layers, so the schedule is built for FLOPs down to the
@@ -250,7 +252,7 @@ def _latency_search(ctx: Scheduling, budget: Budget, schedule: str, executor, pr
         counts = _uniform(ctx, lambda c: latency(c) <= aim, iterations=8)
         steps = [(g, k) for g, k in counts.items() if k]
     else:
-        path = _greedy(ctx, schedule, 0, ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, 0), executor, progress)
+        path = _greedy(ctx, schedule, 0, ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, 0), progress)
         lo, hi = 0, len(path)  # latency(path[:lo]) > aim; find the shortest prefix that fits
         if latency(counts_at(path, hi)) > aim:
             raise BudgetError(f"latency budget {target:.3f} ms cannot be met: the smallest model this schedule "
