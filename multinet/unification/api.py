@@ -140,29 +140,28 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
         mean = g[:-1, -1] / n
         cov = g[:-1, :-1] / n - mean[:, None] * mean[None, :]
         per_position = graph.analysis.layers[layer].columns_per_position
-        offset = 0
-        sources = []
-        for model, other_layer, width in bridge.sources:
-            sources.append((model, other_layer, offset, width))
-            offset += width
-        shared = offset
-        for pos, col in items:
-            if cov[col, col] <= 1e-12 * cov.diagonal().max().clamp_min(1e-30):  # constant: the bias stands in
+        starts = [0]
+        for _, _, width in bridge.sources:
+            starts.append(starts[-1] + width)
+        shared = starts[-1]
+        lost_cols = torch.tensor([col for _, col in items])
+        # every lost channel against every earlier-model channel at once, at the same tap
+        src_cols = torch.arange(shared)[None, :] * per_position + (lost_cols % per_position)[:, None]
+        var_lost = cov[lost_cols, lost_cols]
+        var_src = cov[src_cols, src_cols].clamp_min(1e-30)
+        r2 = cov[lost_cols[:, None], src_cols] ** 2 / (var_lost.clamp_min(1e-30)[:, None] * var_src)
+        r2[:, torch.isin(torch.arange(shared), torch.tensor(sorted(gone_sources.get(layer, ())), dtype=torch.long))] = -1
+        best = torch.argmax(r2, 1)
+        constant = var_lost <= 1e-12 * cov.diagonal().max().clamp_min(1e-30)  # the bias stands in
+        for i, (pos, col) in enumerate(items):
+            if constant[i]:
                 out.append(Match(bridge.model, layer, pos - shared, bridge.model, "(bias)", -1, 0.0,
                                  float(mean[col]), 1.0))
                 continue
-            best = None
-            for model, other_layer, start, width in sources:
-                positions = torch.arange(start, start + width)
-                cols = positions * per_position + (col % per_position)
-                var_a = cov[col, col].clamp_min(1e-30)
-                var_b = cov[cols, cols].clamp_min(1e-30)
-                r2 = cov[col, cols] ** 2 / (var_a * var_b)
-                r2[torch.isin(positions, torch.tensor(sorted(gone_sources.get(layer, ())), dtype=torch.long))] = -1
-                k = int(torch.argmax(r2))
-                if best is None or r2[k] > best[-1]:
-                    alpha = float(cov[col, cols[k]] / var_b[k])
-                    best = (model, other_layer, k, alpha, float(mean[col] - alpha * mean[cols[k]]), float(r2[k]))
-            model, other_layer, k, alpha, beta, r2 = best
-            out.append(Match(bridge.model, layer, pos - shared, model, other_layer, k, alpha, beta, r2))
+            j = int(best[i])
+            source = next(s for s in range(len(bridge.sources)) if starts[s] <= j < starts[s + 1])
+            model, other_layer, _ = bridge.sources[source]
+            alpha = float(cov[col, src_cols[i, j]] / var_src[i, j])
+            out.append(Match(bridge.model, layer, pos - shared, model, other_layer, j - starts[source], alpha,
+                             float(mean[col] - alpha * mean[src_cols[i, j]]), float(r2[i, j])))
     return out
