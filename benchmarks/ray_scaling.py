@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from multinet import data, trace, zoo  # noqa: E402
 from multinet.calib import consumer_specs  # noqa: E402
 from multinet.calib.sharded import collect_on  # noqa: E402
-from multinet.execute import LocalExecutor, RayExecutor  # noqa: E402
+from multinet.runtime.executors import LocalExecutor, RayExecutor  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

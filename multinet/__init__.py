@@ -1,9 +1,9 @@
 """multinet: compress trained PyTorch models without retraining, and merge models that share an input."""
 from .errors import InputShapeError, MultinetError, PruneError, TraceError
-from .compress import CompressResult, compress
+from .pipeline.compress import CompressResult, compress
 from .schedule import Budget, BudgetError, Plan
-from .infer import infer
-from .io import ModelFileError, export, load, save
+from .runtime.infer import infer
+from .io import ModelFileError, data, export, load, save
 from .unification import MultiNet, MultiNetError, Unified, model_costs, unify
 from .graph import ChannelGraph, ChannelGroup, Counts, count, prune, register_elementwise, trace
 

@@ -20,53 +20,7 @@ import sys
 import torch
 
 from .errors import MultinetError
-
-
-def load_target(target: str, checkpoint: str | None, dataset: str) -> torch.nn.Module:
-    """``zoo:NAME``, ``package.module:factory`` or a saved ``.mnet`` file -> an nn.Module in eval mode."""
-    if target.endswith(".mnet"):
-        from .io import load
-
-        if checkpoint:
-            raise MultinetError("a .mnet file holds its own weights; drop --checkpoint")
-        return load(target)
-    if ":" not in target:
-        raise MultinetError(f"model {target!r} must be zoo:NAME or module.path:factory")
-    module_name, factory_name = target.split(":", 1)
-    if module_name == "zoo":
-        from . import zoo
-
-        if checkpoint:
-            return _with_checkpoint(zoo.build(factory_name, dataset), checkpoint)
-        return zoo.create(factory_name, dataset)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MultinetError(f"cannot import {module_name!r}: {exc}") from exc
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise MultinetError(f"{module_name!r} has no callable {factory_name!r}")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise MultinetError(f"{target} returned {type(model).__name__}, not a torch.nn.Module")
-    return _with_checkpoint(model, checkpoint) if checkpoint else model.eval()
-
-
-def _with_checkpoint(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise MultinetError(f"checkpoint {path!r} does not exist") from None
-    except Exception as exc:
-        raise MultinetError(f"checkpoint {path!r} cannot be read as tensors: {str(exc).splitlines()[0]}") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as exc:
-        raise MultinetError(f"checkpoint {path!r} does not fit {type(model).__name__}: "
-                            f"{str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()}") from exc
-    return model.eval()
+from .io.sources import load_target
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -95,7 +49,7 @@ def example_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tenso
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph import count, trace
-    from .report_tables import groups_table, print_table
+    from .scenario.tables import groups_table, print_table
 
     model = load_target(args.model, args.checkpoint, args.dataset)
     example = example_for(model, args)
@@ -103,13 +57,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     counts = count(graph.module)
     print_table(groups_table(graph, title=f"{args.model}  input {tuple(example.shape)}"))
     if args.layers:
-        from .report_tables import layers_table
+        from .scenario.tables import layers_table
 
         print_table(layers_table(counts))
     if args.evaluate:
         if not args.model.startswith("zoo:"):
             raise MultinetError("--evaluate needs a zoo model (its dataset is built in)")
-        from . import data
+        from .io import data
 
         split = data.load(args.dataset)
         acc = data.accuracy(graph.module, split.test_x, split.test_y)
@@ -125,9 +79,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model on a built-in dataset and report groups, FLOPs and accuracy before -> after."""
     import warnings
 
-    from . import data
-    from .compress import compress
-    from .report_tables import compress_table, print_table
+    from .io import data
+    from .pipeline.compress import compress
+    from .scenario.tables import compress_table, print_table
 
     budget = _budget(args)
     if args.ratio is not None and (budget is not None or args.plan):
@@ -247,8 +201,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     """Batch inference of a model (or a saved MultiNet) on a built-in dataset's test split."""
     import time
 
-    from . import data
-    from .infer import infer
+    from .io import data
+    from .runtime.infer import infer
 
     model = load_target(args.model, None, args.dataset)
     split = data.load(args.dataset)

@@ -11,7 +11,7 @@ import multinet  # noqa: E402
 from multinet import Budget, data, zoo  # noqa: E402
 from multinet.calib import collect, consumer_specs  # noqa: E402
 from multinet.calib.sharded import collect_on  # noqa: E402
-from multinet.execute import ExecutorError, LocalExecutor, RayExecutor  # noqa: E402
+from multinet.runtime.executors import ExecutorError, LocalExecutor, RayExecutor  # noqa: E402
 from multinet.graph import trace  # noqa: E402
 
 

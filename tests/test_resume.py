@@ -12,7 +12,7 @@ import importlib
 from multinet import Budget, MultinetError, data, zoo
 
 KILL_AFTER = 3
-compress_module = importlib.import_module("multinet.compress")  # the module (multinet.compress is the function)
+compress_module = importlib.import_module("multinet.pipeline.compress")  # the module (multinet.compress is the function)
 
 
 pytestmark = pytest.mark.usefixtures("quiet_calibration")
@@ -37,7 +37,7 @@ def test_killed_driver_resumes_without_recomputing_and_ends_identical(tmp_path, 
         warnings.simplefilter("ignore")
         import multinet
         from multinet import Budget, data, zoo
-        from multinet.checkpoint import RunState
+        from multinet.runtime.checkpoint import RunState
         record = RunState.record
         def record_then_die(self, *args, **kwargs):
             record(self, *args, **kwargs)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import multinet
 from multinet import Budget, BudgetError, MultinetError, Plan, count, data, prune, trace, zoo
-from multinet.group_solve import group_problems, to_layer_weights
+from multinet.pipeline.group_problems import group_problems, to_layer_weights
 from multinet.schedule import make_plan, prepare
 from multinet.schedule.allocate import greedy
 from multinet.schedule.costs import CostModel

@@ -16,7 +16,7 @@ from .stats import ConsumerSpec, ConsumerStats, collect, iterate_batches, warn_f
 
 def _shard_job(job: dict) -> dict[str, tuple]:
     """Runs on a worker: rebuild the model(s) from bytes, accumulate statistics for a shard."""
-    from ..execute import fetch
+    from ..runtime.executors import fetch
     from ..io import from_bytes
 
     model = from_bytes(fetch(job["model"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import atomic_path, write_atomic
+from ..io.files import atomic_path, write_atomic
 
 
 def _pct(after: float, before: float) -> str:

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import data as datasets
-from ..compress import compress
-from ..files import atomic_path, write_atomic
+from ..io import data as datasets
+from ..pipeline.compress import compress
+from ..io.files import atomic_path, write_atomic
 from ..graph import count, trace
-from ..infer import infer
+from ..runtime.infer import infer
 from ..io import load, save
+from ..io.sources import load_target
 from ..schedule import Budget
 from ..unification import unify
 from .report import write_report
@@ -45,8 +46,6 @@ def _check_writable(out: Path) -> None:
 
 
 def _load_models(scenario: Scenario) -> dict[str, torch.nn.Module]:
-    from ..cli import load_target
-
     return {m.name: load_target(m.model, m.checkpoint, scenario.data.source) for m in scenario.models}
 
 
@@ -84,7 +83,7 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
     torch.manual_seed(scenario.runtime.seed)
     executor = None
     if scenario.runtime.executor == "ray":
-        from ..execute import RayExecutor
+        from ..runtime.executors import RayExecutor
 
         executor = RayExecutor(scenario.runtime.address)
     split = datasets.load(scenario.data.source)

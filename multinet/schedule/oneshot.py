@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..calib import consumer_specs, iterate_batches
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
-from ..group_solve import consumer_weight, group_problems
+from ..pipeline.group_problems import consumer_weight, group_problems
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import prepare_gram
 
@@ -58,7 +58,7 @@ def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
 def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: float, executor=None
                  ) -> dict[int, GroupCurve]:
     """Every group's removal order and error curve: independent solves, one job per group."""
-    from ..execute import resolve_executor
+    from ..runtime.executors import resolve_executor
 
     jobs, ids = [], []
     for gid, n in max_remove.items():

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MultinetError
-from ..files import write_atomic
+from ..io.files import write_atomic
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calib import iterate_batches
-from ..execute import Executor
+from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
-from ..progress import Bar
+from ..runtime.progress import Bar
 from .allocate import Step, counts_at, greedy
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import data
+from ..io import data
 from . import CHECKPOINTS, build, names
 
 EPOCHS = {"digits": 40, "mnist": 12}

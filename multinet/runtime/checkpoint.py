@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .calib import iterate_batches
-from .errors import MultinetError
-from .files import write_atomic
-from .io import load, save, to_bytes
+from ..calib import iterate_batches
+from ..errors import MultinetError
+from ..io.files import write_atomic
+from ..io import load, save, to_bytes
 
 
 def fingerprint(model, data, batch_size: int, **settings) -> str:

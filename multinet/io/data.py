@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import MultinetError
+from ..errors import MultinetError
 
 DATASETS = ("digits", "mnist")
 

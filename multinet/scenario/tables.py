@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .graph import ChannelGraph, Counts
+from ..graph import ChannelGraph, Counts
 
 
 def _short(names: list[str], limit: int = 3) -> str:

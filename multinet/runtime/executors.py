@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
-from .errors import MultinetError
+from ..errors import MultinetError
 
 T = TypeVar("T")
 R = TypeVar("R")

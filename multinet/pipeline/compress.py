@@ -23,20 +23,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .calib import consumer_specs, iterate_batches
-from .calib.sharded import collect_on
-from .errors import MultinetError
-from .execute import Executor, resolve_executor
-from .progress import Bar
-from .schedule import Budget, Plan, make_plan, prepare
-from .schedule.latency import latency_input, measure_ms
-from .schedule.oneshot import evaluation_inputs, output_error, run_outputs
-from .graph import ChannelGraph, count, prune, trace
-from .graph.dropping import drop_group, droppable
-from .group_solve import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
-from .solve import reap_greedy_multi, reconstruct_multi
-from .solve.pairs import unify_pairs
-from .solve.selection import lowest, magnitude_scores, random_channels
+from ..calib import consumer_specs, iterate_batches
+from ..calib.sharded import collect_on
+from ..errors import MultinetError
+from ..runtime.executors import Executor, resolve_executor
+from ..runtime.progress import Bar
+from ..schedule import Budget, Plan, make_plan, prepare
+from ..schedule.latency import latency_input, measure_ms
+from ..schedule.oneshot import evaluation_inputs, output_error, run_outputs
+from ..graph import ChannelGraph, count, prune, trace
+from ..graph.dropping import drop_group, droppable
+from .group_problems import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
+from ..solve import reap_greedy_multi, reconstruct_multi
+from ..solve.pairs import unify_pairs
+from ..solve.selection import lowest, magnitude_scores, random_channels
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
 
@@ -106,7 +106,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
                     executor=executor)
     state = None
     if run_dir is not None:
-        from .checkpoint import RunState, fingerprint
+        from ..runtime.checkpoint import RunState, fingerprint
 
         key = fingerprint(original.module, calibration_data, batch_size, ratio=ratio, method=method,
                           budget=budget.as_dict() if budget else None, schedule=schedule,

@@ -11,9 +11,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph import ChannelGraph
-from .solve import ConsumerProblem
-from .solve.problem import removed_columns
+from ..graph import ChannelGraph
+from ..solve import ConsumerProblem
+from ..solve.problem import removed_columns
 
 
 def consumer_weight(gm: fx.GraphModule, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .calib import iterate_batches
-from .errors import MultinetError
+from ..calib import iterate_batches
+from ..errors import MultinetError
 from .progress import Bar
 
 
@@ -49,8 +49,8 @@ class _Predictor:
     """A Ray Data actor: rebuilds the network once, then maps batches of images to outputs."""
 
     def __init__(self, blob_ref):
-        from .execute import fetch
-        from .io import from_bytes
+        from .executors import fetch
+        from ..io import from_bytes
 
         self.net = from_bytes(fetch(blob_ref))
 
@@ -68,7 +68,7 @@ def _infer_ray(net: nn.Module, data, batch_size: int, executor):
         import ray.data
     except ImportError as exc:
         raise MultinetError(f"batch inference on Ray uses Ray Data: pip install 'ray[data]' ({exc})") from None
-    from .io import to_bytes
+    from ..io import to_bytes
 
     x = torch.cat(list(iterate_batches(data, batch_size)))
     with torch.no_grad():
