@@ -80,7 +80,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import warnings
 
     from .io import data
-    from .pipeline.compress import compress
+    from .pipeline.compression import compress
     from .scenario.tables import compress_table, print_table
 
     budget = _budget(args)

@@ -130,13 +130,16 @@ def test_dead_columns_cost_nothing_even_without_damping(solver):
     assert 3 not in kept and len(kept) == 4
 
 
-def test_dead_column_of_a_kept_channel_keeps_its_weight():
-    x = torch.randn(50, 4, dtype=D)
+@pytest.mark.parametrize("seed", range(5))
+def test_dead_column_of_a_kept_channel_keeps_its_weight(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(50, 4, generator=gen, dtype=D)
     x[:, 0] = 0
-    w = torch.randn(4, 2, dtype=D)
-    result = reap_greedy(x.T @ x, w, 1, block=2)  # channel 0 = columns 0,1 (column 0 dead)
-    if 0 in result.kept:
-        assert torch.equal(result.weight[0], w[0])
+    w = torch.randn(4, 2, generator=gen, dtype=D)
+    w[1] *= 100  # channel 0 (columns 0, 1; column 0 dead) carries the output: it is always kept
+    result = reap_greedy(x.T @ x, w, 1, block=2)
+    assert result.removed == [1] and 0 in result.kept
+    assert torch.equal(result.weight[0], w[0])  # a dead column's weight is left as it was, not zeroed or moved
 
 
 def test_bad_inputs():

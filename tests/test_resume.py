@@ -12,7 +12,7 @@ import importlib
 from multinet import Budget, MultinetError, data, zoo
 
 KILL_AFTER = 3
-compress_module = importlib.import_module("multinet.pipeline.compress")  # the module (multinet.compress is the function)
+compress_module = importlib.import_module("multinet.pipeline.compression")  # the module (multinet.compress is the function)
 
 
 pytestmark = pytest.mark.usefixtures("quiet_calibration")

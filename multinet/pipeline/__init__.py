@@ -1,4 +1,4 @@
 """The compression pipeline: trace -> calibrate -> select -> reconstruct -> cut, group by group."""
-from .compress import CompressResult, compress
+from .compression import CompressResult, compress
 
 __all__ = ["CompressResult", "compress"]

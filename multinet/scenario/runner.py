@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..io import data as datasets
-from ..pipeline.compress import compress
+from ..pipeline.compression import compress
 from ..io.files import atomic_path, write_atomic
 from ..graph import count, trace
 from ..runtime.infer import infer

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..calib import collect, consumer_specs, iterate_batches
-from ..pipeline.compress import CompressResult, compress
+from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
 from ..schedule import Budget, Plan
 from .bridges import Bridge, add_bridges
