@@ -1,11 +1,15 @@
 """Calibration cost: peak memory and throughput against the number of samples.
 
-    python benchmarks/calibration.py [--model resnet] [--samples 256 1024 4096 16384]
+    python benchmarks/calibration.py [--model resnet] [--samples 256 1024 4096 16384] [--unfold]
 
 Each size runs in a fresh process that accumulates the statistics of every consumer of every
 prunable group (streamed in batches of 128); the table shows the process's peak resident
 memory above its state before calibrating, and samples per second. Statistics are O(columns^2)
 per consumer, so memory must stay flat as samples grow.
+
+``--unfold`` also times the conv rows of one batch (32 images, 64 sampled output positions each,
+ResNet-50-sized 3x3 convs): the whole im2col matrix then the sampled rows, against gathering only
+the sampled positions' patches (what ``collect`` does), in this process, one thread.
 """
 from __future__ import annotations
 
@@ -42,10 +46,38 @@ def worker(model_name: str, n: int) -> dict:
             "input_mb": x.numel() * 4 / 2**20, "per_s": n / seconds, "consumers": len(stats)}
 
 
+def unfold_speed() -> None:
+    import torch
+
+    from multinet.calib.unfold import unfold_conv_input
+
+    torch.set_num_threads(1)
+    geom = dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    print("conv rows of 32 images, 64 sampled positions each (3x3 conv, one thread)")
+    print(f"{'input':>14s} {'im2col then pick ms':>20s} {'gather picked ms':>17s} {'speed-up':>9s}")
+    for channels, size in [(64, 56), (128, 28), (256, 14), (512, 7)]:
+        x = torch.randn(32, channels, size, size)
+        pick = torch.randperm(size * size, generator=torch.Generator().manual_seed(0))[:64]
+
+        def whole():
+            rows = unfold_conv_input(x, geom)
+            return rows.view(32, size * size, -1)[:, pick].reshape(-1, rows.shape[1])
+
+        timings = []
+        for fn in (whole, lambda: unfold_conv_input(x, geom, pick)):
+            fn()
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            timings.append((time.perf_counter() - start) / 5 * 1e3)
+        print(f"{f'{channels}x{size}x{size}':>14s} {timings[0]:20.1f} {timings[1]:17.1f} {timings[0] / timings[1]:8.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet")
     parser.add_argument("--samples", nargs="*", type=int, default=[256, 1024, 4096, 16384])
+    parser.add_argument("--unfold", action="store_true", help="also time sampled unfolding against whole im2col")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -59,6 +91,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['samples']:8d} {r['input_mb']:9.1f} {r['stats_mb']:9.1f} {r['peak_mb']:14.1f} {r['per_s']:10.0f}",
               flush=True)
+    if args.unfold:
+        unfold_speed()
 
 
 if __name__ == "__main__":

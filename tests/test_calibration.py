@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -85,3 +87,21 @@ def test_calibration_bad_inputs(setup):
         collect(graph.module, specs, bad)
     with pytest.warns(UserWarning, match="calibration rows"):
         collect(graph.module, consumer_specs(graph, ["fc"]), x[:3])
+
+
+@pytest.mark.parametrize("shape,geom", [
+    ((3, 4, 9, 11), dict(kernel=(3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
+    ((2, 5, 8, 8), dict(kernel=(1, 1), stride=(2, 2), padding=(0, 0), dilation=(1, 1))),
+    ((2, 3, 7, 7), dict(kernel=(3, 3), stride=(1, 1), padding="same", dilation=(2, 2))),
+    ((2, 3, 10), dict(kernel=(3,), stride=(2,), padding=(1,), dilation=(1,))),
+])
+def test_sampled_positions_are_gathered_without_the_whole_im2col(shape, geom):
+    from multinet.calib.unfold import output_grid, unfold_conv_input
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    full = unfold_conv_input(x, geom)  # F.unfold of every position: the reference
+    per_sample = full.shape[0] // shape[0]
+    assert per_sample == math.prod(output_grid(x, geom))
+    pick = torch.randperm(per_sample, generator=torch.Generator().manual_seed(1))[: max(1, per_sample // 3)]
+    expected = full.view(shape[0], per_sample, -1)[:, pick].reshape(-1, full.shape[1])
+    assert torch.equal(unfold_conv_input(x, geom, pick), expected)

@@ -9,6 +9,7 @@ Sums are additive: shards can be reduced anywhere.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InputShapeError, MultinetError
-from .unfold import conv_geometry, linear_rows, unfold_conv_input
+from .unfold import conv_geometry, linear_rows, output_grid, unfold_conv_input
 
 
 @dataclass
@@ -62,11 +63,11 @@ def _rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: t
     if spec.kind == "linear":
         rows = linear_rows(x)
     else:
-        rows = unfold_conv_input(x, spec.geometry)
-        per_sample = rows.shape[0] // x.shape[0]
-        if max_positions and per_sample > max_positions:
+        per_sample = math.prod(output_grid(x, spec.geometry))
+        pick = None
+        if max_positions and per_sample > max_positions:  # sampled before unfolding: only these patches are built
             pick = torch.randperm(per_sample, generator=gen)[:max_positions]
-            rows = rows.view(x.shape[0], per_sample, -1)[:, pick.to(rows.device)].reshape(-1, rows.shape[1])
+        rows = unfold_conv_input(x, spec.geometry, pick)
     rows = rows.to(torch.float64)
     ones = torch.ones(rows.shape[0], 1, dtype=torch.float64, device=rows.device)
     return torch.cat([rows, ones], 1)

@@ -38,8 +38,8 @@ def _explicit_padding(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple]
     return x, tuple(padding)
 
 
-def unfold_conv_input(x: torch.Tensor, geom: dict) -> torch.Tensor:
-    """N x C x (L | H x W) -> (N*positions) x (C*prod(kernel)), columns ordered like weight.flatten(1)."""
+def _as_image(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
+    """Explicitly padded N x C x H x W input and its kernel, stride, dilation, padding (Conv1d as 1 x L)."""
     x, padding = _explicit_padding(x, geom)
     kernel, stride, dilation = geom["kernel"], geom["stride"], geom["dilation"]
     if x.ndim == 3:  # Conv1d as a 1 x L image
@@ -47,8 +47,39 @@ def unfold_conv_input(x: torch.Tensor, geom: dict) -> torch.Tensor:
         kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
     if x.ndim != 4:
         raise MultinetError("calibration supports Conv1d and Conv2d consumers (not Conv3d)")
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N x C*k x L
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x, tuple(kernel), tuple(stride), tuple(dilation), tuple(padding)
+
+
+def _grid(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, padding: tuple) -> tuple[int, ...]:
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, d, p in zip(x.shape[2:], kernel, stride, dilation, padding))
+
+
+def output_grid(x: torch.Tensor, geom: dict) -> tuple[int, ...]:
+    """The conv's output height and width (1 x L for Conv1d): how many positions each sample has."""
+    return _grid(*_as_image(x, geom))
+
+
+def unfold_conv_input(x: torch.Tensor, geom: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """N x C x (L | H x W) -> (N*positions) x (C*prod(kernel)), columns ordered like weight.flatten(1).
+
+    ``positions``: flat output positions (row-major over the output grid) to keep, the same for
+    every sample; only their patches are gathered, so sampling never builds the whole im2col
+    matrix (C*k*k columns for every output position) first."""
+    x, kernel, stride, dilation, padding = _as_image(x, geom)
+    if positions is None:
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N x C*k x L
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    _, width = _grid(x, kernel, stride, dilation, padding)
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    positions = positions.to(x.device)
+    top = (positions // width) * stride[0]
+    left = (positions % width) * stride[1]
+    rows = top[:, None, None] + (torch.arange(kernel[0], device=x.device) * dilation[0])[None, :, None]
+    cols = left[:, None, None] + (torch.arange(kernel[1], device=x.device) * dilation[1])[None, None, :]
+    patches = x[:, :, rows, cols]  # N x C x P x kh x kw
+    n, c, p = patches.shape[:3]
+    return patches.permute(0, 2, 1, 3, 4).reshape(n * p, c * kernel[0] * kernel[1])
 
 
 def linear_rows(x: torch.Tensor) -> torch.Tensor:
