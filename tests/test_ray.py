@@ -1,5 +1,4 @@
 """The Ray executor on a two-node cluster on this machine: same results as in-process, clear errors."""
-import time
 
 import pytest
 import torch
@@ -70,12 +69,11 @@ def test_compress_on_ray_equals_in_process(cluster, calib):
 
 
 def test_resources_the_cluster_lacks_fail_at_once(cluster):
-    start = time.perf_counter()
+    # refused by checking the cluster's resources up front: a Ray task asking for them would wait forever
     with pytest.raises(ExecutorError, match="cannot run these jobs"):
         RayExecutor(num_gpus=2)
     with pytest.raises(ExecutorError, match="cannot run these jobs"):
         RayExecutor(resources={"tpu_pod": 1})
-    assert time.perf_counter() - start < 5
 
 
 def test_unreachable_address_fails_within_the_timeout():
@@ -83,11 +81,27 @@ def test_unreachable_address_fails_within_the_timeout():
     import subprocess
     import sys
 
-    code = "from multinet.execute import RayExecutor; RayExecutor('127.0.0.1:1', connect_timeout=2)"
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    code = "from multinet.runtime.executors import RayExecutor; RayExecutor('127.0.0.1:1', connect_timeout=2)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)  # hang guard
     assert result.returncode != 0 and "cannot reach a Ray cluster at 127.0.0.1:1" in result.stderr
-    assert time.perf_counter() - start < 30
+
+
+def test_the_connect_probe_is_bounded_by_the_timeout(monkeypatch):
+    """No clock: the probe hands the timeout to the socket, and a silent address is an error, not a hang."""
+    import socket
+
+    from multinet.runtime import executors
+
+    asked = []
+
+    def silent(address, timeout=None):
+        asked.append((address, timeout))
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(executors.socket, "create_connection", silent)
+    with pytest.raises(ExecutorError, match="cannot reach a Ray cluster at 127.0.0.1:6399 within 3 s"):
+        executors._reachable("127.0.0.1:6399", 3.0)
+    assert asked == [(("127.0.0.1", 6399), 3.0)]
 
 
 def test_bad_executor_names():
