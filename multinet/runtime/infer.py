@@ -7,6 +7,7 @@ from torch.utils import _pytree as pytree
 
 from ..calib import iterate_batches
 from ..errors import MultinetError
+from .devices import resolve_device
 from .progress import Bar
 
 
@@ -21,9 +22,7 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     """
     if executor is not None and getattr(executor, "name", "local") == "ray":
         return _infer_ray(net, data, batch_size, executor)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MultinetError(f"device {device!r} requested, but this machine has no CUDA device")
+    dev = resolve_device(device)
     net = net.to(dev).eval()
     total = len(data) if isinstance(data, torch.Tensor) else None
     bar = Bar(progress, total or 0, "inference")
@@ -45,20 +44,32 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     return pytree.tree_unflatten(joined, spec)
 
 
+def predictor_device() -> torch.device:
+    """The GPU Ray gave this actor, if it gave one and CUDA works here; else the CPU.
+
+    An actor that reserved a GPU and computed on the CPU would hold the GPU for nothing."""
+    import ray
+
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        return torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the reserved GPU(s)
+    return torch.device("cpu")
+
+
 class _Predictor:
-    """A Ray Data actor: rebuilds the network once, then maps batches of images to outputs."""
+    """A Ray Data actor: rebuilds the network once on its device, then maps batches to outputs."""
 
     def __init__(self, blob_ref):
         from .executors import fetch
         from ..io import from_bytes
 
-        self.net = from_bytes(fetch(blob_ref))
+        self.device = predictor_device()
+        self.net = from_bytes(fetch(blob_ref)).to(self.device).eval()
 
     def __call__(self, batch: dict) -> dict:
         with torch.no_grad():
-            out = self.net(torch.from_numpy(batch["data"]))
+            out = self.net(torch.from_numpy(batch["data"]).to(self.device))
         leaves, _ = pytree.tree_flatten(out)
-        return {f"out{i}": t.numpy() for i, t in enumerate(leaves)}
+        return {f"out{i}": t.cpu().numpy() for i, t in enumerate(leaves)}
 
 
 def _infer_ray(net: nn.Module, data, batch_size: int, executor):

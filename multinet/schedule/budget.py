@@ -32,7 +32,7 @@ class Budget:
     flops: float | None = None
     params: float | None = None
     latency_ms: float | None = None
-    device: str = "cpu"
+    device: str | None = None  # where latency is measured; None: the compression run's device
     latency_batch: int = 1
     latency_tolerance: float = 0.05
     round_to: int = 1
@@ -51,6 +51,8 @@ class Budget:
                                   f"got {value!r}")
         if self.latency_ms is not None and not self.latency_ms > 0:
             raise BudgetError(f"latency_ms must be positive, got {self.latency_ms!r}")
+        if not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+            raise BudgetError(f"latency_batch must be a positive integer, got {self.latency_batch!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise BudgetError(f"round_to must be a positive integer, got {self.round_to!r}")
         if isinstance(self.ignore, str):
@@ -74,7 +76,7 @@ class Budget:
         return out
 
     def check_device(self) -> None:
-        if self.latency_ms is None:
+        if self.latency_ms is None or self.device is None:
             return
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 
-def measure_ms(model: nn.Module, example: torch.Tensor, device: str = "cpu", warmup: int = 5, repeats: int = 21) -> float:
-    """Median milliseconds of one forward pass of ``example`` on ``device``."""
-    dev = torch.device(device)
+def measure_ms(model: nn.Module, example: torch.Tensor, device: str | None = "cpu", warmup: int = 5,
+               repeats: int = 21) -> float:
+    """Median milliseconds of one forward pass of ``example`` on ``device`` (None: the CPU)."""
+    dev = torch.device(device or "cpu")
     model = copy.deepcopy(model).to(dev).eval()  # never move the caller's model
     x = example.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -49,14 +49,17 @@ def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_si
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
     """One group's whole greedy REAP sequence, from plain tensors (runs on any executor)."""
-    problems = [ConsumerProblem(*p) for p in job["problems"]]
+    device = job.get("device", "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        device = "cpu"  # a worker without a GPU solves on its CPU
+    problems = [ConsumerProblem(*p).to(device) for p in job["problems"]]
     result = reap_greedy_multi(problems, job["size"], job["n_remove"], job["damp"], job["pieces"],
                                allow_all=job["n_remove"] == job["size"])
     return list(result.removed), result.errors.numpy()
 
 
-def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: float, executor=None
-                 ) -> dict[int, GroupCurve]:
+def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: float, executor=None,
+                 device: str = "cpu") -> dict[int, GroupCurve]:
     """Every group's removal order and error curve: independent solves, one job per group."""
     from ..runtime.executors import resolve_executor
 
@@ -67,7 +70,7 @@ def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: f
             continue
         problems, _ = group_problems(graph, graph, group, stats, damp, {})
         jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale) for p in problems],
-                         size=group.size, n_remove=n, damp=damp, pieces=list(group.pieces)))
+                         size=group.size, n_remove=n, damp=damp, pieces=list(group.pieces), device=device))
         ids.append(gid)
     solved = dict(zip(ids, resolve_executor(executor).map(_solve_job, jobs)))
     curves = {}

@@ -28,6 +28,11 @@ class ConsumerProblem:
     columns: torch.Tensor  # k x w: the columns each of those channels occupies
     scale: float = 1.0  # multiplies this consumer's errors (normalisation across consumers)
 
+    def to(self, device: str | torch.device) -> "ConsumerProblem":
+        """The same problem with its tensors on ``device`` (solves run where the run's device is)."""
+        return ConsumerProblem(self.gram.to(device), self.weight.to(device), self.channels.to(device),
+                               self.columns.to(device), self.scale)
+
     def validate(self) -> None:
         m = self.gram.shape[0]
         if self.gram.ndim != 2 or self.gram.shape != (m, m):

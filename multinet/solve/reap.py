@@ -92,10 +92,12 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
     for p in problems:
         gram, dead, weight = start(p, damp)
         states.append((p, invert(gram), weight, dead))
-    alive = torch.ones(n_channels, dtype=torch.bool)
+    device = problems[0].gram.device if problems else torch.device("cpu")  # solve where the statistics live
+    pieces = [piece.to(device) for piece in pieces]
+    alive = torch.ones(n_channels, dtype=torch.bool, device=device)
     removed, errors = [], []
     for _ in range(n_remove):
-        scores = torch.zeros(n_channels, dtype=torch.float64)
+        scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
         for p, ginv, weight, _ in states:
             live = alive[p.channels]
             scores[p.channels[live]] += p.scale * block_errors(ginv, weight, p.columns[live])
@@ -111,7 +113,7 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
     weights = [finish(p, weight, dead, ~removed_columns(p, removed)) for p, _, weight, dead in states]
-    return ReapResult(removed, torch.stack(errors) if errors else torch.zeros(0, dtype=torch.float64),
+    return ReapResult(removed, torch.stack(errors).cpu() if errors else torch.zeros(0, dtype=torch.float64),
                       weights, n_channels)
 
 
