@@ -5,22 +5,30 @@
     multinet inspect mypkg.models:build --input-shape 1,3,32,32 --checkpoint weights.pt
     multinet compress zoo:resnet --ratio 0.5 --method reap
     multinet compress zoo:resnet --flops 0.4 --schedule auto --plan-out plan.json
+    multinet compress model.py:build --model-arg width=32 --checkpoint weights.pt --data data.npz --ratio 0.5
     multinet run scenarios/quickstart.yaml --out runs/quickstart [--resume] [--set data.calibration=512]
     multinet report runs/quickstart
     multinet infer runs/quickstart/resnet.mnet --dataset digits
 
-Exit codes: 0 ok, 2 bad input (the message says what), 1 internal failure.
+Exit codes: 0 ok; 2 bad input or Ctrl-C (one line on stderr, ``multinet: error: ...``, and no
+half-written file); 1 internal failure (one line; ``--traceback`` or ``MULTINET_TRACEBACK=1`` shows it).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import torch
 
-from .errors import MultinetError
+from .errors import InputShapeError, MultinetError
+from .io.files import check_output_path
 from .io.sources import load_target
+from .runtime.devices import default_threads, resolve_device, set_threads
+
+SAVE_FORMATS = {".mnet": "mnet", ".onnx": "onnx", ".pt2": "torch.export"}  # --save suffix -> what is written
+DEVICE_HELP = "where the work runs (calibration, solves, evaluation, latency): cpu, cuda, cuda:N"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -42,16 +50,118 @@ def example_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tenso
         return torch.zeros(parse_shape(args.input_shape))
     if shapes:
         return torch.zeros((1, *shapes[0][1:]))
+    if getattr(args, "data", None):
+        return data_from(args).train_x[:1]
     if args.model.startswith("zoo:"):
-        return zoo.example_input(args.dataset, batch=1)
-    raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32)")
+        return zoo.example_input(zoo_dataset(args), batch=1)
+    raise MultinetError("--input-shape is required for a module:factory model (e.g. --input-shape 1,3,32,32), "
+                        "or --data to take it from the data")
+
+
+def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    """Refuse data of the wrong shape before any work, naming both shapes when the model recorded its
+    own (a .mnet file does): otherwise it surfaces as a matrix-size error deep inside the model."""
+    from .io.user_data import check_fit
+
+    given = tuple(x.shape[1:])
+    meta = getattr(model, "meta", None)
+    shapes = meta.get("input_shapes") if isinstance(meta, dict) else None
+    if shapes and tuple(shapes[0][1:]) != given:
+        raise InputShapeError(f"{what} are {_shape(given)} per sample, but the model expects "
+                              f"{_shape(tuple(shapes[0][1:]))}")
+    check_fit(model, x, None, what)  # models that record no shape: two samples through them
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape) or "scalars"
+
+
+def check_save_path(path: str) -> str:
+    """The format ``--save`` writes, from its suffix (refusing others); ONNX's packages are checked now."""
+    check_output_path(path, "--save", tuple(SAVE_FORMATS))
+    kind = SAVE_FORMATS[os.path.splitext(path)[1].lower()]
+    if kind == "onnx":
+        from .io.export import require_onnx
+
+        require_onnx()
+    return kind
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def settle_runtime(args: argparse.Namespace) -> None:
+    """Device and threads, checked and set before any work, so ``--device cuda`` on a machine without a
+    GPU fails in a second, not after loading data."""
+    if getattr(args, "device", None) is not None:
+        args.device = str(resolve_device(args.device))
+    if hasattr(args, "threads"):
+        set_threads(args.threads)
+
+
+def zoo_dataset(args: argparse.Namespace) -> str:
+    """--data digits|mnist also sizes a zoo model (and picks its weights); otherwise --dataset does."""
+    from .io.data import DATASETS
+
+    return args.data if getattr(args, "data", None) in DATASETS else args.dataset
+
+
+def model_from(args: argparse.Namespace) -> torch.nn.Module:
+    """The model argument with --checkpoint and --model-arg (factory keyword arguments)."""
+    from .io.sources import parse_model_args
+
+    return load_target(args.model, getattr(args, "checkpoint", None), zoo_dataset(args),
+                       args=parse_model_args(getattr(args, "model_arg", [])))
+
+
+def data_from(args: argparse.Namespace):
+    """--data (with --eval-data and the image options) or the built-in --dataset, read once per command."""
+    if getattr(args, "_split", None) is None:
+        from .io.images import ImageOptions
+        from .io.user_data import load_data
+
+        if getattr(args, "eval_data", None) and not args.data:
+            raise MultinetError("--eval-data needs --data (the calibration data)")
+        images = ImageOptions.parse(getattr(args, "image_size", None), getattr(args, "channels", None),
+                                    getattr(args, "mean", None), getattr(args, "std", None))
+        args._split = load_data(getattr(args, "data", None) or args.dataset, eval_spec=getattr(args, "eval_data", None),
+                                images=images)
+    return args._split
+
+
+def data_name(args: argparse.Namespace) -> str:
+    """What the evaluation data is called in messages: the evaluation source, else the data source."""
+    return getattr(args, "eval_data", None) or getattr(args, "data", None) or args.dataset
+
+
+def evaluation_line(model: torch.nn.Module, compressed: torch.nn.Module, split, name: str) -> str:
+    """Accuracy before -> after on labelled evaluation data; without labels, agreement with the original."""
+    from .io import data
+
+    n = len(split.test_x)
+    held_out = f"{n} held-out {'images' if name in data.DATASETS else 'samples'}, no fine-tuning"
+    if split.test_y is not None:
+        before = data.accuracy(model, split.test_x, split.test_y)
+        after = data.accuracy(compressed, split.test_x, split.test_y)
+        return f"test accuracy on {name} ({held_out}): {before:.4f} -> {after:.4f}"
+    from .runtime.infer import infer
+
+    reference, outputs = infer(model, split.test_x, batch_size=512), infer(compressed, split.test_x, batch_size=512)
+    return (f"no labels in {name}: agreement with the original model ({held_out}): top-1 "
+            f"{data.agreement_of(outputs, reference):.4f}, relative output error "
+            f"{data.relative_error(outputs, reference):.5f}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .graph import count, trace
     from .scenario.tables import groups_table, print_table
 
-    model = load_target(args.model, args.checkpoint, args.dataset)
+    model = model_from(args)
     example = example_for(model, args)
     graph = trace(model, example)
     counts = count(graph.module)
@@ -61,13 +171,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         print_table(layers_table(counts))
     if args.evaluate:
-        if not args.model.startswith("zoo:"):
-            raise MultinetError("--evaluate needs a zoo model (its dataset is built in)")
+        if not args.model.startswith("zoo:") and not args.data:
+            raise MultinetError("--evaluate needs --data with labels, or a zoo model (its dataset is built in)")
         from .io import data
+        from .io.user_data import check_fit
 
-        split = data.load(args.dataset)
+        split = data_from(args)
+        if split.test_y is None:
+            raise MultinetError(f"--evaluate needs labels, and {data_name(args)} has none")
+        check_fit(graph.module, split.test_x, split.test_y, f"the {data_name(args)} inputs")
         acc = data.accuracy(graph.module, split.test_x, split.test_y)
-        print(f"test accuracy on {args.dataset} ({len(split.test_y)} held-out images): {acc:.4f}")
+        unit = "images" if data_name(args) in data.DATASETS else "samples"
+        print(f"test accuracy on {data_name(args)} ({len(split.test_y)} held-out {unit}): {acc:.4f}")
     prunable = graph.prunable_groups
     print(f"{len(graph.groups)} groups, {len(prunable)} prunable "
           f"({sum(g.size for g in prunable)} of {sum(g.size for g in graph.groups)} channels); "
@@ -76,7 +191,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """Compress a model on a built-in dataset and report groups, FLOPs and accuracy before -> after."""
+    """Compress a model on built-in or the user's data; report groups, FLOPs and accuracy (or, without labels,
+    agreement with the original) before -> after."""
     import warnings
 
     from .io import data
@@ -90,21 +206,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise MultinetError(f"--ratio must lie in [0, 1), got {args.ratio}")
     if args.calibration < 1:
         raise MultinetError("--calibration must be at least 1 sample")
+    save_kind = _check_compress_outputs(args)
     plan = None
     if args.plan:
         from .schedule import Plan
 
         plan = Plan.load(args.plan)
-    model = load_target(args.model, args.checkpoint, args.dataset)
-    split = data.load(args.dataset)
+    from .io.user_data import check_fit
+
+    model = model_from(args)
+    split = data_from(args)
     calib = split.train_x[: args.calibration]
+    check_fits(model, calib, f"the {args.data or args.dataset} inputs")
+    check_fit(model, split.test_x, split.test_y, f"the {data_name(args)} inputs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = compress(model, calib, ratio=args.ratio, method=args.method, budget=budget, schedule=args.schedule,
                           plan=plan, plan_path=args.plan_out, max_positions=args.max_positions, seed=args.seed,
-                          progress=sys.stderr.isatty() and not args.quiet)
-    before = data.accuracy(model, split.test_x, split.test_y)
-    after = data.accuracy(result.model, split.test_x, split.test_y)
+                          device=args.device, progress=not args.quiet)
+    evaluation = evaluation_line(model, result.model, split, data_name(args))
     if result.plan is not None:
         p = result.plan
         how = f"{p.schedule} schedule, {p.metric} budget"
@@ -114,8 +234,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"FLOPs (MACs) {result.flops_before:,} -> {result.flops_after:,} "
           f"({result.flops_after / result.flops_before:.1%} kept); params {result.params_before:,} -> "
           f"{result.params_after:,}")
-    print(f"test accuracy on {args.dataset} ({len(split.test_y)} held-out images, no fine-tuning): "
-          f"{before:.4f} -> {after:.4f}")
+    print(evaluation)
     if result.plan is not None:
         p = result.plan
         unit = "ms" if p.metric == "latency" else p.metric
@@ -124,13 +243,49 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{p.measured_error:.5f}; scheduling took {sum(p.seconds.values()):.1f} s")
         if args.plan_out:
             print(f"plan written to {args.plan_out}")
-    if args.save:
-        from .io import save
-
-        print(f"model written to {save(result.model, args.save)} (load with multinet.load)")
+    _write_removed(result, args)
+    _save_result(result, args, save_kind, calib[:1])
     for w in {str(w.message) for w in caught if "calibration rows" in str(w.message) or "budget" in str(w.message)}:
         print(f"note: {w}", file=sys.stderr)
     return 0
+
+
+def _check_compress_outputs(args: argparse.Namespace) -> str | None:
+    """Every file compress will write, checked before any work; returns what --save writes."""
+    if args.plan_out:
+        check_output_path(args.plan_out, "--plan-out")
+    if args.removed_out:
+        check_output_path(args.removed_out, "--removed-out")
+    return check_save_path(args.save) if args.save else None
+
+
+def _save_result(result, args: argparse.Namespace, kind: str | None, example: torch.Tensor) -> None:
+    """Write the compressed model as --save's suffix says, or say that it was not kept."""
+    if not args.save:
+        print(f"model not saved (add --save FILE{'|FILE'.join(SAVE_FORMATS)} to keep it)")
+        return
+    if kind == "mnet":
+        from .io import save
+
+        print(f"model written to {save(result.model, args.save, example)} (load with multinet.load)")
+        return
+    from .io import export
+
+    print(f"model written to {export(result.model, example, args.save, format=kind)} ({kind}, dynamic batch)")
+
+
+def _write_removed(result, args: argparse.Namespace) -> None:
+    """--removed-out: which channels each group lost, as JSON for a pipeline."""
+    if not args.removed_out:
+        return
+    import json
+
+    from .io.files import write_atomic
+
+    groups = ",\n  ".join(json.dumps(g) for g in result.removed_channels())  # one group per line
+    head = json.dumps({"model": args.model, "method": result.method})[:-1]
+    write_atomic(args.removed_out, f'{head}, "groups": [\n  {groups}\n]}}\n')
+    print(f"removed channels written to {args.removed_out}")
 
 
 def _budget(args: argparse.Namespace):
@@ -161,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = run(scenario, out, resume=args.resume, progress=sys.stderr.isatty() and not args.quiet, log=log)
+        report = run(scenario, out, resume=args.resume, progress=not args.quiet, log=log)
     from .scenario.report import markdown
 
     if not args.quiet:
@@ -198,40 +353,78 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    """Batch inference of a model (or a saved MultiNet) on a built-in dataset's test split."""
+    """Batch inference of a model (or a saved MultiNet) on a built-in dataset's test split or all of --data."""
     import time
 
     from .io import data
     from .runtime.infer import infer
 
-    model = load_target(args.model, None, args.dataset)
-    split = data.load(args.dataset)
+    model = model_from(args)
+    x, y, what = inference_data(args)
+    check_fits(model, x, f"the {what}")
     start = time.perf_counter()
-    outputs = infer(model, split.test_x, batch_size=args.batch_size, device=args.device,
-                    progress=sys.stderr.isatty())
+    outputs = infer(model, x, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     seconds = time.perf_counter() - start
     outputs = outputs if isinstance(outputs, dict) else {"output": outputs}
     for name, out in outputs.items():
-        print(f"{name}: accuracy {data.accuracy_of(out, split.test_y):.4f} on {len(split.test_y)} {args.dataset} "
-              f"test images")
-    print(f"{len(split.test_x) / seconds:,.0f} images/s (batch {args.batch_size}, {args.device})")
+        if y is None:
+            print(f"{name}: outputs of shape {tuple(out.shape)} for the {what} (no labels, no accuracy)")
+        else:
+            print(f"{name}: accuracy {data.accuracy_of(out, y):.4f} on {len(y)} {what}")
+    print(f"{len(x) / seconds:,.0f} images/s (batch {args.batch_size}, {args.device})")
     return 0
+
+
+def inference_data(args: argparse.Namespace):
+    """(inputs, labels or None, what they are): a built-in set's test split, or all of --data."""
+    from .io import data
+    from .io.images import ImageOptions
+    from .io.user_data import check_image_options, read
+
+    source = args.data or args.dataset
+    images = ImageOptions.parse(args.image_size, args.channels, args.mean, args.std)
+    check_image_options(images, source)
+    if source in data.DATASETS:
+        split = data.load(source)
+        return split.test_x, split.test_y, f"{source} test images"
+    x, y = read(source, images=images)
+    return x, y, f"samples of {source}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model (a .mnet file, zoo or factory model) to ONNX or torch.export."""
     from .io import export
 
-    model = load_target(args.model, None, args.dataset)
+    check_output_path(args.out, "--out")
+    if args.format == "onnx":
+        from .io.export import require_onnx
+
+        require_onnx()
+    model = model_from(args)
     print(f"written {export(model, example_for(model, args), args.out, format=args.format)}")
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="multinet", description="Compress and merge PyTorch models without retraining.",
+                                     epilog="Exit codes: 0 ok; 2 bad input or Ctrl-C (one line on stderr); 1 internal "
+                                            "failure.", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"multinet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do (`multinet COMMAND --help` for its "
+                                                                      "options)")
     p = sub.add_parser("inspect", help="trace a model and list its channel groups, FLOPs and params")
-    p.add_argument("model", help="zoo:NAME, module.path:factory or a saved .mnet file")
+    p.add_argument("model", help="zoo:NAME, module.path:factory, path/to/file.py:factory or a saved .mnet file")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (zoo models know theirs)")
     p.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
     p.add_argument("--dataset", default="digits", help="zoo models: which dataset's size and weights (digits, mnist)")
@@ -239,14 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="zoo models: measure test accuracy on the built-in data")
     p.set_defaults(func=cmd_inspect)
     c = sub.add_parser("compress", help="compress a model on built-in data without retraining")
-    c.add_argument("model", help="zoo:NAME or module.path:factory (taking the dataset's images)")
+    c.add_argument("model", help="zoo:NAME, module.path:factory, path/to/file.py:factory or a saved .mnet file")
     c.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group (default 0.5 "
                    "when no budget is given)")
     c.add_argument("--flops", type=float, help="budget: keep at most this fraction of the FLOPs")
     c.add_argument("--params", type=float, help="budget: keep at most this fraction of the parameters")
     c.add_argument("--latency-ms", type=float, help="budget: at most this median latency (ms per batch)")
-    c.add_argument("--device", default="cpu", help="where latency is measured (cpu, cuda)")
-    c.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    c.add_argument("--latency-batch", type=positive_int, default=1, help="batch size of the latency measurement")
     c.add_argument("--schedule", default="auto", choices=["auto", "exhaustive", "uniform"],
                    help="how a budget is shared among groups")
     c.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
@@ -255,52 +448,111 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-residual", action="store_true", help="leave residual streams whole")
     c.add_argument("--plan-out", help="write the schedule's plan (JSON) here")
     c.add_argument("--plan", help="apply a plan written earlier by --plan-out")
-    c.add_argument("--save", help="write the compressed model here (.mnet: tensors and a graph manifest, no pickle)")
-    c.add_argument("--method", default="reap", choices=["reap", "magnitude", "magnitude+ls", "random"])
+    c.add_argument("--save", help="write the compressed model here: .mnet (tensors and a graph manifest, no pickle), "
+                   ".onnx or .pt2 (torch.export), both with a dynamic batch")
+    c.add_argument("--removed-out", metavar="FILE.json", help="write which channels each group lost (group, producers, "
+                   "removed indices, kept count) as JSON")
+    c.add_argument("--method", default="reap", choices=["reap", "magnitude", "magnitude+ls", "random"],
+                   help="how channels are selected (and whether the consumers are re-solved)")
     c.add_argument("--dataset", default="digits", help="built-in data for calibration and evaluation (digits, mnist)")
     c.add_argument("--calibration", type=int, default=1024, help="calibration samples from the training split")
-    c.add_argument("--max-positions", type=int, default=64, help="conv output positions sampled per image")
+    c.add_argument("--max-positions", type=positive_int, default=64, help="conv output positions sampled per image")
     c.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--seed", type=int, default=0, help="seed of sampled positions and random selections")
+    c.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")
     c.set_defaults(func=cmd_compress)
     r = sub.add_parser("run", help="run a scenario YAML file")
-    r.add_argument("scenario")
+    r.add_argument("scenario", help="the scenario YAML file (see scenarios/README.md)")
     r.add_argument("--out", help="run directory (default runs/<scenario name>, numbered when taken)")
     r.add_argument("--resume", action="store_true", help="continue a killed run after its last finished step")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field, e.g. --set steps.0.compress.budget.flops=0.3 (repeatable)")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")
     r.add_argument("--ray-address", help="run the jobs on a Ray cluster: 'auto' (inside `ray job submit`), host:port, "
                    "or 'local' to start one here")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="print a finished run's report and redraw its plot")
-    rp.add_argument("run_dir")
-    rp.add_argument("--no-plot", action="store_true")
+    rp.add_argument("run_dir", help="the run directory `multinet run` wrote")
+    rp.add_argument("--no-plot", action="store_true", help="do not redraw report.png")
     rp.set_defaults(func=cmd_report)
     i = sub.add_parser("infer", help="batch inference of a model or saved .mnet file on built-in data")
-    i.add_argument("model", help="a .mnet file, zoo:NAME or module.path:factory")
-    i.add_argument("--dataset", default="digits")
-    i.add_argument("--batch-size", type=int, default=256)
-    i.add_argument("--device", default="cpu")
+    i.add_argument("model", help="a .mnet file, zoo:NAME, module.path:factory or path/to/file.py:factory")
+    i.add_argument("--dataset", default="digits", help="built-in data whose test split is run (digits, mnist)")
+    i.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    i.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    i.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")
     i.set_defaults(func=cmd_infer)
     e = sub.add_parser("export", help="export a model or .mnet file to ONNX or torch.export")
-    e.add_argument("model", help="a .mnet file, zoo:NAME or module.path:factory")
-    e.add_argument("--out", required=True)
-    e.add_argument("--format", default="onnx", choices=["onnx", "torch.export"])
+    e.add_argument("model", help="a .mnet file, zoo:NAME, module.path:factory or path/to/file.py:factory")
+    e.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.pt2)")
+    e.add_argument("--format", default="onnx", choices=["onnx", "torch.export"],
+                   help="ONNX (needs onnx and onnxscript) or a torch.export program; both with a dynamic batch")
     e.add_argument("--input-shape", help="example input shape (.mnet files and zoo models know theirs)")
-    e.add_argument("--dataset", default="digits")
+    e.add_argument("--dataset", default="digits", help="zoo models: which dataset's input size and weights")
     e.set_defaults(func=cmd_export)
+    _add_common_options(sub, work=("inspect", "compress", "run", "infer", "export"))
+    _add_user_options(sub)
     return parser
 
 
+def _add_common_options(sub, work: tuple[str, ...]) -> None:
+    """--threads on the commands that compute, --traceback on all, defaults shown in every --help."""
+    for name, command in sub.choices.items():
+        command.formatter_class = HelpFormatter
+        if name in work:
+            command.add_argument("--threads", type=positive_int, default=None,
+                                 help=f"CPU threads for torch (default: the CPUs not already busy; "
+                                      f"{default_threads()} now)")
+        command.add_argument("--traceback", action="store_true",
+                             help="on an internal error, show the Python traceback (also MULTINET_TRACEBACK=1)")
+
+
+def _add_user_options(sub) -> None:
+    """The user's own model (factory arguments, state dict) and data on inspect, compress, infer and export."""
+    for name in ("inspect", "compress", "infer", "export"):
+        command = sub.choices[name]
+        command.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                             help="keyword argument of the model's factory, value read as YAML: width=32, "
+                                  "weights=None (repeatable)")
+        if name in ("infer", "export"):
+            command.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
+        group = command.add_argument_group("your own data (instead of --dataset)")
+        group.add_argument("--data", metavar="SPEC", help="digits | mnist | a .npy/.npz/.pt file | a folder of images "
+                           "(a subfolder per class gives labels) | module:function | path/to/file.py:function"
+                           + ("; split 80/20 into calibration and evaluation unless --eval-data is given"
+                              if name in ("inspect", "compress") else ""))
+        if name in ("inspect", "compress"):
+            group.add_argument("--eval-data", metavar="SPEC", help="evaluation data (same kinds); --data is then "
+                               "used whole for calibration")
+        group.add_argument("--image-size", metavar="N|HxW", help="folders of images: resize every image to this")
+        group.add_argument("--channels", type=int, choices=[1, 3], help="folders of images: grey or RGB "
+                           "(default: grey when every image is)")
+        group.add_argument("--mean", metavar="M[,M,M]", help="folders of images: per-channel mean subtracted from "
+                           "pixels in [0, 1]")
+        group.add_argument("--std", metavar="S[,S,S]", help="folders of images: per-channel std divided by")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input and Ctrl-C: one line, exit 2; an internal failure: one line, exit 1."""
     args = build_parser().parse_args(argv)
     try:
+        settle_runtime(args)
         return args.func(args)
     except MultinetError as exc:
-        print(f"multinet: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except KeyboardInterrupt:  # atomic writes removed their temporary files on the way out
+        return _fail("interrupted (files being written were not left half-written)", 2)
+    except Exception as exc:
+        if getattr(args, "traceback", False) or os.environ.get("MULTINET_TRACEBACK", "") not in ("", "0"):
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {str(exc).strip() or '(no message)'} "
+                     f"(rerun with --traceback or MULTINET_TRACEBACK=1 to see where)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    """``multinet: error: ...`` on one line of stderr (a pipeline greps for it); returns the exit code."""
+    print(f"multinet: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

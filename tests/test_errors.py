@@ -162,3 +162,33 @@ def test_consumer_weights_are_checked(graph):
     pruned = multinet.prune(graph, {0: [0, 1, 2, 3, 4]}, consumer_weights={"2": (w, torch.zeros(4))})
     assert torch.equal(pruned.get_submodule("2").weight, w)
     assert torch.equal(pruned.get_submodule("2").bias, torch.zeros(4))
+
+
+def test_impossible_budget_is_refused_before_any_calibration(monkeypatch):
+    """The floor is decided from the traced graph's cost model, so no statistics are gathered first."""
+    import multinet.schedule.scheduler as scheduler
+    from multinet import Budget, BudgetError, zoo
+
+    calls = []
+    monkeypatch.setattr(scheduler, "one_shot_stats", lambda *a, **k: calls.append(1))
+    x = zoo.example_input("digits", batch=4)
+    with pytest.raises(BudgetError, match=r"flops budget .* is below .*what the layers that cannot be pruned"):
+        multinet.compress(zoo.create("resnet"), x, budget=Budget(flops=0.1, ignore=("stem*", "blocks.0*")))
+    with pytest.raises(BudgetError, match="params budget"):
+        multinet.compress(zoo.create("mlp"), x, budget=Budget(params=0.001))
+    with pytest.raises(BudgetError, match="unknown schedule"):
+        multinet.compress(zoo.create("mlp"), x, budget=Budget(flops=0.5), schedule="fastest")
+    assert calls == []
+
+
+def test_multinet_errors_have_one_base_class():
+    """One class to catch: every user error multinet raises derives from MultinetError."""
+    from multinet.io import ModelFileError
+    from multinet.runtime.devices import DeviceError
+    from multinet.scenario.schema import ScenarioError
+
+    assert not hasattr(multinet, "MultiNetError")
+    for error in (multinet.BudgetError, ModelFileError, DeviceError, ScenarioError, TraceError, PruneError):
+        assert issubclass(error, multinet.MultinetError)
+    with pytest.raises(multinet.MultinetError, match="duplicate model names"):
+        multinet.MultiNet([("a", nn.Linear(2, 2)), ("a", nn.Linear(2, 2))], torch.zeros(1, 2))

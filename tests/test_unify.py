@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import multinet
-from multinet import MultiNet, MultiNetError, data, zoo
+from multinet import MultiNet, MultinetError, data, zoo
 from multinet.graph import count, trace
 
 
@@ -95,15 +95,15 @@ class _Tuple(nn.Module):
 
 def test_bad_models_are_refused(split):
     x = split.train_x[:1]
-    with pytest.raises(MultiNetError, match="duplicate model names: a"):
+    with pytest.raises(MultinetError, match="duplicate model names: a"):
         MultiNet([("a", zoo.create("mlp")), ("a", zoo.create("vgg"))], x)
-    with pytest.raises(MultiNetError, match="must be a Python identifier"):
+    with pytest.raises(MultinetError, match="must be a Python identifier"):
         MultiNet({"a.b": zoo.create("mlp")}, x)
-    with pytest.raises(MultiNetError, match="model 'wide' does not accept the shared input"):
+    with pytest.raises(MultinetError, match="model 'wide' does not accept the shared input"):
         MultiNet({"small": zoo.create("mlp"), "wide": zoo.create("mlp", "mnist")}, x)
-    with pytest.raises(MultiNetError, match="returns something other than tensors"):
+    with pytest.raises(MultinetError, match="returns something other than tensors"):
         MultiNet({"a": zoo.create("mlp"), "odd": _Tuple()}, x)
-    with pytest.raises(MultiNetError, match="not a torch.nn.Module"):
+    with pytest.raises(MultinetError, match="not a torch.nn.Module"):
         MultiNet({"a": "resnet"}, x)
 
 

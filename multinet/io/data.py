@@ -19,11 +19,13 @@ DATASETS = ("digits", "mnist")
 
 @dataclass(frozen=True)
 class Split:
+    """Calibration (train) and evaluation (test) parts; labels and classes are None for unlabelled user data."""
+
     train_x: torch.Tensor
-    train_y: torch.Tensor
+    train_y: torch.Tensor | None
     test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
+    test_y: torch.Tensor | None
+    num_classes: int | None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,6 +62,16 @@ def load(name: str = "digits", test_fraction: float = 0.2, seed: int = 0) -> Spl
 def accuracy_of(outputs: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of logits already computed."""
     return float((outputs.argmax(1) == y).float().mean())
+
+
+def agreement_of(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of samples whose top-1 output equals the reference model's: the score when there are no labels."""
+    return float((outputs.argmax(1) == reference.argmax(1)).float().mean())
+
+
+def relative_error(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """||outputs - reference||² / ||reference||²: how far the outputs moved, for models that are not classifiers."""
+    return float((outputs - reference).double().pow(2).sum() / reference.double().pow(2).sum().clamp_min(1e-30))
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:

@@ -1,11 +1,21 @@
-"""Export a model for deployment: ONNX (through torch's dynamo exporter) or a torch.export program."""
+"""Export a model for deployment: ONNX (through torch's dynamo exporter) or a torch.export program.
+
+Both formats get a dynamic batch dimension, and ONNX inputs and outputs are named (a MultiNet's
+outputs after its member models), so a serving pipeline can address them by name.
+"""
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from ..graph.tracing import as_tuple
 from .files import atomic_path
@@ -16,26 +26,87 @@ EXPORT_FORMATS = ("torch.export", "onnx")
 
 def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: str = "onnx") -> Path:
     """Export a model (compressed, MultiNet, loaded .mnet) for deployment: ``torch.export``
-    (an ExportedProgram file) or ONNX (opset from torch's exporter; the batch size is dynamic)."""
+    (an ExportedProgram file) or ONNX (opset from torch's exporter). In both the batch size is
+    dynamic; ONNX inputs are named ``input`` (``input0``, ``input1``... for several) and outputs
+    ``output``, or after the keys of a dict output (a MultiNet's member models)."""
     if format not in EXPORT_FORMATS:
         raise ModelFileError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    inputs = as_tuple(example_inputs)
+    if format == "onnx":
+        require_onnx()
+    inputs = _batch_of_two(as_tuple(example_inputs))
     model = model.eval()
+    shapes = _dynamic_batch(inputs)
     with atomic_path(path) as tmp:
-        if format == "torch.export":
-            program = torch.export.export(model, inputs)
-            torch.export.save(program, tmp)
-        else:
-            import importlib.util
-
-            if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
-                raise ModelFileError("ONNX export needs the onnx and onnxscript packages (pip install onnx "
-                                     "onnxscript)")
-            batch = torch.export.Dim("batch")
-            shapes = tuple({0: batch} for _ in inputs)
-            try:
-                program = torch.onnx.export(model, inputs, dynamic_shapes=shapes, dynamo=True, verbose=False)
-            except Exception as exc:
-                raise ModelFileError(f"this graph does not export to ONNX: {str(exc).strip().splitlines()[0]}") from exc
-            program.save(tmp)
+        try:
+            if format == "torch.export":
+                torch.export.save(torch.export.export(model, inputs, dynamic_shapes=shapes), tmp)
+            else:
+                with _quiet_exporter():
+                    program = torch.onnx.export(model, inputs, dynamic_shapes=shapes, dynamo=True, verbose=False,
+                                                input_names=input_names(inputs),
+                                                output_names=output_names(model, inputs))
+                program.save(tmp)
+        except ModelFileError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(f"this graph does not export to {format}: {_first_line(exc)}") from exc
     return Path(path)
+
+
+def require_onnx() -> None:
+    """Refuse ONNX export up front when its packages are missing (before any work that would feed it)."""
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise ModelFileError("ONNX export needs the onnx and onnxscript packages (pip install onnx onnxscript)")
+
+
+def input_names(inputs: tuple) -> list[str]:
+    return ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
+
+
+def output_names(model: nn.Module, inputs: tuple) -> list[str]:
+    """``output`` for one tensor; otherwise each leaf named by its path (``a``, ``b``, ``a.0``), so a
+    MultiNet's outputs carry its member models' names."""
+    with torch.no_grad():
+        leaves = pytree.tree_flatten_with_path(model(*inputs))[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    return [".".join(str(_key(k)) for k in path) or f"output{i}" for i, (path, _) in enumerate(leaves)]
+
+
+def _key(entry) -> object:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def _batch_of_two(inputs: tuple) -> tuple:
+    """Examples with batch 1 repeated to 2: torch.export specialises a size-1 dimension to a constant,
+    which would fix the exported batch at 1."""
+    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
+                 else x for x in inputs)
+
+
+def _dynamic_batch(inputs: tuple) -> tuple:
+    batch = torch.export.Dim("batch", min=1)
+    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's log lines (one per torchvision op it skips) and torch's own deprecation
+    warnings: noise in a user's output that they cannot act on."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -26,9 +26,11 @@ import torch.nn as nn
 from ..calib import consumer_specs, iterate_batches
 from ..calib.sharded import collect_on
 from ..errors import MultinetError
+from ..runtime.devices import resolve_device
 from ..runtime.executors import Executor, resolve_executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, Plan, make_plan, prepare
+from ..schedule.scheduler import check_schedule
 from ..schedule.latency import latency_input, measure_ms
 from ..schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from ..graph import ChannelGraph, count, prune, trace
@@ -68,6 +70,24 @@ class CompressResult:
         out.pop("model")
         return out
 
+    def removed_channels(self) -> list[dict]:
+        """Per compressed group: its producers, the channel indices it lost and how many it kept."""
+        return [{"group": g.group, "producers": list(g.producers), "removed": list(g.removed),
+                 "channels_before": g.channels_before, "kept": g.channels_after} for g in self.groups]
+
+    @property
+    def seconds(self) -> float:
+        """Time spent: the groups' solves plus, for a budget, the scheduling."""
+        scheduling = sum(self.plan.seconds.values()) if self.plan is not None else 0.0
+        return sum(g.seconds for g in self.groups) + scheduling
+
+    def __repr__(self) -> str:
+        """A summary: printing a result in a notebook must not dump the whole model's code."""
+        budget = f", {self.plan.schedule} schedule to a {self.plan.metric} budget" if self.plan is not None else ""
+        return (f"CompressResult(method={self.method!r}{budget}: FLOPs {self.flops_before:,} -> {self.flops_after:,} "
+                f"({self.flops_after / max(self.flops_before, 1):.1%}), params {self.params_before:,} -> "
+                f"{self.params_after:,}, {len(self.groups)} groups compressed, {self.seconds:.1f} s)")
+
 
 def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, float] | None = None,
              method: str = "reap", budget: Budget | None = None, schedule: str = "auto", plan: Plan | None = None,
@@ -99,6 +119,11 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"budgets are scheduled with REAP's error curves; method {method!r} takes ratio= only")
     if budget is not None and not isinstance(budget, Budget):
         raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
+    device = str(resolve_device(device))  # checked before any work: calibration, solves and evaluation run there
+    if budget is not None and budget.device is None:
+        budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
+    if budget is not None:
+        check_schedule(schedule)
     example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
     executor = resolve_executor(executor)
@@ -282,6 +307,7 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
     stats = collect_on(executor, current.module, specs, data, reference=original.module, reference_specs=ref_specs,
                        batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
     problems, layout = group_problems(current, original, group, stats, damp, surviving)
+    problems = [p.to(device) for p in problems]  # the solve runs on the run's device
     if method == "unify" and preset is None:
         if not all(has_bias for _, _, has_bias, _ in layout):
             raise MultinetError(f"unify needs a bias in every consumer of group {group.id} (a functional layer "
@@ -294,6 +320,8 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
         weights = reconstruct_multi(problems, removed, damp)
     else:
         weights = [zero_removed(p, removed) for p in problems]
+    weights = [w.cpu() for w in weights]
+    problems = [p.to("cpu") for p in problems]
     error = relative_error(problems, weights)
     if method in ("magnitude", "random"):
         return removed, None, error

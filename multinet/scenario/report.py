@@ -7,6 +7,9 @@ from pathlib import Path
 from ..io.files import atomic_path, write_atomic
 
 
+_SCORE_NAMES = {"accuracy": "accuracy", "agreement": "top-1 agreement with the original (no labels)"}
+
+
 def _pct(after: float, before: float) -> str:
     return f"{after:,.0f} ({after / before:.1%})" if before else f"{after:,.0f}"
 
@@ -14,8 +17,9 @@ def _pct(after: float, before: float) -> str:
 def markdown(report: dict) -> str:
     lines = [f"# Run: {report['scenario']}", ""]
     before, after = report.get("costs_original", {}), report.get("costs_final", {})
-    lines += ["## Models", "", "| model | FLOPs before | FLOPs after | params before | params after | accuracy before | "
-              "accuracy after |", "|---|---|---|---|---|---|---|"]
+    score = _SCORE_NAMES[report.get("metric", "accuracy")]
+    lines += ["## Models", "", f"| model | FLOPs before | FLOPs after | params before | params after | {score} before | "
+              f"{score} after |", "|---|---|---|---|---|---|---|"]
     acc0, acc1 = report.get("accuracy", {}).get("original", {}), report.get("accuracy", {}).get("final", {})
     for name in dict.fromkeys(list(before) + list(after)):
         b, a = before.get(name, {}), after.get(name, {})
@@ -69,7 +73,7 @@ def plot(report: dict, path: Path) -> None:
         if name in acc0 and name in acc1 and name in after:
             ax1.plot([1.0, after[name]["flops"] / before[name]["flops"]], [acc0[name], acc1[name]], marker="o", label=name)
     ax1.set_xlabel("FLOPs (fraction of the original)")
-    ax1.set_ylabel("test accuracy")
+    ax1.set_ylabel(_SCORE_NAMES[report.get("metric", "accuracy")])
     ax1.set_title("accuracy vs FLOPs")
     if ax1.lines:
         ax1.legend(fontsize=7)

@@ -1,6 +1,7 @@
 """Run a scenario: load models and data, carry out the steps, write the run directory.
 
-Run directory: ``scenario.yaml`` (resolved, written first), ``state/`` (the models after each
+Run directory: ``.multinet-run`` (a marker, written first: ``--out`` refuses a non-empty folder
+without it), ``scenario.yaml`` (resolved), ``state/`` (the models after each
 finished step and ``progress.json``, so ``--resume`` continues after the last finished step),
 ``report.json`` / ``report.md`` / ``report.png``, and the final ``<model>.mnet`` (or
 ``multinet.mnet`` after a unify step). Every file is written atomically: a killed run leaves
@@ -20,9 +21,12 @@ from ..io import data as datasets
 from ..pipeline.compression import compress
 from ..io.files import atomic_path, write_atomic
 from ..graph import count, trace
+from ..runtime.devices import resolve_device
 from ..runtime.infer import infer
 from ..io import load, save
+from ..io.images import ImageOptions
 from ..io.sources import load_target
+from ..io.user_data import check_fit, load_data
 from ..schedule import Budget
 from ..unification import unify
 from .report import write_report
@@ -33,6 +37,24 @@ def _budget(spec: BudgetSpec, device: str) -> Budget:
     return Budget(flops=spec.flops, params=spec.params, latency_ms=spec.latency_ms, round_to=spec.round_to,
                   ignore=tuple(spec.ignore), min_channels=spec.min_channels, residual_streams=spec.residual_streams,
                   device=device)
+
+
+RUN_MARKER = ".multinet-run"  # written first into every run directory: what --out may overwrite
+
+
+def is_run_dir(out: Path) -> bool:
+    """A directory multinet wrote a run into (the marker, or a run from before it: scenario.yaml and state/)."""
+    return (out / RUN_MARKER).is_file() or ((out / "scenario.yaml").is_file() and (out / "state").is_dir())
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse a non-empty folder that is not a run: a run writes report.*, *.mnet and state/ there,
+    over whatever files of the user's have those names."""
+    if out.exists() and not out.is_dir():
+        raise ScenarioError(f"--out {out} is a file; give a directory for the run")
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise ScenarioError(f"--out {out} is not empty and is not a multinet run directory; give a new or empty "
+                            f"directory (a run would overwrite files there)")
 
 
 def _check_writable(out: Path) -> None:
@@ -46,7 +68,28 @@ def _check_writable(out: Path) -> None:
 
 
 def _load_models(scenario: Scenario) -> dict[str, torch.nn.Module]:
-    return {m.name: load_target(m.model, m.checkpoint, scenario.data.source) for m in scenario.models}
+    source = scenario.data.source
+    dataset = source if source in datasets.DATASETS else "digits"  # zoo models: which built-in size and weights
+    return {m.name: load_target(m.model, m.checkpoint, dataset, args=m.args) for m in scenario.models}
+
+
+def _inputs(scenario: Scenario) -> tuple[datasets.Split, dict[str, torch.nn.Module]]:
+    """Data and models, checked against each other before anything is written (bad input: one line)."""
+    d = scenario.data
+    torch.manual_seed(scenario.runtime.seed)  # a factory without a checkpoint builds the same model every run
+    split = load_data(d.source, eval_spec=d.eval_source,
+                      images=ImageOptions.parse(d.image_size, d.channels, d.mean, d.std))
+    models = _load_models(scenario)
+    for model in models.values():
+        check_fit(model, split.test_x, split.test_y, f"the {d.eval_source or d.source} inputs")
+    return split, models
+
+
+def _scores(outs: dict, y: torch.Tensor | None, reference: dict | None) -> dict[str, float]:
+    """Accuracy against labels; without labels, top-1 agreement with the original models' outputs."""
+    if y is not None:
+        return {k: datasets.accuracy_of(v, y) for k, v in outs.items()}
+    return {k: datasets.agreement_of(v, reference[k]) for k, v in outs.items()}
 
 
 def _costs(models: dict, net, example) -> dict[str, dict[str, int]]:
@@ -66,7 +109,11 @@ def _outputs(models: dict, net, x: torch.Tensor, batch_size: int) -> dict[str, t
 def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: bool = False,
         log: Callable[[str], None] = print) -> dict:
     out = Path(out)
+    split, models = _inputs(scenario)
+    resolve_device(scenario.runtime.device)
+    _check_out_dir(out)
     _check_writable(out)
+    write_atomic(out / RUN_MARKER, "a multinet run directory (multinet run --out)\n")
     resolved = yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
     state_dir = out / "state"
     progress_file = state_dir / "progress.json"
@@ -86,15 +133,15 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
         from ..runtime.executors import RayExecutor
 
         executor = RayExecutor(scenario.runtime.address)
-    split = datasets.load(scenario.data.source)
     calib = split.train_x[: scenario.data.calibration]
     example = calib[:1]
-    models = _load_models(scenario)
+    originals = dict(models)  # without labels, evaluation compares with these
     net = None
-    report = done["report"] or {"scenario": scenario.name, "steps": [], "accuracy": {}}
+    report = done["report"] or {"scenario": scenario.name, "steps": [], "accuracy": {},
+                                "metric": "accuracy" if split.test_y is not None else "agreement"}
     if not report["accuracy"].get("original") and any(s.kind == "evaluate" for s in scenario.steps):
         outs = _outputs(models, None, split.test_x, 512)
-        report["accuracy"]["original"] = {k: datasets.accuracy_of(v, split.test_y) for k, v in outs.items()}
+        report["accuracy"]["original"] = _scores(outs, split.test_y, outs)
     report["costs_original"] = report.get("costs_original") or _costs(models, None, example)
     finished = len(done["steps"])
     if finished:
@@ -133,7 +180,7 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
         elif step.kind == "evaluate":
             x, y = (split.test_x, split.test_y) if step.spec.split == "test" else (split.train_x, split.train_y)
             outs = _outputs(models, net, x, 512)
-            entry["accuracy"] = {k: datasets.accuracy_of(v, y) for k, v in outs.items()}
+            entry["accuracy"] = _scores(outs, y, None if y is not None else _outputs(originals, None, x, 512))
             report["accuracy"]["final"] = entry["accuracy"]
         elif step.kind == "infer":
             x = split.test_x if step.spec.split == "test" else split.train_x

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from ..errors import MultinetError
 
@@ -25,12 +26,19 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    model: str  # zoo:NAME or package.module:factory
-    checkpoint: str | None = None
+    model: str  # zoo:NAME, package.module:factory, path/to/file.py:factory or a saved .mnet file
+    args: dict[str, Any] = {}  # keyword arguments of the factory
+    checkpoint: str | None = None  # state dict (tensors only) loaded into the factory's model
 
 
 class DataSpec(_Strict):
-    source: Literal["digits", "mnist"] = "digits"
+    # digits | mnist | .npy/.npz/.pt file | folder of images | package.module:function | file.py:function
+    source: str = "digits"
+    eval_source: str | None = None  # evaluation data; without it source is split 80/20 (seeded)
+    image_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None  # folders: resize to N or [H, W]
+    channels: Literal[1, 3] | None = None  # folders: grey or RGB (default: grey when every image is)
+    mean: float | list[float] | None = None  # folders: per-channel normalisation of [0, 1] pixels
+    std: float | list[float] | None = None
     calibration: int = Field(1024, ge=1)
     batch_size: int = Field(128, ge=1)
 
@@ -238,6 +246,25 @@ def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
         raise ScenarioError(f"{path}: a scenario is a mapping with models, data, steps, runtime, outputs")
     raw = apply_overrides(raw, list(overrides))
     try:
-        return Scenario.model_validate(raw)
+        scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
         raise ScenarioError(_message(exc, root, str(path))) from None
+    return anchor_paths(scenario, path.parent)
+
+
+def anchor_paths(scenario: Scenario, base_dir: Path) -> Scenario:
+    """Relative model, checkpoint and data paths made absolute from the scenario file's folder.
+
+    So a scenario runs the same from any working directory, and the resolved copy in the run
+    directory names the files it read.
+    """
+    from ..io.sources import anchor
+    from ..io.user_data import anchor_data
+
+    models = [m.model_copy(update={"model": anchor(m.model, base_dir),
+                                   "checkpoint": m.checkpoint and anchor(m.checkpoint, base_dir)})
+              for m in scenario.models]
+    d = scenario.data
+    data = d.model_copy(update={"source": anchor_data(d.source, base_dir),
+                                "eval_source": d.eval_source and anchor_data(d.eval_source, base_dir)})
+    return scenario.model_copy(update={"models": models, "data": data})

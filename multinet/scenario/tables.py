@@ -35,11 +35,11 @@ def layers_table(counts: Counts) -> Table:
 
 def compress_table(result, title: str = "") -> Table:
     table = Table(title=title)
-    for col in ("group", "producers", "channels", "error", "seconds"):
-        table.add_column(col, justify="left" if col == "producers" else "right")
+    for col in ("group", "producers", "channels", "removed", "error", "seconds"):
+        table.add_column(col, justify="left" if col in ("producers", "removed") else "right")
     for g in result.groups:
         table.add_row(str(g.group), _short(g.producers), f"{g.channels_before} -> {g.channels_after}",
-                      f"{g.error:.4f}", f"{g.seconds:.2f}")
+                      _short([str(i) for i in g.removed], 6) or "-", f"{g.error:.4f}", f"{g.seconds:.2f}")
     return table
 
 

@@ -137,6 +137,15 @@ class CostModel:
 
         return self.evaluate(removed_in, {g for g, r in sets.items() if len(r)})
 
+    def smallest(self, counts: Mapping[int, int]) -> tuple[float, float]:
+        """A lower bound on (flops, params) once each group loses ``counts[group]`` channels, whichever
+        they are: every range is taken to lose as many as it can. Exact when a group's channels all
+        cost the same (one range per dimension), so a budget can be refused before calibration."""
+        def removed_in(g, lo, hi):
+            return min(hi - lo, counts.get(g, 0))
+
+        return self.evaluate(removed_in, {g for g, k in counts.items() if k})
+
     def along(self, orders: Mapping[int, Sequence[int]]) -> "PrefixCosts":
         """Costs when each group loses the first k channels of its removal order."""
         return PrefixCosts(self, orders)

@@ -62,5 +62,9 @@ class Plan:
             return cls(groups=groups, **raw)
         except FileNotFoundError:
             raise MultinetError(f"no plan at {path}") from None
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        except IsADirectoryError:
+            raise MultinetError(f"plan {path} is a directory; give the plan's JSON file") from None
+        except OSError as exc:
+            raise MultinetError(f"cannot read the plan {path}: {exc.strerror}") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # ValueError: bad JSON or bytes
             raise MultinetError(f"{path} is not a multinet plan: {exc}") from None

@@ -77,14 +77,16 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
     if not allowed:
         raise BudgetError("no channel group may be pruned under these constraints (ignored layers, min_channels, "
                           "round_to, residual_streams): nothing to schedule")
+    model = CostModel(graph)
+    check_reachable(model, budget, allowed)
     seconds = {}
     start = time.perf_counter()
     stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor)
     seconds["statistics"] = time.perf_counter() - start
     start = time.perf_counter()
-    curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor)
+    curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor,
+                          device)
     seconds["curves"] = time.perf_counter() - start
-    model = CostModel(graph)
     inputs = evaluation_inputs(data, batch_size, eval_samples)
     masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device)
     remote = None
@@ -96,11 +98,36 @@ def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128,
                       seconds, (model.flops_full, model.params_full), executor, remote)
 
 
+def check_schedule(schedule: str) -> None:
+    """Refuse an unknown schedule name (callers check it before calibrating, not after)."""
+    if schedule not in SCHEDULES:
+        raise BudgetError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def check_reachable(model: CostModel, budget: Budget, allowed: Mapping[int, list[int]]) -> None:
+    """Refuse a FLOPs or parameter budget that even the smallest allowed model exceeds, from the traced
+    graph alone: before the calibration (seconds to minutes) that scheduling would otherwise spend.
+    Latency budgets need measurements and are checked by the search."""
+    if budget.metric == "latency":
+        return
+    metric = 0 if budget.metric == "flops" else 1
+    original = (model.flops_full, model.params_full)[metric]
+    floor = model.smallest({g: options[-1] for g, options in allowed.items()})[metric]
+    _refuse_below(budget, original, floor)
+
+
+def _refuse_below(budget: Budget, original: float, floor: float) -> None:
+    target = (budget.flops if budget.metric == "flops" else budget.params) * original
+    if target < floor:
+        raise BudgetError(f"{budget.metric} budget {target:,.0f} ({target / original:.3f} of the network) is below "
+                          f"{floor:,.0f} ({floor / original:.3f}): what the layers that cannot be pruned (and the "
+                          f"minimum channels) cost")
+
+
 def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, budget: Budget | None = None) -> Plan:
     """Per-group removals meeting ``budget`` (default: the one ``ctx`` was prepared for); candidate
     evaluations run where ``prepare`` was told to run jobs."""
-    if schedule not in SCHEDULES:
-        raise BudgetError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    check_schedule(schedule)
     budget = budget or ctx.budget
     fixed = ("round_to", "ignore", "min_channels", "residual_streams", "device")
     if any(getattr(budget, k) != getattr(ctx.budget, k) for k in fixed):
@@ -115,11 +142,7 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, b
         metric = 0 if budget.metric == "flops" else 1
         original = ctx.original[metric]
         target = (budget.flops if metric == 0 else budget.params) * original
-        floor = ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, metric)
-        if target < floor:
-            raise BudgetError(f"{budget.metric} budget {target:,.0f} ({target / original:.3f} of the network) is below "
-                              f"{floor:,.0f} ({floor / original:.3f}): what the layers that cannot be pruned (and the "
-                              f"minimum channels) cost")
+        _refuse_below(budget, original, ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, metric))
         counts, steps, predicted = _search(ctx, schedule, metric, target, progress)
         cost = ctx.cost(counts, metric)
     if predicted is None:

@@ -21,10 +21,6 @@ from ..graph.tracing import as_tuple, propagate_shapes
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class MultiNetError(MultinetError):
-    """Models that cannot be combined (names, inputs, outputs)."""
-
-
 def named_models(models) -> dict[str, nn.Module]:
     """{name: model} from a dict, a list of (name, model) pairs, or a list of models (m0, m1, ...)."""
     if isinstance(models, Mapping):
@@ -33,16 +29,16 @@ def named_models(models) -> dict[str, nn.Module]:
         models = list(models)
         pairs = [m if isinstance(m, tuple) else (f"m{i}", m) for i, m in enumerate(models)]
     if len(pairs) < 1:
-        raise MultiNetError("a MultiNet needs at least one model")
+        raise MultinetError("a MultiNet needs at least one model")
     names = [n for n, _ in pairs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise MultiNetError(f"duplicate model names: {', '.join(dup)}; every model needs its own name")
+        raise MultinetError(f"duplicate model names: {', '.join(dup)}; every model needs its own name")
     for name, model in pairs:
         if not isinstance(name, str) or not _NAME.match(name):
-            raise MultiNetError(f"model name {name!r} must be a Python identifier (letters, digits, _)")
+            raise MultinetError(f"model name {name!r} must be a Python identifier (letters, digits, _)")
         if not isinstance(model, nn.Module):
-            raise MultiNetError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module")
+            raise MultinetError(f"model {name!r} is a {type(model).__name__}, not a torch.nn.Module")
     return dict(pairs)
 
 
@@ -58,7 +54,7 @@ def _check_outputs(name: str, gm: fx.GraphModule) -> None:
     fx.node.map_arg(out.args[0], visit)
     leaves = torch.utils._pytree.tree_leaves(out.args[0])
     if bad or any(not isinstance(v, fx.Node) for v in leaves):
-        raise MultiNetError(f"model {name!r} returns something other than tensors (a tensor, or a tuple/list/dict "
+        raise MultinetError(f"model {name!r} returns something other than tensors (a tensor, or a tuple/list/dict "
                             f"of tensors): its outputs must be tensors to be merged and compared")
 
 
@@ -71,7 +67,7 @@ def MultiNet(models, example_inputs, leaf_modules=(), autowrap_functions=()) -> 
     models = named_models(models)
     inputs = as_tuple(example_inputs)
     if len(inputs) != 1:
-        raise MultiNetError("a MultiNet has one input shared by all models; give one example tensor")
+        raise MultinetError("a MultiNet has one input shared by all models; give one example tensor")
     root = nn.Module()
     graph = fx.Graph()
     x = graph.placeholder("x")
@@ -80,12 +76,12 @@ def MultiNet(models, example_inputs, leaf_modules=(), autowrap_functions=()) -> 
         try:
             gm = trace(model, inputs, leaf_modules, autowrap_functions).module
         except InputShapeError as exc:
-            raise MultiNetError(f"model {name!r} does not accept the shared input: {exc}") from None
+            raise MultinetError(f"model {name!r} does not accept the shared input: {exc}") from None
         except TraceError as exc:
-            raise MultiNetError(f"model {name!r}: {exc}") from None
+            raise MultinetError(f"model {name!r}: {exc}") from None
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise MultiNetError(f"model {name!r} takes {len(placeholders)} inputs; a MultiNet's models take one")
+            raise MultinetError(f"model {name!r} takes {len(placeholders)} inputs; a MultiNet's models take one")
         _check_outputs(name, gm)
         root.add_module(name, gm)
         env: dict[fx.Node, fx.Node] = {}
@@ -109,7 +105,7 @@ def MultiNet(models, example_inputs, leaf_modules=(), autowrap_functions=()) -> 
 def model_names(net: fx.GraphModule) -> list[str]:
     names = net.meta.get("multinet_models")
     if names is None:
-        raise MultiNetError("not a MultiNet: build one with multinet.MultiNet([...], example_inputs)")
+        raise MultinetError("not a MultiNet: build one with multinet.MultiNet([...], example_inputs)")
     return list(names)
 
 
