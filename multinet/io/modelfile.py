@@ -1,53 +1,79 @@
-"""Save and load compressed models and MultiNets without pickle.
+"""Save and load compressed models and MultiNets without pickle, without running code from the file.
 
 A model file holds tensors and one JSON manifest, written with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``: the graph (each fx node with its op, target and arguments),
 every submodule as a built-in ``torch.nn`` class name plus constructor arguments read off the
-module, and the tensors. Loading rebuilds a ``torch.fx.GraphModule`` from that description: it
-needs neither the original model class nor any code from the file, and it refuses functions
-outside torch, torch.nn.functional and operator, and modules outside torch.nn.
+module, the tensors, and a SHA-256 digest of each tensor and of the manifest.
+
+Loading rebuilds a ``torch.fx.GraphModule`` from that description, so the manifest is checked node
+by node *before* anything is built: fx turns node names, targets and keyword names into Python
+source, and the graph then calls what its targets name. Only the functions, tensor methods and
+tensor attributes in :mod:`multinet.io.allowlist` are accepted, no name anywhere may be a dunder,
+arguments must be the encodings :func:`_encode` writes, and every tensor must match its digest.
+Saving runs the same check, so a graph the loader would refuse is refused when it is written.
 """
 from __future__ import annotations
 
-import builtins
+import hashlib
 import inspect
+import io
 import json
-import math
-import operator
 import os
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import MultinetError
-from .files import atomic_path
 from ..graph import trace
+from .allowlist import DEVICE, FUNCTIONS, METHODS, TENSOR_ATTRIBUTES, function_name, is_dunder, is_path, is_variable
+from .files import atomic_path
 
-FORMAT = "multinet-graph/1"
-_FUNCTION_SPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator, "math": math,
-                    "builtins": builtins}
-_BUILTINS = {"getattr"}  # the only builtin an fx graph needs (x.shape, x.size)
+FORMAT = "multinet-graph/2"
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+_MANIFEST_KEYS = {"format", "nodes", "modules", "parameters", "buffers", "constants", "input_shapes", "meta",
+                  "digests"}
+_DTYPES = {name: value for name, value in vars(torch).items()
+           if isinstance(value, torch.dtype) and not name.startswith("_")}
+_FUNCTIONS_HINT = "allowed: the tensor functions listed in multinet/io/allowlist.py"
+_METHODS_HINT = "allowed: the tensor methods listed in multinet/io/allowlist.py"
 
 
 class ModelFileError(MultinetError):
     """A model file that is missing, corrupted, or asks for something multinet will not load."""
 
 
+class _Refused(Exception):
+    """One check failed; the message names the node, module or tensor (the caller adds the file)."""
+
+
+def _show(value, limit: int = 60) -> str:
+    """Any value from the file, quoted on one short line (repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _function_label(target) -> str:
+    """``torch.save`` as written (a dotted name), anything else quoted."""
+    return target if isinstance(target, str) and is_path(target) and "." in target else _show(target)
+
+
+# --- digests --------------------------------------------------------------------------------
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 over dtype, shape and raw bytes (read as uint8, so bfloat16 needs no numpy dtype)."""
+    h = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
+    flat = tensor.detach().cpu().reshape(-1).contiguous()
+    h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # --- encoding -------------------------------------------------------------------------------
-
-def _function_name(fn) -> str:
-    for space, namespace in _FUNCTION_SPACES.items():
-        name = getattr(fn, "__name__", None)
-        if name is not None and getattr(namespace, name, None) is fn:
-            if space == "builtins" and name not in _BUILTINS:
-                break
-            return f"{space}.{name}"
-    raise ModelFileError(f"cannot save a call to {getattr(fn, '__qualname__', fn)!r}: only functions from torch, "
-                         f"torch.nn.functional and operator are stored (no code is ever saved)")
-
 
 def _encode(value):
     if isinstance(value, fx.Node):
@@ -68,18 +94,25 @@ def _encode(value):
         return {"$ellipsis": True}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise ModelFileError(f"cannot save an argument of type {type(value).__name__} ({value!r})")
+    raise _Refused(f"an argument of type {type(value).__name__} ({_show(value)}), which a model file cannot hold")
 
 
-def _module_spec(module: nn.Module) -> dict:
+def _node_entry(node: fx.Node) -> dict:
+    try:
+        args, kwargs = _encode(node.args), _encode(node.kwargs)
+    except _Refused as r:
+        raise _Refused(f"node {node.name!r} has {r}") from None
+    target = function_name(node.target) if node.op == "call_function" else node.target
+    return {"name": node.name, "op": node.op, "target": target, "args": args, "kwargs": kwargs}
+
+
+def _module_spec(path: str, module: nn.Module) -> dict:
     cls = type(module)
-    if cls.__module__.split(".")[:3] != ["torch", "nn", "modules"] or getattr(nn, cls.__name__, None) is not cls:
-        raise ModelFileError(f"cannot save module {cls.__module__}.{cls.__name__}: only built-in torch.nn layers are "
-                             f"stored by name (trace it, or mark its parent as a leaf)")
+    if _module_class(cls.__name__) is not cls:
+        raise _Refused(f"module {path!r} is a {cls.__module__}.{cls.__qualname__}: only built-in torch.nn layers "
+                       f"are stored by name (trace it, or mark its parent as a leaf)")
     args = {}
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name in ("self", "device", "dtype") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
+    for name in _constructor_arguments(cls):
         if not hasattr(module, name):
             continue
         value = getattr(module, name)
@@ -87,14 +120,17 @@ def _module_spec(module: nn.Module) -> dict:
             value = value is not None
         if isinstance(value, torch.Tensor):
             continue
-        args[name] = _encode(value)
+        try:
+            args[name] = _encode(value)
+        except _Refused as r:
+            raise _Refused(f"module {path!r} ({cls.__name__}) has {r}") from None
     return {"type": cls.__name__, "args": args}
 
 
 def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> Path:
     """Write ``model`` (a GraphModule such as a compressed model or MultiNet, or any traceable
-    module with ``example_inputs``) to ``path``, atomically."""
-    blob = _blob(model, example_inputs)
+    module with ``example_inputs``) to ``path``, atomically; refuse what :func:`load` would refuse."""
+    blob = _blob(model, example_inputs, str(path))
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
     return Path(path)
@@ -102,63 +138,70 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> Path
 
 def to_bytes(model: nn.Module, example_inputs=None) -> bytes:
     """The model file's content in memory: how a model travels to a Ray worker (tensors and JSON, no pickle)."""
-    import io
-
     buffer = io.BytesIO()
-    torch.save(_blob(model, example_inputs), buffer)
+    torch.save(_blob(model, example_inputs, "<bytes>"), buffer)
     return buffer.getvalue()
 
 
-def from_bytes(data: bytes) -> fx.GraphModule:
-    import io
+def _graph_module(model: nn.Module, example_inputs) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    if example_inputs is None:
+        raise ModelFileError("save() of a plain nn.Module needs example_inputs to trace it")
+    return trace(model, example_inputs).module
 
-    return _from_blob(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), "<bytes>")
+
+def _blob(model: nn.Module, example_inputs, where: str) -> dict:
+    gm = _graph_module(model, example_inputs)
+    try:
+        nodes = [_node_entry(node) for node in gm.graph.nodes]
+        modules = {n.target: _module_spec(n.target, gm.get_submodule(n.target))
+                   for n in gm.graph.nodes if n.op == "call_module"}
+        tensors, constants = _tensors(gm)
+        params = sorted(name for name, _ in gm.named_parameters())
+        buffers = sorted(name for name, _ in gm.named_buffers())
+        shapes = [list(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+                  if n.op == "placeholder" and hasattr(n.meta.get("tensor_meta"), "shape")]
+        manifest = {"format": FORMAT, "nodes": nodes, "modules": modules, "parameters": params,
+                    "buffers": buffers, "constants": constants, "input_shapes": shapes,
+                    "meta": {k: v for k, v in gm.meta.items() if _jsonable(v)},
+                    "digests": {name: tensor_digest(t) for name, t in tensors.items()}}
+        _check_manifest(manifest, tensors)
+    except _Refused as r:
+        raise ModelFileError(f"{where}: not saved: {r}") from None
+    text = json.dumps(manifest)
+    return {"manifest": text, "manifest_sha256": _text_digest(text), "tensors": tensors}
 
 
-def _blob(model: nn.Module, example_inputs=None) -> dict:
-    gm = model if isinstance(model, fx.GraphModule) else None
-    if gm is None:
-        if example_inputs is None:
-            raise ModelFileError("save() of a plain nn.Module needs example_inputs to trace it")
-        gm = trace(model, example_inputs).module
-    nodes, modules, tensors = [], {}, {}
-    for node in gm.graph.nodes:
-        entry = {"name": node.name, "op": node.op, "args": _encode(node.args), "kwargs": _encode(node.kwargs)}
-        if node.op == "call_function":
-            entry["target"] = _function_name(node.target)
-        else:
-            entry["target"] = node.target
-        if node.op == "call_module" and node.target not in modules:
-            modules[node.target] = _module_spec(gm.get_submodule(node.target))
-        nodes.append(entry)
-    attributes = {}
-    for name, p in gm.named_parameters():
-        tensors[name] = p.detach().cpu()
-    for name, b in gm.named_buffers():
-        tensors[name] = b.detach().cpu()
+def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Parameters, buffers and the graph's tensor constants (get_attr of a plain tensor attribute)."""
+    tensors = {name: _compact(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    constants = []
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in tensors:
             value = _resolve(gm, node.target)
             if not isinstance(value, torch.Tensor):
-                raise ModelFileError(f"cannot save attribute `{node.target}` of type {type(value).__name__}")
-            tensors[node.target] = value.detach().cpu()
-            attributes[node.target] = "constant"
-    params = {name for name, _ in gm.named_parameters()}
-    buffers = {name for name, _ in gm.named_buffers()}
-    shapes = [list(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
-              if n.op == "placeholder" and hasattr(n.meta.get("tensor_meta"), "shape")]
-    manifest = {"format": FORMAT, "nodes": nodes, "modules": modules, "parameters": sorted(params),
-                "input_shapes": shapes,
-                "buffers": sorted(buffers), "constants": sorted(attributes),
-                "meta": {k: v for k, v in gm.meta.items() if _jsonable(v)}}
-    return {"manifest": json.dumps(manifest), "tensors": tensors}
+                raise _Refused(f"node {node.name!r} reads attribute {node.target!r} of type "
+                               f"{type(value).__name__}; a model file holds only tensors")
+            tensors[node.target] = _compact(value)
+            constants.append(node.target)
+    return tensors, sorted(constants)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that keeps the strides (a transposed head stays transposed, so outputs stay
+    bit-identical) but not a larger storage it is a view of (torch.save writes whole storages)."""
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone(memory_format=torch.preserve_format)
+    return tensor
 
 
 def _jsonable(value) -> bool:
     try:
         json.dumps(value)
         return True
-    except TypeError:
+    except (TypeError, ValueError):
         return False
 
 
@@ -169,50 +212,298 @@ def _resolve(root: nn.Module, path: str):
     return obj
 
 
+# --- checking: the one gate for save, load, to_bytes and from_bytes ---------------------------
+
+def _check_manifest(manifest: dict, tensors: dict) -> None:
+    """Refuse (with :class:`_Refused`) anything but a graph of allow-listed calls over the file's tensors."""
+    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_KEYS:
+        raise _Refused("the manifest does not have the entries of a multinet model file")
+    names = _check_tensor_names(manifest, tensors)
+    modules = _check_modules(manifest["modules"])
+    _check_nodes(manifest["nodes"], modules, names)
+    _check_input_shapes(manifest["input_shapes"])
+    if not isinstance(manifest["meta"], dict):
+        raise _Refused("the manifest's meta is not a mapping")
+
+
+def _check_tensor_names(manifest: dict, tensors: dict) -> set[str]:
+    names = []
+    for kind in ("parameters", "buffers", "constants"):
+        if not isinstance(manifest[kind], list):
+            raise _Refused(f"the manifest's {kind} are not a list")
+        names += manifest[kind]
+    for name in names:
+        if not is_path(name):
+            raise _Refused(f"tensor name {_show(name)} is not a plain attribute path (no dunder names)")
+    if len(set(names)) != len(names):
+        raise _Refused("a tensor is listed twice")
+    digests = manifest["digests"]
+    if not (isinstance(tensors, dict) and isinstance(digests, dict) and set(tensors) == set(digests) == set(names)):
+        raise _Refused("the tensors, their digests and the manifest's tensor lists do not match")
+    for name, tensor in tensors.items():
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
+            raise _Refused(f"tensor {name!r} is a {type(tensor).__name__}, not a dense tensor")
+    return set(names)
+
+
+def _check_input_shapes(shapes) -> None:
+    if not (isinstance(shapes, list) and all(isinstance(s, list) and all(type(d) is int for d in s) for s in shapes)):
+        raise _Refused("the manifest's input shapes are not lists of integers")
+
+
+def _constructor_arguments(cls: type) -> list[str]:
+    """What a layer's constructor takes by name (device and dtype excluded: a file holds CPU tensors)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name not in ("self", "device", "dtype")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _module_class(name) -> type | None:
+    """The torch.nn layer class ``name`` names, or None: ``torch.nn.<name>``, defined in torch.nn.modules."""
+    if not isinstance(name, str) or not name.isidentifier() or is_dunder(name):
+        return None
+    cls = getattr(nn, name, None)
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules."):
+        return cls
+    return None
+
+
+def _check_modules(modules) -> dict[str, type]:
+    if not isinstance(modules, dict):
+        raise _Refused("the manifest's modules are not a mapping")
+    classes = {}
+    for path, spec in modules.items():
+        if not is_path(path):
+            raise _Refused(f"module path {_show(path)} is not a plain attribute path (no dunder names)")
+        if not (isinstance(spec, dict) and set(spec) == {"type", "args"} and isinstance(spec["args"], dict)):
+            raise _Refused(f"module {path!r} is not described by a type and arguments")
+        cls = _module_class(spec["type"])
+        if cls is None:
+            raise _Refused(f"module {path!r} is a {_show(spec['type'])}, which is not a torch.nn layer")
+        _check_module_arguments(path, cls, spec["args"])
+        classes[path] = cls
+    return classes
+
+
+def _check_module_arguments(path: str, cls: type, args: dict) -> None:
+    allowed = _constructor_arguments(cls)
+    for name, value in args.items():
+        if name not in allowed:
+            raise _Refused(f"module {path!r} passes {_show(name)} to {cls.__name__}, which is not one of its "
+                           f"constructor arguments")
+        if not _is_plain(value):
+            raise _Refused(f"module {path!r} ({cls.__name__}) has {name} = {_show(value)}, which is not a plain "
+                           f"value (numbers, strings, booleans, None, lists and tuples of them)")
+
+
+def _is_plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return not is_dunder(value)
+    if isinstance(value, dict) and set(value) == {"$tuple"}:
+        value = value["$tuple"]
+    return isinstance(value, list) and all(_is_plain(v) for v in value)
+
+
+def _check_nodes(nodes, modules: dict, tensors: set[str]) -> None:
+    if not isinstance(nodes, list) or not nodes:
+        raise _Refused("the graph has no nodes")
+    seen: set[str] = set()
+    for entry in nodes:
+        name = _check_entry(entry, seen)
+        _check_argument_shape(name, entry["args"], entry["kwargs"])
+        _check_target(name, entry, modules, tensors)  # before the values: the message names the call
+        _check_value(name, entry["args"], seen)
+        _check_value(name, entry["kwargs"], seen)
+        seen.add(name)
+    if [e["op"] for e in nodes].count("output") != 1 or nodes[-1]["op"] != "output":
+        raise _Refused("the graph does not end in exactly one output node")
+
+
+def _check_entry(entry, seen: set[str]) -> str:
+    if not isinstance(entry, dict) or set(entry) != {"name", "op", "target", "args", "kwargs"}:
+        raise _Refused(f"a node is not described by name, op, target, args and kwargs ({_show(entry)})")
+    name = entry["name"]
+    if not is_variable(name):
+        raise _Refused(f"node {_show(name)} has a name multinet does not load (a plain identifier, no dunder)")
+    if name in seen:
+        raise _Refused(f"node {name!r} is defined twice")
+    if entry["op"] not in _OPS:
+        raise _Refused(f"node {name!r} has op {_show(entry['op'])}, which is not an fx op multinet loads")
+    return name
+
+
+def _check_argument_shape(name: str, args, kwargs) -> None:
+    if not (isinstance(args, dict) and set(args) == {"$tuple"} and isinstance(args["$tuple"], list)):
+        raise _Refused(f"node {name!r} has arguments that are not a tuple")
+    if not (isinstance(kwargs, dict) and set(kwargs) == {"$dict"} and isinstance(kwargs["$dict"], list)):
+        raise _Refused(f"node {name!r} has keyword arguments that are not a mapping")
+    for pair in kwargs["$dict"]:
+        if not (isinstance(pair, list) and len(pair) == 2 and is_variable(pair[0])):
+            raise _Refused(f"node {name!r} has a keyword argument named {_show(pair)}, which is not a plain "
+                           f"identifier")
+
+
+def _check_value(name: str, value, seen: set[str]) -> None:
+    """Only what :func:`_encode` writes: node references to earlier nodes and plain data."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return
+    if isinstance(value, str):
+        if is_dunder(value):
+            raise _Refused(f"node {name!r} passes the string {_show(value)}; dunder names are not loaded")
+        return
+    if isinstance(value, list):
+        for v in value:
+            _check_value(name, v, seen)
+        return
+    if isinstance(value, dict) and len(value) == 1:
+        ((tag, body),) = value.items()
+        check = _TAGS.get(tag)
+        if check is not None and check(name, body, seen):
+            return
+    raise _Refused(f"node {name!r} has an argument multinet does not write ({_show(value)})")
+
+
+def _check_node_ref(name: str, body, seen: set[str]) -> bool:
+    if not _named_in(body, seen):
+        raise _Refused(f"node {name!r} uses {_show(body)}, which is not an earlier node")
+    return True
+
+
+def _check_sequence(name: str, body, seen: set[str]) -> bool:
+    if not isinstance(body, list):
+        return False
+    _check_value(name, body, seen)
+    return True
+
+
+def _check_mapping(name: str, body, seen: set[str]) -> bool:
+    if not isinstance(body, list):
+        return False
+    for pair in body:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int))):
+            return False
+        _check_value(name, pair, seen)
+    return True
+
+
+def _check_slice(name: str, body, seen: set[str]) -> bool:
+    if not (isinstance(body, list) and len(body) == 3):
+        return False
+    for part in body:
+        if not (part is None or type(part) is int or _is_ref(part)):
+            return False
+        _check_value(name, part, seen)
+    return True
+
+
+_TAGS = {
+    "$node": _check_node_ref,
+    "$tuple": _check_sequence,
+    "$dict": _check_mapping,
+    "$slice": _check_slice,
+    "$dtype": lambda name, body, seen: isinstance(body, str) and body in _DTYPES,
+    "$device": lambda name, body, seen: isinstance(body, str) and DEVICE.fullmatch(body) is not None,
+    "$ellipsis": lambda name, body, seen: body is True,
+}
+
+
+def _named_in(value, names) -> bool:
+    """``value in names`` for a value from the file, which may be unhashable."""
+    return isinstance(value, str) and value in names
+
+
+def _is_ref(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"$node"}
+
+
+def _check_target(name: str, entry: dict, modules: dict, tensors: set[str]) -> None:
+    op, target = entry["op"], entry["target"]
+    args, kwargs = entry["args"]["$tuple"], entry["kwargs"]["$dict"]
+    if op == "placeholder":
+        if not is_variable(target) or any(_has_ref(a) for a in args) or len(args) > 1 or kwargs:
+            raise _Refused(f"input node {name!r} is named {_show(target)}; inputs are plain identifiers")
+    elif op == "get_attr":
+        if not _named_in(target, tensors) or args or kwargs:
+            raise _Refused(f"node {name!r} reads {_show(target)}, which is not a tensor in the file")
+    elif op == "call_module":
+        if not _named_in(target, modules):
+            raise _Refused(f"node {name!r} calls module {_show(target)}, which the file does not define")
+    elif op == "call_method":
+        _check_method(name, target, args)
+    elif op == "call_function":
+        _check_function(name, target, args, kwargs)
+    elif target != "output" or len(args) != 1 or kwargs:
+        raise _Refused(f"output node {name!r} does not return exactly one value")
+
+
+def _has_ref(value) -> bool:
+    if _is_ref(value):
+        return True
+    if isinstance(value, dict):
+        return any(_has_ref(v) for v in value.values())
+    return isinstance(value, list) and any(_has_ref(v) for v in value)
+
+
+def _check_method(name: str, target, args: list) -> None:
+    if not _named_in(target, METHODS):
+        raise _Refused(f"node {name!r} calls method {_show(target)}, which multinet does not load ({_METHODS_HINT})")
+    if not args or not _is_ref(args[0]):
+        raise _Refused(f"node {name!r} calls method {target!r} on {_show(args[0] if args else None)}, "
+                       f"which is not a node")
+
+
+def _check_function(name: str, target, args: list, kwargs: list) -> None:
+    if not _named_in(target, FUNCTIONS):
+        raise _Refused(f"node {name!r} calls {_function_label(target)}, which multinet does not load "
+                       f"({_FUNCTIONS_HINT})")
+    if target == "builtins.getattr":
+        attribute = args[1] if len(args) == 2 else None
+        if not _is_ref(args[0] if args else None) or not _named_in(attribute, TENSOR_ATTRIBUTES) or kwargs:
+            raise _Refused(f"node {name!r} reads attribute {_show(attribute)} with getattr, which multinet does "
+                           f"not load (allowed: {', '.join(sorted(TENSOR_ATTRIBUTES))} of a node)")
+    elif target == "operator.getitem":
+        if len(args) != 2 or not _is_ref(args[0]) or not _is_index(args[1]) or kwargs:
+            raise _Refused(f"node {name!r} indexes with {_show(args[1] if len(args) == 2 else args)}, which "
+                           f"multinet does not load "
+                           f"(allowed: a node indexed by integers, slices, None, ... or nodes)")
+
+
+def _is_index(value) -> bool:
+    """x[0], x[:, 2:6], x[..., None], x[idx], x[:, [0, 2]]: no strings, so no route to attributes."""
+    if value is None or type(value) in (bool, int) or _is_ref(value):
+        return True
+    if isinstance(value, dict) and len(value) == 1:
+        tag, body = next(iter(value.items()))
+        if tag in ("$slice", "$ellipsis"):
+            return True  # their contents are checked by _check_value
+        if tag == "$tuple":
+            value = body
+    return isinstance(value, list) and all(_is_index(v) for v in value)
+
+
 # --- decoding -------------------------------------------------------------------------------
 
 def _decode(value, env: dict[str, fx.Node]):
     if isinstance(value, list):
         return [_decode(v, env) for v in value]
-    if isinstance(value, dict):
-        if "$node" in value:
-            return env[value["$node"]]
-        if "$tuple" in value:
-            return tuple(_decode(v, env) for v in value["$tuple"])
-        if "$dict" in value:
-            return {_decode(k, env): _decode(v, env) for k, v in value["$dict"]}
-        if "$slice" in value:
-            return slice(*(_decode(v, env) for v in value["$slice"]))
-        if "$dtype" in value:
-            dtype = getattr(torch, value["$dtype"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise ModelFileError(f"unknown dtype {value['$dtype']!r}")
-            return dtype
-        if "$device" in value:
-            return torch.device(value["$device"])
-        if "$ellipsis" in value:
-            return Ellipsis
-        raise ModelFileError(f"unknown argument encoding {sorted(value)}")
-    return value
-
-
-def _function(name: str):
-    space, _, attr = name.rpartition(".")
-    namespace = _FUNCTION_SPACES.get(space)
-    fn = getattr(namespace, attr, None) if namespace is not None else None
-    if fn is None or not callable(fn) or (space == "builtins" and attr not in _BUILTINS):
-        raise ModelFileError(f"the model file calls {name!r}, which multinet does not load "
-                             f"(only torch, torch.nn.functional and operator functions)")
-    return fn
-
-
-def _module(spec: dict) -> nn.Module:
-    cls = getattr(nn, spec.get("type", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)
-            and cls.__module__.split(".")[:3] == ["torch", "nn", "modules"]):
-        raise ModelFileError(f"the model file asks for module {spec.get('type')!r}, which is not a torch.nn layer")
-    args = {k: _decode(v, {}) for k, v in spec["args"].items()}
-    return cls(**args)
+    if not isinstance(value, dict):
+        return value
+    ((tag, body),) = value.items()
+    if tag == "$node":
+        return env[body]
+    if tag == "$tuple":
+        return tuple(_decode(v, env) for v in body)
+    if tag == "$dict":
+        return {_decode(k, env): _decode(v, env) for k, v in body}
+    if tag == "$slice":
+        return slice(*(_decode(v, env) for v in body))
+    if tag == "$dtype":
+        return _DTYPES[body]
+    if tag == "$device":
+        return torch.device(body)
+    return Ellipsis
 
 
 def _place(root: nn.Module, path: str, value) -> None:
@@ -231,61 +522,99 @@ def _place(root: nn.Module, path: str, value) -> None:
 
 
 def load(path: str | os.PathLike, map_location: str = "cpu") -> fx.GraphModule:
-    """Rebuild a model written by :func:`save` (tensors only, ``weights_only=True``; no code runs)."""
+    """Rebuild a model written by :func:`save` (tensors only, ``weights_only=True``; checked and
+    digest-verified before anything is built; no code from the file runs)."""
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelFileError(f"no model file at {path}") from None
     except Exception as exc:
         raise ModelFileError(f"{path} is not a multinet model file (or it is corrupted): "
                              f"{str(exc).strip().splitlines()[0][:200]}") from None
-    return _from_blob(blob, path)
+    model = _from_blob(blob, str(path))
+    return model if str(map_location) == "cpu" else model.to(map_location)
 
 
-def _from_blob(blob, path) -> fx.GraphModule:
+def from_bytes(data: bytes) -> fx.GraphModule:
+    """The inverse of :func:`to_bytes`, through the same checks as :func:`load`."""
     try:
-        manifest = json.loads(blob["manifest"])
-        tensors = blob["tensors"]
-        if manifest.get("format") != FORMAT:
-            raise ModelFileError(f"{path}: unknown format {manifest.get('format')!r} (this multinet reads {FORMAT})")
-        return _rebuild(manifest, tensors)
-    except ModelFileError:
-        raise
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError, AttributeError, RuntimeError) as exc:
-        raise ModelFileError(f"{path} is not a valid multinet model file: {type(exc).__name__}: {exc}") from None
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"<bytes> are not a multinet model: {str(exc).strip().splitlines()[0][:200]}") from None
+    return _from_blob(blob, "<bytes>")
+
+
+def _from_blob(blob, where: str) -> fx.GraphModule:
+    try:
+        manifest = _verified_manifest(blob)
+        _check_manifest(manifest, blob["tensors"])
+        _verify_tensors(manifest["digests"], blob["tensors"])
+        return _rebuild(manifest, blob["tensors"])
+    except _Refused as r:
+        raise ModelFileError(f"{where}: {r}") from None
+    except Exception as exc:  # a layer refusing its arguments, a malformed structure: not a model we can build
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelFileError(f"{where} is not a valid multinet model file: {type(exc).__name__}: {detail}") from None
+
+
+def _verified_manifest(blob) -> dict:
+    """The manifest, once its format is this one and its text matches its digest."""
+    if not (isinstance(blob, dict) and isinstance(blob.get("manifest"), str)):
+        raise _Refused("not a multinet model file (no manifest)")
+    manifest = json.loads(blob["manifest"])
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found == "multinet-graph/1":
+        raise _Refused("written by an older multinet (multinet-graph/1, without digests); this multinet reads "
+                       f"{FORMAT}: save the model again with this version")
+    if found != FORMAT:
+        raise _Refused(f"unknown format {_show(found)} (this multinet reads {FORMAT})")
+    if set(blob) != {"manifest", "manifest_sha256", "tensors"} or blob["manifest_sha256"] != _text_digest(
+            blob["manifest"]):
+        raise _Refused("the manifest does not match its digest (the file is corrupted or was edited)")
+    return manifest
+
+
+def _verify_tensors(digests: dict, tensors: dict) -> None:
+    for name, tensor in tensors.items():
+        if digests[name] != tensor_digest(tensor):
+            raise _Refused(f"tensor {name!r} does not match its digest (the file is corrupted or was edited)")
 
 
 def _rebuild(manifest: dict, tensors: dict) -> fx.GraphModule:
+    """Build the GraphModule from a manifest that passed :func:`_check_manifest`."""
     root = nn.Module()
-    for name, spec in manifest["modules"].items():
-        _place(root, name, _module(spec))
+    for path, spec in manifest["modules"].items():
+        _place(root, path, getattr(nn, spec["type"])(**{k: _decode(v, {}) for k, v in spec["args"].items()}))
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     for entry in manifest["nodes"]:
-        op, target = entry["op"], entry["target"]
         args, kwargs = _decode(entry["args"], env), _decode(entry["kwargs"], env)
-        if op == "call_function":
-            target = _function(target)
-        elif op not in ("placeholder", "get_attr", "call_module", "call_method", "output"):
-            raise ModelFileError(f"unknown node op {op!r}")
-        if op == "output":
-            node = graph.output(args[0])
+        target = FUNCTIONS[entry["target"]] if entry["op"] == "call_function" else entry["target"]
+        if entry["op"] == "output":
+            env[entry["name"]] = graph.output(args[0])
         else:
-            node = graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
-        env[entry["name"]] = node
-    for name in manifest["parameters"]:
-        if not _has(root, name):
-            _place(root, name, nn.Parameter(tensors[name].clone()))
-    for name in manifest["buffers"] + manifest["constants"]:
-        if not _has(root, name):
-            _place(root, name, tensors[name].clone())
+            env[entry["name"]] = graph.create_node(entry["op"], target, args, kwargs, name=entry["name"])
+    _place_tensors(root, manifest, tensors)
     gm = fx.GraphModule(root, graph, "LoadedModel")
     state = {k: tensors[k] for k in manifest["parameters"] + manifest["buffers"]}
-    gm.load_state_dict(state, strict=True)
-    gm.meta.update(manifest.get("meta", {}))
-    if manifest.get("input_shapes"):
+    gm.load_state_dict(state, strict=True, assign=True)  # the stored tensors, strides and all
+    gm.meta.update(manifest["meta"])
+    if manifest["input_shapes"]:
         gm.meta["input_shapes"] = [tuple(s) for s in manifest["input_shapes"]]
     return gm.eval()
+
+
+def _place_tensors(root: nn.Module, manifest: dict, tensors: dict) -> None:
+    """Tensors the layers did not create (load_state_dict fills the others); a name that is already
+    some other attribute (``head.in_features``, ``head.weight.T``) is refused."""
+    owned = {name for name, _ in [*root.named_parameters(), *root.named_buffers()]}
+    for kind in ("parameters", "buffers", "constants"):
+        for name in manifest[kind]:
+            if name in owned:
+                continue
+            if _has(root, name):
+                raise _Refused(f"tensor {name!r} names an attribute of its module that is not a tensor")
+            _place(root, name, nn.Parameter(tensors[name]) if kind == "parameters" else tensors[name])
 
 
 def _has(root: nn.Module, path: str) -> bool:
