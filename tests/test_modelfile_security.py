@@ -99,6 +99,16 @@ def _refused(path, node, match):
     return message
 
 
+def _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker, node, match, *inputs):
+    """The payload runs (the marker file appears) without the loader's checks; with them ``load``
+    refuses in one line naming ``node`` and the payload never runs."""
+    _unchecked_run(manifest, tensors, monkeypatch, *inputs)
+    assert marker.exists()
+    marker.unlink()
+    _refused(path, node, match)
+    assert not marker.exists()
+
+
 X = torch.zeros(1, 1, 8, 8)
 
 
@@ -116,11 +126,9 @@ def test_getattr_to_globals_and_builtins(saved, marker, monkeypatch):
         _node("bi", "call_function", "operator.getitem", _ref("glob"), "__builtins__"),
         _node("ex", "call_function", "operator.getitem", _ref("bi"), "exec"),
         _node("run", "call_method", "__call__", _ref("ex"), _code(marker))))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "cls", "reads attribute '__class__' with getattr")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker,
+                            "cls", "reads attribute '__class__' with getattr",
+                            X)
 
 
 @pytest.mark.parametrize("attribute", ["__globals__", "__builtins__", "__dict__", "data", "grad_fn", "storage"])
@@ -140,11 +148,8 @@ def test_getitem_chain_to_eval(saved, marker, monkeypatch):
         _node("bi", "call_function", "operator.getitem", _ref("x"), "__builtins__"),
         _node("ev", "call_function", "operator.getitem", _ref("bi"), "eval"),
         _node("run", "call_method", "__call__", _ref("ev"), _code(marker))))
-    _unchecked_run(manifest, tensors, monkeypatch, {"__builtins__": vars(builtins)})
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "bi", "indexes with")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker, "bi", "indexes with",
+                            {"__builtins__": vars(builtins)})
 
 
 @pytest.mark.parametrize("index", ["eval", {"$tuple": [0, "eval"]}, {"$dict": [["a", 1]]}, 1.5])
@@ -167,11 +172,8 @@ def test_dunder_method_chain(saved, marker, monkeypatch):
         _node("bi", "call_method", "__getitem__", _ref("glob"), "__builtins__"),
         _node("ex", "call_method", "__getitem__", _ref("bi"), "exec"),
         _node("run", "call_method", "__call__", _ref("ex"), _code(marker))))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "fn", "calls method '__getattribute__'")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker, "fn", "calls method '__getattribute__'",
+                            X)
 
 
 @pytest.mark.parametrize("method", ["__reduce_ex__", "__class__", "__init_subclass__", "__setattr__"])
@@ -198,11 +200,9 @@ def test_method_on_a_literal_is_refused(saved):
 def test_torch_save_is_refused(saved, marker, monkeypatch):
     path, manifest, tensors = _crafted(saved, _inject(
         _node("w", "call_function", "torch.save", _ref("x"), str(marker))))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "w", "calls torch.save, which multinet does not load")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker,
+                            "w", "calls torch.save, which multinet does not load",
+                            X)
 
 
 class _Payload:
@@ -218,11 +218,9 @@ def test_torch_load_of_a_pickle_is_refused(saved, marker, monkeypatch, tmp_path)
     torch.save(_Payload(marker), evil)
     path, manifest, tensors = _crafted(saved, _inject(
         _node("r", "call_function", "torch.load", str(evil), weights_only=False)))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "r", "calls torch.load, which multinet does not load")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker,
+                            "r", "calls torch.load, which multinet does not load",
+                            X)
 
 
 @pytest.mark.parametrize("target", [
@@ -245,11 +243,9 @@ def test_attrgetter_chain_is_refused(saved, marker, monkeypatch):
         _node("bi", "call_function", "operator.getitem", _ref("glob"), "__builtins__"),
         _node("ex", "call_function", "operator.getitem", _ref("bi"), "exec"),
         _node("run", "call_method", "__call__", _ref("ex"), _code(marker))))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "get", "calls operator.attrgetter, which multinet does not load")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker,
+                            "get", "calls operator.attrgetter, which multinet does not load",
+                            X)
 
 
 def test_methodcaller_is_refused(saved):
@@ -263,22 +259,16 @@ def test_placeholder_name_cannot_inject_code(saved, marker, monkeypatch):
     def change(manifest):
         manifest["nodes"][0]["target"] = f"x={_code(marker)}"
     path, manifest, tensors = _crafted(saved, change)
-    _unchecked_run(manifest, tensors, monkeypatch, X)  # a default argument runs when forward is defined
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "x", "inputs are plain identifiers")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker, "x", "inputs are plain identifiers",
+                            X)  # a default argument runs when forward is defined
 
 
 def test_keyword_name_cannot_inject_code(saved, marker, monkeypatch):
     key = f"inplace={_code(marker)} or False, _"
     path, manifest, tensors = _crafted(saved, _inject(
         {**_node("r", "call_function", "torch.nn.functional.relu", _ref("x")), "kwargs": {"$dict": [[key, 0]]}}))
-    _unchecked_run(manifest, tensors, monkeypatch, X)
-    assert marker.exists()
-    marker.unlink()
-    _refused(path, "r", "not a plain identifier")
-    assert not marker.exists()
+    _escapes_only_unchecked(path, manifest, tensors, monkeypatch, marker, "r", "not a plain identifier",
+                            X)
 
 
 @pytest.mark.parametrize("name", ["a = 1; import os", "__class__", "self", "None", "class", "1x", ""])
