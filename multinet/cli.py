@@ -16,7 +16,6 @@ half-written file); 1 internal failure (one line; ``--traceback`` or ``MULTINET_
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 

@@ -327,3 +327,13 @@ def test_image_folders_that_cannot_be_read(project):
     _images(project / "photos", [(8, 8)])  # an image beside the class folders
     with pytest.raises(MultinetError, match="both at its top and in subfolders"):
         read("photos", base_dir=project)
+
+
+def test_a_module_that_fails_at_import_is_one_line(tmp_path, monkeypatch, capsys):
+    from multinet.cli import main
+
+    (tmp_path / "broken_models.py").write_text("def build(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "broken_models:build", "--input-shape", "1,4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot import 'broken_models': SyntaxError" in err[0]

@@ -60,6 +60,9 @@ def resolve_callable(ref: str, base_dir: str | Path | None = None) -> Callable:
             module = importlib.import_module(module_part)
         except ImportError as exc:
             raise MultinetError(f"cannot import {module_part!r}: {exc}") from exc
+        except Exception as exc:  # the module's own code failed (a SyntaxError, an error at import time)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+            raise MultinetError(f"cannot import {module_part!r}: {type(exc).__name__}: {first}") from exc
     found = getattr(module, name, None)
     if not callable(found):
         raise MultinetError(f"{module_part!r} has no callable {name!r}")
