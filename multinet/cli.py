@@ -138,19 +138,20 @@ def data_name(args: argparse.Namespace) -> str:
     return getattr(args, "eval_data", None) or getattr(args, "data", None) or args.dataset
 
 
-def evaluation_line(model: torch.nn.Module, compressed: torch.nn.Module, split, name: str) -> str:
-    """Accuracy before -> after on labelled evaluation data; without labels, agreement with the original."""
+def evaluation_line(model: torch.nn.Module, compressed: torch.nn.Module, split, name: str,
+                    device: str = "cpu") -> str:
+    """Accuracy before -> after on labelled evaluation data; without labels, agreement with the original.
+    Both models run on ``device``, like the rest of the job."""
     from .io import data
+    from .runtime.infer import infer
 
     n = len(split.test_x)
     held_out = f"{n} held-out {'images' if name in data.DATASETS else 'samples'}, no fine-tuning"
+    reference = infer(model, split.test_x, batch_size=512, device=device)
+    outputs = infer(compressed, split.test_x, batch_size=512, device=device)
     if split.test_y is not None:
-        before = data.accuracy(model, split.test_x, split.test_y)
-        after = data.accuracy(compressed, split.test_x, split.test_y)
+        before, after = data.accuracy_of(reference, split.test_y), data.accuracy_of(outputs, split.test_y)
         return f"test accuracy on {name} ({held_out}): {before:.4f} -> {after:.4f}"
-    from .runtime.infer import infer
-
-    reference, outputs = infer(model, split.test_x, batch_size=512), infer(compressed, split.test_x, batch_size=512)
     return (f"no labels in {name}: agreement with the original model ({held_out}): top-1 "
             f"{data.agreement_of(outputs, reference):.4f}, relative output error "
             f"{data.relative_error(outputs, reference):.5f}")
@@ -223,7 +224,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result = compress(model, calib, ratio=args.ratio, method=args.method, budget=budget, schedule=args.schedule,
                           plan=plan, plan_path=args.plan_out, max_positions=args.max_positions, seed=args.seed,
                           device=args.device, progress=not args.quiet)
-    evaluation = evaluation_line(model, result.model, split, data_name(args))
+    evaluation = evaluation_line(model, result.model, split, data_name(args), args.device)
     if result.plan is not None:
         p = result.plan
         how = f"{p.schedule} schedule, {p.metric} budget"
