@@ -7,7 +7,7 @@ import torch
 
 import multinet
 from multinet.graph.axes import kept_positions
-from multinet.graph.edits import SliceTensor
+from multinet.graph.edits import GroupedInput, SliceTensor
 from multinet.graph.surgery import _local_keep, _resolve
 
 
@@ -32,7 +32,7 @@ def _consumer_weight_attrs(graph) -> set[str]:
     return out
 
 
-def zero_channel(graph, gid: int, channel: int, side: str) -> torch.fx.GraphModule:
+def zero_channel(graph, gid: int, channel, side: str) -> torch.fx.GraphModule:
     """A copy of the traced model with one channel zeroed on the producer side or the consumer side.
 
     Producer side: every tensor sliced with the channel except consumer inputs (producer
@@ -40,10 +40,13 @@ def zero_channel(graph, gid: int, channel: int, side: str) -> torch.fx.GraphModu
     Consumer side: the columns that read the channel are zeroed in every consumer.
     """
     group = graph.group(gid)
-    keep_local = _local_keep(graph, {gid: [c for c in range(group.size) if c != channel]})
+    removed_set = {channel} if isinstance(channel, int) else set(channel)
+    keep_local = _local_keep(graph, {gid: [c for c in range(group.size) if c not in removed_set]})
     gm = copy.deepcopy(graph.module)
     consumers = _consumer_weight_attrs(graph)
     for edit in graph.analysis.edits:
+        if isinstance(edit, GroupedInput) and side == "consumer":
+            _zero_grouped_input(gm, edit, keep_local)
         if not isinstance(edit, SliceTensor):
             continue
         is_consumer = edit.attr in consumers and edit.dim == 1
@@ -57,6 +60,45 @@ def zero_channel(graph, gid: int, channel: int, side: str) -> torch.fx.GraphModu
             with torch.no_grad():
                 tensor.index_fill_(edit.dim, torch.tensor(removed), 0.0)
     return gm
+
+
+def _zero_grouped_input(gm, edit: GroupedInput, keep_local) -> None:
+    """Zero, in output block g of a grouped conv's weight, the columns of input block g's removed channels."""
+    owner, attr = _resolve(gm, edit.attr)
+    tensor = getattr(owner, attr)
+    kept = set(kept_positions(edit.segments, keep_local).tolist())
+    per, rows = tensor.shape[1], tensor.shape[0] // edit.groups
+    with torch.no_grad():
+        for p in range(per * edit.groups):
+            if p not in kept:
+                g = p // per
+                tensor[g * rows:(g + 1) * rows, p - g * per] = 0.0
+
+
+def removal_unit(group, channel: int) -> list[int]:
+    """The smallest removable set holding ``channel``: one channel, or one per conv group of a grouped conv."""
+    if not group.balanced:
+        return [channel]
+    blocks = group.balanced[0]
+    where = next((i for i, b in enumerate(blocks) if channel in b.tolist()), None)
+    if where is None:
+        return [channel]
+    pos = blocks[where].tolist().index(channel)
+    out = sorted(int(b[pos % len(b)]) for b in blocks)
+    return out if group.is_balanced([c for c in range(group.size) if c not in out]) else []
+
+
+def random_keep(group, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """About ``fraction`` of the channels, at random, as many from every conv group (grouped convs)."""
+    if not group.balanced:
+        n_keep = max(1, round(group.size * fraction))
+        return torch.randperm(group.size, generator=gen)[:n_keep].sort().values
+    blocks = group.balanced[0]
+    per = max(1, round(len(blocks[0]) * fraction))
+    inside = torch.cat(list(blocks))
+    rest = torch.tensor([c for c in range(group.size) if c not in set(inside.tolist())], dtype=torch.long)
+    keep = torch.cat([b[torch.randperm(len(b), generator=gen)[:per]] for b in blocks] + [rest]).sort().values
+    return keep if group.is_balanced(keep) else torch.arange(group.size)
 
 
 def check_model(model: torch.nn.Module, x: torch.Tensor, seed: int = 0, max_channels: int = 2,
@@ -74,17 +116,17 @@ def check_model(model: torch.nn.Module, x: torch.Tensor, seed: int = 0, max_chan
             if not g.exact or g.size < 2:
                 continue
             for channel in torch.randperm(g.size, generator=gen)[:max_channels].tolist():
-                keep = {g.id: [c for c in range(g.size) if c != channel]}
+                removed = removal_unit(g, channel)
+                if not removed or len(removed) == g.size:
+                    continue
+                keep = {g.id: [c for c in range(g.size) if c not in removed]}
                 pruned = multinet.prune(graph, keep)
                 for side in ("consumer", "producer") if producer_side else ("consumer",):
-                    zeroed = zero_channel(graph, g.id, channel, side)
+                    zeroed = zero_channel(graph, g.id, removed, side)
                     torch.testing.assert_close(_leaves(pruned(x)), _leaves(zeroed(x)), rtol=1e-4, atol=1e-5,
                                                msg=lambda m: f"group {g.id} channel {channel} ({side}): {m}")
         # (c) random 30 % of every prunable group: runs, same output shape, fewer FLOPs
-        keep = {}
-        for g in graph.prunable_groups:
-            n_keep = max(1, round(g.size * 0.7))
-            keep[g.id] = torch.randperm(g.size, generator=gen)[:n_keep].sort().values
+        keep = {g.id: random_keep(g, 0.7, gen) for g in graph.prunable_groups}
         pruned = multinet.prune(graph, keep)
         out = pruned(x)
         assert _shapes(out) == _shapes(reference)

@@ -112,11 +112,33 @@ class Grouped(nn.Module):
         return self.b(self.g(self.a(x)))
 
 
-def test_grouped_conv_fails_closed():
+def test_grouped_conv_keeps_equal_channels_per_group():
     graph = check_model(Grouped(), torch.randn(2, 3, 5, 5))
     for name in ("a", "g"):
         g = _group(graph, name)
-        assert not g.prunable and "grouped conv" in g.reasons[0]
+        assert g.prunable and [b.tolist() for b in g.balanced[0]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    a = _group(graph, "a")
+    with pytest.raises(multinet.PruneError, match="same number of channels"):
+        multinet.prune(graph, {a.id: [0, 1, 2, 4]})
+    pruned = multinet.prune(graph, {a.id: [0, 3, 5, 6]})
+    assert pruned.g.groups == 2 and pruned.g.in_channels == 4 and pruned.g.weight.shape == (8, 2, 3, 3)
+
+
+class GroupedOverConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        return self.g(torch.cat([self.a(x), self.b(x)], 1)).sum(1)
+
+
+def test_grouped_conv_over_several_channel_groups_fails_closed():
+    graph = multinet.trace(GroupedOverConcat(), torch.randn(2, 3, 5, 5))
+    for name in ("a", "b"):
+        g = _group(graph, name)
+        assert not g.prunable and "span several channel groups" in g.reasons[0]
 
 
 class ChannelShuffle(nn.Module):
@@ -229,10 +251,12 @@ class Transformerish(nn.Module):
         return self.head(h)
 
 
-def test_attention_fails_closed_ffn_stays_prunable():
+def test_multihead_attention_heads_stream_and_ffn_prunable():
     graph = check_model(randomize_norm_stats(Transformerish()), torch.randn(2, 4, 5))
     stream = _group(graph, "embed")
-    assert not stream.prunable and "MultiheadAttention" in stream.reasons[0]
+    assert stream.prunable and "attn.out_proj" in stream.producers
+    heads = _group(graph, "attn.q_proj")
+    assert heads.prunable and heads.size == 2 and heads.consumers[0].block == 4
     assert _group(graph, "up").prunable
 
 

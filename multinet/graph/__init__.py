@@ -3,6 +3,7 @@ from .counting import Counts, count
 from .op_tables import register_elementwise
 from .groups import ChannelGraph, ChannelGroup, ConsumerSlot
 from .surgery import prune
-from .trace_api import trace
+from .trace_api import capture_graph, trace
 
-__all__ = ["ChannelGraph", "ChannelGroup", "ConsumerSlot", "Counts", "count", "prune", "register_elementwise", "trace"]
+__all__ = ["ChannelGraph", "ChannelGroup", "ConsumerSlot", "Counts", "capture_graph", "count", "prune", "register_elementwise",
+           "trace"]

@@ -16,8 +16,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import op_tables as ops
-from .axes import Axis, Segment, scale_blocks, slice_segments
-from .edits import Edit, SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
+from .axes import Axis, Segment, aligned_pieces, scale_blocks, slice_segments
+from .edits import (ATEN_SLICE, Balanced, Edit, GroupedInput, SetCount, ShapeLiteral, SliceBounds, SliceTensor,
+                    SplitSizes)
 from .spaces import SpaceTable
 
 Info = Axis | list | None
@@ -33,6 +34,7 @@ class LayerUse:
     columns_per_position: int  # kh*kw for a conv, 1 for a linear
     in_segments: tuple[Segment, ...] | None = None
     out_space: int | None = None
+    conv_groups: int = 1  # a grouped conv's input: output block g reads only input block g
 
 
 @dataclass
@@ -42,6 +44,9 @@ class AnalysisResult:
     layers: dict[str, LayerUse]
     passthrough: dict[int, set[str]]  # space -> names of pass-through layers carrying params
     inexact: dict[int, list[str]]  # space -> why pruning it changes the kept channels' values
+    unknown_ops: list[str] = None  # labels of the ops the analysis did not understand
+    unit_requests: dict[str, int] = None  # producer -> features per channel a later pass should use
+    space_units: dict[int, int] = None  # producer space -> features per channel (head_dim for heads)
 
 
 def _shape(arg) -> tuple[int, ...] | None:
@@ -63,8 +68,15 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 class ChannelAnalysis:
-    def __init__(self, gm: fx.GraphModule):
+    """One pass over the graph. ``units`` makes a producer's channel a block of features (an
+    attention head of head_dim features); passes that meet a head split ask for it in
+    ``unit_requests`` and the driver (groups.build_groups) reruns the analysis with them."""
+
+    def __init__(self, gm: fx.GraphModule, units: dict[str, int] | None = None):
         self.gm = gm
+        self.units = dict(units or {})
+        self.unit_requests: dict[str, int] = {}
+        self.unknown_ops: list[str] = []
         self.modules = dict(gm.named_modules())
         self.table = SpaceTable()
         self.info: dict[fx.Node, Info] = {}
@@ -79,13 +91,16 @@ class ChannelAnalysis:
         # or for a whole shape tuple node -> (channel dim, spaces)
         self._channel_sizes: dict[fx.Node, set[int]] = {}
         self._shape_tuples: dict[fx.Node, tuple[int, set[int]]] = {}
+        self._space_unit: dict[int, int] = {}
+        self._module_space: dict[str, int] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> AnalysisResult:
         for node in self.gm.graph.nodes:
             self.info[node] = self._visit(node)
         self._check_param_uses()
-        return AnalysisResult(self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact))
+        return AnalysisResult(self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact),
+                              self.unknown_ops, self.unit_requests, dict(self._space_unit))
 
     def _visit(self, node: fx.Node) -> Info:
         if node.op in ("placeholder", "get_attr"):
@@ -103,6 +118,7 @@ class ChannelAnalysis:
             rule = ops.method_rule(node.target)
             label = f".{node.target}()"
         if rule is None:
+            self.unknown_ops.append(label)
             return self._unknown(node, f"unsupported op `{label}`")
         try:
             return getattr(self, f"_rule_{rule}")(node)
@@ -150,12 +166,20 @@ class ChannelAnalysis:
         self._module_axis[name] = segments
         return True
 
+    def _whole(self, sid: int) -> tuple[Segment, ...]:
+        """All channels of a space, each a block of the producer's unit (head_dim for heads)."""
+        unit = self._space_unit.get(sid, 1)
+        return (Segment(sid, 0, self.table.spaces[sid].size, unit),)
+
     def _new_producer(self, name: str, size: int, kind: str, nodes: list[str], cols: int, reason: str | None,
                       weight: str, bias: str | None, module: str | None) -> int:
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
         if use.out_space is None:
-            use.out_space = self.table.new(size, "producer", name, reason)
-            seg = (Segment(use.out_space, 0, size),)
+            unit = self.units.get(name, 1)
+            unit = unit if size % unit == 0 else 1
+            use.out_space = self.table.new(size // unit, "producer", name, reason)
+            self._space_unit[use.out_space] = unit
+            seg = self._whole(use.out_space)
             self.edits.append(SliceTensor(weight, 0, seg))
             if bias is not None:
                 self.edits.append(SliceTensor(bias, 0, seg))
@@ -165,15 +189,20 @@ class ChannelAnalysis:
         return use.out_space
 
     def _consume(self, name: str, kind: str, ax: Axis | None, node: fx.Node, cols: int, weight: str,
-                 module: str | None) -> None:
+                 module: str | None, conv_groups: int = 1) -> None:
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
+        use.conv_groups = conv_groups
         if ax is None:
             if use.in_segments is not None:
                 self.table.mark({s.space for s in use.in_segments}, f"layer `{name}` also reads untracked input")
             return
         if use.in_segments is None:
             use.in_segments = ax.segments
-            self.edits.append(SliceTensor(weight, 1, ax.segments))
+            if conv_groups > 1:
+                self.edits += [GroupedInput(weight, conv_groups, ax.segments),
+                               Balanced(name, conv_groups, ax.segments)]
+            else:
+                self.edits.append(SliceTensor(weight, 1, ax.segments))
             if module is not None:
                 self.edits.append(SetCount(module, "in_channels" if kind == "conv" else "in_features", ax.segments))
         else:
@@ -237,6 +266,8 @@ class ChannelAnalysis:
                                 f"{name}.bias" if m.bias is not None else None, module=name)
         if isinstance(m, ops.UNARY_MODULES):
             return ax
+        if isinstance(m, nn.Embedding):
+            return self._embedding_module(node, m, ax)
         if ax is None:
             if isinstance(m, (ops.BATCHNORM_MODULES, ops.INSTANCENORM_MODULES, nn.LayerNorm, nn.GroupNorm)):
                 return None
@@ -280,7 +311,7 @@ class ChannelAnalysis:
             self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name)
             sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight",
                                      bias, module=name)
-            return Axis(1, (Segment(sid, 0, m.out_channels),))
+            return Axis(1, self._whole(sid))
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
             if ax is None:
                 return None
@@ -294,11 +325,20 @@ class ChannelAnalysis:
                 for s in ax.spaces():
                     self.passthrough[s].add(name)
             return Axis(1, out)
-        why = f"grouped conv `{name}` (groups={m.groups}) needs equal channels per group"
-        self._fail([ax], why, node)
-        sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, why, f"{name}.weight", bias,
+        return self._grouped_conv(node, m, ax, cols, bias)
+
+    def _grouped_conv(self, node: fx.Node, m: nn.Module, ax: Axis | None, cols: int, bias: str | None) -> Info:
+        """groups=G: output block g reads only input block g. Pruning keeps the same number of
+        channels in every block on both sides (Balanced), so ``groups`` stays G."""
+        name, groups = node.target, m.groups
+        self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name, conv_groups=groups)
+        first = name not in self.layers or self.layers[name].out_space is None
+        sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight", bias,
                                  module=name)
-        return Axis(1, (Segment(sid, 0, m.out_channels),))
+        out = self._whole(sid)
+        if first:
+            self.edits.append(Balanced(name, groups, out))
+        return Axis(1, out)
 
     def _linear(self, node, ax, shape, name, out_features, weight, bias, module) -> Info:
         if shape is None:
@@ -308,7 +348,7 @@ class ChannelAnalysis:
             ax = None
         self._consume(name, "linear", ax, node, 1, weight, module=module)
         sid = self._new_producer(name, out_features, "linear", [node.name], 1, None, weight, bias, module=module)
-        return Axis(len(shape) - 1, (Segment(sid, 0, out_features),))
+        return Axis(len(shape) - 1, self._whole(sid))
 
     def _layer_norm(self, node, ax, shape, normalized_shape, module=None, weight=None, bias=None) -> Info:
         nd = len(normalized_shape)
@@ -473,9 +513,21 @@ class ChannelAnalysis:
                 self.table.tie_segments(first.segments, a.segments, self._where(node))
             elif isinstance(t, fx.Node) and t.op == "get_attr":
                 self._bind_param(t, cdim, first, node)
+            elif self._expanded_param(t) is not None:
+                self._bind_expanded(t, cdim, first, node)
             else:
                 self._fail([first], "joined with an untracked tensor", node)
         return first
+
+    def _bind_expanded(self, t: fx.Node, cdim: int, first: Axis, node: fx.Node) -> None:
+        """A class token ``param.expand(B, -1, -1)`` joined to the stream: slice the parameter."""
+        param, expand = self._expanded_param(t)
+        pdim = cdim - (len(_shape(expand)) - len(_shape(param)))
+        if pdim < 0 or _shape(param)[pdim] != first.width:
+            return self._fail([first], "joined with a broadcast parameter", node)
+        self._bind_param(param, pdim, first, node)
+        self._param_binders[param.target].add(expand.name)
+        self._record_size_literal(expand, cdim, first.segments, 1, 1)
 
     def _rule_stack(self, node):
         tensors = self._tensor_list(node)
@@ -608,6 +660,7 @@ class ChannelAnalysis:
         self._check_shape_args(node, j, ax)
         segs = scale_blocks(ax.segments, mul, div)
         if segs is None:
+            self._request_units(ax, div)  # a head split: the next pass makes each head one channel
             return self._fail([ax], "reshape cuts through a channel block", node)
         self._record_size_literal(node, j, ax.segments, mul, div)
         return Axis(j, segs)
@@ -773,7 +826,7 @@ class ChannelAnalysis:
         cols = math.prod(w[2:])
         self._consume(weight, "conv", ax, node, cols, weight, module=None)
         sid = self._new_producer(weight, w[0], "conv", [node.name], cols, None, weight, bias, module=None)
-        return Axis(1, (Segment(sid, 0, w[0]),))
+        return Axis(1, self._whole(sid))
 
     def _rule_linear(self, node):
         x = node.args[0]
@@ -783,6 +836,182 @@ class ChannelAnalysis:
         weight, bias = refs
         w = _shape(_arg(node, 1, "weight"))
         return self._linear(node, self._axis(x), _shape(x), weight, w[0], weight, bias, module=None)
+
+    # ------------------------------------------------------------------ attention heads
+    def _request_units(self, ax: Axis, div: int) -> None:
+        """Ask the next pass to make each producer channel a block that ``div`` divides (a head)."""
+        for seg in ax.segments:
+            space = self.table.spaces[seg.space]
+            use = self.layers.get(space.owner)
+            if space.kind != "producer" or use is None or use.out_space != seg.space:
+                continue
+            unit = self._space_unit.get(seg.space, 1)
+            new = unit * _gcd_factor(seg.block, div)
+            if new != unit and (space.size * unit) % new == 0:
+                old = self.unit_requests.get(space.owner, 1)
+                self.unit_requests[space.owner] = old * new // math.gcd(old, new)
+
+    def _tie_coarsening(self, a: Axis, b: Axis, node: fx.Node) -> None:
+        """Tie two head axes position by position. Where one side's channels are blocks of the
+        other's (a k/v head repeated for its q heads), the finer producer is asked for the coarser unit."""
+        if aligned_pieces(a.segments, b.segments) is None:
+            blocks_a, blocks_b = {s.block for s in a.segments}, {s.block for s in b.segments}
+            if len(blocks_a) == len(blocks_b) == 1:
+                x, y = blocks_a.pop(), blocks_b.pop()
+                if x != y and max(x, y) % min(x, y) == 0:
+                    self._request_units(a if x < y else b, max(x, y))
+        self.table.tie_segments(a.segments, b.segments, self._where(node))
+
+    def _rule_sdpa(self, node):
+        """scaled_dot_product_attention(q, k, v): (..., heads, L, E). Head h of the output is
+        computed from head h of q and its k/v head: the head dims are tied (with grouped-query
+        attention, one k/v head with its block of q heads)."""
+        tensors = [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
+        axes = [self._axis(t) for t in tensors]
+        tracked = [a for a in axes if a is not None]
+        if not tracked:
+            return None
+        shapes = [_shape(t) for t in tensors]
+        if any(a is None or a.dim != len(sh) - 3 for a, sh in zip(axes, shapes)):
+            return self._fail(tracked, "attention whose q, k and v are not all tracked on the head dim", node)
+        mask = _arg(node, 3, "attn_mask")
+        mshape = _shape(mask)
+        if self._axis(mask) is not None or (mshape is not None and len(mshape) >= 3 and mshape[-3] != 1):
+            return self._fail(tracked, "attention mask with a head dim", node)
+        q, k, v = axes
+        self.table.tie_segments(k.segments, v.segments, self._where(node))
+        ratio = shapes[0][-3] // shapes[1][-3]
+        if ratio > 1:
+            blocked = scale_blocks(q.segments, 1, ratio)
+            if blocked is None:
+                self._request_units(q, ratio)
+                return self._fail(tracked, "grouped-query heads not yet one block per k/v head", node)
+            q = Axis(q.dim, blocked)
+        self.table.tie_segments(q.segments, k.segments, self._where(node))
+        return axes[0]
+
+    def _rule_matmul(self, node):
+        """Batched matmul: a channel axis on a batch dim (attention heads) passes through and ties
+        both operands; on a contracted dim it fails closed."""
+        a, b = node.args[0], node.args[1]
+        axa, axb = self._axis(a), self._axis(b)
+        sa, sb, out = _shape(a), _shape(b), _shape(node)
+        tracked = [x for x in (axa, axb) if x is not None]
+        if not tracked:
+            return None
+        if out is None or len(sa) < 2 or len(sb) < 2:
+            return self._fail(tracked, "matmul with a vector operand", node)
+        nd = len(out)
+        pa = _matmul_place(axa, len(sa), nd, rows=True) if axa else None
+        pb = _matmul_place(axb, len(sb), nd, rows=False) if axb else None
+        if "contract" in (pa, pb):
+            return self._fail(tracked, "matmul contracts the channel axis", node)
+        if axa is not None and axb is not None:
+            if pa != pb or pa >= nd - 2:
+                return self._fail(tracked, "matmul of two channel axes on different dims", node)
+            self._tie_coarsening(axa, axb, node)
+            return axa.at(pa)
+        ax, p = (axa, pa) if axa is not None else (axb, pb)
+        other, oshape = (b, sb) if axa is not None else (a, sa)
+        if p < nd - 2:
+            od = p - (nd - len(oshape))
+            if od >= 0 and od < len(oshape) - 2 and oshape[od] != 1:
+                return self._fail([ax], "matmul with an untracked operand along the channel axis", node)
+        return ax.at(p)
+
+    def _rule_repeat_interleave(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if not isinstance(repeats, int) or dim is None:
+            return self._fail([ax], "repeat_interleave with computed repeats or no dim", node)
+        if _norm(dim, len(shape)) != ax.dim:
+            return ax
+        return Axis(ax.dim, scale_blocks(ax.segments, repeats))
+
+    # ------------------------------------------------------------------ embeddings and tokens
+    def _param_producer(self, param: fx.Node, dim: int, width: int, node: fx.Node, out_dim: int) -> Axis:
+        """A parameter whose slices along ``dim`` are the channels (an embedding table's columns)."""
+        key = (param.target, dim)
+        sid = self._param_space.get(key)
+        if sid is None:
+            sid = self.table.new(width, "param", param.target)
+            self._param_space[key] = sid
+            self.edits.append(SliceTensor(param.target, dim, (Segment(sid, 0, width),)))
+        self._param_binders[param.target].add(node.name)
+        self.passthrough[sid].add(param.target)
+        return Axis(out_dim, (Segment(sid, 0, width),))
+
+    def _rule_embedding(self, node):
+        weight = _arg(node, 1, "weight") if node.target is torch.nn.functional.embedding else node.args[0]
+        indices = node.args[0] if node.target is torch.nn.functional.embedding else node.args[1]
+        if self._axis(indices) is not None:
+            return self._unknown(node, "embedding indexed by a tracked tensor")
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            return self._unknown(node, "embedding with a computed table")
+        out = _shape(node)
+        return self._param_producer(weight, 1, out[-1], node, len(out) - 1)
+
+    def _embedding_module(self, node, m: nn.Embedding, ax) -> Info:
+        if ax is not None:
+            return self._unknown(node, "embedding indexed by a tracked tensor")
+        name = node.target
+        sid = self._module_space.get(name)
+        if sid is None:
+            sid = self.table.new(m.embedding_dim, "param", f"{name}.weight")
+            self._module_space[name] = sid
+            seg = (Segment(sid, 0, m.embedding_dim),)
+            self.edits += [SliceTensor(f"{name}.weight", 1, seg), SetCount(name, "embedding_dim", seg)]
+            self.passthrough[sid].add(name)
+        return Axis(len(_shape(node)) - 1, (Segment(sid, 0, m.embedding_dim),))
+
+    def _expanded_param(self, t) -> tuple[fx.Node, fx.Node] | None:
+        """(parameter, expand node) for ``param.expand(...)`` (a class token broadcast over the batch)."""
+        if not isinstance(t, fx.Node) or ops.function_rule(t.target) != "expand" and t.target != "expand":
+            return None
+        source = t.args[0]
+        if isinstance(source, fx.Node) and source.op == "get_attr":
+            return source, t
+        return None
+
+    # ------------------------------------------------------------------ ATen-only forms
+    def _rule_aten_slice(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dim = _norm(_arg(node, 1, "dim", 0), len(shape))
+        if dim != ax.dim:
+            return ax
+        begin, end, step = slice(_arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)).indices(ax.width)
+        if step != 1:
+            return self._fail([ax], "strided slice of the channel axis", node)
+        if (begin, end) == (0, ax.width):
+            return ax
+        segs = slice_segments(ax.segments, begin, end)
+        if segs is None:
+            return self._fail([ax], "slice cuts through a channel block", node)
+        self.edits.append(SliceBounds(node.name, ATEN_SLICE, ax.segments, begin, end))
+        return Axis(dim, segs)
+
+    def _rule_aten_select(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dim = _norm(_arg(node, 1, "dim"), len(shape))
+        if dim == ax.dim:
+            return self._fail([ax], "integer index into the channel axis", node)
+        return ax.at(ax.dim - (1 if dim < ax.dim else 0))
+
+    def _rule_sym_size(self, node):
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is not None and _norm(node.args[1], len(shape)) == ax.dim:
+            self._channel_sizes[node] = ax.spaces()
+        return None
 
 
 def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
@@ -816,3 +1045,17 @@ def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
                 return j, 1, div
         return None
     return None
+
+
+def _gcd_factor(block: int, div: int) -> int:
+    """The smallest k with (block * k) % div == 0."""
+    return div // math.gcd(block, div)
+
+
+def _matmul_place(ax: Axis, ndim: int, out_ndim: int, rows: bool) -> int | str:
+    """Where an operand's channel dim lands in a matmul's output ("contract" when it is summed)."""
+    if ax.dim == ndim - (1 if rows else 2):
+        return "contract"
+    if ax.dim >= ndim - 2:
+        return out_ndim - 2 if rows else out_ndim - 1
+    return ax.dim + out_ndim - ndim

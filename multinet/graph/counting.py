@@ -42,6 +42,18 @@ def _in_shape(arg) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+_SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_MATMUL = (torch.matmul, torch.bmm, operator.matmul, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def _attention_flops(node: fx.Node) -> int:
+    """q·kᵀ and weights·v: (batch·heads·L) x S x (E + Ev) multiply-accumulates."""
+    q, k = _in_shape(node.args[0]), _in_shape(node.args[1])
+    if q is None or k is None:
+        return 0
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + _out_numel(node) // max(1, math.prod(q[:-1])))
+
+
 def count(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Counts:
     """Count FLOPs (MACs) and parameters; reruns shape propagation when inputs are given."""
     if example_inputs is not None:
@@ -66,8 +78,10 @@ def count(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Counts:
             w = _in_shape(node.args[1])
             flops = _out_numel(node) * math.prod(w[1:])
             layers.append(LayerCount(node.name, "conv" if node.target is not F.linear else "linear", flops, 0))
+        elif node.op == "call_function" and node.target in _SDPA:
+            layers.append(LayerCount(node.name, "attention", _attention_flops(node), 0))
         elif node.op in ("call_function", "call_method") and (
-            node.target in (torch.matmul, torch.bmm, operator.matmul) or node.target in ("matmul", "bmm")
+            node.target in _MATMUL or node.target in ("matmul", "bmm")
         ):
             a = _in_shape(node.args[0])
             if a is not None:

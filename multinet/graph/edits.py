@@ -44,7 +44,7 @@ class SliceBounds:
     """x[..., a:b, ...] on the channel axis: move a and b to the kept positions."""
 
     node: str
-    index_pos: int  # where in the index tuple (-1: the index is the slice itself)
+    index_pos: int  # where in the index tuple (-1: the index is the slice itself; -3: aten.slice(x, dim, a, b))
     segments: tuple[Segment, ...]
     begin: int
     end: int
@@ -61,4 +61,26 @@ class ShapeLiteral:
     div: int = 1
 
 
-Edit = SliceTensor | SetCount | SplitSizes | SliceBounds | ShapeLiteral
+@dataclass(frozen=True)
+class GroupedInput:
+    """A grouped conv's weight (out, in/groups, k...) along dim 1: output block g keeps the kept
+    input positions of input block g (every block keeps as many, see Balanced)."""
+
+    attr: str
+    groups: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Balanced:
+    """A rule, not an edit: the positions, cut in ``parts`` equal blocks, must keep as many
+    channels in every block (a grouped conv's groups must stay equally wide)."""
+
+    owner: str
+    parts: int
+    segments: tuple[Segment, ...]
+
+
+ATEN_SLICE = -3  # SliceBounds.index_pos of aten.slice.Tensor(x, dim, begin, end)
+
+Edit = SliceTensor | SetCount | SplitSizes | SliceBounds | ShapeLiteral | GroupedInput | Balanced

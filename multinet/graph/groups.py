@@ -8,7 +8,9 @@ import torch.fx as fx
 
 from .analysis import AnalysisResult, ChannelAnalysis
 from .axes import Segment, slice_segments
-from .edits import SliceBounds, SplitSizes
+from .edits import Balanced, SliceBounds, SplitSizes
+
+MAX_PASSES = 4  # analysis passes: each may make producer channels coarser (heads, then k/v head blocks)
 
 
 @dataclass
@@ -26,6 +28,9 @@ class ConsumerSlot:
     positions: torch.Tensor
     block: int
     columns_per_position: int
+    conv_groups: int = 1
+    """A grouped conv consumer (groups=G): its output block g reads only the channels at input
+    positions of block g, so its least-squares problem is block diagonal, one block per conv group."""
 
     def column_blocks(self) -> torch.Tensor:
         """Row i: the columns of the consumer's unfolded input (im2col for a conv, the features
@@ -48,10 +53,27 @@ class ChannelGroup:
     members: list[tuple[int, int]] = field(repr=False)  # (space, offset on the group index)
     pieces: list[torch.Tensor] = field(default_factory=list, repr=False)
     """Channel sets cut out by split/chunk/slicing: each must keep at least one channel."""
+    balanced: list[list[torch.Tensor]] = field(default_factory=list, repr=False)
+    """Grouped convs: each entry lists the group channels of every conv group (block); a keep
+    set must hold equally many channels of every block of an entry."""
+    unit: int = 1
+    """Features per channel at the producers (head_dim for an attention head group)."""
 
     @property
     def consumer_names(self) -> list[str]:
         return list(dict.fromkeys(s.consumer for s in self.consumers))
+
+    @property
+    def grouped_conv(self) -> bool:
+        """A grouped convolution writes or reads these channels: surgery keeps equal counts per conv
+        group, but the reconstruction solvers do not yet solve its block-diagonal problems, so compress
+        and the scheduler leave such groups whole (``prune`` cuts them)."""
+        return bool(self.balanced) or any(s.conv_groups > 1 for s in self.consumers)
+
+    def is_balanced(self, keep) -> bool:
+        """Whether ``keep`` holds equally many channels of every conv group of every grouped conv."""
+        kept = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+        return all(len({int(torch.isin(block, kept).sum()) for block in blocks}) == 1 for blocks in self.balanced)
 
 
 @dataclass
@@ -78,8 +100,20 @@ class ChannelGraph:
         return next((g for g in self.groups if name in g.producers), None)
 
 
+def analyse(gm: fx.GraphModule) -> AnalysisResult:
+    """Run the channel analysis until no pass asks for coarser producer channels (heads)."""
+    units: dict[str, int] = {}
+    for _ in range(MAX_PASSES):
+        result = ChannelAnalysis(gm, units).run()
+        new = {k: v for k, v in result.unit_requests.items() if units.get(k) != v}
+        if not new:
+            break
+        units.update(new)
+    return result
+
+
 def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult]:
-    result = ChannelAnalysis(gm).run()
+    result = analyse(gm)
     table = result.table
     roots = table.members()
     ordered = sorted(roots.values(), key=lambda members: min(s for s, _ in members))
@@ -105,6 +139,10 @@ def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult
         ))
     for edit in result.edits:
         _add_pieces(edit, groups, space_to_group)
+        if isinstance(edit, Balanced):
+            _add_balanced(edit, groups, space_to_group)
+    for group in groups:
+        group.unit = _unit(result, group)
     for use in result.layers.values():
         if use.in_segments is None:
             continue
@@ -116,7 +154,7 @@ def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult
             groups[gid].consumers.append(ConsumerSlot(
                 consumer=use.name, kind=use.kind, channels=chans + seg.start + off,
                 positions=pos + chans * seg.block, block=seg.block,
-                columns_per_position=use.columns_per_position,
+                columns_per_position=use.columns_per_position, conv_groups=use.conv_groups,
             ))
     return groups, result
 
@@ -144,3 +182,38 @@ def _with_positions(segments: tuple[Segment, ...]):
     for seg in segments:
         yield seg, pos
         pos += seg.width
+
+
+def _add_balanced(edit: Balanced, groups: list[ChannelGroup], space_to_group: dict[int, tuple[int, int]]) -> None:
+    """A grouped conv's blocks as channel sets of one group; blocks that cut a channel, or that
+    span several groups, make the groups unprunable (one group's keep set could not balance them)."""
+    width = sum(s.width for s in edit.segments)
+    per = width // edit.parts
+    blocks: list[torch.Tensor] = []
+    gids: set[int] = set()
+    for part in range(edit.parts):
+        chans = []
+        for seg in slice_segments(edit.segments, part * per, (part + 1) * per) or ():
+            if seg.space in space_to_group:
+                gid, off = space_to_group[seg.space]
+                gids.add(gid)
+                chans.append(torch.arange(seg.start, seg.start + seg.length) + off)
+        if slice_segments(edit.segments, part * per, (part + 1) * per) is None:
+            gids |= {space_to_group[s.space][0] for s in edit.segments if s.space in space_to_group}
+            return _refuse(groups, gids, f"a channel straddles two conv groups of `{edit.owner}`")
+        blocks.append(torch.cat(chans) if chans else torch.zeros(0, dtype=torch.long))
+    if len(gids) != 1:
+        return _refuse(groups, gids, f"the conv groups of `{edit.owner}` span several channel groups")
+    groups[gids.pop()].balanced.append(blocks)
+
+
+def _refuse(groups: list[ChannelGroup], gids: set[int], why: str) -> None:
+    for gid in gids:
+        groups[gid].prunable = False
+        if why not in groups[gid].reasons:
+            groups[gid].reasons.append(why)
+
+
+def _unit(result: AnalysisResult, group: ChannelGroup) -> int:
+    """Features per channel of the group's producers (1 unless channels are attention heads)."""
+    return max((result.space_units.get(s, 1) for s, _ in group.members), default=1)

@@ -59,6 +59,65 @@ _add("conv", F.conv1d, F.conv2d, F.conv3d)
 _add("linear", F.linear)
 _add("meta", builtins.getattr, torch._assert, builtins.len, builtins.isinstance)
 _add("pad", F.pad)
+_add("sdpa", F.scaled_dot_product_attention)
+_add("matmul", torch.matmul, torch.bmm, operator.matmul)
+_add("repeat_interleave", torch.repeat_interleave)
+_add("embedding", F.embedding)
+
+
+def _aten(*names: str) -> list[object]:
+    """ATen overloads by ``op.overload`` name; ones this torch lacks are skipped."""
+    found = []
+    for name in names:
+        op, _, overload = name.partition(".")
+        packet = getattr(torch.ops.aten, op, None)
+        target = getattr(packet, overload or "default", None) if packet is not None else None
+        if target is not None:
+            found.append(target)
+    return found
+
+
+# torch.export graphs: call_function on ATen overloads, with the same argument order as the
+# functional forms above (so the same rules read them).
+_add("unary", *_aten(
+    "relu", "relu_", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+    "leaky_relu", "elu", "abs", "neg", "exp", "sqrt", "rsqrt", "erf", "clamp", "clamp.Tensor", "dropout",
+    "clone", "contiguous", "alias", "detach", "_to_copy", "to.dtype", "to.device", "to.dtype_layout",
+    "type_as", "relu6", "softplus", "log", "sin", "cos", "square", "lift_fresh_copy",
+))
+_add("binary", *_aten(
+    "add.Tensor", "add.Scalar", "add_.Tensor", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "mul.Tensor",
+    "mul.Scalar", "mul_.Tensor", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Scalar",
+    "maximum", "minimum",
+))
+_add("cat", *_aten("cat", "concat"))
+_add("stack", *_aten("stack"))
+_add("split", *_aten("split.Tensor", "split_with_sizes"))
+_add("chunk", *_aten("chunk"))
+_add("flatten", *_aten("flatten.using_ints"))
+_add("view", *_aten("view", "reshape", "_unsafe_view"))
+_add("permute", *_aten("permute"))
+_add("transpose", *_aten("transpose.int", "swapaxes", "swapdims"))
+_add("unsqueeze", *_aten("unsqueeze"))
+_add("squeeze", *_aten("squeeze.dim", "squeeze.dims", "squeeze"))
+_add("reduce", *_aten("mean.dim", "sum.dim_IntList", "amax", "amin"))
+_add("expand", *_aten("expand"))
+_add("softmax", *_aten("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))
+_add("layer_norm", *_aten("layer_norm"))
+_add("linear", *_aten("linear"))
+_add("conv", *_aten("conv1d", "conv2d", "conv3d"))
+_add("sdpa", *_aten("scaled_dot_product_attention"))
+_add("matmul", *_aten("matmul", "bmm"))
+_add("repeat_interleave", *_aten("repeat_interleave.self_int"))
+_add("embedding", *_aten("embedding"))
+_add("aten_slice", *_aten("slice.Tensor"))
+_add("aten_select", *_aten("select.int"))
+_add("spatial", *_aten(
+    "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_avg_pool1d", "max_pool1d", "avg_pool1d",
+    "upsample_nearest2d.vec", "upsample_bilinear2d.vec",
+))
+_add("sym_size", *_aten("sym_size.int"))
+_add("meta", *_aten("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"))
 
 _METHOD_RULES: dict[str, str] = {}
 for _name in (
@@ -72,7 +131,7 @@ _METHOD_RULES.update(
     view="view", reshape="view", flatten="flatten", permute="permute", transpose="transpose",
     unsqueeze="unsqueeze", squeeze="squeeze", mean="reduce", sum="reduce", amax="reduce", amin="reduce",
     split="split", chunk="chunk", size="meta", dim="meta", numel="meta", expand="expand",
-    softmax="softmax", log_softmax="softmax",
+    softmax="softmax", log_softmax="softmax", matmul="matmul", bmm="matmul", repeat_interleave="repeat_interleave",
 )
 
 UNARY_MODULES = (

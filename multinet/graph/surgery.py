@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..errors import PruneError
 from .axes import kept_positions
-from .edits import SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
+from .edits import ATEN_SLICE, Balanced, GroupedInput, SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
 from .groups import ChannelGraph
 from .trace_api import trace
 
@@ -109,7 +109,9 @@ def _apply(gm: fx.GraphModule, nodes: dict[str, fx.Node], edit, keep_local) -> N
         if begin == end:
             raise PruneError(f"pruning empties the slice at `{edit.node}`")
         node = nodes[edit.node]
-        if edit.index_pos < 0:
+        if edit.index_pos == ATEN_SLICE:
+            node.args = (node.args[0], node.args[1], begin, end, *node.args[4:])
+        elif edit.index_pos < 0:
             node.args = (node.args[0], slice(begin, end))
         else:
             index = list(node.args[1])
@@ -118,6 +120,32 @@ def _apply(gm: fx.GraphModule, nodes: dict[str, fx.Node], edit, keep_local) -> N
     elif isinstance(edit, ShapeLiteral):
         width = len(kept_positions(edit.segments, keep_local))
         _set_arg(nodes[edit.node], edit.arg_path, width * edit.mul // edit.div)
+    elif isinstance(edit, Balanced):
+        _balanced_counts(edit.segments, edit.parts, keep_local, edit.owner)
+    elif isinstance(edit, GroupedInput):
+        _slice_grouped_input(gm, edit, keep_local)
+
+
+def _balanced_counts(segments, parts: int, keep_local, owner: str) -> list[torch.Tensor]:
+    """Kept positions of each of ``parts`` equal blocks, local to the block; all equally many."""
+    kept = kept_positions(segments, keep_local)
+    per = sum(s.width for s in segments) // parts
+    blocks = [kept[(kept >= g * per) & (kept < (g + 1) * per)] - g * per for g in range(parts)]
+    if len({len(b) for b in blocks}) != 1:
+        raise PruneError(f"grouped conv `{owner}` has {parts} groups: keep the same number of channels in each "
+                         f"(kept {[len(b) for b in blocks]})")
+    return blocks
+
+
+def _slice_grouped_input(gm: fx.GraphModule, edit: GroupedInput, keep_local) -> None:
+    """Output block g of the weight keeps the kept input positions of input block g."""
+    owner, attr = _resolve(gm, edit.attr)
+    tensor = getattr(owner, attr)
+    blocks = _balanced_counts(edit.segments, edit.groups, keep_local, edit.attr)
+    rows = tensor.shape[0] // edit.groups
+    parts = [tensor.detach()[g * rows:(g + 1) * rows].index_select(1, idx.to(tensor.device))
+             for g, idx in enumerate(blocks)]
+    setattr(owner, attr, nn.Parameter(torch.cat(parts).clone(), requires_grad=tensor.requires_grad))
 
 
 def _set_arg(node: fx.Node, path: tuple, value: int) -> None:

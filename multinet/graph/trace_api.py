@@ -1,12 +1,18 @@
 """``multinet.trace``: model + example inputs -> ChannelGraph."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.fx as fx
 
+from ..errors import TraceError
+from . import capture as capture_mod
 from .groups import ChannelGraph, build_groups
 from .tracing import as_tuple, propagate_shapes, symbolic_trace
+
+CAPTURES = ("auto", "fx", "export")
 
 
 def trace(
@@ -14,16 +20,65 @@ def trace(
     example_inputs,
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable[Callable] = (),
+    capture: str = "auto",
 ) -> ChannelGraph:
-    """Trace ``model`` with torch.fx, propagate shapes and find its channel groups.
+    """Capture ``model``'s graph, propagate shapes and find its channel groups.
 
+    ``capture``: "fx" (torch.fx symbolic tracing), "export" (torch.export, an ATen graph) or
+    "auto" (fx, then torch.export with a one-line warning when fx cannot trace the model).
+    ``model`` may also be an ``ExportedProgram`` or an already captured ``GraphModule``.
     ``leaf_modules`` (classes or qualified names) are kept as opaque calls and
     ``autowrap_functions`` are recorded as single calls instead of being traced through: the
     standard fx escape hatches for code with data-dependent control flow. Opaque calls make the
     channels that reach them unprunable, never silently wrong.
     """
-    gm = symbolic_trace(model, leaf_modules, autowrap_functions)
     inputs = as_tuple(example_inputs)
-    propagate_shapes(gm, inputs)
+    gm = capture_graph(model, inputs, leaf_modules, autowrap_functions, capture)
     groups, analysis = build_groups(gm)
+    if not groups:
+        raise TraceError(_nothing_found(gm, analysis.unknown_ops))
     return ChannelGraph(gm, inputs, groups, analysis)
+
+
+def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[type | str] = (),
+                  autowrap_functions: Iterable[Callable] = (), capture: str = "auto") -> fx.GraphModule:
+    """The model's graph with shapes, without the channel analysis: what saving a model needs (a
+    model with nothing to prune can still be saved and loaded)."""
+    if capture not in CAPTURES:
+        raise TraceError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
+    inputs = as_tuple(example_inputs)
+    gm = _capture(model, inputs, capture, leaf_modules, autowrap_functions)
+    propagate_shapes(gm, inputs)
+    return gm
+
+
+def _capture(model, inputs: tuple, capture: str, leaf_modules, autowrap_functions) -> fx.GraphModule:
+    if isinstance(model, torch.export.ExportedProgram):
+        return capture_mod.from_exported(model)
+    if isinstance(model, fx.GraphModule):
+        return capture_mod.normalise(model) if capture_mod.is_aten_graph(model) else model
+    if capture == "export":
+        return capture_mod.export_graph(model, inputs)
+    try:
+        return symbolic_trace(model, leaf_modules, autowrap_functions)
+    except TraceError as exc:
+        if capture == "fx" or not isinstance(model, torch.nn.Module):
+            raise
+        try:
+            gm = capture_mod.export_graph(model, inputs)
+        except TraceError as export_exc:
+            raise TraceError(f"{exc} torch.export failed too: {export_exc}") from export_exc
+        # said once the capture worked: a failure is reported by the error alone, in one line
+        warnings.warn(f"multinet: fx cannot trace {type(model).__name__}; captured it with torch.export instead "
+                      f"({str(exc).split('. Mark')[0]})", stacklevel=3)
+        return gm
+
+
+def _nothing_found(gm: fx.GraphModule, unknown: list[str]) -> str:
+    """Zero channel groups: say why instead of returning an empty analysis."""
+    name = type(gm).__name__
+    if unknown:
+        ops = ", ".join(f"`{op}`" for op in list(dict.fromkeys(unknown))[:5])
+        return (f"no channel could be analysed in {name}: the graph has no layer the analysis understands "
+                f"(unsupported ops: {ops})")
+    return f"no channel groups in {name}: the graph has no Conv, Linear, embedding or other channel producer"

@@ -11,6 +11,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, TraceError
+from . import attention
 
 _TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
 
@@ -23,6 +24,18 @@ class _Tracer(fx.Tracer):
         leaves = list(leaf_modules)
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
+        self.attention_weights: list[fx.Node] = []  # averaged attention weights, erased when unused
+
+    def call_module(self, m: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        """nn.MultiheadAttention (prepared by attention.prepare) is recorded as its q/k/v/out
+        Linears and head reshapes, unless the user made it a leaf or the call uses masks."""
+        if attention.supported_module(m) and hasattr(m, "q_proj"):
+            qualname = self.path_of_module(m)
+            if not (isinstance(m, self._leaf_types) or qualname in self._leaf_names):
+                call = attention.bind_call(args, kwargs)
+                if call is not None:
+                    return attention.traced_attention(self, m, call)
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
@@ -42,15 +55,28 @@ def symbolic_trace(
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.eval()
+    root = attention.prepare(model)
     try:
         tracer = _Tracer(leaf_modules, autowrap_functions)
-        graph = tracer.trace(model)
+        graph = tracer.trace(root)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise TraceError(_explain_trace_failure(model, exc)) from exc
     finally:
         model.train(was_training)
+    _drop_unused_attention_nodes(graph, tracer.attention_weights)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _drop_unused_attention_nodes(graph: fx.Graph, weights: list[fx.Node]) -> None:
+    """Averaged attention weights nobody reads (``attn(q, k, v)[0]``), and the packed in-projection
+    the tracer touched while checking the module, would keep heads or parameters alive."""
+    for node in reversed(weights):
+        if not node.users:
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and node.target.endswith((".in_proj_weight", ".in_proj_bias")):
+            graph.erase_node(node)
 
 
 def _explain_trace_failure(model: torch.nn.Module, exc: Exception) -> str:

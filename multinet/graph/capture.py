@@ -1,0 +1,191 @@
+"""Graph capture with torch.export, for models fx symbolic tracing cannot follow.
+
+torch.export gives an ATen-level fx graph: layers are ``aten.linear``/``aten.conv2d``/
+``aten.layer_norm``/``aten.embedding`` calls on parameter attributes. The channel analysis reads
+those directly, but calibration, reconstruction, surgery and counting all speak in layers, so a
+call whose weight belongs to nothing else is raised back into the module it came from (an
+``nn.Linear`` named like the original one). Calls that share a weight stay functional.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import TraceError
+
+_aten = torch.ops.aten
+
+
+def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """torch.export ``model`` in eval mode (batch dim dynamic where it can be) into a GraphModule."""
+    was_training = model.training
+    model.eval()
+    try:
+        program = _export(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return from_exported(program)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings and prints whole graphs when it gives up; the user gets multinet's
+    one-line error instead (the loggers are silenced, and what is printed directly is swallowed)."""
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401  (creates the loggers to silence)
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(model: nn.Module, example_inputs: tuple):
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None
+                    for t in example_inputs)
+    with _quiet_torch_logs():
+        try:
+            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic)
+        except Exception:
+            pass
+        try:
+            return torch.export.export(model, example_inputs)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first}") from exc
+
+
+def from_exported(program) -> fx.GraphModule:
+    """An ExportedProgram's module with its guards dropped and its layers raised to modules."""
+    return normalise(program.module(), copy_first=False)
+
+
+def is_aten_graph(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
+    """An ATen graph without input guards and with layers as modules (a copy unless told)."""
+    if copy_first:
+        gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
+            gm.graph.erase_node(node)
+    uses = _attr_uses(gm)
+    for node in list(gm.graph.nodes):
+        lift = _LIFTS.get(node.target) if node.op == "call_function" else None
+        if lift is not None:
+            lift(gm, node, uses)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _attr_uses(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call nodes read each attribute: a weight read twice is shared and stays functional."""
+    uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + len(node.users)
+    return uses
+
+
+def _owner(gm: fx.GraphModule, node: fx.Node, weight, bias, uses) -> str | None:
+    """The module path holding exactly ``weight`` (and ``bias``), if nothing else reads them."""
+    params = [p for p in (weight, bias) if p is not None]
+    if not all(isinstance(p, fx.Node) and p.op == "get_attr" and uses.get(p.target) == 1 for p in params):
+        return None
+    path, _, attr = weight.target.rpartition(".")
+    if not path or attr != "weight" or (bias is not None and bias.target != f"{path}.bias"):
+        return None
+    owner = gm.get_submodule(path)
+    own = {n for n, _ in owner.named_parameters(recurse=False)} | {n for n, _ in owner.named_buffers(recurse=False)}
+    if list(owner.children()) or own != {p.target.rpartition(".")[2] for p in params}:
+        return None
+    return path
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, path: str, module: nn.Module, inputs: tuple) -> None:
+    owner = gm.get_submodule(path)
+    module.to(next(owner.parameters()).device)
+    for name, param in owner.named_parameters(recurse=False):
+        setattr(module, name, param)  # the same tensors: nothing is copied
+    parent, _, leaf = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, inputs)
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+def _arg(node: fx.Node, i: int, default=None):
+    return node.args[i] if len(node.args) > i else default
+
+
+def _lift_linear(gm, node, uses) -> None:
+    weight, bias = node.args[1], _arg(node, 2)
+    path = _owner(gm, node, weight, bias, uses)
+    if path is not None:
+        out, inp = gm.get_submodule(path).weight.shape
+        _replace(gm, node, path, nn.Linear(inp, out, bias=bias is not None), (node.args[0],))
+
+
+def _lift_conv(gm, node, uses) -> None:
+    weight, bias = node.args[1], _arg(node, 2)
+    path = _owner(gm, node, weight, bias, uses)
+    if path is None:
+        return
+    w = gm.get_submodule(path).weight
+    nd = w.ndim - 2
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    stride, padding, dilation, groups = (_arg(node, 3, 1), _arg(node, 4, 0), _arg(node, 5, 1), _arg(node, 6, 1))
+    if not all(isinstance(v, (int, list, tuple, str)) for v in (stride, padding, dilation)):
+        return
+    module = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
+                 dilation=dilation, groups=groups, bias=bias is not None)
+    _replace(gm, node, path, module, (node.args[0],))
+
+
+def _lift_layer_norm(gm, node, uses) -> None:
+    weight, bias = _arg(node, 2), _arg(node, 3)
+    if weight is None:
+        return
+    path = _owner(gm, node, weight, bias, uses)
+    if path is not None:
+        module = nn.LayerNorm(list(node.args[1]), eps=_arg(node, 4, 1e-5), bias=bias is not None)
+        _replace(gm, node, path, module, (node.args[0],))
+
+
+def _lift_embedding(gm, node, uses) -> None:
+    weight = node.args[0]
+    path = _owner(gm, node, weight, None, uses)
+    if path is not None:
+        num, dim = gm.get_submodule(path).weight.shape
+        padding = _arg(node, 2, -1)
+        _replace(gm, node, path, nn.Embedding(num, dim, padding_idx=None if padding < 0 else padding),
+                 (node.args[1],))
+
+
+_LIFTS = {
+    _aten.linear.default: _lift_linear,
+    _aten.conv1d.default: _lift_conv,
+    _aten.conv2d.default: _lift_conv,
+    _aten.conv3d.default: _lift_conv,
+    _aten.layer_norm.default: _lift_layer_norm,
+    _aten.embedding.default: _lift_embedding,
+}
