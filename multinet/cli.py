@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -196,7 +197,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import warnings
 
     from .io import data
-    from .pipeline.compression import compress
     from .scenario.tables import compress_table, print_table
 
     budget = _budget(args)
@@ -221,9 +221,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_fit(model, split.test_x, split.test_y, f"the {data_name(args)} inputs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = compress(model, calib, ratio=args.ratio, method=args.method, budget=budget, schedule=args.schedule,
-                          plan=plan, plan_path=args.plan_out, max_positions=args.max_positions, seed=args.seed,
-                          device=args.device, progress=not args.quiet)
+        result = _compressor(model)(model, calib, ratio=args.ratio, method=args.method, budget=budget,
+                                    schedule=args.schedule, plan=plan, plan_path=args.plan_out,
+                                    max_positions=args.max_positions, seed=args.seed, device=args.device,
+                                    progress=not args.quiet)
     evaluation = evaluation_line(model, result.model, split, data_name(args), args.device)
     if result.plan is not None:
         p = result.plan
@@ -248,6 +249,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for w in {str(w.message) for w in caught if "calibration rows" in str(w.message) or "budget" in str(w.message)}:
         print(f"note: {w}", file=sys.stderr)
     return 0
+
+
+def _compressor(model: torch.nn.Module):
+    """multinet.compress, or for a saved MultiNet its compression that keeps the type (members, links)."""
+    from .pipeline.compression import compress
+    from .unification import MultiNet, compress_multinet
+
+    return compress_multinet if isinstance(model, MultiNet) else compress
 
 
 def _check_compress_outputs(args: argparse.Namespace) -> str | None:
@@ -535,6 +544,7 @@ def _add_user_options(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input and Ctrl-C: one line, exit 2; an internal failure: one line, exit 1."""
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _note  # a library notice is one line on the command line, not two
     try:
         settle_runtime(args)
         return args.func(args)
@@ -547,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"internal error: {type(exc).__name__}: {str(exc).strip() or '(no message)'} "
                      f"(rerun with --traceback or MULTINET_TRACEBACK=1 to see where)", 1)
+
+
+def _note(message, category, filename, lineno, line=None) -> str:
+    text = " ".join(str(message).split()).removeprefix("multinet: ")
+    return f"multinet: note: {text}\n"
 
 
 def _fail(message: str, code: int) -> int:

@@ -89,8 +89,12 @@ def test_unifying_a_copy_removes_its_computation_without_changing_outputs(split,
 
 
 class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
     def forward(self, x):
-        return x.flatten(1), 3
+        return self.fc(x.flatten(1)), 3
 
 
 def test_bad_models_are_refused(split):

@@ -1,7 +1,8 @@
 """Export a model for deployment: ONNX (through torch's dynamo exporter) or a torch.export program.
 
 Both formats get a dynamic batch dimension, and ONNX inputs and outputs are named (a MultiNet's
-outputs after its member models), so a serving pipeline can address them by name.
+outputs after its member models), so a serving pipeline can address them by name. A MultiNet is
+exported fused (parallel layers as one wider layer; see multinet/unification/fusion.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: st
     if format == "onnx":
         require_onnx()
     inputs = _batch_of_two(as_tuple(example_inputs))
-    model = model.eval()
+    names = output_names(model, inputs)
+    model = _deployable(model).eval()
     shapes = _dynamic_batch(inputs)
     with atomic_path(path) as tmp:
         try:
@@ -44,7 +46,7 @@ def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: st
                 with _quiet_exporter():
                     program = torch.onnx.export(model, inputs, dynamic_shapes=shapes, dynamo=True, verbose=False,
                                                 input_names=input_names(inputs),
-                                                output_names=output_names(model, inputs))
+                                                output_names=names)
                 program.save(tmp)
         except ModelFileError:
             raise
@@ -63,9 +65,20 @@ def input_names(inputs: tuple) -> list[str]:
     return ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
 
 
+def _deployable(model: nn.Module) -> nn.Module:
+    """What is exported: a MultiNet's fused graph (one wide network, same outputs), else the model."""
+    from ..unification.multinet import MultiNet
+
+    return model.fused().graph_module if isinstance(model, MultiNet) else model
+
+
 def output_names(model: nn.Module, inputs: tuple) -> list[str]:
-    """``output`` for one tensor; otherwise each leaf named by its path (``a``, ``b``, ``a.0``), so a
-    MultiNet's outputs carry its member models' names."""
+    """A MultiNet's output names (its members': ``a``, ``b.0``...); else ``output`` for one tensor,
+    or each leaf named by its path."""
+    from ..unification.multinet import MultiNet
+
+    if isinstance(model, MultiNet):
+        return model.output_names()
     with torch.no_grad():
         leaves = pytree.tree_flatten_with_path(model(*inputs))[0]
     if len(leaves) == 1 and not leaves[0][0]:

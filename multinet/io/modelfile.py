@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import MultinetError
-from ..graph import trace
+from ..graph import capture_graph
 from .allowlist import DEVICE, FUNCTIONS, METHODS, TENSOR_ATTRIBUTES, function_name, is_dunder, is_path, is_variable
 from .files import atomic_path
 
@@ -34,6 +34,7 @@ FORMAT = "multinet-graph/2"
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 _MANIFEST_KEYS = {"format", "nodes", "modules", "parameters", "buffers", "constants", "input_shapes", "meta",
                   "digests"}
+_MULTINET_KEYS = {"members", "links", "outputs", "fused"}  # the optional "multinet" section of a MultiNet's file
 _DTYPES = {name: value for name, value in vars(torch).items()
            if isinstance(value, torch.dtype) and not name.startswith("_")}
 _FUNCTIONS_HINT = "allowed: the tensor functions listed in multinet/io/allowlist.py"
@@ -143,12 +144,29 @@ def to_bytes(model: nn.Module, example_inputs=None) -> bytes:
     return buffer.getvalue()
 
 
+def _multinet_type() -> type:
+    """The MultiNet class (imported when used: unification sits above io)."""
+    from ..unification.multinet import MultiNet
+
+    return MultiNet
+
+
+def _multinet_section(model: nn.Module) -> dict | None:
+    """What a MultiNet is beyond its graph, as plain strings, lists and a bool (None for other models)."""
+    if not isinstance(model, _multinet_type()):
+        return None
+    return {"members": list(model.members), "links": [link.as_list() for link in model.links],
+            "outputs": {k: list(v) for k, v in model.outputs.items()}, "fused": bool(model.is_fused)}
+
+
 def _graph_module(model: nn.Module, example_inputs) -> fx.GraphModule:
+    if isinstance(model, _multinet_type()):
+        return model.graph_module
     if isinstance(model, fx.GraphModule):
         return model
     if example_inputs is None:
         raise ModelFileError("save() of a plain nn.Module needs example_inputs to trace it")
-    return trace(model, example_inputs).module
+    return capture_graph(model, example_inputs)
 
 
 def _blob(model: nn.Module, example_inputs, where: str) -> dict:
@@ -166,6 +184,9 @@ def _blob(model: nn.Module, example_inputs, where: str) -> dict:
                     "buffers": buffers, "constants": constants, "input_shapes": shapes,
                     "meta": {k: v for k, v in gm.meta.items() if _jsonable(v)},
                     "digests": {name: tensor_digest(t) for name, t in tensors.items()}}
+        section = _multinet_section(model)
+        if section is not None:
+            manifest["multinet"] = section  # inside the manifest text, so manifest_sha256 covers it
         _check_manifest(manifest, tensors)
     except _Refused as r:
         raise ModelFileError(f"{where}: not saved: {r}") from None
@@ -216,14 +237,44 @@ def _resolve(root: nn.Module, path: str):
 
 def _check_manifest(manifest: dict, tensors: dict) -> None:
     """Refuse (with :class:`_Refused`) anything but a graph of allow-listed calls over the file's tensors."""
-    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_KEYS:
+    if not isinstance(manifest, dict) or set(manifest) - {"multinet"} != _MANIFEST_KEYS:
         raise _Refused("the manifest does not have the entries of a multinet model file")
     names = _check_tensor_names(manifest, tensors)
     modules = _check_modules(manifest["modules"])
     _check_nodes(manifest["nodes"], modules, names)
+    if "multinet" in manifest:
+        _check_multinet(manifest["multinet"], manifest["nodes"][-1], modules)
     _check_input_shapes(manifest["input_shapes"])
     if not isinstance(manifest["meta"], dict):
         raise _Refused("the manifest's meta is not a mapping")
+
+
+def _check_multinet(section, output: dict, modules: dict) -> None:
+    """The MultiNet section: members (identifiers, the keys of the graph's output mapping, in
+    order), links between their layers (module paths the file defines), output names (strings),
+    and a fused flag; nothing else. (A fused graph may have merged a linked layer into a wider one.)"""
+    if not (isinstance(section, dict) and set(section) == _MULTINET_KEYS):
+        raise _Refused(f"the manifest's multinet section does not have exactly {', '.join(sorted(_MULTINET_KEYS))}")
+    members = section["members"]
+    if not (isinstance(members, list) and members and all(is_variable(m) for m in members)
+            and len(set(members)) == len(members)):
+        raise _Refused(f"the multinet section's members {_show(members)} are not distinct plain identifiers")
+    returned = output["args"]["$tuple"][0] if output["args"]["$tuple"] else None
+    keys = [pair[0] for pair in returned["$dict"]] if isinstance(returned, dict) and "$dict" in returned else None
+    if keys != members:
+        raise _Refused(f"the multinet section names members {_show(members)}, but the graph returns {_show(keys)}")
+    for link in section["links"] if isinstance(section["links"], list) else [None]:
+        if not (isinstance(link, list) and len(link) == 4 and all(isinstance(v, str) for v in link)
+                and link[0] in members and link[2] in members and is_path(link[1]) and is_path(link[3])
+                and (section["fused"] is True or _named_in(link[1], modules))):
+            raise _Refused(f"the multinet section has a link {_show(link)} that is not [member, its layer, "
+                           f"member, its layer] of this file")
+    outputs = section["outputs"]
+    if not (isinstance(outputs, dict) and list(outputs) == members and all(
+            isinstance(v, list) and v and all(isinstance(n, str) and is_path(n) for n in v) for v in outputs.values())):
+        raise _Refused(f"the multinet section's outputs {_show(outputs)} are not lists of names per member")
+    if not isinstance(section["fused"], bool):
+        raise _Refused("the multinet section's fused flag is not true or false")
 
 
 def _check_tensor_names(manifest: dict, tensors: dict) -> set[str]:
@@ -521,9 +572,10 @@ def _place(root: nn.Module, path: str, value) -> None:
         owner.register_buffer(parts[-1], value)
 
 
-def load(path: str | os.PathLike, map_location: str = "cpu") -> fx.GraphModule:
+def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save` (tensors only, ``weights_only=True``; checked and
-    digest-verified before anything is built; no code from the file runs)."""
+    digest-verified before anything is built; no code from the file runs): a ``GraphModule``, or
+    a :class:`multinet.MultiNet` when the file holds one."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -535,7 +587,7 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> fx.GraphModule:
     return model if str(map_location) == "cpu" else model.to(map_location)
 
 
-def from_bytes(data: bytes) -> fx.GraphModule:
+def from_bytes(data: bytes) -> nn.Module:
     """The inverse of :func:`to_bytes`, through the same checks as :func:`load`."""
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -544,12 +596,12 @@ def from_bytes(data: bytes) -> fx.GraphModule:
     return _from_blob(blob, "<bytes>")
 
 
-def _from_blob(blob, where: str) -> fx.GraphModule:
+def _from_blob(blob, where: str) -> nn.Module:
     try:
         manifest = _verified_manifest(blob)
         _check_manifest(manifest, blob["tensors"])
         _verify_tensors(manifest["digests"], blob["tensors"])
-        return _rebuild(manifest, blob["tensors"])
+        return _as_multinet(_rebuild(manifest, blob["tensors"]), manifest.get("multinet"))
     except _Refused as r:
         raise ModelFileError(f"{where}: {r}") from None
     except Exception as exc:  # a layer refusing its arguments, a malformed structure: not a model we can build
@@ -602,6 +654,17 @@ def _rebuild(manifest: dict, tensors: dict) -> fx.GraphModule:
     if manifest["input_shapes"]:
         gm.meta["input_shapes"] = [tuple(s) for s in manifest["input_shapes"]]
     return gm.eval()
+
+
+def _as_multinet(gm: fx.GraphModule, section: dict | None) -> nn.Module:
+    """The rebuilt graph, as a MultiNet when the file holds one (its output names must be the graph's)."""
+    if section is None:
+        return gm
+    net = _multinet_type().from_graph(gm, section["members"], [tuple(link) for link in section["links"]],
+                                      section["fused"])
+    if net.outputs != section["outputs"]:
+        raise _Refused(f"the multinet section's outputs {_show(section['outputs'])} are not the graph's")
+    return net.eval()
 
 
 def _place_tensors(root: nn.Module, manifest: dict, tensors: dict) -> None:

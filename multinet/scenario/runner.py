@@ -28,7 +28,7 @@ from ..io.images import ImageOptions
 from ..io.sources import load_target
 from ..io.user_data import check_fit, load_data
 from ..schedule import Budget
-from ..unification import unify
+from ..unification import compress_multinet, unify
 from .report import write_report
 from .schema import BudgetSpec, Scenario, ScenarioError
 
@@ -158,15 +158,14 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
             targets = {"multinet": net} if net is not None else models
             for name, model in targets.items():
                 spec = step.spec
-                result = compress(model, calib, ratio=spec.ratio, method=spec.method,
+                result = (compress_multinet if net is not None else compress)(model, calib, ratio=spec.ratio, method=spec.method,
                                   budget=_budget(spec.budget, scenario.runtime.device) if spec.budget else None,
                                   schedule=spec.schedule, batch_size=scenario.data.batch_size,
                                   max_positions=spec.max_positions, device=scenario.runtime.device,
                                   seed=scenario.runtime.seed, progress=progress, executor=executor)
                 entry["models"][name] = result.as_dict()
                 if net is not None:
-                    result.model.meta["multinet_models"] = net.meta["multinet_models"]
-                    net = result.model
+                    net = result.model  # a MultiNet again (compress_multinet)
                 else:
                     models[name] = result.model
         elif step.kind == "unify":

@@ -1,6 +1,7 @@
 """Neuro Unification: merge models that read the same input, and neurons within a model."""
-from .api import Match, Unified, unify
+from .api import Match, Unified, compress_multinet, unify
 from .bridges import Bridge, add_bridges
-from .multinet import MultiNet, model_costs
+from .multinet import Link, MultiNet, model_costs
 
-__all__ = ["Bridge", "Match", "MultiNet", "Unified", "add_bridges", "model_costs", "unify"]
+__all__ = ["Bridge", "Link", "Match", "MultiNet", "Unified", "add_bridges", "compress_multinet", "model_costs",
+           "unify"]

@@ -7,11 +7,12 @@ import torch
 import torch.fx as fx
 
 from ..calib import collect, consumer_specs, iterate_batches
+from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
 from ..schedule import Budget, Plan
-from .bridges import Bridge, add_bridges
-from .multinet import MultiNet, model_costs, named_models
+from .bridges import Bridge, add_bridges, links_of
+from .multinet import MultiNet, model_costs, named_models, surviving_links
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Match:
 
 @dataclass
 class Unified:
-    model: fx.GraphModule  # forward(x) -> {model name: output}
+    model: MultiNet  # forward(x) -> {model name: output}; its links are the bridges that survived
     names: list[str]
     bridges: list[Bridge]
     costs_before: dict[str, dict[str, int]]  # per model, "shared" and "total": flops and params
@@ -85,15 +86,26 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
         example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]
     net = MultiNet(named, example)
     bridged, bridges = add_bridges(net, example)
-    result = compress(bridged, calibration_data, budget=_relative_to(budget, net, bridged), schedule=schedule,
-                      batch_size=batch_size, **compress_options)
-    model = result.model
-    model.meta["multinet_models"] = list(named)
+    result = compress(bridged, calibration_data, budget=_relative_to(budget, net.graph_module, bridged),
+                      schedule=schedule, batch_size=batch_size, **compress_options)
+    model = MultiNet.from_graph(result.model, list(named), surviving_links(links_of(bridges), result.model))
     matches = _matches(bridged, bridges, result.plan, calibration_data, example, batch_size)
-    channels = {name: sum(g.size for g in trace(net, example).groups
+    channels = {name: sum(g.size for g in trace(net.graph_module, example).groups
                           if g.producers and all(p.startswith(f"{name}.") for p in g.producers)) for name in named}
     return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example), result.plan, matches,
-                   channels, result)
+                   channels, replace(result, model=model))
+
+
+def compress_multinet(net: MultiNet, calibration_data, **options) -> CompressResult:
+    """:func:`multinet.compress` for a MultiNet: compresses its graph, and the result's model is
+    a MultiNet again (same members; links to layers that survived). The pipeline works on the
+    unfused graph, where every member keeps its own layers and channel groups."""
+    if not isinstance(net, MultiNet):
+        raise MultinetError(f"compress_multinet takes a MultiNet, got {type(net).__name__}")
+    if net.is_fused:
+        raise MultinetError("this MultiNet is fused (for inference); compress the unfused one it came from")
+    result = compress(net.graph_module, calibration_data, **options)
+    return replace(result, model=net.with_graph(result.model))
 
 
 def _relative_to(budget: Budget, net: fx.GraphModule, bridged: fx.GraphModule) -> Budget:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..graph import ChannelGraph, trace
 from ..graph.tracing import propagate_shapes
-from .multinet import model_names
+from .multinet import Link, MultiNet, model_names
 
 _WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -80,11 +80,12 @@ def set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def add_bridges(net: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, list[Bridge]]:
-    """A copy of the MultiNet in which each later model's consumers also read earlier models' channels."""
+def add_bridges(net: MultiNet, example_inputs) -> tuple[fx.GraphModule, list[Bridge]]:
+    """A copy of the MultiNet's graph in which each later model's consumers also read earlier models'
+    channels. The graph's ``meta["multinet_bridges"]`` lists the bridged layers: the channel
+    analysis (graph/dropping.py) reads it to let such a layer lose all its own channels."""
     names = model_names(net)
-    gm = copy.deepcopy(net)
-    gm.meta["multinet_models"] = names
+    gm = copy.deepcopy(net.graph_module)
     graph = trace(gm, example_inputs)
     prunable_inputs = {name for g in graph.prunable_groups for name in g.consumer_names}
     per_model = {m: _consumers(graph, gm, m) for m in names}
@@ -116,3 +117,8 @@ def add_bridges(net: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, li
     propagate_shapes(gm, graph.example_inputs)
     gm.meta["multinet_bridges"] = [b.consumer for b in bridges]
     return gm, bridges
+
+
+def links_of(bridges: list[Bridge]) -> list[Link]:
+    """One link per (bridged layer, earlier model's layer whose input it reads)."""
+    return [Link(b.model, b.consumer, source, layer) for b in bridges for source, layer, _ in b.sources]

@@ -1,4 +1,4 @@
-"""MultiNet: several models that read the same input, as one GraphModule with one output per model.
+"""MultiNet: several models that read the same input, as one network with one output per model.
 
 Each model is traced on its own, then its nodes are copied into one graph whose single
 placeholder feeds every model; submodules live under the model's name (``a.conv1``), so groups,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -58,14 +59,8 @@ def _check_outputs(name: str, gm: fx.GraphModule) -> None:
                             f"of tensors): its outputs must be tensors to be merged and compared")
 
 
-def MultiNet(models, example_inputs, leaf_modules=(), autowrap_functions=()) -> fx.GraphModule:
-    """One GraphModule running every model on the same input; forward returns {name: output}.
-
-    ``models``: a dict {name: model}, a list of (name, model) pairs, or a list of models (named
-    m0, m1, ...). ``example_inputs``: one input every model accepts.
-    """
-    models = named_models(models)
-    inputs = as_tuple(example_inputs)
+def _merge(models: dict[str, nn.Module], inputs: tuple, leaf_modules, autowrap_functions) -> fx.GraphModule:
+    """One GraphModule running every model on the same input; forward returns {name: output}."""
     if len(inputs) != 1:
         raise MultinetError("a MultiNet has one input shared by all models; give one example tensor")
     root = nn.Module()
@@ -96,17 +91,170 @@ def MultiNet(models, example_inputs, leaf_modules=(), autowrap_functions=()) -> 
                     new.target = f"{name}.{node.target}"
                 env[node] = new
     graph.output(outputs)
-    net = fx.GraphModule(root, graph, "MultiNet")
-    net.meta["multinet_models"] = list(models)
+    net = fx.GraphModule(root, graph, "MultiNetGraph")
     propagate_shapes(net, inputs)
     return net
 
 
-def model_names(net: fx.GraphModule) -> list[str]:
-    names = net.meta.get("multinet_models")
-    if names is None:
+@dataclass(frozen=True)
+class Link:
+    """Member ``model``'s layer ``layer`` reads the input of member ``source``'s layer ``source_layer``
+    (a bridge that unification added): ``model`` then computes less of its own."""
+
+    model: str
+    layer: str
+    source: str
+    source_layer: str
+
+    def as_list(self) -> list[str]:
+        return [self.model, self.layer, self.source, self.source_layer]
+
+
+class MultiNet(nn.Module):
+    """Several models that read the same input, run as one network; ``forward(x) -> {member: output}``.
+
+    ``MultiNet(models, example_inputs)`` merges the models (a dict {name: model}, (name, model)
+    pairs, or a list named m0, m1, ...) into one fx graph; nothing is shared yet, so outputs equal
+    the members run one by one, bit for bit. The type carries what the graph alone does not say:
+    ``members`` (in output order), ``links`` (which member's layer reads which other member's
+    layer, after :func:`multinet.unify`), ``outputs`` (per member, the names of its output tensors)
+    and whether the graph is ``fused`` (see :meth:`fused`; a fused graph's links still name the
+    unfused layers, some of which fusion merged into wider ones).
+
+    The graph lives in ``graph_module``; the MultiNet shares its submodules, parameters and
+    buffers (same dicts), so ``named_modules()``, ``state_dict()`` and ``.to()`` see the members'
+    layers under their own names (``a.conv1``) exactly as the graph does.
+    """
+
+    def __init__(self, models, example_inputs, leaf_modules=(), autowrap_functions=()):
+        super().__init__()
+        named = named_models(models)
+        gm = _merge(named, as_tuple(example_inputs), leaf_modules, autowrap_functions)
+        self._attach(gm, list(named), [], False)
+
+    @classmethod
+    def from_graph(cls, gm: fx.GraphModule, members, links=(), fused: bool = False) -> "MultiNet":
+        """A MultiNet around a graph that already returns {member: output} (compressed, fused, loaded)."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net._attach(gm, list(members), [lk if isinstance(lk, Link) else Link(*lk) for lk in links], fused)
+        return net
+
+    def _attach(self, gm: fx.GraphModule, members: list[str], links: list[Link], fused: bool) -> None:
+        """Hold ``gm`` and share its module, parameter and buffer dicts (checked against ``members``)."""
+        found = output_members(gm)
+        if found != members:
+            raise MultinetError(f"the graph returns outputs for {found}, but the MultiNet's members are {members}")
+        layers = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for link in links:  # a fused graph may have merged a linked layer into a wider one
+            if link.model not in members or link.source not in members or not (fused or link.layer in layers):
+                raise MultinetError(f"link {link.as_list()} does not name a member's layer in the graph")
+        self.__dict__["_graph_module"] = gm
+        for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[key] = gm.__dict__[key]
+        self.__dict__["members"] = list(members)
+        self.__dict__["links"] = list(links)
+        self.__dict__["is_fused"] = bool(fused)
+
+    def forward(self, x):
+        return self._graph_module.forward(x)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The network as one fx graph (what compression traces, save writes and fusion rewrites)."""
+        return self._graph_module
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self._graph_module.graph
+
+    @property
+    def meta(self) -> dict:
+        """The graph's meta (input shapes of a loaded file); nothing about the MultiNet lives there."""
+        return self._graph_module.meta
+
+    @property
+    def outputs(self) -> dict[str, list[str]]:
+        """Per member, the names of its output tensors: ``a`` for one tensor, ``b.0``, ``b.1`` for a tuple."""
+        return output_names_of(self._graph_module)
+
+    def output_names(self) -> list[str]:
+        """Every output tensor's name, in the order the flattened outputs come (ONNX output names)."""
+        return [name for member in self.members for name in self.outputs[member]]
+
+    def costs(self, example_inputs=None) -> dict[str, dict[str, int]]:
+        """FLOPs and params per member, shared by several members, and in total (see :func:`model_costs`)."""
+        return model_costs(self, example_inputs)
+
+    def fused(self) -> "MultiNet":
+        """The same MultiNet with structurally parallel layers fused (one wider layer per shared input):
+        for inference and export; compress the unfused one (it keeps every member's own layers)."""
+        if self.is_fused:
+            return self
+        from .fusion import fuse_parallel
+
+        return MultiNet.from_graph(fuse_parallel(self._graph_module), self.members, self.links, fused=True)
+
+    def with_graph(self, gm: fx.GraphModule) -> "MultiNet":
+        """This MultiNet's members around another graph of it (a compressed one); links to layers
+        that no longer exist are dropped."""
+        return MultiNet.from_graph(gm, self.members, surviving_links(self.links, gm), self.is_fused)
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, links={len(self.links)}, fused={self.is_fused}"
+
+    def __getstate__(self) -> dict:
+        return {"graph_module": self._graph_module, "members": self.members, "links": self.links,
+                "fused": self.is_fused, "training": self.training}
+
+    def __setstate__(self, state: dict) -> None:
+        """Pickle and deepcopy: rebuild the shared dicts around the (copied) graph."""
+        nn.Module.__init__(self)
+        self._attach(state["graph_module"], state["members"], state["links"], state["fused"])
+        self.train(state["training"])
+
+
+def surviving_links(links: list[Link], gm: fx.GraphModule) -> list[Link]:
+    """The links whose two layers are still in ``gm`` (compression may remove either)."""
+    layers = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    return [lk for lk in links if lk.layer in layers and lk.source_layer in layers]
+
+
+def _output_dict(gm: fx.GraphModule) -> dict | None:
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    value = out.args[0] if out is not None and out.args else None
+    return value if isinstance(value, dict) else None
+
+
+def output_members(gm: fx.GraphModule) -> list[str]:
+    """The member names a MultiNet graph returns outputs for (the keys of its output dict)."""
+    value = _output_dict(gm)
+    if value is None or not all(isinstance(k, str) for k in value):
+        raise MultinetError("not a MultiNet graph: its output is not a {model name: output} mapping")
+    return list(value)
+
+
+def output_names_of(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Per member, its output leaves named by their path (``b``, or ``b.0``, ``b.logits``)."""
+    names = {}
+    for member, value in (_output_dict(gm) or {}).items():
+        leaves = torch.utils._pytree.tree_flatten_with_path(value)[0]
+        names[member] = [".".join([member, *(str(_key(k)) for k in path)]) for path, _ in leaves]
+    return names
+
+
+def _key(entry) -> object:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def model_names(net) -> list[str]:
+    """A MultiNet's members; anything else is refused (the type says what a MultiNet is)."""
+    if not isinstance(net, MultiNet):
         raise MultinetError("not a MultiNet: build one with multinet.MultiNet([...], example_inputs)")
-    return list(names)
+    return list(net.members)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -120,15 +268,16 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def model_costs(net: fx.GraphModule, example_inputs=None) -> dict[str, dict[str, int]]:
+def model_costs(net: MultiNet, example_inputs=None) -> dict[str, dict[str, int]]:
     """FLOPs (MACs) and params each model needs, and what is shared by several models.
 
     A layer belongs to every model whose output depends on it; ``shared`` holds the layers more
     than one model depends on; ``total`` is the whole network (each layer counted once).
     """
     names = model_names(net)
-    counts = count(net, as_tuple(example_inputs) if example_inputs is not None else None)
-    out_node = next(n for n in net.graph.nodes if n.op == "output")
+    gm = net.graph_module
+    counts = count(gm, as_tuple(example_inputs) if example_inputs is not None else None)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
     users: dict[str, set[str]] = {}
     for name in names:
         for node in _ancestors_of_output(out_node, name):

@@ -1,0 +1,168 @@
+"""Fused parallel execution: layers that read the same tensor become one wider layer.
+
+Every member of a MultiNet starts with a layer that reads the shared input, and unification's
+links make later members read earlier members' tensors too. Sibling Conv/Linear layers (same
+input node, same kernel, stride, padding, dilation, ``groups=1``, dtype and device) compute one
+matrix product each; fused, they are one product with the output channels concatenated, and
+``torch.split`` hands each original consumer its own channels. One larger GEMM/conv runs faster
+than several small ones (fewer kernel launches, the input read once), and the outputs are the
+same up to float rounding. The pass is an fx rewrite of a copy; the original graph is untouched,
+so compression keeps working on the unfused graph where every member owns its layers.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph.tracing import propagate_shapes
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def fuse_parallel(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which every set of sibling Conv/Linear layers is one wider layer."""
+    gm = copy.deepcopy(gm)
+    merge_repeated_ops(gm)  # each member's flatten(x): one flatten, so their first layers become siblings
+    for siblings in sibling_layers(gm):
+        _fuse(gm, siblings)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    _refresh_shapes(gm)
+    return gm
+
+
+# parameter-free layers whose output depends only on their input and settings
+_STATELESS = (nn.Flatten, nn.Unflatten, nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+              nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_PURE_FUNCTIONS = {torch.flatten, torch.reshape, torch.relu, torch.nn.functional.relu, torch.permute,
+                   torch.transpose, torch.nn.functional.adaptive_avg_pool2d, operator.getitem}
+_PURE_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "size", "relu", "mean"}
+
+
+def merge_repeated_ops(gm: fx.GraphModule) -> None:
+    """Common subexpressions across members: the same stateless op on the same arguments runs once."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        key = _op_key(gm, node)
+        if key is None:
+            continue
+        try:
+            hash(key)
+        except TypeError:  # an argument such as a list: compare by repr instead
+            key = repr(key)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
+def _op_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """What makes two nodes compute the same value; None where that is not known to hold."""
+    if node.kwargs.get("inplace"):
+        return None
+    args = (node.args, tuple(sorted(node.kwargs.items())))
+    if node.op == "call_function" and node.target in _PURE_FUNCTIONS:
+        return ("function", node.target, *args)
+    if node.op == "call_method" and node.target in _PURE_METHODS:
+        return ("method", node.target, *args)
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) in _STATELESS and not getattr(module, "inplace", False):
+            return ("module", type(module), module.extra_repr(), *args)
+    return None
+
+
+def sibling_layers(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Groups of two or more module calls that read the same node and can be one layer."""
+    groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        key = _fusion_key(gm.get_submodule(node.target))
+        if key is not None:
+            groups[(node.args[0], key)].append(node)
+    return [nodes for nodes in groups.values() if len(nodes) > 1]
+
+
+def _fusion_key(module: nn.Module) -> tuple | None:
+    """What must match for layers to share one call; None for a layer this pass does not fuse."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    if type(module) is nn.Linear:
+        return ("linear", module.in_features, w.dtype, w.device)
+    if type(module) in _CONVS and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(
+            module.padding, str):
+        return (type(module).__name__, module.in_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, w.dtype, w.device)
+    return None
+
+
+def _fuse(gm: fx.GraphModule, siblings: list[fx.Node]) -> None:
+    """Replace ``siblings`` by one wider layer and a split of its output, in their order."""
+    modules = [gm.get_submodule(n.target) for n in siblings]
+    name = _free_name(gm, "fused")
+    gm.add_submodule(name, _wider(modules))
+    sizes = [m.weight.shape[0] for m in modules]
+    dim = 1 if isinstance(modules[0], _CONVS) else -1
+    first = siblings[0]  # siblings come in graph order: the first one's place is after their shared input
+    with gm.graph.inserting_before(first):
+        wide = gm.graph.call_module(name, first.args)
+        parts = gm.graph.call_function(torch.split, (wide, sizes, dim))
+        for i, node in enumerate(siblings):
+            piece = gm.graph.call_function(operator.getitem, (parts, i))
+            if dim == 1:  # a channel slice is strided; the layers after it run faster on a dense copy
+                piece = gm.graph.call_method("contiguous", (piece,))
+            node.replace_all_uses_with(piece)
+    for node in siblings:
+        gm.graph.erase_node(node)
+
+
+def _wider(modules: list[nn.Module]) -> nn.Module:
+    """One layer computing every module's outputs, concatenated along the output channels."""
+    first = modules[0]
+    out = sum(m.weight.shape[0] for m in modules)
+    bias = any(m.bias is not None for m in modules)
+    w = first.weight
+    if isinstance(first, nn.Linear):
+        wide = nn.Linear(first.in_features, out, bias=bias, device=w.device, dtype=w.dtype)
+    else:
+        wide = type(first)(first.in_channels, out, first.kernel_size, first.stride, first.padding, first.dilation,
+                           1, bias, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([m.weight for m in modules]))
+        if bias:
+            wide.bias.copy_(torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                                       for m in modules]))
+    return wide.train(first.training)
+
+
+def _free_name(gm: fx.GraphModule, stem: str) -> str:
+    i = 0
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
+
+
+def _refresh_shapes(gm: fx.GraphModule) -> None:
+    """Shapes for the new nodes (save records the input shape; counting reads output shapes)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    metas = [n.meta.get("tensor_meta") for n in placeholders]
+    if placeholders and all(hasattr(m, "shape") for m in metas):
+        example = tuple(torch.zeros(m.shape, dtype=m.dtype, device=_device_of(gm)) for m in metas)
+        propagate_shapes(gm, example)
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    for p in gm.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,157 @@
+"""The MultiNet type: what save/load/export/infer take and give back, and its fused execution."""
+import json
+
+import pytest
+import torch
+
+import multinet
+from multinet import MultiNet, data, zoo
+from multinet.io import ModelFileError, from_bytes, load, save, to_bytes
+
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def unified(split):
+    return multinet.unify({"a": zoo.create("vgg"), "b": zoo.create("vgg")}, split.train_x[:256], budget=0.4,
+                          max_positions=16)
+
+
+SETS = {"vgg+resnet": ("vgg", "resnet"), "mlp+mlp": ("mlp", "mlp"), "vgg+vgg+mlp": ("vgg", "vgg", "mlp"),
+        "all": ("mlp", "vgg", "resnet", "mobilenet", "densenet")}
+
+
+def _members(names):
+    torch.manual_seed(0)
+    return {f"{n}{i}": zoo.create(n) for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("names", SETS.values(), ids=SETS.keys())
+def test_fused_equals_unfused_equals_members_run_separately(split, names):
+    models = _members(names)
+    net = MultiNet(models, split.train_x[:1])
+    fused = net.fused()
+    assert fused.is_fused and fused.members == net.members and not net.is_fused
+    x = split.test_x[:128]
+    with torch.no_grad():
+        out, fast = net(x), fused(x)
+        for name, model in models.items():
+            assert torch.equal(out[name], model(x))
+            torch.testing.assert_close(fast[name], out[name], atol=1e-5, rtol=1e-5)
+    wide = [m for n, m in fused.named_children() if n.startswith("fused_")]
+    assert wide, "the members' first layers read the same input and become one layer"
+
+
+def test_unified_network_fuses_to_the_same_outputs(split, unified):
+    net = unified.model
+    assert isinstance(net, MultiNet) and net.members == ["a", "b"]
+    assert net.links and all(lk.model == "b" and lk.source == "a" for lk in net.links)
+    x = split.test_x[:128]
+    with torch.no_grad():
+        out, fast = net(x), net.fused()(x)
+    for k in out:
+        torch.testing.assert_close(fast[k], out[k], atol=1e-5, rtol=1e-5)
+    assert set(net.costs()) == {"a", "b", "shared", "total"}
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_type_round_trips_through_save_load_and_bytes(split, unified, tmp_path, fuse):
+    net = unified.model.fused() if fuse else unified.model
+    x = split.test_x[:32]
+    for loaded in (load(save(net, tmp_path / "net.mnet")), from_bytes(to_bytes(net))):
+        assert isinstance(loaded, MultiNet)
+        assert (loaded.members, loaded.links, loaded.outputs, loaded.is_fused) == (
+            net.members, net.links, net.outputs, net.is_fused)
+        with torch.no_grad():
+            ref, out = net(x), loaded(x)
+        for k in ref:
+            assert torch.equal(out[k], ref[k])
+
+
+def test_compressing_a_multinet_gives_a_multinet(split):
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1])
+    result = multinet.unification.compress_multinet(net, split.train_x[:256], ratio=0.25)
+    assert isinstance(result.model, MultiNet) and result.model.members == ["a", "b"]
+    with pytest.raises(multinet.MultinetError, match="fused"):
+        multinet.unification.compress_multinet(net.fused(), split.train_x[:256], ratio=0.25)
+
+
+def test_infer_returns_per_member_outputs_through_the_fused_network(split):
+    models = _members(("vgg", "resnet"))
+    net = MultiNet(models, split.train_x[:1])
+    x = split.test_x[:100]
+    outs = multinet.infer(net, x, batch_size=32)
+    plain = multinet.infer(net, x, batch_size=32, fuse=False)
+    assert list(outs) == net.members
+    with torch.no_grad():
+        for name, model in models.items():
+            torch.testing.assert_close(outs[name], model(x), atol=1e-5, rtol=1e-5)
+            assert torch.equal(plain[name], model(x))
+
+
+def test_onnx_outputs_are_the_members(split, unified, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    net = unified.model
+    session = ort.InferenceSession(str(multinet.export(net, split.train_x[:1], tmp_path / "net.onnx")))
+    assert [o.name for o in session.get_outputs()] == net.output_names() == ["a", "b"]
+    x = split.test_x[:7]
+    got = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        ref = net(x)
+    for value, name in zip(got, net.members):
+        torch.testing.assert_close(torch.from_numpy(value), ref[name], atol=1e-4, rtol=1e-4)
+
+
+def _resave(path, tmp_path, change):
+    """The file with its manifest's multinet section edited and re-digested (so the checks decide)."""
+    import hashlib
+
+    blob = torch.load(path, weights_only=True)
+    manifest = json.loads(blob["manifest"])
+    change(manifest["multinet"])
+    blob["manifest"] = json.dumps(manifest)
+    blob["manifest_sha256"] = hashlib.sha256(blob["manifest"].encode()).hexdigest()
+    out = tmp_path / "crafted.mnet"
+    torch.save(blob, out)
+    return out
+
+
+BAD_SECTIONS = {
+    "extra key": (lambda s: s.update(code="import os"), "does not have exactly"),
+    "member not an identifier": (lambda s: s["members"].__setitem__(0, "__class__"), "not distinct plain identifiers"),
+    "members reordered": (lambda s: s["members"].reverse(), "but the graph returns"),
+    "link to a missing layer": (lambda s: s["links"].append(["b", "os.system", "a", "a.x"]), "link"),
+    "outputs not names": (lambda s: s["outputs"].__setitem__("a", [{"$node": "x"}]), "outputs"),
+    "outputs not the graph's": (lambda s: s["outputs"].__setitem__("a", ["a.0"]), "not the graph's"),
+    "fused not a bool": (lambda s: s.__setitem__("fused", "yes"), "fused flag"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SECTIONS, ids=BAD_SECTIONS.keys())
+def test_a_bad_multinet_section_is_refused_in_one_line(split, tmp_path, case):
+    change, message = BAD_SECTIONS[case]
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp")}, split.train_x[:1])
+    path = _resave(save(net, tmp_path / "net.mnet"), tmp_path, change)
+    with pytest.raises(ModelFileError, match=message) as info:
+        load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_plain_graph_is_not_a_multinet(split, tmp_path):
+    """The type, not strings in gm.meta, says what a MultiNet is: a graph that returns a dict is
+    still a plain model once saved without the type."""
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp")}, split.train_x[:1])
+    plain = load(save(net.graph_module, tmp_path / "plain.mnet"))
+    assert not isinstance(plain, MultiNet)
+    with pytest.raises(multinet.MultinetError, match="not a MultiNet"):
+        multinet.model_costs(plain)
+    plain.meta["multinet_models"] = ["a", "b"]  # the old convention means nothing now
+    with pytest.raises(multinet.MultinetError, match="not a MultiNet"):
+        multinet.model_costs(plain)
+    assert isinstance(load(save(net, tmp_path / "net.mnet")), MultiNet)
