@@ -19,14 +19,17 @@ pytestmark = pytest.mark.usefixtures("quiet_calibration")
 
 
 def _count_solves(monkeypatch) -> list:
+    """Group solves on either path: the cached-input pipeline's and the full-pass reference's."""
     calls = []
-    original = compress_module._solve_group
+    sequential = importlib.import_module("multinet.pipeline.sequential")
+    for module, name in ((compress_module, "_solve_group"), (sequential, "solve_group")):
+        original = getattr(module, name)
 
-    def counting(*args, **kwargs):
-        calls.append(args[2].id)
-        return original(*args, **kwargs)
+        def counting(*args, _original=original, **kwargs):
+            calls.append(args[2].id)
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "_solve_group", counting)
+        monkeypatch.setattr(module, name, counting)
     return calls
 
 

@@ -59,7 +59,8 @@ class _Capture(fx.Interpreter):
         return super().run_node(n)
 
 
-def _rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: torch.Generator) -> torch.Tensor:
+def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: torch.Generator) -> torch.Tensor:
+    """The rows a consumer's weights multiply (sampled conv positions), float64, with a ones column last."""
     if spec.kind == "linear":
         rows = linear_rows(x)
     else:
@@ -126,14 +127,14 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
                                       f"{str(exc).strip().splitlines()[0]}") from exc
         for name, inputs in captured.items():
             for call, x in enumerate(inputs):
-                rows = _rows(by_name[name], x, max_positions, torch.Generator().manual_seed(gen_state + call))
+                rows = input_rows(by_name[name], x, max_positions, torch.Generator().manual_seed(gen_state + call))
                 if not torch.isfinite(rows).all():
                     raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
                 entry = stats.get(name)
                 gram = rows.T @ rows
                 cross = None
                 if reference is not None:
-                    ref_rows = _rows(ref_by_name[name], ref_captured[name][call], max_positions,
+                    ref_rows = input_rows(ref_by_name[name], ref_captured[name][call], max_positions,
                                      torch.Generator().manual_seed(gen_state + call))
                     cross = rows.T @ ref_rows
                 if entry is None:

@@ -35,12 +35,12 @@ from ..schedule.latency import latency_input, measure_ms
 from ..schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from ..graph import ChannelGraph, count, prune, trace
 from ..graph.dropping import drop_group, droppable
-from .group_problems import consumer_weight, group_problems, relative_error, to_layer_weights, zero_removed
-from ..solve import reap_greedy_multi, reconstruct_multi
-from ..solve.pairs import unify_pairs
-from ..solve.selection import lowest, magnitude_scores, random_channels
+from ..calib.frontier import STORE_DTYPES
+from .group_problems import solve_group, to_layer_weights
+from .sequential import PipelineStats, SequentialPipeline
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
+MODES = ("sequential", "reference")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class CompressResult:
     params_after: int
     method: str
     plan: Plan | None = None
+    cost: PipelineStats | None = None  # the cached-input pipeline's forward work and phase times
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -94,7 +95,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              plan_path=None,
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
-             autowrap_functions=(), progress: bool = False, run_dir=None) -> CompressResult:
+             autowrap_functions=(), progress: bool = False, run_dir=None, mode: str = "sequential",
+             frontier_memory: int | None = 2 * 2**30, frontier_dtype: str = "float32") -> CompressResult:
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
@@ -108,9 +110,20 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     image to bound calibration cost; ``eval_samples`` calibration samples measure errors at the
     final outputs. ``progress=True`` shows progress bars. ``run_dir``: persist the plan and the model
     after every finished group there; rerunning with the same arguments resumes (see checkpoint.py).
+
+    ``mode``: "sequential" (default) compresses group by group from activations cached at a moving
+    frontier (about one forward pass of each model, plus one more of each residual stream's stage);
+    the frontier is kept in memory up to ``frontier_memory`` bytes and in memory-mapped files beyond,
+    stored in ``frontier_dtype`` (float32, float16 or bfloat16). "reference" is the same computation
+    with two whole-model passes per group (the path the pipeline is tested against; also what runs
+    on a Ray executor and when a group is removed whole).
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise MultinetError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if frontier_dtype not in STORE_DTYPES:
+        raise MultinetError(f"unknown frontier_dtype {frontier_dtype!r}; choose from {', '.join(STORE_DTYPES)}")
     if not isinstance(calibration_data, torch.Tensor) and iter(calibration_data) is calibration_data:
         raise MultinetError("calibration_data must be re-iterable (a tensor, a list or a DataLoader), not an iterator")
     if sum(x is not None for x in (ratio, budget, plan)) > 1:
@@ -135,7 +148,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
         key = fingerprint(original.module, calibration_data, batch_size, ratio=ratio, method=method,
                           budget=budget.as_dict() if budget else None, schedule=schedule,
-                          plan=plan.removals() if plan else None, max_positions=max_positions, damp=damp, seed=seed)
+                          plan=plan.removals() if plan else None, max_positions=max_positions, damp=damp, seed=seed,
+                          mode=mode)
         state = RunState(run_dir, key)
         if budget is not None and (state.dir / "plan.json").exists():
             plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
@@ -153,8 +167,13 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         ratios = _ratios(original, 0.5 if ratio is None else ratio)
         requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
                     for gid, r in ratios.items()}
-    current, reports = _apply(original, requests, method, calibration_data, example, progress, state=state,
-                              **settings)
+    cost = None
+    if _pipeline_applies(original, requests, mode, executor):
+        current, reports, cost = _apply_pipeline(original, requests, method, calibration_data, example, progress,
+                                                 state, frontier_memory, STORE_DTYPES[frontier_dtype], **settings)
+    else:
+        current, reports = _apply(original, requests, method, calibration_data, example, progress, state=state,
+                                  **settings)
     before, after = count(original.module), count(current.module)
     if plan is not None:
         _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, batch_size,
@@ -162,7 +181,52 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         if plan_path is not None:
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
-                          plan)
+                          plan, cost)
+
+
+def _pipeline_applies(original: ChannelGraph, requests, mode: str, executor) -> bool:
+    """The cached-input pipeline runs in-process and keeps every group (a whole-group removal, which
+    only a MultiNet's bridges allow, renumbers groups: the reference path handles it)."""
+    if mode != "sequential" or getattr(executor, "name", "local") != "local":
+        return False
+    for gid, request in requests.items():
+        n = request if isinstance(request, int) else len(request)
+        if n >= original.group(gid).size:
+            return False
+    return True
+
+
+def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example, progress: bool, state,
+                    memory: int | None, store_dtype, batch_size: int, max_positions: int | None, damp: float,
+                    device: str, seed: int, executor=None):
+    """Group by group from cached inputs (see sequential.py); resumes after the last finished group."""
+    pipeline = SequentialPipeline(original, data, batch_size=batch_size, max_positions=max_positions, damp=damp,
+                                  device=device, seed=seed, memory_limit=memory, store_dtype=store_dtype,
+                                  progress=progress)
+    reports: list[GroupReport] = []
+    surviving: dict[str, torch.Tensor] = {}
+    finished: list[int] = []
+    if state is not None:
+        restored, finished, saved_reports, surviving = state.restore()
+        if restored is not None:
+            pipeline.resume_from(restored)
+            reports = [GroupReport(**r) for r in saved_reports]
+    done = {r.group: list(r.removed) for r in reports}
+
+    def on_group(gid: int, solution, seconds: float) -> None:
+        group = original.group(gid)
+        reports.append(GroupReport(gid, group.producers, group.size, group.size - len(solution.removed),
+                                   solution.error, seconds, sorted(solution.removed)))
+        if state is not None:
+            finished.append(gid)
+            state.record(pipeline.work, example, finished, [asdict(r) for r in reports], surviving)
+
+    try:
+        removed = pipeline.run(requests, method, done, surviving, on_group)
+        pruned = pipeline.finish(removed, example)
+    finally:
+        pipeline.close()
+    return trace(pruned, example), reports, pipeline.cost
 
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
@@ -284,8 +348,16 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
                 raise MultinetError(exc.args[0]) from None
             if not group.prunable and ratios[gid] > 0:
                 raise MultinetError(f"group {gid} is not prunable: {group.reasons[0]}")
+            if group.grouped_conv and ratios[gid] > 0:
+                raise MultinetError(f"group {gid} ({', '.join(group.producers)}) goes through a grouped convolution, "
+                                    f"which compress cannot reconstruct yet (multinet.prune can cut it)")
     else:
-        ratios = {g.id: ratio for g in graph.prunable_groups}
+        grouped = [g for g in graph.prunable_groups if g.grouped_conv]
+        if grouped:
+            warnings.warn(f"{len(grouped)} group(s) go through grouped convolutions, which compress cannot "
+                          f"reconstruct yet; they stay whole (groups {', '.join(str(g.id) for g in grouped)})",
+                          stacklevel=3)
+        ratios = {g.id: ratio for g in graph.prunable_groups if not g.grouped_conv}
     for gid, r in ratios.items():
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise MultinetError(f"ratio for group {gid} must lie in [0, 1), got {r!r}")
@@ -294,47 +366,13 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
 
 def _solve_group(current, original, group, n_remove, method, data, batch_size, max_positions, damp, device, seed,
                  surviving, preset=None, executor=None):
-    if preset is not None:
-        removed = preset
-    elif method == "random":
-        removed = random_channels(group.size, n_remove, seed, group.pieces)
-    elif method in ("magnitude", "magnitude+ls"):
-        removed = lowest(_magnitude(current, group), n_remove, group.pieces)
-    else:
-        removed = None
+    """The reference path's group: two full passes (compressed and original model) for its statistics."""
     specs = consumer_specs(current, group.consumer_names)
     ref_specs = consumer_specs(original, group.consumer_names)
     stats = collect_on(executor, current.module, specs, data, reference=original.module, reference_specs=ref_specs,
                        batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
-    problems, layout = group_problems(current, original, group, stats, damp, surviving)
-    problems = [p.to(device) for p in problems]  # the solve runs on the run's device
-    if method == "unify" and preset is None:
-        if not all(has_bias for _, _, has_bias, _ in layout):
-            raise MultinetError(f"unify needs a bias in every consumer of group {group.id} (a functional layer "
-                                f"without one cannot absorb the affine offset); use method='reap'")
-        removed, weights, _ = unify_pairs(problems, group.size, n_remove, group.pieces)
-    elif removed is None:  # REAP selects, and reconstructs on the way
-        result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
-        removed, weights = result.removed, result.weights
-    elif method in ("magnitude+ls", "reap"):
-        weights = reconstruct_multi(problems, removed, damp)
-    else:
-        weights = [zero_removed(p, removed) for p in problems]
-    weights = [w.cpu() for w in weights]
-    problems = [p.to("cpu") for p in problems]
-    error = relative_error(problems, weights)
-    if method in ("magnitude", "random"):
-        return removed, None, error
-    return removed, to_layer_weights(problems, weights, layout, removed), error
-
-
-def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:
-    table = graph.analysis.table
-    weights = {}
-    for space, _ in group.members:
-        sp = table.spaces[space]
-        if sp.kind == "producer":
-            weights[sp.owner] = consumer_weight(graph.module, sp.owner)[0]
-    sizes = {s: table.spaces[s].size for s, _ in group.members}
-    owners = {s: table.spaces[s].owner for s, _ in group.members}
-    return magnitude_scores(group, weights, sizes, owners)
+    solution = solve_group(current, original, group, n_remove, method, stats, damp, device, seed, surviving, preset)
+    if solution.weights is None:
+        return solution.removed, None, solution.error
+    return solution.removed, to_layer_weights(solution.problems, solution.weights, solution.layout,
+                                              solution.removed), solution.error

@@ -7,13 +7,18 @@ different scale add up fairly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import MultinetError
 from ..graph import ChannelGraph
-from ..solve import ConsumerProblem
+from ..solve import ConsumerProblem, reap_greedy_multi, reconstruct_multi
+from ..solve.pairs import unify_pairs
 from ..solve.problem import removed_columns
+from ..solve.selection import lowest, magnitude_scores, random_channels
 
 
 def consumer_weight(gm: fx.GraphModule, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -38,8 +43,11 @@ def _output_scale(gm: fx.GraphModule, graph: ChannelGraph, name: str) -> torch.T
     return None
 
 
-def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, damp: float, surviving):
-    """One least-squares problem per consumer, aimed at the original model's outputs."""
+def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, damp: float, surviving,
+                   column_index=None):
+    """One least-squares problem per consumer, aimed at the original model's outputs. ``column_index``
+    maps a consumer's full-width input columns to the rows of statistics from which other groups'
+    removed columns were taken out (the cached-input pipeline keeps the model at full width)."""
     problems, layout = [], []
     for name in group.consumer_names:
         w_cur, b_cur, is_module = consumer_weight(current.module, name)
@@ -60,11 +68,15 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         damped = gram + damp * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
         weight = torch.linalg.solve(damped, cross @ target)
         scale = _output_scale(current.module, current, name)
+        if scale is not None and len(scale) != weight.shape[1]:
+            scale = scale[outputs]  # a full-width model's BatchNorm still has the removed outputs
         if scale is not None:
             weight = weight * scale[None]
         energy = float((weight * (gram @ weight)).sum().clamp_min(1e-30))
         slots = [sl for sl in group.consumers if sl.consumer == name]
         channels, columns = _merge_slots(slots)
+        if column_index is not None:
+            columns = column_index[name][columns]
         problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy))
         layout.append((name, tuple(w_cur.shape), has_bias, scale))
     return problems, layout
@@ -106,3 +118,58 @@ def to_layer_weights(problems, weights, layout, removed) -> dict:
         layer_w = kept.T.reshape(shape[0], -1, *shape[2:]).float()
         out[name] = (layer_w, w[-1].float()) if has_bias else layer_w
     return out
+
+
+@dataclass
+class GroupSolution:
+    removed: list[int]
+    problems: list[ConsumerProblem]  # on the CPU
+    weights: list[torch.Tensor] | None  # per problem, in its layout; None: the consumers keep their weights
+    layout: list[tuple]  # (consumer, layer weight shape, has_bias, BatchNorm output scale) per problem
+    error: float
+
+
+def solve_group(current: ChannelGraph, original: ChannelGraph, group, n_remove: int, method: str, stats, damp: float,
+                device: str, seed: int, surviving, preset=None, column_index=None) -> GroupSolution:
+    """Select the group's removed channels (REAP, unify, magnitude, random or a preset) and re-solve its
+    consumers from statistics, however they were gathered (full passes or cached inputs)."""
+    if preset is not None:
+        removed = preset
+    elif method == "random":
+        removed = random_channels(group.size, n_remove, seed, group.pieces)
+    elif method in ("magnitude", "magnitude+ls"):
+        removed = lowest(_magnitude(current, group), n_remove, group.pieces)
+    else:
+        removed = None
+    problems, layout = group_problems(current, original, group, stats, damp, surviving, column_index)
+    problems = [p.to(device) for p in problems]  # the solve runs on the run's device
+    if method == "unify" and preset is None:
+        if not all(has_bias for _, _, has_bias, _ in layout):
+            raise MultinetError(f"unify needs a bias in every consumer of group {group.id} (a functional layer "
+                                f"without one cannot absorb the affine offset); use method='reap'")
+        removed, weights, _ = unify_pairs(problems, group.size, n_remove, group.pieces)
+    elif removed is None:  # REAP selects, and reconstructs on the way
+        result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
+        removed, weights = result.removed, result.weights
+    elif method in ("magnitude+ls", "reap"):
+        weights = reconstruct_multi(problems, removed, damp)
+    else:
+        weights = [zero_removed(p, removed) for p in problems]
+    weights = [w.cpu() for w in weights]
+    problems = [p.to("cpu") for p in problems]
+    error = relative_error(problems, weights)
+    if method in ("magnitude", "random"):
+        return GroupSolution(removed, problems, None, layout, error)
+    return GroupSolution(removed, problems, weights, layout, error)
+
+
+def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:
+    table = graph.analysis.table
+    weights = {}
+    for space, _ in group.members:
+        sp = table.spaces[space]
+        if sp.kind == "producer":
+            weights[sp.owner] = consumer_weight(graph.module, sp.owner)[0]
+    sizes = {s: table.spaces[s].size for s, _ in group.members}
+    owners = {s: table.spaces[s].owner for s, _ in group.members}
+    return magnitude_scores(group, weights, sizes, owners)

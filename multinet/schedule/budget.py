@@ -102,6 +102,8 @@ def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[in
     for group in graph.prunable_groups:
         if group.id in ignored or (not budget.residual_streams and is_residual_stream(graph, group)):
             continue
+        if group.grouped_conv:
+            continue  # no reconstruction of grouped convolutions yet (see ChannelGroup.grouped_conv)
         mins = budget.min_channels
         can_vanish = droppable(graph, group) and budget.metric != "latency"  # timing needs surgery
         default = 0 if can_vanish else 1

@@ -1,0 +1,184 @@
+"""Cached activations at a cut through a traced model, so each segment of the graph runs once.
+
+A compression run used to re-run the whole compressed and the whole original model over the
+calibration set for every group. The cached-input pipeline (the shape of llm-compressor's
+sequential pipeline) keeps instead, per calibration batch, the values at the current *frontier*:
+the nodes already run whose results later nodes still read. Moving the frontier forward runs only
+the nodes between the old and the new cut. Values live in memory up to a byte limit and spill to
+memory-mapped files beyond it; they can be stored in half precision to halve that memory.
+"""
+from __future__ import annotations
+
+import operator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..errors import InputShapeError, MultinetError
+
+Env = dict[str, Any]  # node name -> value
+STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ActivationStore:
+    """Per-batch environments kept in memory up to ``limit_bytes``, then in memory-mapped files.
+
+    ``dtype`` (float16/bfloat16) stores floating tensors in half precision; they are read back in
+    the precision they had (a measured trade: half the memory, small input perturbations)."""
+
+    def __init__(self, limit_bytes: int | None = None, dtype: torch.dtype | None = None,
+                 directory: str | Path | None = None):
+        self.limit = limit_bytes
+        self.dtype = dtype
+        self.parent = Path(directory) if directory is not None else None
+        self._memory: dict[int, tuple[Env, dict[str, torch.dtype]]] = {}
+        self._files: dict[int, tuple[Path, dict[str, torch.dtype]]] = {}
+        self._dir: Path | None = None
+        self.bytes_in_memory = 0
+        self.spilled = 0  # environments written to disk so far (for reports and tests)
+
+    def put(self, index: int, env: Env) -> None:
+        self.discard(index)
+        stored, dtypes = self._encode(env)
+        size = _nbytes(stored)
+        if self.limit is not None and self.bytes_in_memory + size > self.limit:
+            path = self._directory() / f"batch-{index}.pt"
+            torch.save(stored, path)
+            self._files[index] = (path, dtypes)
+            self.spilled += 1
+            return
+        self._memory[index] = (stored, dtypes)
+        self.bytes_in_memory += size
+
+    def get(self, index: int) -> Env:
+        if index in self._memory:
+            stored, dtypes = self._memory[index]
+        else:
+            path, dtypes = self._files[index]
+            stored = torch.load(path, mmap=True, weights_only=True)
+        return {k: (v.to(dtypes[k]) if k in dtypes else v) for k, v in stored.items()}
+
+    def discard(self, index: int) -> None:
+        if index in self._memory:
+            self.bytes_in_memory -= _nbytes(self._memory.pop(index)[0])
+        if index in self._files:
+            self._files.pop(index)[0].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._memory.clear()
+        self._files.clear()
+        self.bytes_in_memory = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _encode(self, env: Env) -> tuple[Env, dict[str, torch.dtype]]:
+        if self.dtype is None:
+            return dict(env), {}
+        stored, dtypes = {}, {}
+        for k, v in env.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype:
+                stored[k], dtypes[k] = v.to(self.dtype), v.dtype
+            else:
+                stored[k] = v
+        return stored, dtypes
+
+    def _directory(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="multinet-frontier-", dir=self.parent))
+        return self._dir
+
+
+def _nbytes(env: Env) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(env) if isinstance(t, torch.Tensor))
+
+
+def _mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that write into their first argument: a cached value must not be changed under us."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        in_place_ops = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+        return bool(node.kwargs.get("inplace", False)) or node.target in in_place_ops
+    return False
+
+
+class _Stepper(fx.Interpreter):
+    """Runs single nodes of a GraphModule against an environment the caller holds."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.mutating = {n.name for n in gm.graph.nodes if _mutates_input(gm, n)}
+
+    def step(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        self.env = env
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        return getattr(self, node.op)(node.target, args, kwargs)
+
+
+class GraphRunner:
+    """One model's nodes in execution order, run segment by segment over cached environments.
+
+    ``run(env, start, stop)`` runs nodes ``start .. stop-1`` on a batch's environment and returns
+    the environment at ``stop``: only values that nodes at ``stop`` or later still read are kept.
+    ``watch`` hands the first input of chosen nodes to a callback as they are about to run."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        last: dict[str, int] = {}
+        for i, n in enumerate(gm.graph.nodes):
+            for used in n.all_input_nodes:
+                last[used.name] = i
+        self.last_use = last
+        self.stepper = _Stepper(gm)
+        self.end = len(self.nodes)
+
+    def start(self, batch) -> Env:
+        """The environment before the first node: the batch bound to the inputs."""
+        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        if len(inputs) != len(self.placeholders):
+            raise InputShapeError(f"the model takes {len(self.placeholders)} inputs, the batch has {len(inputs)}")
+        return {p.name: x for p, x in zip(self.placeholders, inputs)}
+
+    def run(self, env: Env, start: int, stop: int,
+            watch: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Env:
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        live = {nodes[k]: v for k, v in env.items()}
+        cached = set(live)  # values the caller keeps: an in-place op gets its own copy (copy on write)
+        watch = watch or {}
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            if node.name in self.stepper.mutating and node.args and node.args[0] in cached:
+                live[node.args[0]] = live[node.args[0]].clone()
+                cached.discard(node.args[0])
+            if node.name in watch:
+                first = node.all_input_nodes[0]
+                watch[node.name](live[first])
+            try:
+                live[node] = self.stepper.step(node, live)
+            except MultinetError:
+                raise
+            except Exception as exc:
+                raise InputShapeError(f"calibration batch does not fit the model at `{node.name}`: "
+                                      f"{str(exc).strip().splitlines()[0]}") from exc
+            for used in node.all_input_nodes:
+                if self.last_use.get(used.name, -1) <= i and used in live:
+                    del live[used]
+        return {n.name: v for n, v in live.items() if self.last_use.get(n.name, -1) >= stop}
+
+
+def call_positions(runner: GraphRunner, node_names: Iterable[str]) -> list[int]:
+    return sorted(runner.position[n] for n in node_names)

@@ -1,0 +1,322 @@
+"""Sequential compression from cached inputs: each segment of the graph runs about once per model.
+
+Groups are compressed one at a time in graph order (group id), each on the statistics of the model
+compressed so far against the original: the same least-squares problems as the full-pass reference
+path (two whole-model passes per group), computed from activations cached at a frontier instead.
+
+The model compressed so far is kept at full width while the frontier moves: a removed channel gets
+zero weight in every consumer (pass-through ops still carry its value, but nothing reads it), so node
+names, shapes and group ids never change and cached activations stay valid; its columns are taken
+out of later problems, which are then exactly the problems of the physically pruned model. One
+surgery at the end cuts every group.
+
+For group g (consumers called at nodes first(g) .. last(g)) and the frontier at F:
+  * both models run from F to last(g), the consumers' inputs feed the Gram and cross terms;
+  * g is solved and its consumers' weights are written into the full-width model;
+  * the frontier moves to the first consumer of the groups still to come; nodes before first(g) did
+    not change, so only the compressed model's nodes from first(g) on run again.
+A chain of layers therefore runs once per model; a residual stream, whose readers span a stage,
+costs one extra run of that stage.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..calib import consumer_specs, iterate_batches
+from ..calib.frontier import ActivationStore, GraphRunner
+from ..calib.stats import ConsumerStats, input_rows, warn_few_rows
+from ..errors import MultinetError
+from ..graph import ChannelGraph, prune, trace
+from ..runtime.progress import Bar
+from ..solve.problem import removed_columns
+from .group_problems import GroupSolution, solve_group
+
+
+@dataclass
+class PipelineStats:
+    """What a run cost, in nodes run per model (a whole forward pass = ``nodes`` each)."""
+
+    nodes: int = 0
+    compressed_nodes: int = 0
+    original_nodes: int = 0
+    spilled: int = 0
+    seconds: dict[str, float] | None = None
+
+    @property
+    def passes(self) -> float:
+        """Forward passes of one model over the calibration set the run amounted to (both models)."""
+        return (self.compressed_nodes + self.original_nodes) / max(self.nodes, 1)
+
+
+@dataclass
+class _Accumulator:
+    spec: object
+    ref_spec: object
+    stats: ConsumerStats | None = None
+
+
+def track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
+    """Which of each producer's original outputs are still there (consumers aim only at those)."""
+    kept = torch.tensor(keep)
+    table = graph.analysis.table
+    for space, offset in group.members:
+        sp = table.spaces[space]
+        if sp.kind != "producer":
+            continue
+        local = kept - offset
+        local = local[(local >= 0) & (local < sp.size)]
+        surviving[sp.owner] = surviving.get(sp.owner, torch.arange(sp.size))[local]
+
+
+def dead_columns(graph: ChannelGraph, name: str, removed: Mapping[int, list[int]]) -> torch.Tensor:
+    """Input columns of consumer ``name`` that earlier groups' removed channels occupy."""
+    gone = []
+    for gid, channels in removed.items():
+        if not channels:
+            continue
+        lost = torch.as_tensor(channels, dtype=torch.long)
+        for slot in graph.group(gid).consumers:
+            if slot.consumer == name:
+                blocks = slot.column_blocks()
+                gone.append(blocks[torch.isin(slot.channels, lost)].flatten())
+    return torch.unique(torch.cat(gone)) if gone else torch.zeros(0, dtype=torch.long)
+
+
+def _compact(stats: ConsumerStats, dead: torch.Tensor) -> tuple[ConsumerStats, torch.Tensor]:
+    """Statistics without the dead columns (the pruned model's problem), and full -> compact indices."""
+    keep = torch.ones(stats.gram.shape[0], dtype=torch.bool)
+    keep[dead] = False
+    index = torch.cumsum(keep.long(), 0) - 1
+    gram = stats.gram[keep][:, keep]
+    cross = stats.cross[keep] if stats.cross is not None else None
+    return ConsumerStats(gram, cross, stats.rows), index
+
+
+def _problem_rows(keep_rows: torch.Tensor, problem_size: int) -> torch.Tensor:
+    """Full-width row of each problem row: the kept input columns, then the bias row if it has one."""
+    return keep_rows.nonzero().flatten()[:problem_size]
+
+
+def write_full_width(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor],
+                     surviving: Mapping[str, torch.Tensor]) -> None:
+    """Consumers' re-solved weights into the full-width model: removed columns read zero weight."""
+    for p, w, (name, shape, has_bias, scale) in zip(solution.problems, solution.weights, solution.layout):
+        if scale is not None:
+            w = w / scale[None]
+        full = torch.zeros(keep_rows[name].numel(), w.shape[1], dtype=w.dtype)
+        full[_problem_rows(keep_rows[name], len(w))] = w
+        columns = keep_rows[name].numel() - 1  # the layer's input columns; the bias column is last
+        module = _module(gm, name)
+        weight = module.weight if module is not None else gm.get_parameter(name)
+        outputs = surviving.get(name, torch.arange(shape[0])).to(weight.device)
+        flat = weight.detach().flatten(1).clone()
+        flat[outputs] = full[:columns].T.to(flat)
+        weight.data = flat.reshape(weight.shape)
+        if has_bias:
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(shape[0], dtype=weight.dtype, device=weight.device))
+            bias = module.bias.detach().clone()
+            bias[outputs] = full[columns].to(bias)
+            module.bias.data = bias
+
+
+def zero_columns(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor]) -> None:
+    """Selection without reconstruction: the consumers only stop reading the removed channels."""
+    for p, (name, _, _, _) in zip(solution.problems, solution.layout):
+        gone = _problem_rows(keep_rows[name], p.gram.shape[0])[removed_columns(p, solution.removed)]
+        module = _module(gm, name)
+        weight = module.weight if module is not None else gm.get_parameter(name)
+        flat = weight.detach().flatten(1).clone()
+        flat[:, gone.to(weight.device)] = 0
+        weight.data = flat.reshape(weight.shape)
+
+
+def _module(gm: fx.GraphModule, name: str) -> nn.Module | None:
+    try:
+        module = gm.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Module) and hasattr(module, "weight") else None
+
+
+class SequentialPipeline:
+    """The cached-input run over one model: frontier, statistics, solves, and the final surgery."""
+
+    def __init__(self, original: ChannelGraph, data, *, batch_size: int, max_positions: int | None, damp: float,
+                 device: str, seed: int, memory_limit: int | None = None, store_dtype: torch.dtype | None = None,
+                 spill_dir=None, progress: bool = False):
+        self.original = original
+        self.work = copy.deepcopy(original.module).to(device).eval()
+        self.reference = copy.deepcopy(original.module).to(device).eval()
+        self.graph = replace(original, module=self.work)  # the original's analysis over the full-width model
+        self.cur = GraphRunner(self.work)
+        self.ref = GraphRunner(self.reference)
+        self.batches = list(iterate_batches(data, batch_size))
+        self.max_positions, self.damp, self.device, self.seed = max_positions, damp, device, seed
+        self.cur_store = ActivationStore(memory_limit, store_dtype, spill_dir)
+        self.ref_store = ActivationStore(memory_limit, store_dtype, spill_dir)
+        self.progress = progress
+        self.cost = PipelineStats(nodes=self.cur.end, seconds={"forward": 0.0, "statistics": 0.0, "solve": 0.0,
+                                                               "surgery": 0.0})
+        for i, batch in enumerate(self.batches):
+            self.cur_store.put(i, self.cur.start(batch.to(device)))
+            self.ref_store.put(i, self.ref.start(batch.to(device)))
+        self.position = 0  # both frontiers are at this node
+
+    def resume_from(self, work: fx.GraphModule) -> None:
+        """Continue a killed run: its full-width model after the last finished group; the frontier
+        starts again from the inputs."""
+        self.work = work.to(self.device).eval()
+        self.graph = replace(self.original, module=self.work)
+        self.cur = GraphRunner(self.work)
+
+    def close(self) -> None:
+        self.cost.spilled = self.cur_store.spilled + self.ref_store.spilled
+        self.cur_store.close()
+        self.ref_store.close()
+
+    # --- one group -------------------------------------------------------------------------
+
+    def span(self, group) -> tuple[int, int]:
+        specs = consumer_specs(self.original, group.consumer_names)
+        positions = [self.cur.position[n] for s in specs for n in s.nodes]
+        return min(positions), max(positions)
+
+    def statistics(self, group, seed: int, next_cut: int) -> tuple[dict[str, ConsumerStats], int]:
+        """Gram and cross terms of the group's consumers from the frontier; leaves both frontiers at
+        the furthest point that the group's solve cannot change. Returns the stats and that point."""
+        first, last = self.span(group)
+        cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
+        specs = {s.name: s for s in consumer_specs(self.original, group.consumer_names)}
+        nodes = {n: name for name, s in specs.items() for n in s.nodes}
+        acc = {name: _Accumulator(s, s) for name, s in specs.items()}
+        for b in range(len(self.batches)):
+            captured: dict[str, list] = {}
+            ref_captured: dict[str, list] = {}
+            watch = {n: (lambda x, name=name: captured.setdefault(name, []).append(x)) for n, name in nodes.items()}
+            ref_watch = {n: (lambda x, name=name: ref_captured.setdefault(name, []).append(x))
+                         for n, name in nodes.items()}
+            start = time.perf_counter()
+            env = self.cur_store.get(b)
+            snapshot = self._run(self.cur, env, self.position, cut, watch)
+            self._run(self.cur, snapshot, cut, last + 1, watch)
+            ref_env = self.ref_store.get(b)
+            if next_cut <= last + 1:
+                ref_snapshot = self._run(self.ref, ref_env, self.position, next_cut, ref_watch, reference=True)
+                self._run(self.ref, ref_snapshot, next_cut, last + 1, ref_watch, reference=True)
+            else:
+                ahead = self._run(self.ref, ref_env, self.position, last + 1, ref_watch, reference=True)
+                ref_snapshot = self._run(self.ref, ahead, last + 1, next_cut, {}, reference=True)
+            self.cost.seconds["forward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            self._accumulate(acc, captured, ref_captured, b, seed)
+            self.cost.seconds["statistics"] += time.perf_counter() - start
+            self.cur_store.put(b, snapshot)
+            self.ref_store.put(b, ref_snapshot)
+        stats = {name: a.stats for name, a in acc.items()}
+        missing = [name for name, s in stats.items() if s is None]
+        if missing:
+            raise MultinetError(f"consumers never ran on the calibration data: {missing}")
+        warn_few_rows(stats)
+        return stats, cut
+
+    def _accumulate(self, acc, captured, ref_captured, batch_index: int, seed: int) -> None:
+        gen_state = seed * 1_000_003 + batch_index * 101  # the positions the reference path samples
+        for name, inputs in captured.items():
+            a = acc[name]
+            for call, x in enumerate(inputs):
+                rows = input_rows(a.spec, x, self.max_positions, torch.Generator().manual_seed(gen_state + call))
+                if not torch.isfinite(rows).all():
+                    raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
+                ref_rows = input_rows(a.ref_spec, ref_captured[name][call], self.max_positions,
+                                 torch.Generator().manual_seed(gen_state + call))
+                part = ConsumerStats((rows.T @ rows).cpu(), (rows.T @ ref_rows).cpu(), rows.shape[0])
+                if a.stats is None:
+                    a.stats = part
+                else:
+                    a.stats.add(part)
+
+    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, reference: bool = False):
+        if stop <= start:
+            return env
+        ran = sum(1 for i in range(start, stop) if runner.nodes[i].op != "placeholder")
+        if reference:
+            self.cost.original_nodes += ran / len(self.batches)
+        else:
+            self.cost.compressed_nodes += ran / len(self.batches)
+        with torch.no_grad():
+            return runner.run(env, start, stop, watch)
+
+    def advance(self, cut: int, next_cut: int) -> None:
+        """After a solve: the compressed model's frontier runs from ``cut`` (unchanged by the solve)
+        to ``next_cut`` with the new weights; the original's is already there."""
+        start = time.perf_counter()
+        for b in range(len(self.batches)):
+            self.cur_store.put(b, self._run(self.cur, self.cur_store.get(b), cut, next_cut, {}))
+        self.cost.seconds["forward"] += time.perf_counter() - start
+        self.position = next_cut
+
+    # --- the whole run ---------------------------------------------------------------------
+
+    def run(self, requests: Mapping[int, int | list[int]], method: str, removed_so_far: dict[int, list[int]],
+            surviving: dict[str, torch.Tensor], on_group: Callable[[int, GroupSolution, float], None]
+            ) -> dict[int, list[int]]:
+        """Compress every requested group; ``on_group(gid, solution, seconds)`` after each one."""
+        order = [g for g in sorted(requests) if requests[g] and g not in removed_so_far]
+        firsts = {g: self.span(self.original.group(g))[0] for g in order}
+        removed = dict(removed_so_far)
+        self._bar = Bar(self.progress, len(order), f"{method}: groups")
+        try:
+            for i, gid in enumerate(order):
+                start_group = time.perf_counter()
+                group = self.original.group(gid)
+                request = requests[gid]
+                next_cut = min((firsts[h] for h in order[i + 1:]), default=self.cur.end)
+                stats, cut = self.statistics(group, self.seed + gid, next_cut)
+                start = time.perf_counter()
+                keep_rows, index_of = {}, {}
+                for name in list(stats):
+                    dead = dead_columns(self.original, name, removed)
+                    stats[name], index_of[name] = _compact(stats[name], dead)
+                    keep_rows[name] = torch.ones(len(index_of[name]), dtype=torch.bool)
+                    keep_rows[name][dead] = False
+                solution = self._solve(group, request, method, stats, surviving, index_of)
+                removed[gid] = sorted(solution.removed)
+                if solution.weights is not None:
+                    write_full_width(self.work, solution, keep_rows, surviving)
+                else:
+                    zero_columns(self.work, solution, keep_rows)
+                track_outputs(self.original, group, sorted(set(range(group.size)) - set(solution.removed)),
+                              surviving)
+                self.cost.seconds["solve"] += time.perf_counter() - start
+                self.advance(cut, next_cut)
+                on_group(gid, solution, time.perf_counter() - start_group)
+                self._bar.advance()
+        finally:
+            self._bar.close()
+            self._bar = None
+        return removed
+
+    _bar = None
+
+    def _solve(self, group, request, method: str, stats, surviving, index_of) -> GroupSolution:
+        n_remove = request if isinstance(request, int) else len(request)
+        preset = None if isinstance(request, int) else list(request)
+        return solve_group(self.graph, self.original, group, n_remove, method, stats, self.damp, self.device,
+                           self.seed + group.id, surviving, preset, column_index=index_of)
+
+    def finish(self, removed: Mapping[int, list[int]], example) -> fx.GraphModule:
+        """One surgery for every group: the full-width model with its removed channels cut."""
+        start = time.perf_counter()
+        keep = {g: sorted(set(range(self.original.group(g).size)) - set(r)) for g, r in removed.items() if r}
+        graph = trace(self.work, example)
+        pruned = prune(graph, keep) if keep else graph.module
+        self.cost.seconds["surgery"] += time.perf_counter() - start
+        return pruned

@@ -1,0 +1,124 @@
+"""The cached-input pipeline: the same problems, kept channels and model as the full-pass reference path."""
+import pytest
+import torch
+import torch.nn as nn
+
+import multinet
+from multinet import data, zoo
+from multinet.calib.frontier import ActivationStore, GraphRunner
+
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return data.load("digits").train_x[:256]
+
+
+def _compress(model, x, **kwargs):
+    return multinet.compress(model, x, max_positions=16, **kwargs)
+
+
+def _same(a, b, x, atol=1e-4):
+    assert [g.group for g in a.groups] == [g.group for g in b.groups]
+    assert [g.removed for g in a.groups] == [g.removed for g in b.groups]  # same channels kept
+    assert a.flops_after == b.flops_after and a.params_after == b.params_after
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(x), b.model(x), atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "mobilenet", "densenet"])
+def test_pipeline_equals_the_full_pass_reference_on_the_zoo(name, calib):
+    reference = _compress(zoo.create(name), calib, ratio=0.5, mode="reference")
+    pipeline = _compress(zoo.create(name), calib, ratio=0.5)
+    _same(pipeline, reference, calib[:64])
+    assert pipeline.cost is not None and reference.cost is None
+
+
+class Stage(nn.Module):
+    """A residual stream read by three blocks and a head: its readers span every other group's layers."""
+
+    def __init__(self, width=12, hidden=10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(width, hidden, 3, padding=1), nn.ReLU(),
+                                                  nn.Conv2d(hidden, width, 3, padding=1)) for _ in range(3))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(torch.relu(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_residual_stream_spanning_segments_equals_the_reference(calib):
+    torch.manual_seed(0)
+    model = Stage().eval()
+    graph = multinet.trace(model, calib[:1])
+    stream = graph.group_of_layer("stem")
+    assert stream.prunable and len(stream.consumer_names) == 4  # three blocks and the head read it
+    ratios = {g.id: 0.4 for g in graph.prunable_groups}
+    reference = _compress(model, calib, ratio=ratios, mode="reference")
+    pipeline = _compress(model, calib, ratio=ratios)
+    _same(pipeline, reference, calib[:64])
+    # the stream's stage runs once more for its statistics; everything else once per model
+    assert pipeline.cost.passes < 4
+
+
+def test_spilled_and_half_precision_frontiers(calib):
+    in_memory = _compress(zoo.create("vgg"), calib, ratio=0.5)
+    spilled = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_memory=0)
+    _same(spilled, in_memory, calib[:64], atol=0)
+    assert spilled.cost.spilled > 0 and in_memory.cost.spilled == 0
+    half = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_dtype="bfloat16")
+    split = data.load("digits")
+    accuracy = [data.accuracy(r.model, split.test_x, split.test_y) for r in (in_memory, half)]
+    assert abs(accuracy[0] - accuracy[1]) <= 0.02  # measured in benchmarks/scale.py; here: it runs and stays close
+
+
+def test_budgets_and_plans_run_through_the_pipeline(calib):
+    budget = multinet.Budget(flops=0.5)
+    pipeline = _compress(zoo.create("resnet"), calib, budget=budget)
+    reference = _compress(zoo.create("resnet"), calib, budget=budget, mode="reference")
+    _same(pipeline, reference, calib[:64])
+    assert pipeline.plan.measured_error == pytest.approx(reference.plan.measured_error, rel=1e-3, abs=1e-6)
+
+
+def test_activation_store_round_trips_in_memory_on_disk_and_in_half_precision(tmp_path):
+    env = {"x": torch.randn(4, 3), "size": torch.Size([4, 3]), "n": 7}
+    for limit, dtype in [(None, None), (0, None), (0, torch.float16), (None, torch.bfloat16)]:
+        store = ActivationStore(limit, dtype, tmp_path)
+        store.put(0, env)
+        back = store.get(0)
+        assert back["size"] == env["size"] and back["n"] == 7 and back["x"].dtype == torch.float32
+        tolerance = 0 if dtype is None else 1e-2
+        torch.testing.assert_close(back["x"], env["x"], atol=tolerance, rtol=tolerance)
+        assert (store.spilled > 0) == (limit == 0)
+        store.close()
+    assert not list(tmp_path.iterdir())  # spill files go with the store
+
+
+def test_segments_run_once_reproduce_the_forward_pass():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(self.act(h)) + h.sum(1, keepdim=True)  # h is read after an in-place op
+
+    model = InPlace().eval()
+    gm = torch.fx.symbolic_trace(model)
+    runner = GraphRunner(gm)
+    x = torch.randn(8, 5)
+    env = runner.start(x)
+    middle = len(runner.nodes) // 2
+    env = runner.run(env, 0, middle)
+    kept = {k: v.clone() for k, v in env.items() if isinstance(v, torch.Tensor)}
+    env = runner.run(env, middle, runner.end)
+    for k, v in kept.items():
+        assert torch.equal(v, runner.run(runner.start(x), 0, middle)[k])  # cached values were not mutated
+    out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0].name
+    torch.testing.assert_close(env[out_node], model(x))
