@@ -43,6 +43,9 @@ def test_conv_gram_matches_explicit_im2col(setup):
                 rows.append(torch.cat([patch, torch.ones(1)]))
     x_b = torch.stack(rows).double()
     torch.testing.assert_close(stats["b"].gram, x_b.T @ x_b)
+    # the faster option: one float32 GEMM per batch summed in float64 (float32 rounding)
+    fast = collect(graph.module, consumer_specs(graph, ["b"]), x, batch_size=3, precision=torch.float32)
+    torch.testing.assert_close(fast["b"].gram, x_b.T @ x_b, rtol=1e-5, atol=1e-5)
     assert stats["b"].rows == 90
     # and the layer's weights multiply those columns: X @ W^T reproduces the conv output
     out = x_b[:, :-1].float() @ model.b.weight.flatten(1).T + model.b.bias
@@ -59,6 +62,9 @@ def test_statistics_are_additive_and_bounded(setup):
     first, second = collect(graph.module, specs, x[:4])["b"], collect(graph.module, specs, x[4:])["b"]
     first.add(second)
     torch.testing.assert_close(first.gram, whole.gram)
+    fast = [collect(graph.module, specs, part, precision=torch.float32)["b"] for part in (x, x[:4], x[4:])]
+    fast[1].add(fast[2])
+    torch.testing.assert_close(fast[1].gram, fast[0].gram, rtol=1e-6, atol=1e-6)  # other batches, float32 sums
     more = collect(graph.module, specs, torch.cat([x, x, x]))["b"]
     assert more.gram.shape == whole.gram.shape  # memory does not grow with the samples
 

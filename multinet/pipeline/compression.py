@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..calib import consumer_specs, iterate_batches
+from ..calib import batches, consumer_specs, iterate_batches
 from ..calib.sharded import collect_on
 from ..errors import MultinetError
 from ..runtime.devices import resolve_device
@@ -137,7 +137,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
     if budget is not None:
         check_schedule(schedule)
-    example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]  # FLOPs per example
+    example = example_inputs(model, calibration_data, batch_size)  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
     executor = resolve_executor(executor)
     settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed,
@@ -182,6 +182,12 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
                           plan, cost)
+
+
+def example_inputs(model: nn.Module, data, batch_size: int) -> tuple:
+    """The first calibration sample as the model's positional inputs (a dict batch bound by name)."""
+    first = batches.take(next(iter(iterate_batches(data, batch_size))), 0, 1)
+    return batches.as_args(first, batches.input_names(model))
 
 
 def _pipeline_applies(original: ChannelGraph, requests, mode: str, executor) -> bool:

@@ -30,8 +30,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..calib import consumer_specs, iterate_batches
+from ..calib import batches
 from ..calib.frontier import ActivationStore, GraphRunner
-from ..calib.stats import ConsumerStats, input_rows, warn_few_rows
+from ..calib.stats import BatchGrams, ConsumerStats, warn_few_rows
 from ..errors import MultinetError
 from ..graph import ChannelGraph, prune, trace
 from ..runtime.progress import Bar
@@ -165,9 +166,11 @@ class SequentialPipeline:
         self.progress = progress
         self.cost = PipelineStats(nodes=self.cur.end, seconds={"forward": 0.0, "statistics": 0.0, "solve": 0.0,
                                                                "surgery": 0.0})
+        names = [p.name for p in self.cur.placeholders]
+        self.masks = [batches.padding_mask(batches.to_device(b, device), names) for b in self.batches]
         for i, batch in enumerate(self.batches):
-            self.cur_store.put(i, self.cur.start(batch.to(device)))
-            self.ref_store.put(i, self.ref.start(batch.to(device)))
+            self.cur_store.put(i, self.cur.start(batches.to_device(batch, device)))
+            self.ref_store.put(i, self.ref.start(batches.to_device(batch, device)))
         self.position = 0  # both frontiers are at this node
 
     def resume_from(self, work: fx.GraphModule) -> None:
@@ -228,16 +231,13 @@ class SequentialPipeline:
         return stats, cut
 
     def _accumulate(self, acc, captured, ref_captured, batch_index: int, seed: int) -> None:
-        gen_state = seed * 1_000_003 + batch_index * 101  # the positions the reference path samples
+        grams = BatchGrams(self.max_positions, seed * 1_000_003 + batch_index * 101,  # the reference's positions
+                           mask=self.masks[batch_index])
         for name, inputs in captured.items():
             a = acc[name]
             for call, x in enumerate(inputs):
-                rows = input_rows(a.spec, x, self.max_positions, torch.Generator().manual_seed(gen_state + call))
-                if not torch.isfinite(rows).all():
-                    raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
-                ref_rows = input_rows(a.ref_spec, ref_captured[name][call], self.max_positions,
-                                 torch.Generator().manual_seed(gen_state + call))
-                part = ConsumerStats((rows.T @ rows).cpu(), (rows.T @ ref_rows).cpu(), rows.shape[0])
+                part = grams.stats(name, a.spec, x, call, a.ref_spec, ref_captured[name][call])
+                part.gram, part.cross = part.gram.cpu(), part.cross.cpu()
                 if a.stats is None:
                     a.stats = part
                 else:
