@@ -38,6 +38,7 @@ from multinet.zoo.models import MODELS
 from multinet.zoo.train import fit
 
 RESULTS = Path(__file__).parent / "results"
+COMMAND = "python benchmarks/unify.py"
 TASKS = {"digit": (lambda y: y, 10), "parity": (lambda y: y % 2, 2)}
 SETS = {
     "mlp-seeds": [("mlp", "digit", 0), ("mlp", "digit", 1)],
@@ -46,6 +47,7 @@ SETS = {
     "vgg-tasks": [("vgg", "digit", 0), ("vgg", "parity", 0)],
     "vgg+resnet": [("vgg", "digit", 0), ("resnet", "parity", 0)],
     "vgg+mlp": [("vgg", "digit", 0), ("mlp", "parity", 0)],
+    "mixed-triple": [("vgg", "digit", 0), ("resnet", "parity", 0), ("mlp", "digit", 1)],
 }
 
 
@@ -174,23 +176,23 @@ def run_set(name: str, split, calib, budgets) -> list[dict]:
             row["unified_flops"] = u.costs_after["total"]["flops"] / total
             row["unified_s"] = time.perf_counter() - start
             row["bridges"] = len(u.bridges)
+            row["chosen"] = u.chosen
             row["unified_ms"] = batch_ms(lambda: u.model(split.test_x[:256]))
+            reverse = multinet.unify(dict(reversed(list(models.items()))), calib, budget=Budget(flops=frac))
+            with torch.no_grad():
+                row["reversed"] = accuracies(reverse.model(split.test_x), labels)
         except BudgetError as exc:
-            row["unified"], row["note_unified"] = None, str(exc)
-        sep, sep_flops, small = {}, 0, []
-        for k, m in models.items():
-            try:
-                r = multinet.compress(m, calib, budget=Budget(flops=frac))
+            u, row["unified"], row["note_unified"] = None, None, str(exc)
+        # separate: every model compressed on its own to the same fraction (unify computes it as its baseline)
+        sep = {k: None for k in models}
+        if u is not None:
+            for k, r in u.separate.items():
                 with torch.no_grad():
                     sep[k] = accuracies({k: r.model(split.test_x)}, {k: labels[k]})[k]
-                sep_flops += r.flops_after
-                small.append(r.model)
-            except BudgetError:
-                sep[k] = None
         row["separate"] = sep if all(v is not None for v in sep.values()) else None
-        row["separate_flops"] = sep_flops / total if row["separate"] else None
         if row["separate"]:
-            row["separate_ms"] = batch_ms(lambda: [m(split.test_x[:256]) for m in small])
+            row["separate_flops"] = sum(r.flops_after for r in u.separate.values()) / total
+            row["separate_ms"] = batch_ms(lambda: [r.model(split.test_x[:256]) for r in u.separate.values()])
         row["original_ms"] = batch_ms(lambda: [m(split.test_x[:256]) for m in models.values()])
         if all(a == "mlp" for a, _, _ in spec):
             z = zipit(models, calib, frac)
@@ -215,32 +217,40 @@ def batch_ms(fn, repeats: int = 21) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | FLOPs budget | model | original | unified | separate REAP | ZipIt!-style |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | FLOPs budget | model | original | unified | unified, list reversed | kept | separate REAP | "
+             "ZipIt!-style |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for k, b in r["base"].items():
             u = r["unified"][k] if r.get("unified") else None
+            rev = r["reversed"][k] if r.get("reversed") else None
+            kept = r.get("chosen", {}).get(k, "—")
             s = r["separate"][k] if r.get("separate") else None
             z = r["zipit"][k] if r.get("zipit") else None
             cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-            lines.append(f"| {r['set']} | {r['budget']:.0%} | {k} | {b:.3f} | {cell(u)} | {cell(s)} | {cell(z)} |")
+            lines.append(f"| {r['set']} | {r['budget']:.0%} | {k} | {b:.3f} | {cell(u)} | {cell(rev)} | {kept} | {cell(s)} | "
+                         f"{cell(z)} |")
     return "\n".join(lines)
 
 
 def goals(rows: list[dict]) -> str:
-    """The issue's goals, checked on the rows: never worse than separate; where separate loses
-    >= 15 pts unified loses <= 5; the fewest FLOPs with <= 1 pt lost on every model."""
-    lines = ["| set | budgets where unified < separate − 1 image (model: pts) | separate loses ≥ 15 pts: unified loss | "
-             "fewest FLOPs with ≤ 1 pt lost on every model: unified / separate |", "|---|---|---|---|"]
+    """The issue's goals, checked on the rows: unified >= separate - 0.3 pt for every model; the
+    list's order changes no accuracy by more than 0.5 pt; where separate loses >= 15 pts unified
+    loses <= 5; and the fewest FLOPs with <= 1 pt lost on every model."""
+    lines = ["| set | unified < separate − 0.3 pt (budget model: pts) | order changes accuracy > 0.5 pt | "
+             "separate loses ≥ 15 pts: unified loss | fewest FLOPs with ≤ 1 pt lost on every model: unified / "
+             "separate |", "|---|---|---|---|---|"]
     for name in dict.fromkeys(r["set"] for r in rows):
         mine = [r for r in rows if r["set"] == name]
-        worse, collapse = [], []
+        worse, order, collapse = [], [], []
         for r in mine:
             if not (r.get("unified") and r.get("separate")):
                 continue
             for k, base in r["base"].items():
                 gap = r["unified"][k] - r["separate"][k]
-                if gap < -1 / 360 - 1e-9:
+                if gap < -0.003 - 1e-9:
                     worse.append(f"{r['budget']:.0%} {k}: {100 * gap:+.1f}")
+                if r.get("reversed") and abs(r["reversed"][k] - r["unified"][k]) > 0.005 + 1e-9:
+                    order.append(f"{r['budget']:.0%} {k}: {100 * (r['reversed'][k] - r['unified'][k]):+.1f}")
                 if base - r["separate"][k] >= 0.15:
                     collapse.append(f"{r['budget']:.0%} {k}: {100 * (base - r['unified'][k]):.1f} (sep. "
                                     f"{100 * (base - r['separate'][k]):.1f})")
@@ -250,8 +260,8 @@ def goals(rows: list[dict]) -> str:
                   and all(r["base"][k] - r[method][k] <= 0.01 + 1e-9 for k in r["base"])]
             return f"{min(ok):.0%}" if ok else "—"
 
-        lines.append(f"| {name} | {'; '.join(worse) or 'none'} | {'; '.join(collapse) or 'not reached'} | "
-                     f"{fewest('unified')} / {fewest('separate')} |")
+        lines.append(f"| {name} | {'; '.join(worse) or 'none'} | {'; '.join(order) or 'none'} | "
+                     f"{'; '.join(collapse) or 'not reached'} | {fewest('unified')} / {fewest('separate')} |")
     return "\n".join(lines)
 
 
@@ -285,6 +295,9 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25, 0.15, 0.08, 0.04, 0.02, 0.01])
     parser.add_argument("--replot", action="store_true", help="rewrite the tables and plot from results/unify.json")
     args = parser.parse_args()
+    global COMMAND
+    COMMAND = "python benchmarks/unify.py" + ("" if args.replot else f" --sets {' '.join(args.sets)} --budgets "
+                                                                    f"{' '.join(map(str, args.budgets))}")
     warnings.filterwarnings("ignore")
     if args.replot:
         rows = json.loads((RESULTS / "unify.json").read_text())["rows"]
@@ -299,7 +312,7 @@ def main() -> None:
                        "original models one after another ms |", "|---|---|---|---|---|"] + [
         f"| {r['set']} | {r['budget']:.0%} | {r.get('unified_ms', float('nan')):.2f} | "
         f"{r.get('separate_ms', float('nan')):.2f} | {r['original_ms']:.2f} |" for r in rows])
-    text = ("# Neuro Unification (digits, no fine-tuning)\n\nCommand: `python benchmarks/unify.py`\n\n## Goals\n\n"
+    text = ("# Neuro Unification (digits, no fine-tuning)\n\nCommand: `" + COMMAND + "`\n\n## Goals\n\n"
             + goals(rows) + "\n\n## Accuracy per model\n\n" + table(rows)
             + "\n\n## Inference of 256 images (median of 21 runs)\n\n" + speed + "\n")
     (RESULTS / "unify.md").write_text(text)

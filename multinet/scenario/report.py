@@ -82,7 +82,7 @@ def plot(report: dict, path: Path) -> None:
         for name, res in step.get("models", {}).items():
             bars += [(f"{name}:{g['group']}", g["channels_before"], g["channels_after"]) for g in res["groups"]]
         if step["kind"] == "unify":
-            for g in step["unified"]["plan"]["groups"]:
+            for g in (step["unified"].get("plan") or {}).get("groups", []):  # None: every model kept its separate result
                 bars.append((f"{g['producers'][0].split('.')[0]}:{g['group']}", g["size"], g["size"] - len(g["removed"])))
     if bars:
         labels, full, kept = zip(*bars)

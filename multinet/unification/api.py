@@ -1,4 +1,20 @@
-"""``multinet.unify``: several models on one input -> one network that computes what they share once."""
+"""``multinet.unify``: several models on one input -> one network that computes what they share once.
+
+The search, in four steps (each member's own output error stays in the objective throughout):
+
+1. Members are put in a canonical order (a digest of their weights), so the list order the user
+   gives changes nothing but the names and the order of the outputs.
+2. Every linkable layer of every member is scored against every other member's layer inputs by
+   least-squares R² on the calibration data (see similarity.py); each layer keeps its best source
+   above ``min_r2``, in both directions between members, without cycles (bridges.py).
+3. Members joined by links are unified (one MultiNet, REAP under one schedule) at the budget's
+   fraction of *their* FLOPs; a member with no links is compressed on its own, which is exactly
+   separate compression.
+4. Separate compression of each member at the same fraction is computed too, and a unified member
+   whose final-output error on the evaluation samples is above its separate one (by more than
+   ``tolerance``, relative) falls back to its separate compression; the others are unified again
+   without it. So no member pays for another's gain: never worse than separate, by construction.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -10,14 +26,18 @@ from ..calib import collect, consumer_specs, iterate_batches
 from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
-from ..schedule import Budget, Plan
-from .bridges import Bridge, add_bridges, links_of
-from .multinet import MultiNet, model_costs, named_models, surviving_links
+from ..schedule import Budget, BudgetError, Plan
+from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
+from .bridges import Bridge, add_bridges, choose_links, links_of
+from .multinet import MultiNet, combine, model_costs, named_models, surviving_links
+from .similarity import Candidate, canonical_order, linkable_layers, score_candidates
+
+MIN_R2 = 0.5  # a layer reads another member only where that member explains at least half its input
 
 
 @dataclass
 class Match:
-    """A removed channel of a later model and the earlier model's channel that best stands in for it."""
+    """A removed channel of one member and the other member's channel that best stands in for it."""
 
     model: str
     layer: str  # the layer that read the removed channel (it now reads the other model's channels)
@@ -34,66 +54,237 @@ class Match:
 class Unified:
     model: MultiNet  # forward(x) -> {model name: output}; its links are the bridges that survived
     names: list[str]
-    bridges: list[Bridge]
+    bridges: list[Bridge]  # the links of the members that stayed unified
     costs_before: dict[str, dict[str, int]]  # per model, "shared" and "total": flops and params
     costs_after: dict[str, dict[str, int]]
-    plan: Plan | None
+    plan: Plan | None  # the schedule of the largest unified part (None when every member is separate)
     matches: list[Match] = field(default_factory=list)
     channels: dict[str, int] = field(default_factory=dict)  # per model: channels of its groups before unification
-    result: CompressResult | None = field(default=None, repr=False)
+    result: CompressResult | None = field(default=None, repr=False)  # the largest unified part's compression
+    channels_after: dict[str, tuple[int, int]] = field(default_factory=dict)  # per model: (channels, groups) after
+    chosen: dict[str, str] = field(default_factory=dict)  # per model: "unified" or "separate"
+    errors: dict[str, dict[str, float | None]] = field(default_factory=dict)  # per model: unified/separate error
+    candidates: list[Candidate] = field(default_factory=list)  # every scored link (R²), chosen or not
+    unlinkable: dict[str, str] = field(default_factory=dict)  # weighted layers no link may target, and why
+    separate: dict[str, CompressResult] = field(default_factory=dict, repr=False)  # each model compressed alone
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        for key in ("model", "result"):
-            out.pop(key)
+        skip = {"model", "result", "separate"}
+        out = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in vars(self).items()
+               if k not in skip}
+        for key in ("bridges", "matches", "candidates"):
+            out[key] = [asdict(v) for v in getattr(self, key)]
         out["summary"] = self.summary()
         return out
 
     def summary(self) -> list[dict]:
-        """Per model: FLOPs before -> after, channels of its groups (all of them, outputs included) before ->
-        after, groups removed entirely, and how many of its channels another model stands in for."""
+        """Per model: FLOPs before -> after, channels of its groups (outputs included) before -> after,
+        groups removed entirely, how many of its channels another model stands in for, whether it
+        stayed unified or fell back to its separate compression, and both final-output errors."""
         rows = []
-        groups = self.plan.groups if self.plan else []
         for name in self.names:
-            mine = [g for g in groups if g.producers and all(p.startswith(f"{name}.") for p in g.producers)]
             before = self.channels.get(name, 0)
+            after, groups_removed = self.channels_after.get(name, (before, 0))
+            errors = self.errors.get(name, {})
             rows.append(dict(
                 model=name, flops_before=self.costs_before[name]["flops"], flops_after=self.costs_after[name]["flops"],
-                channels_before=before, channels_after=before - sum(len(g.removed) for g in mine),
-                groups_removed=sum(1 for g in mine if g.kept == 0),
+                channels_before=before, channels_after=after, groups_removed=groups_removed,
                 replaced_by_other_models=sum(1 for m in self.matches if m.model == name and m.other_channel >= 0),
+                chosen=self.chosen.get(name, "unified"), error=errors.get("unified"),
+                separate_error=errors.get("separate"),
             ))
         rows.append(dict(model="shared", flops_before=self.costs_before["shared"]["flops"],
                          flops_after=self.costs_after["shared"]["flops"]))
         return rows
 
 
+@dataclass
+class _Part:
+    """Members unified together: their MultiNet, the bridged graph it came from, and its compression."""
+
+    members: list[str]
+    model: MultiNet
+    bridged: fx.GraphModule
+    bridges: list[Bridge]
+    result: CompressResult
+
+
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
-          batch_size: int = 128, **compress_options) -> Unified:
+          batch_size: int = 128, min_r2: float = MIN_R2, tolerance: float = 0.0, eval_samples: int = 1024,
+          **compress_options) -> Unified:
     """Merge models that read the same input into one MultiNet and compress it to ``budget``.
 
-    ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget, or a FLOPs
-    fraction of all the models together. Each later model's layers may read earlier models'
-    channels (bridges found from shapes); the schedule then decides, with REAP, which channels of
-    every model to remove, and a later model's channels that earlier ones can stand in for go
-    away entirely. ``compress_options`` are passed to :func:`multinet.compress`.
+    ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget (FLOPs or
+    parameters), or a FLOPs fraction of all the models together. A member's layer reads another
+    member's tensor where that explains at least ``min_r2`` of its input (least squares on the
+    calibration data); the schedule then decides, with REAP, which channels of every member to
+    remove. Every member is also compressed on its own to the same fraction, and keeps that
+    separate result when unification would give it a larger final-output error (relative slack
+    ``tolerance``). The result does not depend on the order of ``models``. ``compress_options``
+    are passed to :func:`multinet.compress`.
     """
     named = named_models(models)
-    if not isinstance(budget, Budget):
-        budget = Budget(flops=budget)
+    budget = _checked(budget)
     example = example_inputs
     if example is None:
         example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]
-    net = MultiNet(named, example)
-    bridged, bridges = add_bridges(net, example)
-    result = compress(bridged, calibration_data, budget=_relative_to(budget, net.graph_module, bridged),
-                      schedule=schedule, batch_size=batch_size, **compress_options)
-    model = MultiNet.from_graph(result.model, list(named), surviving_links(links_of(bridges), result.model))
-    matches = _matches(bridged, bridges, result.plan, calibration_data, example, batch_size)
-    channels = {name: sum(g.size for g in trace(net.graph_module, example).groups
-                          if g.producers and all(p.startswith(f"{name}.") for p in g.producers)) for name in named}
-    return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example), result.plan, matches,
-                   channels, replace(result, model=model))
+    order = canonical_order(named)
+    net = MultiNet({n: named[n] for n in order}, example)
+    graph = trace(net.graph_module, example)
+    targets, unlinkable = {}, {}
+    for member in order:
+        ok, why = linkable_layers(graph, net.graph_module, member)
+        targets[member] = list(ok)
+        unlinkable.update(why)
+    candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size)
+    rank = {m: i for i, m in enumerate(order)}
+
+    def links_among(members: list[str]) -> list[Candidate]:
+        mine = [c for c in candidates if c.model in members and c.source in members]
+        return choose_links(net.graph_module, mine, rank, min_r2)
+
+    options = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **compress_options)
+    inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+    reference = member_outputs(net, inputs)
+    separate = {m: _separate(m, named[m], calibration_data, budget, example, options) for m in order}
+    errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
+              for m, s in separate.items()}
+    parts = _unified_parts(named, order, links_among, calibration_data, budget, example, options, inputs, reference,
+                           separate, errors, tolerance)
+    together = {m for p in parts for m in p.members}
+    alone = [m for m in order if m not in together]
+    for m in alone:
+        if separate[m] is None:
+            raise BudgetError(f"model {m!r} cannot be compressed to this budget on its own, and no link to another "
+                              f"model helps it")
+    model = combine([p.model for p in parts] + [separate[m][0] for m in alone], list(named))
+    bridges = [b for p in parts for b in p.bridges]
+    matches = [m for p in parts for m in _matches(p.bridged, p.bridges, p.result.plan, calibration_data, example,
+                                                   batch_size)]
+    largest = max(parts, key=lambda p: len(p.members), default=None)
+    return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example),
+                   largest.result.plan if largest else None, matches, _channels(net, example, list(named)),
+                   replace(largest.result, model=largest.model) if largest else None,
+                   _channels_after(net, model, example, list(named)),
+                   {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
+                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s})
+
+
+def _checked(budget) -> Budget:
+    if not isinstance(budget, Budget):
+        budget = Budget(flops=budget)
+    if budget.metric == "latency":
+        raise BudgetError("unify takes a FLOPs or parameter budget: a latency budget does not split per model")
+    if hasattr(budget.min_channels, "keys"):
+        raise BudgetError("unify takes min_channels as one number: group ids differ between the models apart and "
+                          "together")
+    return budget
+
+
+def _budget_for(budget: Budget, members: list[str], everyone: list[str], strip: bool = False) -> Budget:
+    """The budget for some members: ignore patterns of other members dropped (and for a model
+    compressed on its own, ``strip``, its name prefix removed)."""
+    ignore = []
+    for pattern in budget.ignore:
+        owner = next((m for m in everyone if pattern.startswith(f"{m}.")), None)
+        if owner is None:
+            ignore.append(pattern)
+        elif owner in members:
+            ignore.append(pattern[len(owner) + 1:] if strip else pattern)
+    return replace(budget, ignore=tuple(ignore))
+
+
+def _separate(name: str, model, data, budget: Budget, example, options) -> tuple[MultiNet, CompressResult] | None:
+    """The member compressed on its own to the same fraction (None when it cannot reach it)."""
+    try:
+        result = compress(model, data, budget=_budget_for(budget, [name], [name], strip=True), **options)
+    except BudgetError:
+        return None
+    return MultiNet({name: result.model}, example), result
+
+
+def _unified_parts(named, order, links_among, data, budget, example, options, inputs, reference, separate, errors,
+                   tolerance) -> list[_Part]:
+    """Unify each linked set of members; a member that ends worse than on its own leaves its set,
+    and the rest are unified again without it, with links chosen again among them."""
+    links = links_among(order)
+    pending = [c for c in _components(order, links) if len(c) > 1]
+    accepted = []
+    while pending:
+        members = pending.pop(0)
+        mine = [lk for lk in links if lk.model in members and lk.source in members]
+        try:
+            part = _unify_part(named, members, mine, data, _budget_for(budget, members, order), example, options)
+        except BudgetError:
+            continue  # every member of the set stays separate
+        got = member_errors(part.model, inputs, reference)
+        losers = [m for m in members if errors[m]["separate"] is not None
+                  and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
+        for m in members:
+            errors[m]["unified"] = got[m]
+        if not losers:
+            accepted.append(part)
+            continue
+        rest = [m for m in members if m not in losers]
+        links = [lk for lk in links if lk.model not in members or lk.source not in members] + links_among(rest)
+        pending += [c for c in _components(rest, links) if len(c) > 1]
+    return accepted
+
+
+def _components(members: list[str], links: list[Candidate]) -> list[list[str]]:
+    """Members joined (in either direction) by links, each set in canonical order."""
+    root = {m: m for m in members}
+
+    def find(m):
+        while root[m] != m:
+            m = root[m]
+        return m
+
+    for lk in links:
+        if lk.model in root and lk.source in root:
+            root[find(lk.model)] = find(lk.source)
+    sets: dict[str, list[str]] = {}
+    for m in members:
+        sets.setdefault(find(m), []).append(m)
+    return list(sets.values())
+
+
+def _unify_part(named, members: list[str], links: list[Candidate], data, budget: Budget, example, options) -> _Part:
+    net = MultiNet({m: named[m] for m in members}, example)
+    bridged, bridges = add_bridges(net, example, links)
+    result = compress(bridged, data, budget=_relative_to(budget, net.graph_module, bridged), **options)
+    model = MultiNet.from_graph(result.model, members, surviving_links(links_of(bridges), result.model))
+    return _Part(members, model, bridged, bridges, result)
+
+
+def member_outputs(net: MultiNet, inputs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Per member, its outputs over the evaluation batches (float64, one matrix per output)."""
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        batches = [net(x.to(device)) for x in inputs]
+    return {m: [torch.cat(col) for col in zip(*(output_parts(b[m]) for b in batches))] for m in net.members}
+
+
+def member_errors(net: MultiNet, inputs, reference: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each member's relative squared error at its own outputs (what "never worse" compares)."""
+    outs = member_outputs(net, inputs)
+    return {m: output_error(outs[m], reference[m]) for m in outs}
+
+
+def _member_groups(graph, name: str) -> list:
+    return [g for g in graph.groups if g.producers and all(p.startswith(f"{name}.") for p in g.producers)]
+
+
+def _channels(net: MultiNet, example, names: list[str]) -> dict[str, int]:
+    graph = trace(net.graph_module, example)
+    return {n: sum(g.size for g in _member_groups(graph, n)) for n in names}
+
+
+def _channels_after(net: MultiNet, model: MultiNet, example, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Per member: channels of its groups after, and how many of its groups are gone entirely."""
+    before, after = trace(net.graph_module, example), trace(model.graph_module, example)
+    return {n: (sum(g.size for g in _member_groups(after, n)),
+                len(_member_groups(before, n)) - len(_member_groups(after, n))) for n in names}
 
 
 def compress_multinet(net: MultiNet, calibration_data, **options) -> CompressResult:
@@ -111,8 +302,6 @@ def compress_multinet(net: MultiNet, calibration_data, **options) -> CompressRes
 def _relative_to(budget: Budget, net: fx.GraphModule, bridged: fx.GraphModule) -> Budget:
     """The budget is a fraction of the models as given; bridges widen layers (zero weights), so
     the same absolute cost is a smaller fraction of the bridged network."""
-    if budget.metric == "latency":
-        return budget
     before, after = count(net), count(bridged)
     key = budget.metric
     fraction = getattr(budget, key) * getattr(before, key) / getattr(after, key)
@@ -121,13 +310,13 @@ def _relative_to(budget: Budget, net: fx.GraphModule, bridged: fx.GraphModule) -
 
 def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, data, example,
              batch_size: int) -> list[Match]:
-    """For every channel a bridged layer lost, the earlier model's channel with the best affine fit."""
+    """For every channel a bridged layer lost, the other member's channel with the best affine fit."""
     if plan is None or not bridges:
         return []
     graph = trace(bridged, example)
     removed = plan.removals()
     lost: dict[str, list[tuple[int, int]]] = {}  # bridged layer -> [(position, column)] of its own lost inputs
-    gone_sources: dict[str, set[int]] = {}  # bridged layer -> positions of earlier models' removed channels
+    gone_sources: dict[str, set[int]] = {}  # bridged layer -> positions of other members' removed channels
     by_name = {b.consumer: b for b in bridges}
     for gid, channels in removed.items():
         for slot in graph.group(gid).consumers:
@@ -139,7 +328,7 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
             for pos, cols in zip(slot.positions[gone].tolist(), slot.column_blocks()[gone]):
                 if pos >= shared:
                     lost.setdefault(slot.consumer, []).append((pos, int(cols[centre])))
-                else:  # the earlier model lost it too: it cannot stand in
+                else:  # the other member lost it too: it cannot stand in
                     gone_sources.setdefault(slot.consumer, set()).add(pos)
     if not lost:
         return []
@@ -157,7 +346,7 @@ def _matches(bridged: fx.GraphModule, bridges: list[Bridge], plan: Plan | None, 
             starts.append(starts[-1] + width)
         shared = starts[-1]
         lost_cols = torch.tensor([col for _, col in items])
-        # every lost channel against every earlier-model channel at once, at the same tap
+        # every lost channel against every other-member channel at once, at the same tap
         src_cols = torch.arange(shared)[None, :] * per_position + (lost_cols % per_position)[:, None]
         var_lost = cov[lost_cols, lost_cols]
         var_src = cov[src_cols, src_cols].clamp_min(1e-30)

@@ -1,63 +1,99 @@
-"""Bridges: let a later model's layer read an earlier model's channels, so it can stop computing its own.
+"""Bridges: let a member's layer read another member's tensor, so that it can stop computing its own.
 
-For every consumer (Conv/Linear) of model B whose input is prunable, the input of the earlier
-models' consumer at the closest relative depth *with the same spatial shape* is concatenated in
-front of B's own input, and the layer is widened with zero weights for those channels: outputs
-are unchanged. Candidates come from shapes alone, so models need not share an architecture.
-REAP then treats the earlier model's channels as columns that help reconstruct but are never
-removed (they are another group's), and may remove B's own channels entirely: B's layer then
-reads only the earlier model's channels and B's producer chain is dead code.
+A chosen link (see ``choose_links``) concatenates the source tensor (average-pooled to the
+layer's grid when needed) in front of the layer's own input, and the layer is widened with zero
+weights for those channels: outputs are unchanged. REAP then treats the source channels as
+columns that help reconstruct (they belong to the source member's group), and may remove the
+layer's own input channels entirely: its producer chain is then dead code. Links go in both
+directions between members; the graph stays acyclic and no two tensors stand in for each other.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph import ChannelGraph, trace
+from ..graph import trace
 from ..graph.tracing import propagate_shapes
-from .multinet import Link, MultiNet, model_names
-
-_WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from .multinet import Link, MultiNet
+from .similarity import _POOLS, Candidate
 
 
 @dataclass
 class Bridge:
-    consumer: str  # the later model's layer that now also reads earlier models' channels
+    consumer: str  # the member's layer that now also reads another member's channels
     model: str
-    sources: list[tuple[str, str, int]]  # (earlier model, the layer whose input it shares, channels)
+    sources: list[tuple[str, str, int]]  # (other member, the layer whose input it shares, channels)
     own: int  # the layer's own input channels
+    r2: float = 0.0  # how much of the layer's own input the sources explain (least squares, calibration data)
+    pool: tuple[int, ...] | None = None  # average pooling applied to the source first
 
 
-def _consumers(graph: ChannelGraph, gm: fx.GraphModule, model: str) -> list[tuple[str, fx.Node, fx.Node]]:
-    """The model's module consumers with a tracked input, in graph order: (name, call, its own input)."""
-    out = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.target.startswith(f"{model}."):
-            continue
-        use = graph.analysis.layers.get(node.target)
-        module = gm.get_submodule(node.target)
-        if use is None or use.in_segments is None or not isinstance(module, _WIDENABLE):
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-            continue
-        if len(use.nodes) != 1:  # a layer called twice would be widened twice
-            continue
-        if isinstance(module, nn.Linear) and len(_shape(node.args[0])) != 2:  # channels on dim 1 only
-            continue
-        out.append((node.target, node, node.args[0]))
-    return out
+def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict[str, int],
+                 min_r2: float) -> list[Candidate]:
+    """At most one source per layer: the best-explaining one (R² ≥ ``min_r2``) that keeps the
+    network acyclic and does not let two tensors stand in for each other (REAP's per-group curves
+    would then count the same redundancy twice). Layers claim in order of their best R², ties
+    broken by the canonical member ``rank`` (later members read earlier ones), never by list order."""
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    inputs = {n.name: {a.name for a in n.all_input_nodes} for n in gm.graph.nodes}
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    candidates = [c for c in candidates if c.r2 >= min_r2]
+    ways = directions(candidates, rank)
+    by_layer: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        if (c.model, c.source) in ways:
+            by_layer.setdefault(c.layer, []).append(c)
+    for options in by_layer.values():
+        options.sort(key=lambda c: (-round(c.r2, 9), rank[c.source], order[calls[c.source_layer].name]))
+    stands_in: dict[str, set[str]] = {}  # own input tensor -> source tensors that may replace it
+    chosen = []
+    layers = sorted(by_layer, key=lambda t: (-round(by_layer[t][0].r2, 9), -rank[by_layer[t][0].model],
+                                              order[calls[t].name]))
+    for layer in layers:
+        node = calls[layer]
+        own = node.args[0].name
+        for c in by_layer[layer]:
+            source = calls[c.source_layer].args[0].name
+            if node.name in _reach(inputs, source) or own in _reach(stands_in, source):
+                continue
+            inputs[node.name].add(source)
+            stands_in.setdefault(own, set()).add(source)
+            chosen.append(c)
+            break
+    return chosen
+
+
+def directions(candidates: list[Candidate], rank: dict[str, int]) -> set[tuple[str, str]]:
+    """Per pair of members, the one direction (reader, source) whose layers the other explains best
+    in total (sum over layers of their best R²); ties: the later member in canonical order reads.
+    Links both ways between two members would widen layers on both sides for the same redundancy."""
+    best: dict[tuple[str, str], dict[str, float]] = {}
+    for c in candidates:
+        layers = best.setdefault((c.model, c.source), {})
+        layers[c.layer] = max(layers.get(c.layer, 0.0), c.r2)
+    score = {pair: round(sum(layers.values()), 9) for pair, layers in best.items()}
+    return {(a, b) for (a, b), s in score.items()
+            if (s, rank[a]) > (score.get((b, a), float("-inf")), rank[b])}
+
+
+def _reach(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Everything reachable from ``start`` along ``edges`` (start included)."""
+    seen, stack = {start}, [start]
+    while stack:
+        for nxt in edges.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["tensor_meta"].shape)
-
-
-def _compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    return len(a) == len(b) and a[2:] == b[2:] and a[0] == b[0]
 
 
 def _widen(module: nn.Module, extra: int) -> nn.Module:
@@ -80,45 +116,59 @@ def set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def add_bridges(net: MultiNet, example_inputs) -> tuple[fx.GraphModule, list[Bridge]]:
-    """A copy of the MultiNet's graph in which each later model's consumers also read earlier models'
-    channels. The graph's ``meta["multinet_bridges"]`` lists the bridged layers: the channel
-    analysis (graph/dropping.py) reads it to let such a layer lose all its own channels."""
-    names = model_names(net)
+def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) -> tuple[fx.GraphModule, list[Bridge]]:
+    """A copy of the MultiNet's graph in which each linked layer also reads its source's tensor.
+    The graph's ``meta["multinet_bridges"]`` lists the bridged layers: the channel analysis
+    (graph/dropping.py) reads it to let such a layer lose all its own channels."""
     gm = copy.deepcopy(net.graph_module)
-    graph = trace(gm, example_inputs)
-    prunable_inputs = {name for g in graph.prunable_groups for name in g.consumer_names}
-    per_model = {m: _consumers(graph, gm, m) for m in names}
+    example = trace(gm, example_inputs).example_inputs
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    links = list(links)
+    inputs = {name: calls[name].args[0] for lk in links for name in (lk.layer, lk.source_layer)}  # before any cat
     bridges = []
-    for i, later in enumerate(names[1:], 1):
-        own = per_model[later]
-        for idx, (name, node, x) in enumerate(own):
-            if name not in prunable_inputs:
-                continue
-            depth = idx / max(1, len(own) - 1)
-            sources, described = [], []
-            for earlier in names[:i]:
-                theirs = per_model[earlier]  # their own inputs: an earlier bridge's concatenation is not shared
-                options = [(abs(j / max(1, len(theirs) - 1) - depth), j, layer, inp)
-                           for j, (layer, _, inp) in enumerate(theirs)
-                           if _compatible(_shape(inp), _shape(x)) and inp.op != "placeholder"]
-                if options:
-                    _, _, layer, inp = min(options, key=lambda o: (o[0], o[1]))
-                    sources.append(inp)
-                    described.append((earlier, layer, _shape(inp)[1]))
-            if not sources:
-                continue
-            with gm.graph.inserting_before(node):
-                cat = gm.graph.call_function(torch.cat, ([*sources, x], 1))
-            node.args = (cat, *node.args[1:])
-            set_submodule(gm, name, _widen(gm.get_submodule(name), sum(d[2] for d in described)))
-            bridges.append(Bridge(name, later, described, _shape(x)[1]))
-    gm.recompile()
-    propagate_shapes(gm, graph.example_inputs)
+    for link in links:
+        node = calls[link.layer]
+        own, source = inputs[link.layer], inputs[link.source_layer]
+        with gm.graph.inserting_before(node):
+            src = source if link.pool is None else gm.graph.call_function(_POOLS[len(link.pool)], (source, link.pool))
+            cat = gm.graph.call_function(torch.cat, ([src, own], 1))
+        node.args = (cat, *node.args[1:])
+        width = _shape(source)[1]
+        set_submodule(gm, link.layer, _widen(gm.get_submodule(link.layer), width))
+        bridges.append(Bridge(link.layer, link.model, [(link.source, link.source_layer, width)], _shape(own)[1],
+                              link.r2, link.pool))
+    gm = _topologically_sorted(gm)
+    propagate_shapes(gm, example)
     gm.meta["multinet_bridges"] = [b.consumer for b in bridges]
     return gm, bridges
 
 
+def _topologically_sorted(gm: fx.GraphModule) -> fx.GraphModule:
+    """The same graph with every node after its inputs (a link may read a member that comes later)."""
+    graph, env = fx.Graph(), {}
+    output = None
+    for start in gm.graph.nodes:
+        if start.op == "output":
+            output = start
+            continue
+        stack = [start]
+        while stack:
+            node = stack[-1]
+            if node in env:
+                stack.pop()
+                continue
+            missing = [a for a in node.all_input_nodes if a not in env]
+            if missing:
+                stack.extend(missing)
+                continue
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            stack.pop()
+    graph.node_copy(output, lambda n: env[n])
+    out = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    out.meta.update(gm.meta)
+    return out
+
+
 def links_of(bridges: list[Bridge]) -> list[Link]:
-    """One link per (bridged layer, earlier model's layer whose input it reads)."""
+    """One link per (bridged layer, other member's layer whose input it reads)."""
     return [Link(b.model, b.consumer, source, layer) for b in bridges for source, layer, _ in b.sources]

@@ -304,3 +304,38 @@ def _ancestors_of_output(out_node: fx.Node, name: str) -> set[fx.Node]:
     for r in roots:
         found |= _ancestors(r)
     return found
+
+
+def combine(parts: list[MultiNet], members: list[str]) -> MultiNet:
+    """One MultiNet running several MultiNets with disjoint members on the same input, its outputs
+    in ``members`` order: how unify puts members compressed apart back together."""
+    root = nn.Module()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    outputs, links, examples = {}, [], []
+    for part in parts:
+        gm = part.graph_module
+        for name, child in gm.named_children():
+            if hasattr(root, name):
+                raise MultinetError(f"members overlap: {name!r} is in two of the parts")
+            root.add_module(name, child)
+        env: dict[fx.Node, fx.Node] = {}
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = x
+                examples.append(node.meta.get("tensor_meta"))
+            elif node.op == "output":
+                outputs.update({k: fx.node.map_arg(v, lambda n: env[n]) for k, v in node.args[0].items()})
+            else:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        links += part.links
+    graph.output({m: outputs[m] for m in members})
+    gm = fx.GraphModule(root, graph, "MultiNetGraph")
+    meta = next((m for m in examples if hasattr(m, "shape")), None)
+    if meta is not None:
+        propagate_shapes(gm, (torch.zeros(meta.shape, dtype=meta.dtype, device=_device(gm)),))
+    return MultiNet.from_graph(gm, members, links)
+
+
+def _device(gm: nn.Module) -> torch.device:
+    return next((p.device for p in gm.parameters()), torch.device("cpu"))
