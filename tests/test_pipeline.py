@@ -125,3 +125,21 @@ def test_segments_run_once_reproduce_the_forward_pass():
         assert torch.equal(v, runner.run(runner.start(x), 0, middle)[k])  # cached values were not mutated
     out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0].name
     torch.testing.assert_close(env[out_node], model(x))
+
+
+def test_oneshot_equals_sequential_for_a_single_group_and_meets_budgets(calib):
+    model = zoo.create("vgg")
+    first = multinet.trace(model, calib[:1]).prunable_groups[0]
+    # the first group sees the original model's statistics in both modes: same problem, same answer
+    sequential = _compress(model, calib, ratio={first.id: 0.5})
+    oneshot = _compress(model, calib, ratio={first.id: 0.5}, mode="oneshot")
+    _same(oneshot, sequential, calib[:64])
+    assert oneshot.cost is None
+    everything = _compress(zoo.create("resnet"), calib, ratio=0.5, mode="oneshot")
+    assert everything.flops_after < 0.5 * everything.flops_before
+    budgeted = _compress(zoo.create("resnet"), calib, budget=multinet.Budget(flops=0.4), mode="oneshot")
+    assert budgeted.flops_after <= 0.4 * budgeted.flops_before + 1
+    assert [g.removed for g in budgeted.groups] == [sorted(g.removed) for g in budgeted.plan.groups if g.removed]
+    for method in ("magnitude", "random", "magnitude+ls"):
+        assert _compress(zoo.create("mlp"), calib, ratio=0.5, method=method, mode="oneshot").flops_after < \
+            everything.flops_before

@@ -37,10 +37,11 @@ from ..graph import ChannelGraph, count, prune, trace
 from ..graph.dropping import drop_group, droppable
 from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
+from .oneshot import compress_oneshot
 from .sequential import PipelineStats, SequentialPipeline
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
-MODES = ("sequential", "reference")
+MODES = ("sequential", "oneshot", "reference")
 
 
 @dataclass
@@ -114,7 +115,9 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     ``mode``: "sequential" (default) compresses group by group from activations cached at a moving
     frontier (about one forward pass of each model, plus one more of each residual stream's stage);
     the frontier is kept in memory up to ``frontier_memory`` bytes and in memory-mapped files beyond,
-    stored in ``frontier_dtype`` (float32, float16 or bfloat16). "reference" is the same computation
+    stored in ``frontier_dtype`` (float32, float16 or bfloat16). "oneshot" solves every group on one
+    pass of the original model's statistics (the cheapest, less accurate: errors are not corrected
+    downstream; with a budget it reuses the scheduler's statistics). "reference" is the sequential computation
     with two whole-model passes per group (the path the pipeline is tested against; also what runs
     on a Ray executor and when a group is removed whole).
     """
@@ -153,6 +156,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         state = RunState(run_dir, key)
         if budget is not None and (state.dir / "plan.json").exists():
             plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
+    ctx = None
     if budget is not None:
         ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
         try:
@@ -168,7 +172,10 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
                     for gid, r in ratios.items()}
     cost = None
-    if _pipeline_applies(original, requests, mode, executor):
+    if mode == "oneshot" and not _removes_a_whole_group(original, requests):
+        current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan,
+                                          **settings)
+    elif _pipeline_applies(original, requests, mode, executor):
         current, reports, cost = _apply_pipeline(original, requests, method, calibration_data, example, progress,
                                                  state, frontier_memory, STORE_DTYPES[frontier_dtype], **settings)
     else:
@@ -190,16 +197,31 @@ def example_inputs(model: nn.Module, data, batch_size: int) -> tuple:
     return batches.as_args(first, batches.input_names(model))
 
 
+def _removes_a_whole_group(original: ChannelGraph, requests) -> bool:
+    """Only a MultiNet's bridged groups may vanish; that renumbers groups, which the reference path handles."""
+    return any((r if isinstance(r, int) else len(r)) >= original.group(g).size for g, r in requests.items())
+
+
 def _pipeline_applies(original: ChannelGraph, requests, mode: str, executor) -> bool:
-    """The cached-input pipeline runs in-process and keeps every group (a whole-group removal, which
-    only a MultiNet's bridges allow, renumbers groups: the reference path handles it)."""
-    if mode != "sequential" or getattr(executor, "name", "local") != "local":
-        return False
-    for gid, request in requests.items():
-        n = request if isinstance(request, int) else len(request)
-        if n >= original.group(gid).size:
-            return False
-    return True
+    """The cached-input pipeline runs in-process and keeps every group."""
+    return (mode == "sequential" and getattr(executor, "name", "local") == "local"
+            and not _removes_a_whole_group(original, requests))
+
+
+def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example, ctx, plan, batch_size: int,
+                   max_positions: int | None, damp: float, device: str, seed: int, executor=None):
+    """Every group from one pass of statistics (the scheduler's, when it made the plan)."""
+    masked, errors = None, None
+    if ctx is not None:
+        masked = ctx.masked
+        errors = {g.group: g.layer_error for g in plan.groups}  # REAP's error on the same one-shot statistics
+    pruned, solved = compress_oneshot(original, requests, method, data, example, batch_size=batch_size,
+                                      max_positions=max_positions, damp=damp, device=device, seed=seed,
+                                      executor=executor, masked=masked, errors=errors)
+    reports = [GroupReport(gid, original.group(gid).producers, original.group(gid).size,
+                           original.group(gid).size - len(removed), error, seconds, removed)
+               for gid, removed, error, seconds in solved]
+    return trace(pruned, example), reports
 
 
 def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example, progress: bool, state,
