@@ -13,9 +13,12 @@ import copy
 import io
 import logging
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 
@@ -27,10 +30,17 @@ def export_graph(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     was_training = model.training
     model.eval()
     try:
-        program = _export(model, example_inputs)
+        program = _export(model, batch_of_two(example_inputs))
     finally:
         model.train(was_training)
     return from_exported(program)
+
+
+def batch_of_two(inputs: tuple) -> tuple:
+    """Examples with batch 1 repeated to 2: torch.export specialises a size-1 dimension to a constant,
+    which would fix the exported batch at 1."""
+    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
+                 else x for x in inputs)
 
 
 @contextlib.contextmanager
@@ -72,17 +82,28 @@ def from_exported(program) -> fx.GraphModule:
     return normalise(program.module(), copy_first=False)
 
 
+def _plain(gm: fx.GraphModule) -> fx.GraphModule:
+    """The same graph and weights in a plain GraphModule: an exported module refuses ``eval()``/``train()``
+    and checks its inputs against the export-time ranges in a hook, neither of which compression can use."""
+    if type(gm).__name__ == "GraphModule" and not gm._forward_pre_hooks:
+        return gm
+    return fx.GraphModule(gm, gm.graph)
+
+
 def is_aten_graph(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
 def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
     """An ATen graph without input guards and with layers as modules (a copy unless told)."""
-    if copy_first:
-        gm = copy.deepcopy(gm)
+    gm = _plain(copy.deepcopy(gm) if copy_first else gm)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
+        if not node.users and (node.op == "call_module" and node.target.startswith("_guards")
+                               or node.op == "call_function" and node.target in _INPUT_CHECKS):
             gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _DUNDER_OPS:
+            node.target = _DUNDER_OPS[node.target]  # same op; a model file names no dunders
+    _plain_inputs_outputs(gm)
     uses = _attr_uses(gm)
     for node in list(gm.graph.nodes):
         lift = _LIFTS.get(node.target) if node.op == "call_function" else None
@@ -93,6 +114,38 @@ def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+_INPUT_CHECKS = (_aten._assert_tensor_metadata.default, _aten._assert_scalar.default,
+                 _aten.sym_constrain_range_for_size.default)  # export-time input checks, like the guards
+
+
+_DUNDER_OPS = {_aten.__and__.Tensor: _aten.bitwise_and.Tensor, _aten.__or__.Tensor: _aten.bitwise_or.Tensor}
+
+
+def _plain_inputs_outputs(gm: fx.GraphModule) -> None:
+    """Positional tensors in, plain containers out: the exported pytree wrapping (a ``ModelOutput``
+    class, input specs) becomes a dict or tuple of the same tensors, which any caller and a model
+    file can hold without the model's own classes."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None:
+        return
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = output.args[0]
+    leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
+    structure = pytree.tree_unflatten(leaves, info.out_spec) if info.out_spec is not None else tuple(leaves)
+    gm.graph._codegen = fx.graph.CodeGen()
+    output.args = (_containers(structure),)
+
+
+def _containers(value):
+    """Mappings as dicts and sequences as tuples, recursively (fx nodes stay)."""
+    if isinstance(value, Mapping):
+        return {k: _containers(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return tuple(_containers(v) for v in value)
+    return value
 
 
 def _attr_uses(gm: fx.GraphModule) -> dict[str, int]:

@@ -69,6 +69,31 @@ _MATH = "sqrt floor ceil log exp"
 # traced: getattr (x.shape); checked further: only the attributes in TENSOR_ATTRIBUTES
 _BUILTINS = "getattr"
 
+# traced (all-MiniLM-L6-v2 and BERT captured by torch.export, then compressed): bitwise_and.Tensor
+# (capture renames __and__.Tensor) add.Tensor arange.default dropout.default expand.default gather.default ge.Scalar gelu.default
+# index.Tensor new_ones.default reshape.default scaled_dot_product_attention.default slice.Tensor
+# sym_size.int to.device to.dtype_layout transpose.int unsqueeze.default view.default.
+# ATen overloads by name; ``out=`` variants and in-place ops are deliberately absent.
+_ATEN = """
+    add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar neg.default
+    pow.Tensor_Scalar sqrt.default rsqrt.default exp.default log.default abs.default erf.default
+    bitwise_and.Tensor bitwise_or.Tensor bitwise_not.default logical_not.default
+    eq.Scalar eq.Tensor ne.Scalar ne.Tensor ge.Scalar ge.Tensor gt.Scalar gt.Tensor le.Scalar le.Tensor lt.Scalar
+    lt.Tensor where.self masked_fill.Scalar masked_fill.Tensor clamp.default minimum.default maximum.default
+    relu.default gelu.default silu.default sigmoid.default tanh.default hardswish.default hardsigmoid.default
+    softmax.int _softmax.default log_softmax.int _log_softmax.default
+    view.default reshape.default _unsafe_view.default permute.default transpose.int unsqueeze.default
+    squeeze.dim squeeze.dims squeeze.default expand.default flatten.using_ints contiguous.default clone.default
+    slice.Tensor select.int index.Tensor gather.default index_select.default cat.default stack.default
+    split.Tensor split_with_sizes.default chunk.default repeat_interleave.self_int
+    mean.dim sum.dim_IntList amax.default amin.default
+    linear.default conv1d.default conv2d.default conv3d.default layer_norm.default embedding.default
+    matmul.default bmm.default scaled_dot_product_attention.default dropout.default
+    arange.default arange.start arange.start_step zeros.default ones.default full.default new_ones.default
+    new_zeros.default to.dtype to.device to.dtype_layout _to_copy.default alias.default detach.default
+    lift_fresh_copy.default sym_size.int
+"""
+
 _SPACES = {"torch": (torch, _TORCH), "torch.nn.functional": (F, _FUNCTIONAL), "operator": (operator, _OPERATOR),
            "math": (math, _MATH), "builtins": (builtins, _BUILTINS)}
 
@@ -100,6 +125,11 @@ def _table() -> dict[str, object]:
             fn = getattr(namespace, name, None)
             if callable(fn):
                 functions[f"{space}.{name}"] = fn
+    for name in _ATEN.split():
+        packet, _, overload = name.partition(".")
+        fn = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+        if isinstance(fn, torch._ops.OpOverload):
+            functions[f"torch.ops.aten.{name}"] = fn
     return functions
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..graph.capture import batch_of_two
 from ..graph.tracing import as_tuple
 from .files import atomic_path
 from .modelfile import ModelFileError
@@ -34,7 +35,7 @@ def export(model: nn.Module, example_inputs, path: str | os.PathLike, format: st
         raise ModelFileError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if format == "onnx":
         require_onnx()
-    inputs = _batch_of_two(as_tuple(example_inputs))
+    inputs = batch_of_two(as_tuple(example_inputs))
     names = output_names(model, inputs)
     model = _deployable(model).eval()
     shapes = _dynamic_batch(inputs)
@@ -91,13 +92,6 @@ def _key(entry) -> object:
         if hasattr(entry, attr):
             return getattr(entry, attr)
     return entry
-
-
-def _batch_of_two(inputs: tuple) -> tuple:
-    """Examples with batch 1 repeated to 2: torch.export specialises a size-1 dimension to a constant,
-    which would fix the exported batch at 1."""
-    return tuple(x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
-                 else x for x in inputs)
 
 
 def _dynamic_batch(inputs: tuple) -> tuple:

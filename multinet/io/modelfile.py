@@ -37,6 +37,8 @@ _MANIFEST_KEYS = {"format", "nodes", "modules", "parameters", "buffers", "consta
 _MULTINET_KEYS = {"members", "links", "outputs", "fused"}  # the optional "multinet" section of a MultiNet's file
 _DTYPES = {name: value for name, value in vars(torch).items()
            if isinstance(value, torch.dtype) and not name.startswith("_")}
+_LAYOUTS = {"strided": torch.strided}  # what ATen graphs name in to()/arange(): a fixed set of values, no code
+_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format}
 _FUNCTIONS_HINT = "allowed: the tensor functions listed in multinet/io/allowlist.py"
 _METHODS_HINT = "allowed: the tensor methods listed in multinet/io/allowlist.py"
 
@@ -91,6 +93,10 @@ def _encode(value):
         return {"$dtype": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"$device": str(value)}
+    if isinstance(value, torch.layout) and value in _LAYOUTS.values():
+        return {"$layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format) and value in _MEMORY_FORMATS.values():
+        return {"$memory_format": str(value).removeprefix("torch.")}
     if value is Ellipsis:
         return {"$ellipsis": True}
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -457,6 +463,8 @@ _TAGS = {
     "$dtype": lambda name, body, seen: isinstance(body, str) and body in _DTYPES,
     "$device": lambda name, body, seen: isinstance(body, str) and DEVICE.fullmatch(body) is not None,
     "$ellipsis": lambda name, body, seen: body is True,
+    "$layout": lambda name, body, seen: isinstance(body, str) and body in _LAYOUTS,
+    "$memory_format": lambda name, body, seen: isinstance(body, str) and body in _MEMORY_FORMATS,
 }
 
 
@@ -554,6 +562,10 @@ def _decode(value, env: dict[str, fx.Node]):
         return _DTYPES[body]
     if tag == "$device":
         return torch.device(body)
+    if tag == "$layout":
+        return _LAYOUTS[body]
+    if tag == "$memory_format":
+        return _MEMORY_FORMATS[body]
     return Ellipsis
 
 

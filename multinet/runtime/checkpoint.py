@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..calib import iterate_batches
 from ..errors import MultinetError
@@ -27,7 +28,8 @@ def fingerprint(model, data, batch_size: int, **settings) -> str:
         h.update(data.detach().cpu().contiguous().numpy().tobytes())
     else:
         for batch in iterate_batches(data, batch_size):
-            h.update(batch.detach().cpu().contiguous().numpy().tobytes())
+            for t in pytree.tree_leaves(batch):  # every tensor of a tuple or dict batch, in order
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

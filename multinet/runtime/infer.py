@@ -1,11 +1,13 @@
 """Batch inference over a dataset: per-model outputs of a MultiNet (or the output of any model)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from ..calib import iterate_batches
+from ..calib import batches, iterate_batches
 from ..errors import MultinetError
 from .devices import resolve_device
 from .progress import Bar
@@ -28,20 +30,20 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
         return _infer_ray(net, data, batch_size, executor)
     dev = resolve_device(device)
     net = net.to(dev).eval()
-    total = len(data) if isinstance(data, torch.Tensor) else None
+    total = batches.size(data) if isinstance(data, (torch.Tensor, Mapping)) else None
     bar = Bar(progress, total or 0, "inference")
     parts, spec = [], None
     try:
         with torch.no_grad():
             for batch in iterate_batches(data, batch_size):
-                out = net(batch.to(dev))
+                out = batches.call(net, batches.to_device(batch, dev))
                 leaves, tree = pytree.tree_flatten(out)
                 if spec is None:
                     spec = tree
                     if not all(isinstance(t, torch.Tensor) for t in leaves):
                         raise MultinetError("the network returns something other than tensors; cannot collect outputs")
                 parts.append([t.cpu() for t in leaves])
-                bar.advance(len(batch))
+                bar.advance(batches.size(batch))
     finally:
         bar.close()
     joined = [torch.cat(column) for column in zip(*parts)]
@@ -92,7 +94,9 @@ def _infer_ray(net: nn.Module, data, batch_size: int, executor):
         raise MultinetError(f"batch inference on Ray uses Ray Data: pip install 'ray[data]' ({exc})") from None
     from ..io import to_bytes
 
-    x = torch.cat(list(iterate_batches(data, batch_size)))
+    x = batches.concat(list(iterate_batches(data, batch_size)))
+    if not isinstance(x, torch.Tensor):
+        raise MultinetError("batch inference on Ray takes single-tensor inputs; run locally for tuples or dicts")
     with torch.no_grad():
         _, spec = pytree.tree_flatten(net(x[:1]))
     blob = ray.put(to_bytes(net, x[:1]))

