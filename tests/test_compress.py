@@ -35,7 +35,9 @@ def test_reap_and_unify_remove_redundant_channels_without_changing_outputs():
     x = torch.randn(256, 1, 8, 8)
     graph = multinet.trace(model, x[:2])
     ratio = {graph.group_of_layer("conv1").id: 0.5, graph.group_of_layer("fc1").id: 0.5}
-    result = multinet.compress(model, x, ratio=ratio, damp=1e-9)
+    # damping well above float32 rounding of the activations (~1e-7 relative), which exactly singular
+    # statistics would otherwise amplify, and far below anything that would blur the reconstruction
+    result = multinet.compress(model, x, ratio=ratio, damp=1e-7)
     assert result.model.conv1.out_channels == 4 and result.model.fc1.out_features == 5
     test = torch.randn(64, 1, 8, 8)
     torch.testing.assert_close(result.model(test), model(test), atol=1e-3, rtol=1e-3)
