@@ -38,7 +38,7 @@ from ..graph.dropping import drop_group, droppable
 from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
 from .oneshot import compress_oneshot
-from .sequential import PipelineStats, SequentialPipeline
+from .sequential import PipelineStats, SequentialPipeline, track_outputs
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
 MODES = ("sequential", "oneshot", "reference")
@@ -296,7 +296,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
                                                max_positions, damp, device, seed + gid, surviving, preset, executor)
         keep = sorted(set(range(group.size)) - set(removed))
         if keep:
-            _track_outputs(current, group, keep, surviving)
+            track_outputs(current, group, keep, surviving)
             pruned = prune(current, {group.id: keep}, consumer_weights=weights)
         else:
             pruned = drop_group(current, group.id, weights)
@@ -352,18 +352,6 @@ def _layers_gone(graph: ChannelGraph, group) -> bool:
 def _group_key(graph: ChannelGraph, group) -> tuple[str, ...]:
     table = graph.analysis.table
     return tuple(sorted({table.spaces[s].owner for s, _ in group.members}))
-
-
-def _track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
-    kept = torch.tensor(keep)
-    table = graph.analysis.table
-    for space, offset in group.members:
-        sp = table.spaces[space]
-        if sp.kind != "producer":
-            continue
-        local = kept - offset
-        local = local[(local >= 0) & (local < sp.size)]
-        surviving[sp.owner] = surviving.get(sp.owner, torch.arange(sp.size))[local]
 
 
 def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
