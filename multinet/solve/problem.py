@@ -90,8 +90,8 @@ def prepare_gram(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
     nothing. Damping adds damp * mean(diag) to the diagonal so rank-deficient statistics stay
     solvable. Returns (gram, dead mask).
     """
-    g = gram.to(torch.float64).clone()
-    g = (g + g.T) / 2
+    g = gram.to(torch.float64, copy=True)
+    g.add_(g.T.clone()).mul_(0.5)  # symmetric to the last bit, with one temporary instead of three
     diag = torch.diagonal(g)
     scale = diag.abs().max().clamp_min(1e-300)
     dead = diag <= 1e-12 * scale

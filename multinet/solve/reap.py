@@ -78,8 +78,8 @@ def remove_block(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -
     """Re-solve the weights without columns ``cols`` and downdate the inverse, in place."""
     g_cs = ginv[:, cols]
     b = ginv[cols][:, cols]
-    weight -= g_cs @ torch.linalg.solve(b, weight[cols])
-    ginv -= g_cs @ torch.linalg.solve(b, g_cs.T)
+    weight.addmm_(g_cs, torch.linalg.solve(b, weight[cols]), alpha=-1)
+    ginv.addmm_(g_cs, torch.linalg.solve(b, g_cs.T), alpha=-1)  # in place: no m x m temporary per step
     weight[cols] = 0
     ginv[cols, :] = 0
     ginv[:, cols] = 0
