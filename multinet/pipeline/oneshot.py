@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-import torch
 import torch.fx as fx
 
 from ..graph import ChannelGraph, prune, trace
@@ -47,21 +46,10 @@ def compress_oneshot(original: ChannelGraph, requests: Mapping[int, int | list[i
             removed[gid], error = sorted(request), (errors or {}).get(gid, float("nan"))
         reports.append((gid, removed[gid], error, time.perf_counter() - start))
     if method in ("magnitude", "random"):
-        _stop_reading(masked, removed)
+        masked.set_zeroed(removed)
     else:
         masked.set_removed(removed)  # every consumer re-solved once, without all of its removed columns
     keep = {g: sorted(set(range(original.group(g).size)) - set(r)) for g, r in removed.items()}
     work = masked.gm.cpu()
     return prune(trace(work, example), keep), reports
 
-
-def _stop_reading(masked: MaskedModel, removed: Mapping[int, list[int]]) -> None:
-    """Selection without reconstruction: the consumers' weights on removed columns become zero."""
-    sets = {g: torch.as_tensor(r, dtype=torch.long) for g, r in removed.items() if r}
-    for name, c in masked.consumers.items():
-        cols = masked._removed_columns(c, sets)
-        if not len(cols):
-            continue
-        weight = c.weight.clone()
-        weight[cols] = 0
-        masked._load(c, weight)

@@ -272,7 +272,7 @@ class SequentialPipeline:
         order = [g for g in sorted(requests) if requests[g] and g not in removed_so_far]
         firsts = {g: self.span(self.original.group(g))[0] for g in order}
         removed = dict(removed_so_far)
-        self._bar = Bar(self.progress, len(order), f"{method}: groups")
+        bar = Bar(self.progress, len(order), f"{method}: groups")
         try:
             for i, gid in enumerate(order):
                 start_group = time.perf_counter()
@@ -298,13 +298,11 @@ class SequentialPipeline:
                 self.cost.seconds["solve"] += time.perf_counter() - start
                 self.advance(cut, next_cut)
                 on_group(gid, solution, time.perf_counter() - start_group)
-                self._bar.advance()
+                bar.advance()
         finally:
-            self._bar.close()
-            self._bar = None
+            bar.close()
         return removed
 
-    _bar = None
 
     def _solve(self, group, request, method: str, stats, surviving, index_of) -> GroupSolution:
         n_remove = request if isinstance(request, int) else len(request)

@@ -233,6 +233,17 @@ class MaskedModel:
                 self._load(c, self._weights(c, cols))
                 self._loaded[name] = key
 
+    def set_zeroed(self, removed: Mapping[int, Sequence[int]]) -> None:
+        """Load every consumer's original weights with the removed channels' columns zeroed: a
+        selection without reconstruction (magnitude, random)."""
+        sets = {g: torch.as_tensor(list(r), dtype=torch.long) for g, r in removed.items() if len(r)}
+        for name, c in self.consumers.items():
+            cols = self._removed_columns(c, sets)
+            weight = c.weight.clone()
+            weight[cols] = 0
+            self._load(c, weight)
+            self._loaded[name] = ("zeroed", *cols.tolist())
+
     def error(self, removed: Mapping[int, Sequence[int]]) -> float:
         """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
