@@ -77,18 +77,22 @@ def test_unbalanced_keep_is_refused_with_the_reason():
         multinet.prune(graph, {g.id: [0, 1, 2, 3]})
 
 
-def test_compress_leaves_grouped_conv_groups_whole_until_it_can_reconstruct_them():
+def test_compress_reconstructs_grouped_conv_groups_with_equal_counts_per_conv_group():
     torch.manual_seed(0)
     model = ResNeXtBottleneck().eval()
     x = torch.randn(64, 3, 8, 8)
     graph = multinet.trace(model, x[:1])
     grouped = [g for g in graph.prunable_groups if g.grouped_conv]
     assert grouped and any(not g.grouped_conv for g in graph.prunable_groups)
-    with pytest.warns(UserWarning, match="grouped convolutions"):
-        result = multinet.compress(model, x, ratio=0.5, max_positions=16)
-    assert {r.group for r in result.groups}.isdisjoint({g.id for g in grouped})
-    assert result.flops_after < result.flops_before
+    result = multinet.compress(model, x, ratio=0.5, max_positions=16)
+    reports = {r.group: r for r in result.groups}
+    for g in grouped:
+        assert reports[g.id].channels_after == g.size // 2
+        assert g.is_balanced(sorted(set(range(g.size)) - set(reports[g.id].removed)))
+    assert result.model.get_submodule("conv2.0").groups == 4
+    with pytest.warns(UserWarning, match="grouped convolutions"):  # unify cannot pair across conv groups yet
+        multinet.compress(model, x, ratio=0.5, method="unify", max_positions=16)
     with pytest.raises(multinet.MultinetError, match="grouped convolution"):
-        multinet.compress(model, x, ratio={grouped[0].id: 0.5})
+        multinet.compress(model, x, ratio={grouped[0].id: 0.5}, method="unify")
     budgeted = multinet.compress(model, x, budget=multinet.Budget(flops=0.8), max_positions=16)
-    assert {r.group for r in budgeted.groups}.isdisjoint({g.id for g in grouped})
+    assert budgeted.model.get_submodule("conv2.0").groups == 4

@@ -13,7 +13,6 @@ outputs and errors do not compound. Methods:
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from ..graph import ChannelGraph, count, prune, trace
 from ..graph.dropping import drop_group, droppable
 from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
+from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
 from .oneshot import compress_oneshot
 from .sequential import PipelineStats, SequentialPipeline, track_outputs
 
@@ -101,7 +101,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
-    0.5 when neither is given) or ``budget`` (a :class:`Budget`: FLOPs, parameters or latency)
+    0.5 when neither is given; a group that a grouped conv reads or writes loses the nearest multiple of
+    its conv groups, the same number from each) or ``budget`` (a :class:`Budget`: FLOPs, parameters or latency)
     with a ``schedule`` ("auto", "exhaustive" or "uniform") that decides per-group amounts. The
     plan is returned in ``result.plan`` and written to ``plan_path`` when given; ``plan=`` applies a
     plan made earlier (``Plan.load(path)``) to the same model without scheduling again.
@@ -168,9 +169,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     if plan is not None:
         requests = _plan_requests(original, plan)
     else:
-        ratios = _ratios(original, 0.5 if ratio is None else ratio)
-        requests = {gid: min(math.floor(r * original.group(gid).size + 1e-9), original.group(gid).size - 1)
-                    for gid, r in ratios.items()}
+        ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
+        requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
     cost = None
     if mode == "oneshot" and not _removes_a_whole_group(original, requests):
         current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan,
@@ -354,7 +354,10 @@ def _group_key(graph: ChannelGraph, group) -> tuple[str, ...]:
     return tuple(sorted({table.spaces[s].owner for s, _ in group.members}))
 
 
-def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
+def _ratios(graph: ChannelGraph, ratio, method: str = "reap") -> dict[int, float]:
+    def whole(group) -> bool:  # grouped convs: equal counts per conv group; unify cannot pair across them yet
+        return group.grouped_conv and (method == "unify" or removal_step(group) is None)
+
     if isinstance(ratio, Mapping):
         ratios = dict(ratio)
         for gid in ratios:
@@ -364,16 +367,17 @@ def _ratios(graph: ChannelGraph, ratio) -> dict[int, float]:
                 raise MultinetError(exc.args[0]) from None
             if not group.prunable and ratios[gid] > 0:
                 raise MultinetError(f"group {gid} is not prunable: {group.reasons[0]}")
-            if group.grouped_conv and ratios[gid] > 0:
+            if whole(group) and ratios[gid] > 0:
                 raise MultinetError(f"group {gid} ({', '.join(group.producers)}) goes through a grouped convolution, "
-                                    f"which compress cannot reconstruct yet (multinet.prune can cut it)")
+                                    f"which compress cannot reconstruct {'with unify ' if method == 'unify' else ''}"
+                                    f"yet (multinet.prune can cut it)")
     else:
-        grouped = [g for g in graph.prunable_groups if g.grouped_conv]
+        grouped = [g for g in graph.prunable_groups if whole(g)]
         if grouped:
             warnings.warn(f"{len(grouped)} group(s) go through grouped convolutions, which compress cannot "
-                          f"reconstruct yet; they stay whole (groups {', '.join(str(g.id) for g in grouped)})",
-                          stacklevel=3)
-        ratios = {g.id: ratio for g in graph.prunable_groups if not g.grouped_conv}
+                          f"reconstruct {'with unify ' if method == 'unify' else ''}yet; they stay whole "
+                          f"(groups {', '.join(str(g.id) for g in grouped)})", stacklevel=3)
+        ratios = {g.id: ratio for g in graph.prunable_groups if not whole(g)}
     for gid, r in ratios.items():
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise MultinetError(f"ratio for group {gid} must lie in [0, 1), got {r!r}")
@@ -390,5 +394,7 @@ def _solve_group(current, original, group, n_remove, method, data, batch_size, m
     solution = solve_group(current, original, group, n_remove, method, stats, damp, device, seed, surviving, preset)
     if solution.weights is None:
         return solution.removed, None, solution.error
+    if isinstance(solution, GroupedSolution):
+        return solution.removed, grouped_layer_weights(solution), solution.error
     return solution.removed, to_layer_weights(solution.problems, solution.weights, solution.layout,
                                               solution.removed), solution.error

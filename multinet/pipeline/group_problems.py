@@ -133,6 +133,10 @@ def solve_group(current: ChannelGraph, original: ChannelGraph, group, n_remove: 
                 device: str, seed: int, surviving, preset=None, column_index=None) -> GroupSolution:
     """Select the group's removed channels (REAP, unify, magnitude, random or a preset) and re-solve its
     consumers from statistics, however they were gathered (full passes or cached inputs)."""
+    if group.grouped_conv:  # equal counts per conv group, one problem per conv group (see grouped_conv.py)
+        from .grouped_conv import solve_grouped
+        return solve_grouped(current, original, group, n_remove, method, stats, damp, device, seed, surviving,
+                             preset, column_index)
     if preset is not None:
         removed = preset
     elif method == "random":

@@ -38,6 +38,7 @@ from ..graph import ChannelGraph, prune, trace
 from ..runtime.progress import Bar
 from ..solve.problem import removed_columns
 from .group_problems import GroupSolution, solve_group
+from .grouped_conv import GroupedSolution, write_grouped_full_width, zero_grouped_columns
 
 
 @dataclass
@@ -108,6 +109,8 @@ def _problem_rows(keep_rows: torch.Tensor, problem_size: int) -> torch.Tensor:
 def write_full_width(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor],
                      surviving: Mapping[str, torch.Tensor]) -> None:
     """Consumers' re-solved weights into the full-width model: removed columns read zero weight."""
+    if isinstance(solution, GroupedSolution):  # a grouped conv's weights go back per conv group
+        return write_grouped_full_width(gm, solution, keep_rows, surviving, write_full_width)
     for p, w, (name, shape, has_bias, scale) in zip(solution.problems, solution.weights, solution.layout):
         if scale is not None:
             w = w / scale[None]
@@ -130,6 +133,8 @@ def write_full_width(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dic
 
 def zero_columns(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor]) -> None:
     """Selection without reconstruction: the consumers only stop reading the removed channels."""
+    if isinstance(solution, GroupedSolution):
+        return zero_grouped_columns(gm, solution, keep_rows, zero_columns)
     for p, (name, _, _, _) in zip(solution.problems, solution.layout):
         gone = _problem_rows(keep_rows[name], p.gram.shape[0])[removed_columns(p, solution.removed)]
         module = _module(gm, name)

@@ -24,6 +24,7 @@ from ..calib.batches import Batch
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
+from ..pipeline.grouped_conv import GroupedConsumer
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import prepare_gram
 
@@ -169,6 +170,8 @@ class MaskedModel:
 
     @staticmethod
     def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
+        if graph.analysis.layers[name].conv_groups > 1:  # one problem per conv group
+            return GroupedConsumer(graph, name, stats, wanted, damp)
         w, b, is_module = consumer_weight(graph.module, name)
         has_bias = is_module or b is not None
         weight = w.detach().cpu().flatten(1).T.double()  # statistics are on the CPU
@@ -190,6 +193,8 @@ class MaskedModel:
     @staticmethod
     def _weights(c: _Consumer, cols: torch.Tensor) -> torch.Tensor:
         """The consumer re-solved by least squares without ``cols`` (which read zero weight)."""
+        if isinstance(c, GroupedConsumer):
+            return c.solved(cols)
         if not len(cols):
             return c.weight
         kept = torch.ones(len(c.weight), dtype=torch.bool)
@@ -239,8 +244,11 @@ class MaskedModel:
         sets = {g: torch.as_tensor(list(r), dtype=torch.long) for g, r in removed.items() if len(r)}
         for name, c in self.consumers.items():
             cols = self._removed_columns(c, sets)
-            weight = c.weight.clone()
-            weight[cols] = 0
+            if isinstance(c, GroupedConsumer):
+                weight = c.zeroed(cols)
+            else:
+                weight = c.weight.clone()
+                weight[cols] = 0
             self._load(c, weight)
             self._loaded[name] = ("zeroed", *cols.tolist())
 
