@@ -12,6 +12,7 @@ from multinet.calib import collect, consumer_specs
 from multinet.pipeline.grouped_conv import (balanced_greedy, grouped_layer_weights, grouped_problems, removal_count,
                                             solve_grouped, write_grouped_full_width)
 from multinet.pipeline.sequential import write_full_width
+from multinet.schedule.costs import CostModel
 from multinet.solve import ConsumerProblem, blocked_columns, reap_greedy_multi
 
 
@@ -194,6 +195,21 @@ def test_reap_beats_magnitude_at_the_consumer(side):
         result = multinet.compress(model, x, ratio={group.id: 0.5}, method=method, max_positions=None)
         errors[method] = _rel(_layer_output(result.model, consumer, x), reference)
     assert errors["reap"] < errors["magnitude+ls"] < errors["magnitude"]
+
+
+def test_budget_schedules_grouped_groups_in_multiples_of_the_conv_groups():
+    model, x = _block(5), torch.randn(64, 3, 8, 8)
+    graph = multinet.trace(model, x[:1])
+    into, out_of = _groups(graph)
+    result = multinet.compress(model, x, budget=multinet.Budget(flops=0.5), max_positions=32)
+    plan = {g.group: g.removed for g in result.plan.groups}
+    assert plan[into.id] or plan[out_of.id]
+    for g in (into, out_of):
+        assert len(plan[g.id]) % 4 == 0 and g.is_balanced(sorted(set(range(16)) - set(plan[g.id])))
+    assert result.model.get_submodule("conv2").groups == 4
+    assert result.flops_after <= 0.5 * result.flops_before
+    predicted = CostModel(graph).totals({g: r for g, r in plan.items() if r})
+    assert predicted == (result.flops_after, result.params_after)  # the grouped conv's input counts too
 
 
 def test_counts_round_to_whole_rounds_of_the_conv_groups():

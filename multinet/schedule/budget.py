@@ -10,6 +10,7 @@ import torch
 from ..errors import MultinetError
 from ..graph import ChannelGraph
 from ..graph.dropping import droppable
+from ..pipeline.grouped_conv import removal_step
 
 
 class BudgetError(MultinetError):
@@ -102,15 +103,16 @@ def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[in
     for group in graph.prunable_groups:
         if group.id in ignored or (not budget.residual_streams and is_residual_stream(graph, group)):
             continue
-        if group.grouped_conv:
-            continue  # no reconstruction of grouped convolutions yet (see ChannelGroup.grouped_conv)
+        step = removal_step(group)  # grouped convs: multiples of this (equal counts per conv group)
+        if step is None:
+            continue
         mins = budget.min_channels
         can_vanish = droppable(graph, group) and budget.metric != "latency"  # timing needs surgery
         default = 0 if can_vanish else 1
         floor = mins.get(group.id, default) if isinstance(mins, Mapping) else default if mins is None else mins
         if not can_vanish:
             floor = max(floor, len(group.pieces), 1)  # each piece of a split keeps a channel
-        kept = [n for n in range(group.size - 1, floor - 1, -1) if n % budget.round_to == 0]
+        kept = [n for n in range(group.size - 1, floor - 1, -1) if n % budget.round_to == 0 and n % step == 0]
         if kept:
             out[group.id] = [0] + [group.size - n for n in kept]
     if isinstance(budget.min_channels, Mapping):

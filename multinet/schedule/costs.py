@@ -15,7 +15,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..graph import ChannelGraph, count
-from ..graph.edits import SliceTensor
+from ..graph.edits import GroupedInput, SliceTensor
 
 
 @dataclass
@@ -51,6 +51,8 @@ class CostModel:
         for edit in graph.analysis.edits:
             if isinstance(edit, SliceTensor):
                 slices.setdefault(edit.attr, []).append(edit)
+            elif isinstance(edit, GroupedInput):  # a grouped conv's input: every conv group keeps the same share
+                slices.setdefault(edit.attr, []).append(SliceTensor(edit.attr, 1, edit.segments))
         params = dict(gm.named_parameters())
         counts = count(gm)
         self.flops_full, self.params_full = counts.flops, counts.params

@@ -24,7 +24,7 @@ from ..calib.batches import Batch
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
-from ..pipeline.grouped_conv import GroupedConsumer
+from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import prepare_gram
 
@@ -52,6 +52,8 @@ def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_si
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
     """One group's whole greedy REAP sequence, from plain tensors (runs on any executor)."""
+    if "partitions" in job:
+        return solve_curve_job(job)
     device = job.get("device", "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         device = "cpu"  # a worker without a GPU solves on its CPU
@@ -70,6 +72,10 @@ def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: f
     for gid, n in max_remove.items():
         group = graph.group(gid)
         if n <= 0:
+            continue
+        if group.grouped_conv:  # equal counts per conv group (see pipeline/grouped_conv.py)
+            jobs.append(curve_job(graph, group, stats, damp, n, device))
+            ids.append(gid)
             continue
         problems, _ = group_problems(graph, graph, group, stats, damp, {})
         jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale) for p in problems],
