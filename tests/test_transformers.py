@@ -144,3 +144,19 @@ def test_minilm_compressed_under_a_budget_saved_and_exported(tmp_path):
     assert cos.mean() > 0.8
     loaded = multinet.load(multinet.save(result.model, tmp_path / "minilm.mnet"))
     assert torch.equal(_hidden(loaded, data), _hidden(result.model, data))
+
+
+def test_pruned_model_counts_its_own_flops_and_magnitude_selects_heads():
+    """prune() records the pruned shapes (count() needs no example inputs), and magnitude scores a
+    head by all head_dim rows of q, k and v."""
+    model, data = _bert(), _data()
+    example = batches.as_args(batches.take(data, 0, 2), ["input_ids", "attention_mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        graph = multinet.trace(model, example, capture="export")
+    keep = {g.id: list(range(g.size // 2)) for g in graph.prunable_groups}
+    pruned = multinet.prune(graph, keep)
+    assert multinet.count(pruned).flops == multinet.count(pruned, example).flops < multinet.count(graph.module).flops
+    result = _compress(model, data, ratio=0.5, method="magnitude")
+    heads = [r for r in result.removed_channels() if "attention.self" in r["producers"][0]]
+    assert heads and all(len(r["removed"]) == 2 for r in heads)

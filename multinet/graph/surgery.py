@@ -17,6 +17,7 @@ from .axes import kept_positions
 from .edits import ATEN_SLICE, Balanced, GroupedInput, SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
 from .groups import ChannelGraph
 from .trace_api import trace
+from .tracing import propagate_shapes
 
 WeightSpec = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 
@@ -47,7 +48,25 @@ def prune(
         _set_consumer_weight(gm, graph, name, spec)
     gm.graph.lint()
     gm.recompile()
+    _refresh_shapes(gm, graph.example_inputs)
     return gm
+
+
+def _refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """The copied nodes still carry the unpruned shapes from tracing: record the pruned ones, so
+    that ``count(prune(...))`` is right without example inputs (one pass over the example, in eval
+    mode so that no BatchNorm statistics move)."""
+    if not example_inputs:
+        return
+    device = next((p.device for p in gm.parameters()), None)
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) and device is not None else t for t in example_inputs)
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        propagate_shapes(gm, inputs)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 def _local_keep(graph: ChannelGraph, keep: Mapping[int, object]) -> dict[int, torch.Tensor]:

@@ -6,12 +6,14 @@ import torch
 
 def magnitude_scores(group, producer_weights: dict[str, torch.Tensor], space_sizes: dict[int, int],
                      space_owner: dict[int, str]) -> torch.Tensor:
-    """L1 norm of each channel's producer filters, summed over the group's producers."""
+    """L1 norm of each channel's producer filters (all rows of a head), summed over the group's producers."""
     scores = torch.zeros(group.size, dtype=torch.float64)
     for space, offset in group.members:
         weight = producer_weights.get(space_owner[space])
         if weight is not None:
-            scores[offset : offset + space_sizes[space]] += weight.detach().abs().flatten(1).sum(1).double().cpu()
+            rows = weight.detach().abs().flatten(1).sum(1).double().cpu()
+            # an attention head is a block of head_dim consecutive producer rows
+            scores[offset : offset + space_sizes[space]] += rows.reshape(space_sizes[space], -1).sum(1)
     return scores
 
 
