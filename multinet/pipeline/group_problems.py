@@ -17,7 +17,8 @@ from ..errors import MultinetError
 from ..graph import ChannelGraph
 from ..solve import ConsumerProblem, reap_greedy_multi, reconstruct_multi
 from ..solve.pairs import unify_pairs
-from ..solve.problem import removed_columns
+from ..solve.problem import prepare_gram, removed_columns
+from ..solve.reap import invert
 from ..solve.selection import lowest, magnitude_scores, random_channels
 
 
@@ -64,20 +65,22 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         target = torch.cat([target, bias_ref[None]], 0)
         if not has_bias:
             gram, cross = gram[:-1, :-1], cross[:-1]
-        # the full-column least-squares fit of the original outputs is the weight REAP starts from
-        damped = gram + damp * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        weight = torch.linalg.solve(damped, cross @ target)
+        # the full-column least-squares fit of the original outputs is the weight REAP starts from; the
+        # solver starts from the same damped inverse (one factorisation, one damping rule)
+        inverse = invert(prepare_gram(gram, damp)[0], damp > 0)
+        rhs = cross.double() @ target
         scale = _output_scale(current.module, current, name)
-        if scale is not None and len(scale) != weight.shape[1]:
+        if scale is not None and len(scale) != rhs.shape[1]:
             scale = scale[outputs]  # a full-width model's BatchNorm still has the removed outputs
         if scale is not None:
-            weight = weight * scale[None]
-        energy = float((weight * (gram @ weight)).sum().clamp_min(1e-30))
+            rhs = rhs * scale[None]
+        weight = inverse @ rhs
+        energy = float((weight * rhs).sum().clamp_min(1e-30))  # w^T G w, as G w = rhs up to the damping
         slots = [sl for sl in group.consumers if sl.consumer == name]
         channels, columns = _merge_slots(slots)
         if column_index is not None:
             columns = column_index[name][columns]
-        problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy))
+        problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy, inverse))
         layout.append((name, tuple(w_cur.shape), has_bias, scale))
     return problems, layout
 
@@ -155,13 +158,15 @@ def solve_group(current: ChannelGraph, original: ChannelGraph, group, n_remove: 
     elif removed is None:  # REAP selects, and reconstructs on the way
         result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
         removed, weights = result.removed, result.weights
+        error = float(result.errors.sum())  # the steps' errors add up to the total: no m x m x d product
     elif method in ("magnitude+ls", "reap"):
         weights = reconstruct_multi(problems, removed, damp)
     else:
         weights = [zero_removed(p, removed) for p in problems]
     weights = [w.cpu() for w in weights]
     problems = [p.to("cpu") for p in problems]
-    error = relative_error(problems, weights)
+    if method != "reap" or preset is not None:
+        error = relative_error(problems, weights)
     if method in ("magnitude", "random"):
         return GroupSolution(removed, problems, None, layout, error)
     return GroupSolution(removed, problems, weights, layout, error)

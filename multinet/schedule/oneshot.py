@@ -78,7 +78,7 @@ def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: f
             ids.append(gid)
             continue
         problems, _ = group_problems(graph, graph, group, stats, damp, {})
-        jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale) for p in problems],
+        jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale, p.inverse) for p in problems],
                          size=group.size, n_remove=n, damp=damp, pieces=list(group.pieces), device=device))
         ids.append(gid)
     solved = dict(zip(ids, resolve_executor(executor).map(_solve_job, jobs)))

@@ -27,11 +27,15 @@ class ConsumerProblem:
     channels: torch.Tensor  # k group channels present in this consumer
     columns: torch.Tensor  # k x w: the columns each of those channels occupies
     scale: float = 1.0  # multiplies this consumer's errors (normalisation across consumers)
+    # the damped inverse of gram (``prepare_gram`` + ``invert``), when whoever built the problem already
+    # factored it to fit ``weight``: the solver then starts from it instead of inverting again
+    inverse: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> "ConsumerProblem":
         """The same problem with its tensors on ``device`` (solves run where the run's device is)."""
         return ConsumerProblem(self.gram.to(device), self.weight.to(device), self.channels.to(device),
-                               self.columns.to(device), self.scale)
+                               self.columns.to(device), self.scale,
+                               None if self.inverse is None else self.inverse.to(device))
 
     def validate(self) -> None:
         m = self.gram.shape[0]
@@ -45,8 +49,10 @@ class ConsumerProblem:
             raise SolverInputError(f"column indices must lie in 0..{m - 1}")
         if len(torch.unique(self.columns)) != self.columns.numel():
             raise SolverInputError("a column belongs to two channels")
+        if self.inverse is not None and self.inverse.shape != self.gram.shape:
+            raise SolverInputError(f"inverse must be {m} x {m} like the gram, got {tuple(self.inverse.shape)}")
         for name, t in (("gram", self.gram), ("weight", self.weight)):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise SolverInputError(f"{name} contains NaN or Inf: recalibrate (the activations overflowed)")
 
 
@@ -93,8 +99,7 @@ def prepare_gram(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
     g = gram.to(torch.float64, copy=True)
     g.add_(g.T.clone()).mul_(0.5)  # symmetric to the last bit, with one temporary instead of three
     diag = torch.diagonal(g)
-    scale = diag.abs().max().clamp_min(1e-300)
-    dead = diag <= 1e-12 * scale
+    dead = dead_columns(g)
     g[dead, :] = 0
     g[:, dead] = 0
     live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=g.dtype, device=g.device)
@@ -102,3 +107,15 @@ def prepare_gram(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.T
     g[idx, idx] += damp * live_mean
     g[dead, dead] = 1.0
     return g, dead
+
+
+def dead_columns(gram: torch.Tensor) -> torch.Tensor:
+    """Columns that are zero on every calibration row: diagonal below 1e-12 of the largest."""
+    diag = torch.diagonal(gram).to(torch.float64)
+    return diag <= 1e-12 * diag.abs().max().clamp_min(1e-300)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one reduction (a NaN or Inf makes the sum non-finite) instead of a
+    mask as large as ``t``; only a sum that overflows falls back to the element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

@@ -6,10 +6,15 @@ Inverse form. With Ginv = G^-1 and S the columns of a candidate channel:
     W     <- W - Ginv[:, S] (Ginv_SS)^-1 W_S
     Ginv  <- Ginv - Ginv[:, S] (Ginv_SS)^-1 Ginv[S, :]
 
-One inversion, then O(m^2 |S|) per removed channel instead of one least-squares solve per
-candidate per step. Per-step errors add up exactly to the total error (the residual of each
-step is orthogonal to everything the next step can change), so one greedy pass gives the whole
-error curve E(k).
+One inversion, then no least-squares solve per candidate per step. Per-step errors add up
+exactly to the total error (the residual of each step is orthogonal to everything the next step
+can change), so one greedy pass gives the whole error curve E(k).
+
+The downdated inverse is never written out: after t removals it is Ginv0 - Y U^T, with
+u = Ginv[:, S] and y = u (Ginv_SS)^-1 appended per step (m x |S| each). A step then needs only
+the removed channel's columns, Ginv0[:, S] - Y U[S]^T (O(m r |S|) for r columns removed so far,
+r <= m), instead of an m x m rank-|S| update of the whole inverse (O(m^2 |S|)); the candidates'
+diagonal blocks Ginv_bb, all that scoring reads, are downdated in a batch of |S|-rank updates.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import ConsumerProblem, SolverInputError, blocked_columns, finish, removed_columns, start
+from .problem import (ConsumerProblem, SolverInputError, blocked_columns, dead_columns, finish, removed_columns,
+                      start)
 
 
 @dataclass
@@ -54,35 +60,69 @@ def invert(gram: torch.Tensor, tolerate_rounding: bool = True) -> torch.Tensor:
     without it (no damping asked for) a singular matrix is an error."""
     chol, info = torch.linalg.cholesky_ex(gram)
     shift = ROUNDING * gram.diagonal().abs().max()
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     for _ in range(6 if tolerate_rounding else 0):
         if info.item() == 0:
             break
-        chol, info = torch.linalg.cholesky_ex(gram + shift * eye)
+        chol, info = torch.linalg.cholesky_ex(gram + torch.diag(shift.expand(len(gram))))
         shift = shift * 10
     if info.item() != 0:
         raise SolverInputError("statistics are singular even after damping: raise damp")
     return torch.cholesky_inverse(chol)
 
 
-def block_errors(ginv: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """err(S) for every candidate at once: columns is k x w, result has k entries."""
+def block_errors(blocks: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """err(S) for every candidate at once: ``blocks`` holds Ginv_SS per candidate (k x w x w),
+    columns is k x w; the result has k entries."""
     w_s = weight[columns]  # k x w x d
     if columns.shape[1] == 1:  # one column per channel: err = |w_c|^2 / Ginv_cc, no solves
-        return (w_s[:, 0] ** 2).sum(1) / ginv[columns[:, 0], columns[:, 0]]
-    blocks = ginv[columns[:, :, None], columns[:, None, :]]  # k x w x w
-    return (w_s * torch.linalg.solve(blocks, w_s)).sum((1, 2))
+        return (w_s[:, 0] ** 2).sum(1) / blocks[:, 0, 0]
+    # tr(W_S^T B^-1 W_S) = <B^-1, W_S W_S^T>: two batched GEMM-shaped products, ~8x faster on the CPU
+    # than a batched LU solve with d right-hand sides (the blocks are only w x w)
+    return (torch.linalg.inv(blocks) * (w_s @ w_s.transpose(1, 2))).sum((1, 2))
 
 
-def remove_block(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> None:
-    """Re-solve the weights without columns ``cols`` and downdate the inverse, in place."""
-    g_cs = ginv[:, cols]
-    b = ginv[cols][:, cols]
-    weight.addmm_(g_cs, torch.linalg.solve(b, weight[cols]), alpha=-1)
-    ginv.addmm_(g_cs, torch.linalg.solve(b, g_cs.T), alpha=-1)  # in place: no m x m temporary per step
-    weight[cols] = 0
-    ginv[cols, :] = 0
-    ginv[:, cols] = 0
+class DowndatedInverse:
+    """One consumer's working state during greedy removal: its inverse Gram after the removals so
+    far (as Ginv0 - Y U^T), the candidates' diagonal blocks of it, and the re-solved weight."""
+
+    def __init__(self, problem: ConsumerProblem, damp: float, capacity: int):
+        self.problem = problem
+        if problem.inverse is not None:  # solved once where the problem was built (same damping rule)
+            problem.validate()
+            self.ginv0, self.dead = problem.inverse.double(), dead_columns(problem.gram)
+            self.weight = problem.weight.to(torch.float64).clone()
+            self.weight[self.dead] = 0
+        else:
+            gram, self.dead, self.weight = start(problem, damp)
+            self.ginv0 = invert(gram, damp > 0)
+        m = len(self.ginv0)
+        capacity = min(capacity, m)
+        self.u = self.ginv0.new_zeros(m, capacity)
+        self.y = self.ginv0.new_zeros(m, capacity)
+        self.rank = 0
+        cols = problem.columns
+        self.blocks = self.ginv0[cols[:, :, None], cols[:, None, :]].clone()  # k x w x w
+
+    def errors(self, live: torch.Tensor) -> torch.Tensor:
+        """err of removing each live candidate channel (rows of problem.columns where ``live``)."""
+        return block_errors(self.blocks[live], self.weight, self.problem.columns[live])
+
+    def remove(self, cols: torch.Tensor) -> None:
+        """Re-solve the weight without columns ``cols`` and downdate the inverse's factors."""
+        r, s = self.rank, len(cols)
+        g = self.ginv0[:, cols] - self.y[:, :r] @ self.u[cols, :r].T  # current Ginv[:, S]
+        b = g[cols]
+        y = torch.linalg.solve(b, g.T).T  # Ginv[:, S] (Ginv_SS)^-1, m x s
+        self.weight.addmm_(y, self.weight[cols], alpha=-1)
+        self.weight[cols] = 0
+        if r + s > self.u.shape[1]:  # more columns than planned for (a channel in several slots)
+            self.u = torch.cat([self.u, self.u.new_zeros(len(self.u), r + s - self.u.shape[1])], 1)
+            self.y = torch.cat([self.y, self.y.new_zeros(len(self.y), r + s - self.y.shape[1])], 1)
+        self.u[:, r:r + s] = g
+        self.y[:, r:r + s] = y
+        self.rank = r + s
+        columns = self.problem.columns
+        self.blocks -= g[columns] @ y[columns].transpose(1, 2)  # every candidate's Ginv_bb, rank s
 
 
 def protected(alive: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -103,31 +143,29 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
     ``allow_all``: the group may lose every channel (its consumers also read other channels).
     """
     _check_counts(n_channels, n_remove, allow_all)
-    states = []
-    for p in problems:
-        gram, dead, weight = start(p, damp)
-        states.append((p, invert(gram, damp > 0), weight, dead))
+    states = [DowndatedInverse(p, damp, n_remove * p.columns.shape[1]) for p in problems]
     device = problems[0].gram.device if problems else torch.device("cpu")  # solve where the statistics live
     pieces = [piece.to(device) for piece in pieces]
     alive = torch.ones(n_channels, dtype=torch.bool, device=device)
     removed, errors = [], []
     for _ in range(n_remove):
         scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
-        for p, ginv, weight, _ in states:
+        for state in states:
+            p = state.problem
             live = alive[p.channels]
-            scores[p.channels[live]] += p.scale * block_errors(ginv, weight, p.columns[live])
+            scores[p.channels[live]] += p.scale * state.errors(live)
         scores[~alive | protected(alive, pieces)] = torch.inf
         if torch.isinf(scores).all():
             raise SolverInputError(f"cannot remove {n_remove} channels: every split piece must keep one")
         best = int(torch.argmin(scores))
-        for p, ginv, weight, _ in states:
-            rows = (p.channels == best).nonzero().flatten()
+        for state in states:
+            rows = (state.problem.channels == best).nonzero().flatten()
             if len(rows):
-                remove_block(ginv, weight, p.columns[rows].flatten())
+                state.remove(state.problem.columns[rows].flatten())
         alive[best] = False
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
-    weights = [finish(p, weight, dead, ~removed_columns(p, removed)) for p, _, weight, dead in states]
+    weights = [finish(st.problem, st.weight, st.dead, ~removed_columns(st.problem, removed)) for st in states]
     return ReapResult(removed, torch.stack(errors).cpu() if errors else torch.zeros(0, dtype=torch.float64),
                       weights, n_channels)
 
@@ -157,11 +195,10 @@ def reconstruct_multi(problems: list[ConsumerProblem], removed: list[int], damp:
     """Least-squares re-solve of every consumer once ``removed`` channels are gone (any selection)."""
     weights = []
     for p in problems:
-        gram, dead, weight = start(p, damp)
-        ginv = invert(gram, damp > 0)
+        state = DowndatedInverse(p, damp, len(removed) * p.columns.shape[1])
         for c in removed:
             rows = (p.channels == c).nonzero().flatten()
             if len(rows):
-                remove_block(ginv, weight, p.columns[rows].flatten())
-        weights.append(finish(p, weight, dead, ~removed_columns(p, removed)))
+                state.remove(p.columns[rows].flatten())
+        weights.append(finish(p, state.weight, state.dead, ~removed_columns(p, removed)))
     return weights
