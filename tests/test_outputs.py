@@ -184,8 +184,8 @@ def test_progress_in_a_log_is_plain_throttled_lines():
     clock.now = 15.0
     bar.close()
     lines = stream.getvalue().splitlines()
-    assert lines == ["reap: groups: 1/8 (12%), 0.0 s", "reap: groups: 4/8 (50%), 6.0 s",
-                     "reap: groups: 7/8 (88%), 12.0 s", "reap: groups: 8/8 (100%) done, 15.0 s"]
+    assert lines == ["reap: groups: 1/8 (12%), 0.0 s", "reap: groups: 4/8 (50%), 6.0 s, ETA 6.0 s",
+                     "reap: groups: 7/8 (88%), 12.0 s, ETA 1.7 s", "reap: groups: 8/8 (100%) done, 15.0 s"]
     quiet = io.StringIO()
     off = Bar(False, 8, "reap: groups", stream=quiet)
     off.advance()
@@ -199,3 +199,31 @@ def test_cli_progress_shows_in_a_log_unless_quiet(capsys):
     assert "reap: groups: 2/2 (100%) done" in capsys.readouterr().err  # stderr is no terminal here
     assert main(argv + ["--quiet"]) == 0
     assert "reap: groups" not in capsys.readouterr().err
+
+
+def test_progress_lines_carry_the_eta_and_what_is_being_worked_on():
+    stream, clock = io.StringIO(), _Clock()
+    bar = Bar(True, 4, "reap: groups", stream=stream, interval=5.0, clock=clock)
+    bar.note("group 0: calibrating conv1")  # the first line: nothing done yet, so no ETA
+    clock.now = 10.0
+    bar.advance()  # 1 of 4 in 10 s: 30 s to go
+    clock.now = 12.0
+    bar.note("group 1: calibrating conv2, batch 2/4, 640 samples/s")  # throttled: 2 s after the last line
+    clock.now = 16.0
+    bar.note("group 1: solving (8 of 16 channels)")
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "reap: groups: 0/4 (0%), 0.0 s - group 0: calibrating conv1",
+        "reap: groups: 1/4 (25%), 10.0 s, ETA 30.0 s - group 0: calibrating conv1",
+        "reap: groups: 1/4 (25%), 16.0 s, ETA 48.0 s - group 1: solving (8 of 16 channels)",
+        "reap: groups: 1/4 (25%) done, 16.0 s"]
+
+
+def test_sequential_compress_reports_each_group_it_calibrates(capsys):
+    import multinet
+    from multinet import data, zoo
+
+    x = data.load("digits").train_x[:96]
+    multinet.compress(zoo.create("vgg"), x, ratio=0.25, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "group 0" in err and "done" in err

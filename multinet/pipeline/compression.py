@@ -292,6 +292,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
         if preset is not None and len(preset) == group.size and not droppable(current, group):
             preset = preset[:-1]  # an earlier removal took away the other channels its readers had
             n_remove -= 1
+        bar.note(f"group {gid}: calibrating and solving {', '.join(group.consumer_names[:3])}")
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
                                                max_positions, damp, device, seed + gid, surviving, preset, executor)
         keep = sorted(set(range(group.size)) - set(removed))

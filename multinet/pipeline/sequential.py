@@ -152,6 +152,12 @@ def _module(gm: fx.GraphModule, name: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) and hasattr(module, "weight") else None
 
 
+def _short_names(names: list[str], limit: int = 3) -> str:
+    """The consumers being calibrated, for a progress line: the first few, then a count."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit})" if len(names) > limit else "")
+
+
 class SequentialPipeline:
     """The cached-input run over one model: frontier, statistics, solves, and the final surgery."""
 
@@ -197,15 +203,23 @@ class SequentialPipeline:
         positions = [self.cur.position[n] for s in specs for n in s.nodes]
         return min(positions), max(positions)
 
-    def statistics(self, group, seed: int, next_cut: int) -> tuple[dict[str, ConsumerStats], int]:
+    def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None
+                   ) -> tuple[dict[str, ConsumerStats], int]:
         """Gram and cross terms of the group's consumers from the frontier; leaves both frontiers at
-        the furthest point that the group's solve cannot change. Returns the stats and that point."""
+        the furthest point that the group's solve cannot change. Returns the stats and that point.
+        ``bar`` hears which consumers are being calibrated, how far and how fast."""
         first, last = self.span(group)
         cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
         specs = {s.name: s for s in consumer_specs(self.original, group.consumer_names)}
         nodes = {n: name for name, s in specs.items() for n in s.nodes}
         acc = {name: _Accumulator(s, s) for name, s in specs.items()}
+        what = _short_names(list(specs))
+        began, samples = time.perf_counter(), 0
         for b in range(len(self.batches)):
+            if bar is not None:
+                rate = samples / max(time.perf_counter() - began, 1e-9)
+                bar.note(f"group {group.id}: calibrating {what}, batch {b + 1}/{len(self.batches)}"
+                         + (f", {rate:,.0f} samples/s" if samples else ""))
             captured: dict[str, list] = {}
             ref_captured: dict[str, list] = {}
             watch = {n: (lambda x, name=name: captured.setdefault(name, []).append(x)) for n, name in nodes.items()}
@@ -228,6 +242,7 @@ class SequentialPipeline:
             self.cost.seconds["statistics"] += time.perf_counter() - start
             self.cur_store.put(b, snapshot)
             self.ref_store.put(b, ref_snapshot)
+            samples += batches.size(self.batches[b])
         stats = {name: a.stats for name, a in acc.items()}
         missing = [name for name, s in stats.items() if s is None]
         if missing:
@@ -284,7 +299,9 @@ class SequentialPipeline:
                 group = self.original.group(gid)
                 request = requests[gid]
                 next_cut = min((firsts[h] for h in order[i + 1:]), default=self.cur.end)
-                stats, cut = self.statistics(group, self.seed + gid, next_cut)
+                stats, cut = self.statistics(group, self.seed + gid, next_cut, bar)
+                bar.note(f"group {gid}: solving ({request if isinstance(request, int) else len(request)} of "
+                         f"{group.size} channels)")
                 start = time.perf_counter()
                 keep_rows, index_of = {}, {}
                 for name in list(stats):

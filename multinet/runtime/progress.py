@@ -13,9 +13,10 @@ LOG_INTERVAL_S = 5.0  # at most one plain line per bar this often
 
 
 class Bar:
-    """``enabled``: show progress at all. On a terminal (``stream.isatty()``) a transient rich bar;
-    otherwise lines like ``reap: groups 3/8 (38%), 12.3 s`` at most every ``interval`` seconds, and
-    one when the work ends."""
+    """``enabled``: show progress at all. On a terminal (``stream.isatty()``) a transient rich bar
+    (with its time-remaining column); otherwise lines like
+    ``reap: groups: 3/8 (38%), 12.3 s, ETA 20.5 s - group 4: 1,024 samples/s`` at most every
+    ``interval`` seconds, and one when the work ends. ``note`` says what is being worked on now."""
 
     def __init__(self, enabled: bool, total: float, description: str, stream: TextIO | None = None,
                  interval: float = LOG_INTERVAL_S, clock=time.monotonic):
@@ -23,6 +24,7 @@ class Bar:
         self.lines: _Lines | None = None
         if not enabled:
             return
+        self.description = description
         stream = stream if stream is not None else sys.stderr
         if _is_terminal(stream):
             from rich.console import Console
@@ -45,6 +47,14 @@ class Bar:
             self.bar.update(self.task, completed=completed)
         elif self.lines is not None:
             self.lines.update(completed)
+
+    def note(self, text: str) -> None:
+        """What the work is doing now (which group is being calibrated, at what rate)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.description} - {text}")
+        elif self.lines is not None:
+            self.lines.note = text
+            self.lines.update(self.lines.completed)  # a long step still shows up in a log, throttled
 
     def close(self) -> None:
         if self.bar is not None:
@@ -71,6 +81,7 @@ class _Lines:
         self.completed = 0.0
         self.start = clock()
         self.last: float | None = None
+        self.note = ""
 
     def update(self, completed: float) -> None:
         self.completed = completed
@@ -89,5 +100,10 @@ class _Lines:
             count = f"{self.completed:,.0f}/{self.total:,.0f}{share}"
         else:
             count = f"{self.completed:,.0f}"
-        status = f"{count} done" if done else count
-        print(f"{self.description}: {status}, {now - self.start:.1f} s", file=self.stream, flush=True)
+        elapsed = now - self.start
+        line = f"{self.description}: {count}{' done' if done else ''}, {elapsed:.1f} s"
+        if not done and self.total and 0 < self.completed < self.total and elapsed > 0:
+            line += f", ETA {elapsed / self.completed * (self.total - self.completed):.1f} s"
+        if self.note and not done:
+            line += f" - {self.note}"
+        print(line, file=self.stream, flush=True)
