@@ -68,6 +68,20 @@ def test_compress_on_ray_equals_in_process(cluster, calib):
         torch.testing.assert_close(there.model(calib[:64]), here.model(calib[:64]), atol=1e-4, rtol=1e-4)
 
 
+def test_sequential_pipeline_is_data_parallel_on_ray_and_equals_in_process(cluster, calib):
+    """Two workers each hold half the batches and their frontier (a residual stream spans segments in
+    the zoo ResNet); the driver adds their partial statistics and sends back new weights."""
+    here = multinet.compress(zoo.create("resnet"), calib, ratio=0.3, max_positions=16, batch_size=64)
+    executor = RayExecutor(num_gpus=0)
+    assert executor.workers == 2
+    there = multinet.compress(zoo.create("resnet"), calib, ratio=0.3, max_positions=16, batch_size=64,
+                              executor=executor)
+    assert there.cost is not None and there.cost.passes == pytest.approx(here.cost.passes)  # the pipeline ran
+    assert [r.removed for r in there.groups] == [r.removed for r in here.groups]
+    with torch.no_grad():
+        torch.testing.assert_close(there.model(calib[:64]), here.model(calib[:64]), atol=1e-4, rtol=1e-4)
+
+
 def test_resources_the_cluster_lacks_fail_at_once(cluster):
     # refused by checking the cluster's resources up front: a Ray task asking for them would wait forever
     with pytest.raises(ExecutorError, match="cannot run these jobs"):

@@ -120,7 +120,9 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     pass of the original model's statistics (the cheapest, less accurate: errors are not corrected
     downstream; with a budget it reuses the scheduler's statistics). "reference" is the sequential computation
     with two whole-model passes per group (the path the pipeline is tested against; also what runs
-    on a Ray executor and when a group is removed whole).
+    when a group is removed whole). On a Ray executor the sequential pipeline is data-parallel: each
+    worker holds a shard of the calibration batches and its frontier, the driver adds their partial
+    statistics, solves, and sends back the consumers' new weights.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -203,9 +205,9 @@ def _removes_a_whole_group(original: ChannelGraph, requests) -> bool:
 
 
 def _pipeline_applies(original: ChannelGraph, requests, mode: str, executor) -> bool:
-    """The cached-input pipeline runs in-process and keeps every group."""
-    return (mode == "sequential" and getattr(executor, "name", "local") == "local"
-            and not _removes_a_whole_group(original, requests))
+    """The cached-input pipeline (in-process, or data-parallel over a Ray executor's workers) keeps
+    every group; a run that removes a whole group takes the reference path."""
+    return mode == "sequential" and not _removes_a_whole_group(original, requests)
 
 
 def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example, ctx, plan, batch_size: int,
@@ -230,7 +232,7 @@ def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example
     """Group by group from cached inputs (see sequential.py); resumes after the last finished group."""
     pipeline = SequentialPipeline(original, data, batch_size=batch_size, max_positions=max_positions, damp=damp,
                                   device=device, seed=seed, memory_limit=memory, store_dtype=store_dtype,
-                                  progress=progress)
+                                  progress=progress, executor=executor)
     reports: list[GroupReport] = []
     surviving: dict[str, torch.Tensor] = {}
     finished: list[int] = []

@@ -21,6 +21,7 @@ costs one extra run of that stage.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -31,12 +32,14 @@ import torch.nn as nn
 
 from ..calib import consumer_specs, iterate_batches
 from ..calib import batches
-from ..calib.frontier import ActivationStore, GraphRunner
-from ..calib.stats import BatchGrams, ConsumerStats, warn_few_rows
+from ..calib.frontier import GraphRunner
+from ..calib.stats import ConsumerStats, warn_few_rows
 from ..errors import MultinetError
 from ..graph import ChannelGraph, prune, trace
+from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..solve.problem import removed_columns
+from .frontier_shard import FrontierShard
 from .group_problems import GroupSolution, solve_group
 from .grouped_conv import GroupedSolution, write_grouped_full_width, zero_grouped_columns
 
@@ -55,13 +58,6 @@ class PipelineStats:
     def passes(self) -> float:
         """Forward passes of one model over the calibration set the run amounted to (both models)."""
         return (self.compressed_nodes + self.original_nodes) / max(self.nodes, 1)
-
-
-@dataclass
-class _Accumulator:
-    spec: object
-    ref_spec: object
-    stats: ConsumerStats | None = None
 
 
 def track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
@@ -144,6 +140,20 @@ def zero_columns(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[st
         weight.data = flat.reshape(weight.shape)
 
 
+def consumer_tensors(gm: fx.GraphModule, names) -> dict[str, torch.Tensor]:
+    """The consumers' weights (and biases) by parameter name: all a shard needs after a solve."""
+    out = {}
+    for name in names:
+        module = _module(gm, name)
+        if module is None:
+            out[name] = gm.get_parameter(name).detach().cpu()
+            continue
+        out[f"{name}.weight"] = module.weight.detach().cpu()
+        if getattr(module, "bias", None) is not None:
+            out[f"{name}.bias"] = module.bias.detach().cpu()
+    return out
+
+
 def _module(gm: fx.GraphModule, name: str) -> nn.Module | None:
     try:
         module = gm.get_submodule(name)
@@ -158,31 +168,62 @@ def _short_names(names: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit})" if len(names) > limit else "")
 
 
+def _make_shard(model, batches, first_batch, **options) -> FrontierShard:
+    return FrontierShard(model, batches, first_batch, **options)
+
+
+def _tree_sum(parts: list[dict[str, tuple]]) -> dict[str, ConsumerStats]:
+    """Add the shards' partial statistics pairwise (a tree: rounding grows with log2 of the shards)."""
+    level = [{name: ConsumerStats(*t) for name, t in part.items()} for part in parts]
+    while len(level) > 1:
+        merged = []
+        for left, right in zip(level[::2], level[1::2]):
+            for name, s in right.items():
+                if name in left:
+                    left[name].add(s)
+                else:
+                    left[name] = s
+            merged.append(left)
+        if len(level) % 2:
+            merged.append(level[-1])
+        level = merged
+    return level[0] if level else {}
+
+
 class SequentialPipeline:
-    """The cached-input run over one model: frontier, statistics, solves, and the final surgery."""
+    """The cached-input run over one model: frontier shards, statistics, solves, and the final surgery.
+
+    The calibration batches are split over ``executor``'s workers (one shard in-process, the
+    default); each shard runs the segments over its batches and returns partial sums, which are
+    added here; the solve runs here and only the consumers' new weights go back to the shards."""
 
     def __init__(self, original: ChannelGraph, data, *, batch_size: int, max_positions: int | None, damp: float,
                  device: str, seed: int, memory_limit: int | None = None, store_dtype: torch.dtype | None = None,
-                 spill_dir=None, progress: bool = False):
+                 spill_dir=None, progress: bool = False, executor=None):
         self.original = original
         self.work = copy.deepcopy(original.module).to(device).eval()
-        self.reference = copy.deepcopy(original.module).to(device).eval()
         self.graph = replace(original, module=self.work)  # the original's analysis over the full-width model
-        self.cur = GraphRunner(self.work)
-        self.ref = GraphRunner(self.reference)
-        self.batches = list(iterate_batches(data, batch_size))
-        self.max_positions, self.damp, self.device, self.seed = max_positions, damp, device, seed
-        self.cur_store = ActivationStore(memory_limit, store_dtype, spill_dir)
-        self.ref_store = ActivationStore(memory_limit, store_dtype, spill_dir)
+        self.cur = GraphRunner(self.work)  # node positions; the shards run the nodes
+        self.damp, self.device, self.seed = damp, device, seed
         self.progress = progress
+        all_batches = list(iterate_batches(data, batch_size))
+        self.n_batches = len(all_batches)
+        self.local = executor is None or getattr(executor, "name", "local") == "local"
+        options = dict(max_positions=max_positions, device=device, memory_limit=memory_limit,
+                       store_dtype=store_dtype, spill_dir=spill_dir)
+        if self.local:
+            self.shards = LocalShards([FrontierShard(original.module, all_batches, 0, **options)])
+        else:  # the calibration data crosses to the workers once, the model once, as checked model bytes
+            from ..io import to_bytes
+
+            n = max(1, min(executor.workers, len(all_batches)))
+            bounds = [round(i * len(all_batches) / n) for i in range(n + 1)]
+            model = to_bytes(original.module)
+            self.shards = executor.shards(functools.partial(_make_shard, **options),
+                                          [(model, all_batches[lo:hi], lo) for lo, hi in zip(bounds, bounds[1:])])
         self.cost = PipelineStats(nodes=self.cur.end, seconds={"forward": 0.0, "statistics": 0.0, "solve": 0.0,
                                                                "surgery": 0.0})
-        names = [p.name for p in self.cur.placeholders]
-        self.masks = [batches.padding_mask(batches.to_device(b, device), names) for b in self.batches]
-        for i, batch in enumerate(self.batches):
-            self.cur_store.put(i, self.cur.start(batches.to_device(batch, device)))
-            self.ref_store.put(i, self.ref.start(batches.to_device(batch, device)))
-        self.position = 0  # both frontiers are at this node
+        self.samples = sum(batches.size(b) for b in all_batches)
 
     def resume_from(self, work: fx.GraphModule) -> None:
         """Continue a killed run: its full-width model after the last finished group; the frontier
@@ -190,11 +231,17 @@ class SequentialPipeline:
         self.work = work.to(self.device).eval()
         self.graph = replace(self.original, module=self.work)
         self.cur = GraphRunner(self.work)
+        self.shards.call("restart", {k: v.detach().cpu() for k, v in self.work.named_parameters()})
 
     def close(self) -> None:
-        self.cost.spilled = self.cur_store.spilled + self.ref_store.spilled
-        self.cur_store.close()
-        self.ref_store.close()
+        reports = self.shards.call("report")
+        self.cost.compressed_nodes = sum(r["node_batches"]["compressed"] for r in reports) / max(self.n_batches, 1)
+        self.cost.original_nodes = sum(r["node_batches"]["original"] for r in reports) / max(self.n_batches, 1)
+        for phase in ("forward", "statistics"):  # shards run side by side: the slowest one's time
+            self.cost.seconds[phase] = max(r["seconds"][phase] for r in reports)
+        self.cost.spilled = sum(r["spilled"] for r in reports)
+        self.shards.call("close")
+        self.shards.close()
 
     # --- one group -------------------------------------------------------------------------
 
@@ -205,83 +252,37 @@ class SequentialPipeline:
 
     def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None
                    ) -> tuple[dict[str, ConsumerStats], int]:
-        """Gram and cross terms of the group's consumers from the frontier; leaves both frontiers at
-        the furthest point that the group's solve cannot change. Returns the stats and that point.
-        ``bar`` hears which consumers are being calibrated, how far and how fast."""
+        """Gram and cross terms of the group's consumers from the frontier, summed over the shards;
+        leaves both frontiers at the furthest point that the group's solve cannot change. Returns the
+        stats and that point. ``bar`` hears which consumers are being calibrated, how far and how fast."""
         first, last = self.span(group)
         cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
-        specs = {s.name: s for s in consumer_specs(self.original, group.consumer_names)}
-        nodes = {n: name for name, s in specs.items() for n in s.nodes}
-        acc = {name: _Accumulator(s, s) for name, s in specs.items()}
-        what = _short_names(list(specs))
-        began, samples = time.perf_counter(), 0
-        for b in range(len(self.batches)):
-            if bar is not None:
-                rate = samples / max(time.perf_counter() - began, 1e-9)
-                bar.note(f"group {group.id}: calibrating {what}, batch {b + 1}/{len(self.batches)}"
-                         + (f", {rate:,.0f} samples/s" if samples else ""))
-            captured: dict[str, list] = {}
-            ref_captured: dict[str, list] = {}
-            watch = {n: (lambda x, name=name: captured.setdefault(name, []).append(x)) for n, name in nodes.items()}
-            ref_watch = {n: (lambda x, name=name: ref_captured.setdefault(name, []).append(x))
-                         for n, name in nodes.items()}
-            start = time.perf_counter()
-            env = self.cur_store.get(b)
-            snapshot = self._run(self.cur, env, self.position, cut, watch)
-            self._run(self.cur, snapshot, cut, last + 1, watch)
-            ref_env = self.ref_store.get(b)
-            if next_cut <= last + 1:
-                ref_snapshot = self._run(self.ref, ref_env, self.position, next_cut, ref_watch, reference=True)
-                self._run(self.ref, ref_snapshot, next_cut, last + 1, ref_watch, reference=True)
-            else:
-                ahead = self._run(self.ref, ref_env, self.position, last + 1, ref_watch, reference=True)
-                ref_snapshot = self._run(self.ref, ahead, last + 1, next_cut, {}, reference=True)
-            self.cost.seconds["forward"] += time.perf_counter() - start
-            start = time.perf_counter()
-            self._accumulate(acc, captured, ref_captured, b, seed)
-            self.cost.seconds["statistics"] += time.perf_counter() - start
-            self.cur_store.put(b, snapshot)
-            self.ref_store.put(b, ref_snapshot)
-            samples += batches.size(self.batches[b])
-        stats = {name: a.stats for name, a in acc.items()}
-        missing = [name for name, s in stats.items() if s is None]
+        specs = consumer_specs(self.original, group.consumer_names)
+        what = _short_names([s.name for s in specs])
+        began = time.perf_counter()
+        on_batch = None
+        if bar is not None:
+            if self.local:
+                def on_batch(done: int, samples: int) -> None:
+                    rate = samples / max(time.perf_counter() - began, 1e-9)
+                    bar.note(f"group {group.id}: calibrating {what}, batch {done}/{self.n_batches}, "
+                             f"{rate:,.0f} samples/s")
+            bar.note(f"group {group.id}: calibrating {what}"
+                     + ("" if self.local else f" on {len(self.shards.actors)} workers"))
+        parts = self.shards.call("statistics", specs, cut, last, next_cut, seed, on_batch)
+        stats = _tree_sum(parts)
+        if bar is not None and not self.local:
+            bar.note(f"group {group.id}: calibrated {what}, "
+                     f"{self.samples / max(time.perf_counter() - began, 1e-9):,.0f} samples/s")
+        missing = [s.name for s in specs if s.name not in stats]
         if missing:
             raise MultinetError(f"consumers never ran on the calibration data: {missing}")
         warn_few_rows(stats)
         return stats, cut
 
-    def _accumulate(self, acc, captured, ref_captured, batch_index: int, seed: int) -> None:
-        grams = BatchGrams(self.max_positions, seed * 1_000_003 + batch_index * 101,  # the reference's positions
-                           mask=self.masks[batch_index])
-        for name, inputs in captured.items():
-            a = acc[name]
-            for call, x in enumerate(inputs):
-                part = grams.stats(name, a.spec, x, call, a.ref_spec, ref_captured[name][call])
-                part.gram, part.cross = part.gram.cpu(), part.cross.cpu()
-                if a.stats is None:
-                    a.stats = part
-                else:
-                    a.stats.add(part)
-
-    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, reference: bool = False):
-        if stop <= start:
-            return env
-        ran = sum(1 for i in range(start, stop) if runner.nodes[i].op != "placeholder")
-        if reference:
-            self.cost.original_nodes += ran / len(self.batches)
-        else:
-            self.cost.compressed_nodes += ran / len(self.batches)
-        with torch.no_grad():
-            return runner.run(env, start, stop, watch)
-
     def advance(self, cut: int, next_cut: int) -> None:
-        """After a solve: the compressed model's frontier runs from ``cut`` (unchanged by the solve)
-        to ``next_cut`` with the new weights; the original's is already there."""
-        start = time.perf_counter()
-        for b in range(len(self.batches)):
-            self.cur_store.put(b, self._run(self.cur, self.cur_store.get(b), cut, next_cut, {}))
-        self.cost.seconds["forward"] += time.perf_counter() - start
-        self.position = next_cut
+        self.shards.call("advance", cut, next_cut)
+
 
     # --- the whole run ---------------------------------------------------------------------
 
@@ -315,6 +316,7 @@ class SequentialPipeline:
                     write_full_width(self.work, solution, keep_rows, surviving)
                 else:
                     zero_columns(self.work, solution, keep_rows)
+                self.shards.call("load", consumer_tensors(self.work, group.consumer_names))
                 track_outputs(self.original, group, sorted(set(range(group.size)) - set(solution.removed)),
                               surviving)
                 self.cost.seconds["solve"] += time.perf_counter() - start

@@ -40,6 +40,33 @@ class Executor(Protocol):
         """Free what map_with holds (its workers keep their CPUs/GPUs until then)."""
         ...
 
+    def shards(self, factory: Callable[..., Any], per_worker: list[tuple]) -> "Shards":
+        """One long-lived object per entry of ``per_worker``, built by ``factory(*args)`` where it
+        lives (a Ray actor, or this process); ``Shards.call`` runs a method on all of them."""
+        ...
+
+
+class Shards(Protocol):
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """``getattr(shard, method)(*args)`` on every shard at once; results in shard order."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class LocalShards:
+    """Shards in this process: plain objects, called one after another."""
+
+    def __init__(self, objects: list[Any]):
+        self.objects = objects
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(o, method)(*args) for o in self.objects]
+
+    def close(self) -> None:
+        self.objects = []
+
 
 class LocalExecutor:
     """Runs jobs here, one after another: deterministic, and no process start-up to pay."""
@@ -60,6 +87,9 @@ class LocalExecutor:
     def release(self) -> None:
         pass
 
+    def shards(self, factory, per_worker):
+        return LocalShards([factory(*args) for args in per_worker])
+
 
 def fetch(obj: Any) -> Any:
     """The object behind a handle from ``put`` (a Ray object reference, or the object itself)."""
@@ -68,6 +98,32 @@ def fetch(obj: Any) -> Any:
     except ImportError:
         return obj
     return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
+
+
+class _ShardActor:
+    """A Ray actor holding one shard: built once, then called method by method."""
+
+    def __init__(self, factory, args):
+        self.shard = factory(*[fetch(a) for a in args])
+
+    def call(self, method, args):
+        return getattr(self.shard, method)(*[fetch(a) for a in args])
+
+
+class RayShards:
+    """Shards as Ray actors; arguments are put in the object store once and shared by all of them."""
+
+    def __init__(self, ray, actors):
+        self._ray, self.actors = ray, actors
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        shared = [self._ray.put(a) for a in args]  # one copy in the object store, however many actors
+        return self._ray.get([a.call.remote(method, shared) for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
 
 
 class _Stateful:
@@ -146,6 +202,12 @@ class RayExecutor:
             shared = [self._ray.put(a) for a in args]
             self._pools = {key: ActorPool([actor.remote(setup, shared) for _ in range(self.workers)])}
         return list(self._pools[key].map(lambda a, item: a.call.remote(fn, item), list(items)))
+
+    def shards(self, factory, per_worker):
+        actor = self._ray.remote(_ShardActor).options(num_cpus=self.options["num_cpus"],
+                                                      num_gpus=self.options["num_gpus"],
+                                                      resources=self.options["resources"])
+        return RayShards(self._ray, [actor.remote(factory, [self._ray.put(a) for a in args]) for args in per_worker])
 
     def release(self) -> None:
         """Kill the pool's actors: they hold their CPUs/GPUs, which tasks may need next."""
