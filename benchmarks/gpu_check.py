@@ -1,15 +1,26 @@
-"""GPU check for the device machine: the Gram-Schmidt solver and calibration on CUDA.
+"""The one script a GPU run needs: solvers, calibration and whole compression runs on CUDA vs the CPU.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py [--device cuda] [--quick]
 
-Prints, for growing problem sizes, the REAP inverse form on CPU vs the Gram-Schmidt form on
-CUDA (same removal order? max error difference? times), then calibrates a zoo model on CUDA and
-compares the statistics with the CPU ones. Exits 1 on any mismatch, 0 when all agree.
+1. REAP solvers: the inverse form on the CPU, the inverse form on the device and the Gram-Schmidt
+   form on the device, for growing problems: same removal order, error difference, times. (The
+   measurement that picks the form for the device.)
+2. Calibration statistics of a zoo model on the device vs the CPU.
+3. Whole runs on the device vs the CPU, zoo ResNet: sequential pipeline, one-shot, and a FLOPs budget
+   with the auto schedule: same removed channels, accuracy.
+4. Scale: ResNet-50 (benchmarks/scale.py's model, random weights) compressed on the device, in
+   units of one plain forward pass there, with the pipeline's phase breakdown.
+
+``--device cpu`` runs the same checks with the CPU as the "device" (a dry run of the script on a
+machine without a GPU). Exits 1 on any mismatch, 0 when all agree (or when there is no device).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -19,43 +30,113 @@ from multinet.calib import collect, consumer_specs
 from multinet.solve import reap_greedy, reap_greedy_gs
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check")
-        return 0
-    print(torch.cuda.get_device_name(0), "torch", torch.__version__)
+def timed(fn, device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def check_solvers(device: str, quick: bool) -> bool:
     ok = True
-    for channels, block in ((64, 1), (256, 1), (64, 9), (128, 9)):
+    sizes = ((64, 1), (64, 9)) if quick else ((64, 1), (512, 1), (64, 9), (256, 9), (512, 9))
+    for channels, block in sizes:
         gen = torch.Generator().manual_seed(0)
         m = channels * block
-        x = torch.randn(4 * m, m, generator=gen, dtype=torch.float64)
-        gram, weight = x.T @ x, torch.randn(m, 64, generator=gen, dtype=torch.float64)
-        steps = channels // 2
-        start = time.perf_counter()
-        cpu = reap_greedy(gram, weight, steps, block=block)
-        t_cpu = time.perf_counter() - start
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        gpu = reap_greedy_gs(gram.cuda(), weight.cuda(), steps, block=block, chunk=channels)
-        torch.cuda.synchronize()
-        t_gpu = time.perf_counter() - start
-        same = cpu.removed == gpu.removed
-        diff = (cpu.errors - gpu.errors).abs().max().item() / cpu.errors.abs().max().item()
-        ok &= same and diff < 1e-6
-        print(f"C={channels:4d} block={block}: inverse CPU {t_cpu:7.3f}s  GS CUDA {t_gpu:7.3f}s  "
-              f"same order {same}  max rel error diff {diff:.1e}")
+        x = torch.randn(2 * m, m, generator=gen, dtype=torch.float64)
+        gram, weight = x.T @ x, torch.randn(m, 256, generator=gen, dtype=torch.float64)
+        steps = channels // 3
+        cpu, t_cpu = timed(lambda: reap_greedy(gram, weight, steps, block=block), "cpu")
+        inv, t_inv = timed(lambda: reap_greedy(gram.to(device), weight.to(device), steps, block=block), device)
+        line = (f"C={channels:4d} block={block} m={m:5d}: inverse CPU {t_cpu:7.3f}s  inverse {device} {t_inv:7.3f}s"
+                f"  same order {cpu.removed == inv.removed}")
+        ok &= cpu.removed == inv.removed
+        if m <= 1024:  # the Gram-Schmidt form factors one m x m Gram per candidate: only small problems
+            gs, t_gs = timed(lambda: reap_greedy_gs(gram.to(device), weight.to(device), steps, block=block,
+                                                    chunk=max(1, 2**26 // (m * m))), device)
+            diff = (cpu.errors - gs.errors.cpu()).abs().max().item() / cpu.errors.abs().max().item()
+            ok &= cpu.removed == gs.removed and diff < 1e-6
+            line += f"  |  GS {device} {t_gs:7.3f}s same order {cpu.removed == gs.removed} err diff {diff:.1e}"
+        print(line)
+    return ok
+
+
+def check_calibration(device: str) -> bool:
+    ok = True
     split = data.load("digits")
     graph = multinet.trace(zoo.create("resnet"), split.train_x[:2])
     names = graph.prunable_groups[0].consumer_names
     specs = consumer_specs(graph, names)
     cpu_stats = collect(graph.module, specs, split.train_x[:512])
-    gpu_stats = collect(graph.module, specs, split.train_x[:512], device="cuda")
+    dev_stats = collect(graph.module, specs, split.train_x[:512], device=device)
     for name in names:
-        rel = ((cpu_stats[name].gram - gpu_stats[name].gram).abs().max() / cpu_stats[name].gram.abs().max()).item()
+        rel = ((cpu_stats[name].gram - dev_stats[name].gram.cpu()).abs().max()
+               / cpu_stats[name].gram.abs().max()).item()
         ok &= rel < 1e-5
-        print(f"calibration `{name}` CUDA vs CPU max rel diff {rel:.1e}")
-    result = multinet.compress(zoo.create("resnet"), split.train_x[:512], ratio=0.5, device="cuda")
-    print(f"compress on CUDA: accuracy {data.accuracy(result.model.cpu(), split.test_x, split.test_y):.3f}")
+        print(f"calibration `{name}` {device} vs CPU max rel diff {rel:.1e}")
+    return ok
+
+
+def check_runs(device: str) -> bool:
+    ok = True
+    split = data.load("digits")
+    x = split.train_x[:1024]
+    for label, kwargs in (("sequential, ratio 0.3", dict(ratio=0.3)),
+                          ("one-shot, ratio 0.3", dict(ratio=0.3, mode="oneshot")),
+                          ("sequential, auto, 50 % FLOPs", dict(budget=multinet.Budget(flops=0.5)))):
+        model = zoo.create("resnet")
+        cpu = multinet.compress(model, x, max_positions=64, eval_samples=256, **kwargs)
+        dev, seconds = timed(lambda: multinet.compress(model, x, max_positions=64, eval_samples=256, device=device,
+                                                       **kwargs), device)
+        same = [g.removed for g in cpu.groups] == [g.removed for g in dev.groups]
+        acc_cpu = data.accuracy(cpu.model, split.test_x, split.test_y)
+        acc_dev = data.accuracy(dev.model.cpu(), split.test_x, split.test_y)
+        ok &= abs(acc_cpu - acc_dev) <= 0.01  # near-ties may resolve differently on another device
+        print(f"{label}: {device} {seconds:.1f}s, same removals {same}, accuracy {device} {acc_dev:.3f} "
+              f"CPU {acc_cpu:.3f}")
+    return ok
+
+
+def check_scale(device: str, images: int, size: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import build
+
+    model, example = build("resnet50", size)
+    model = model.to(device)
+    x = (example.repeat(images, 1, 1, 1) + 0.1 * torch.randn(images, *example.shape[1:])).to(device)
+    with torch.no_grad():
+        model(x[:8])
+        _, forward = timed(lambda: [model(x[i:i + 32]) for i in range(0, images, 32)], device)
+    for mode in ("sequential", "oneshot"):
+        result, seconds = timed(lambda: multinet.compress(model, x, ratio=0.3, batch_size=32, max_positions=64,
+                                                          eval_samples=images, device=device, mode=mode), device)
+        phases = ", ".join(f"{k} {v / forward:.1f}" for k, v in (result.cost.seconds or {}).items()) \
+            if result.cost is not None else ""
+        print(f"ResNet-50 {images} images at {size}x{size}, {mode}: {seconds / forward:.1f} forward passes "
+              f"(pass {forward:.3f}s){'; ' + phases if phases else ''}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="small problems only, no scale run")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 0
+    if args.device.startswith("cuda"):
+        print(torch.cuda.get_device_name(0), "torch", torch.__version__)
+    ok = check_solvers(args.device, args.quick)
+    ok &= check_calibration(args.device)
+    ok &= check_runs(args.device)
+    if not args.quick:
+        check_scale(args.device, args.images, args.size)
     print("ALL OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -1,12 +1,14 @@
-"""Calibration on Ray: throughput with 1 vs 2 workers, and Ray's overhead on a small job.
+"""Calibration and whole compression runs on Ray: 1 vs 2 workers, and Ray's overhead.
 
-    python benchmarks/ray_scaling.py [--samples 4096]
+    python benchmarks/ray_scaling.py [--samples 4096] [--compress-samples 2048]
 
-The job is the scheduler's one-shot statistics pass for the zoo ResNet (every consumer of every
-prunable group, 256 positions per image): in this process (torch using both cores), and sharded
-over a Ray cluster started here with 2 CPUs, as 1 job (a task asking for both CPUs) or 2 jobs
-(one CPU each). Each configuration runs 3 times; the median is reported. Writes
-benchmarks/results/ray.md.
+Statistics: the scheduler's one-shot statistics pass for the zoo ResNet (every consumer of every
+prunable group, 256 positions per image). Whole run: ``multinet.compress(ratio=0.3)`` of the zoo
+ResNet, the cached-input sequential pipeline, whose calibration batches and frontier are split over
+the Ray workers (the driver adds their partial statistics and solves). Each runs in this process
+(torch using both cores) and on a Ray cluster started here with 2 CPUs, as 1 worker (asking for both
+CPUs) or 2 workers (one CPU each); 3 times each, the median is reported, and the Ray runs' removed
+channels are checked against the in-process run. Writes benchmarks/results/ray.md.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def timed(fn, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--compress-samples", type=int, default=2048)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     x = data.load("digits").train_x
@@ -67,14 +70,37 @@ def main() -> None:
         n = len(samples)
         rows.append(f"| {label}: {n:,} images | {n / local:,.0f} | {n / ray1:,.0f} | {n / ray2:,.0f} | "
                     f"{ray1 / local:.2f}× | {ray1 / ray2:.2f}× |")
+    runs = compress_rows(torch.cat([x] * (args.compress_samples // len(x) + 1))[: args.compress_samples], one, two)
     ray.shutdown()
     text = ("# Calibration on Ray (zoo ResNet, all consumers, 256 positions/image; 2 cores)\n\n"
             "Command: `python benchmarks/ray_scaling.py`\n\n"
             "| job | in-process images/s | Ray, 1 job images/s | Ray, 2 jobs images/s | Ray 1 job / in-process time | "
-            "speed-up 1 → 2 jobs |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "speed-up 1 → 2 jobs |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"## A whole compression run (zoo ResNet, ratio 0.3, sequential pipeline, "
+            f"{args.compress_samples:,} images)\n\n"
+            "| run | seconds | / in-process | same channels as in-process |\n|---|---|---|---|\n"
+            + "\n".join(runs) + "\n")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ray.md").write_text(text)
     print(text)
+
+
+def compress_rows(samples, one, two) -> list[str]:
+    """In-process vs 1 and 2 Ray workers for a whole compress run; the same removals are expected."""
+    import multinet
+
+    def run(executor):
+        return multinet.compress(zoo.create("resnet"), samples, ratio=0.3, batch_size=128, max_positions=64,
+                                 eval_samples=256, executor=executor)
+
+    reference = run(LocalExecutor())
+    rows, base = [], None
+    for label, executor in (("in-process", LocalExecutor()), ("Ray, 1 worker", one), ("Ray, 2 workers", two)):
+        seconds = timed(lambda: run(executor))
+        base = base or seconds
+        same = [g.removed for g in run(executor).groups] == [g.removed for g in reference.groups]
+        rows.append(f"| {label} | {seconds:.2f} | {seconds / base:.2f}× | {'yes' if same else 'NO'} |")
+    return rows
 
 
 if __name__ == "__main__":
