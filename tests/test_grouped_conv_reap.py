@@ -248,3 +248,48 @@ def test_depthwise_convs_are_not_grouped_and_still_compress():
     result = multinet.compress(model, x, ratio=0.5, max_positions=32)
     dw = result.model.get_submodule("dw")
     assert dw.groups == dw.in_channels == dw.out_channels == 8
+
+
+def test_grouped_conv_feeding_a_grouped_conv():
+    """Conv groups on both sides of one group (4 blocks written, 2 blocks read): both stay equal."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(64, 3, 6, 6)
+    graph = multinet.trace(model, x[:1])
+    middle = graph.group_of_layer("2")
+    assert len(middle.balanced) == 2 and removal_count(middle, 0.5) == 8
+    for mode in ("sequential", "oneshot", "reference"):
+        result = multinet.compress(model, x, ratio={middle.id: 0.5}, mode=mode, max_positions=None)
+        conv_a, conv_b = result.model.get_submodule("2"), result.model.get_submodule("4")
+        assert (conv_a.out_channels, conv_a.groups, conv_b.in_channels, conv_b.groups) == (8, 4, 8, 2)
+        assert conv_b.weight.shape == (8, 4, 3, 3)
+        assert _rel(result.model(x).detach(), model(x).detach()) < 0.5
+
+
+def test_outputs_removed_earlier_are_left_out():
+    """A grouped conv whose own outputs were cut before its inputs: the per-conv-group problems aim only
+    at the outputs still there, in the pruned model (reference path) and at full width (pipeline)."""
+    model, x = _block(9), torch.randn(48, 3, 8, 8)
+    graph = multinet.trace(model, x[:1])
+    into, out_of = _groups(graph)
+    kept_out = [0, 1, 4, 5, 8, 9, 12, 13]
+    surviving = {"conv2": torch.tensor(kept_out)}
+    stats = collect(graph.module, consumer_specs(graph, into.consumer_names), x, max_positions=None)
+    # full width (the cached-input pipeline): only the surviving rows are written
+    solution = solve_grouped(graph, graph, into, 0, "reap", stats, 1e-10, "cpu", 0, surviving)
+    assert [len(b.rows) for b in solution.blocks] == [2, 2, 2, 2]
+    full = copy.deepcopy(graph.module)
+    keep_rows = {n: torch.ones(stats[n].gram.shape[0], dtype=torch.bool) for n in stats}
+    write_grouped_full_width(full, solution, keep_rows, surviving, write_full_width)
+    ours, theirs = _layer_output(full, "conv2", x), _layer_output(model, "conv2", x)
+    torch.testing.assert_close(ours[:, kept_out], theirs[:, kept_out], rtol=1e-4, atol=1e-4)
+    # the reference path: the model is already cut; the weights come back in its shape
+    cut = multinet.trace(multinet.prune(graph, {out_of.id: kept_out}), x[:1])
+    stats = collect(cut.module, consumer_specs(cut, into.consumer_names), x, max_positions=None)
+    solution = solve_grouped(cut, graph, cut.group_of_layer("conv1"), 8, "reap", stats, 1e-6, "cpu", 0, surviving)
+    weights = grouped_layer_weights(solution)
+    assert weights["conv2"][0].shape == (8, 2, 3, 3)
+    keep = sorted(set(range(16)) - set(solution.removed))
+    pruned = multinet.prune(cut, {cut.group_of_layer("conv1").id: keep}, consumer_weights=weights)
+    assert pruned.conv2.groups == 4 and pruned(x).shape == (48, 5)

@@ -66,8 +66,8 @@ class ChannelGroup:
     @property
     def grouped_conv(self) -> bool:
         """A grouped convolution writes or reads these channels: surgery keeps equal counts per conv
-        group, but the reconstruction solvers do not yet solve its block-diagonal problems, so compress
-        and the scheduler leave such groups whole (``prune`` cuts them)."""
+        group, and compress and the scheduler remove the same number from every conv group, a grouped
+        consumer re-solved per conv group (see pipeline/grouped_conv.py)."""
         return bool(self.balanced) or any(s.conv_groups > 1 for s in self.consumers)
 
     def is_balanced(self, keep) -> bool:
