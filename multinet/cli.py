@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+from .options import RunOptions
 from .errors import InputShapeError, MultinetError
 from .io.files import check_output_path
 from .io.sources import load_target
@@ -465,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how channels are selected (and whether the consumers are re-solved)")
     c.add_argument("--dataset", default="digits", help="built-in data for calibration and evaluation (digits, mnist)")
     c.add_argument("--calibration", type=int, default=1024, help="calibration samples from the training split")
-    c.add_argument("--max-positions", type=positive_int, default=64, help="conv output positions sampled per image")
+    c.add_argument("--max-positions", type=positive_int, default=RunOptions.max_positions,
+                   help="conv output positions sampled per image")
     c.add_argument("--checkpoint", help="state_dict file (tensors only) to load into the model")
     c.add_argument("--seed", type=int, default=0, help="seed of sampled positions and random selections")
     c.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")

@@ -25,8 +25,8 @@ import torch.nn as nn
 from ..calib import batches, consumer_specs, iterate_batches
 from ..calib.sharded import collect_on
 from ..errors import MultinetError
-from ..runtime.devices import resolve_device
-from ..runtime.executors import Executor, resolve_executor
+from ..options import RunOptions
+from ..runtime.executors import Executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, Plan, make_plan, prepare
 from ..schedule.scheduler import check_schedule
@@ -97,7 +97,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
              autowrap_functions=(), progress: bool = False, run_dir=None, mode: str = "sequential",
-             frontier_memory: int | None = 2 * 2**30, frontier_dtype: str = "float32") -> CompressResult:
+             frontier_memory: int | None = 2 * 2**30, frontier_dtype: str = "float32",
+             options: RunOptions | None = None) -> CompressResult:
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
@@ -123,13 +124,14 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     when a group is removed whole). On a Ray executor the sequential pipeline is data-parallel: each
     worker holds a shard of the calibration batches and its frontier, the driver adds their partial
     statistics, solves, and sends back the consumers' new weights.
+
+    ``options``: a :class:`multinet.RunOptions` holding the run settings (batch_size, max_positions,
+    damp, device, seed, eval_samples, executor, frontier_memory, frontier_dtype) instead of keywords.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if mode not in MODES:
         raise MultinetError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if frontier_dtype not in STORE_DTYPES:
-        raise MultinetError(f"unknown frontier_dtype {frontier_dtype!r}; choose from {', '.join(STORE_DTYPES)}")
     if not isinstance(calibration_data, torch.Tensor) and iter(calibration_data) is calibration_data:
         raise MultinetError("calibration_data must be re-iterable (a tensor, a list or a DataLoader), not an iterator")
     if sum(x is not None for x in (ratio, budget, plan)) > 1:
@@ -138,30 +140,30 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"budgets are scheduled with REAP's error curves; method {method!r} takes ratio= only")
     if budget is not None and not isinstance(budget, Budget):
         raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
-    device = str(resolve_device(device))  # checked before any work: calibration, solves and evaluation run there
+    opts = RunOptions.of(options, batch_size=batch_size, max_positions=max_positions, damp=damp, device=device,
+                         seed=seed, eval_samples=eval_samples, executor=executor, frontier_memory=frontier_memory,
+                         frontier_dtype=frontier_dtype).resolved()  # checked before any work
+    device, executor = opts.device, opts.executor
     if budget is not None and budget.device is None:
         budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
     if budget is not None:
         check_schedule(schedule)
-    example = example_inputs(model, calibration_data, batch_size)  # FLOPs per example
+    example = example_inputs(model, calibration_data, opts.batch_size)  # FLOPs per example
     original = trace(model, example, leaf_modules, autowrap_functions)
-    executor = resolve_executor(executor)
-    settings = dict(batch_size=batch_size, max_positions=max_positions, damp=damp, device=device, seed=seed,
-                    executor=executor)
     state = None
     if run_dir is not None:
         from ..runtime.checkpoint import RunState, fingerprint
 
-        key = fingerprint(original.module, calibration_data, batch_size, ratio=ratio, method=method,
+        key = fingerprint(original.module, calibration_data, opts.batch_size, ratio=ratio, method=method,
                           budget=budget.as_dict() if budget else None, schedule=schedule,
-                          plan=plan.removals() if plan else None, max_positions=max_positions, damp=damp, seed=seed,
-                          mode=mode)
+                          plan=plan.removals() if plan else None, max_positions=opts.max_positions, damp=opts.damp,
+                          seed=opts.seed, mode=mode)
         state = RunState(run_dir, key)
         if budget is not None and (state.dir / "plan.json").exists():
             plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
     ctx = None
     if budget is not None:
-        ctx = prepare(original, calibration_data, budget, eval_samples=eval_samples, **settings)
+        ctx = prepare(original, calibration_data, budget, options=opts)
         try:
             plan = make_plan(ctx, schedule, progress)
         finally:
@@ -175,18 +177,16 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
     cost = None
     if mode == "oneshot" and not _removes_a_whole_group(original, requests):
-        current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan,
-                                          **settings)
+        current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan, opts)
     elif _pipeline_applies(original, requests, mode, executor):
         current, reports, cost = _apply_pipeline(original, requests, method, calibration_data, example, progress,
-                                                 state, frontier_memory, STORE_DTYPES[frontier_dtype], **settings)
+                                                 state, opts)
     else:
-        current, reports = _apply(original, requests, method, calibration_data, example, progress, state=state,
-                                  **settings)
+        current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
     before, after = count(original.module), count(current.module)
     if plan is not None:
-        _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, batch_size,
-                                                                                 eval_samples))
+        _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, opts.batch_size,
+                                                                                 opts.eval_samples))
         if plan_path is not None:
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
@@ -210,16 +210,15 @@ def _pipeline_applies(original: ChannelGraph, requests, mode: str, executor) -> 
     return mode == "sequential" and not _removes_a_whole_group(original, requests)
 
 
-def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example, ctx, plan, batch_size: int,
-                   max_positions: int | None, damp: float, device: str, seed: int, executor=None):
+def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example, ctx, plan, opts: RunOptions):
     """Every group from one pass of statistics (the scheduler's, when it made the plan)."""
     masked, errors = None, None
     if ctx is not None:
         masked = ctx.masked
         errors = {g.group: g.layer_error for g in plan.groups}  # REAP's error on the same one-shot statistics
-    pruned, solved = compress_oneshot(original, requests, method, data, example, batch_size=batch_size,
-                                      max_positions=max_positions, damp=damp, device=device, seed=seed,
-                                      executor=executor, masked=masked, errors=errors)
+    pruned, solved = compress_oneshot(original, requests, method, data, example, batch_size=opts.batch_size,
+                                      max_positions=opts.max_positions, damp=opts.damp, device=opts.device,
+                                      seed=opts.seed, executor=opts.executor, masked=masked, errors=errors)
     reports = [GroupReport(gid, original.group(gid).producers, original.group(gid).size,
                            original.group(gid).size - len(removed), error, seconds, removed)
                for gid, removed, error, seconds in solved]
@@ -227,12 +226,12 @@ def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example,
 
 
 def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example, progress: bool, state,
-                    memory: int | None, store_dtype, batch_size: int, max_positions: int | None, damp: float,
-                    device: str, seed: int, executor=None):
+                    opts: RunOptions):
     """Group by group from cached inputs (see sequential.py); resumes after the last finished group."""
-    pipeline = SequentialPipeline(original, data, batch_size=batch_size, max_positions=max_positions, damp=damp,
-                                  device=device, seed=seed, memory_limit=memory, store_dtype=store_dtype,
-                                  progress=progress, executor=executor)
+    pipeline = SequentialPipeline(original, data, batch_size=opts.batch_size, max_positions=opts.max_positions,
+                                  damp=opts.damp, device=opts.device, seed=opts.seed,
+                                  memory_limit=opts.frontier_memory, store_dtype=STORE_DTYPES[opts.frontier_dtype],
+                                  progress=progress, executor=opts.executor)
     reports: list[GroupReport] = []
     surviving: dict[str, torch.Tensor] = {}
     finished: list[int] = []
@@ -260,10 +259,11 @@ def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example
 
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
-           progress: bool, batch_size: int, max_positions: int | None, damp: float, device: str, seed: int,
-           executor: Executor | None = None, state=None):
+           progress: bool, opts: RunOptions, state=None):
     """Compress group by group in graph order; a request is a channel count (the method selects)
     or the channels themselves (a schedule selected them; the consumers are re-solved)."""
+    batch_size, max_positions, damp, device, seed, executor = (opts.batch_size, opts.max_positions, opts.damp,
+                                                               opts.device, opts.seed, opts.executor)
     current = original
     reports = []
     surviving: dict[str, torch.Tensor] = {}  # layer -> original indices of its remaining outputs

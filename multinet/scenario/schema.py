@@ -13,6 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from ..options import RunOptions
 from ..errors import MultinetError
 
 
@@ -64,7 +65,7 @@ class CompressStep(_Strict):
     ratio: float | None = Field(None, ge=0, lt=1)
     schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
     method: Literal["reap", "unify", "magnitude", "magnitude+ls", "random"] = "reap"
-    max_positions: int | None = Field(256, ge=1)
+    max_positions: int | None = Field(RunOptions.max_positions, ge=1)
 
     @model_validator(mode="after")
     def _either(self):
@@ -76,7 +77,7 @@ class CompressStep(_Strict):
 class UnifyStep(_Strict):
     budget: BudgetSpec
     schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
-    max_positions: int | None = Field(64, ge=1)
+    max_positions: int | None = Field(RunOptions.max_positions, ge=1)
 
 
 class EvaluateStep(_Strict):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..calib import iterate_batches
+from ..options import RunOptions
 from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
 from ..runtime.progress import Bar
@@ -68,10 +69,12 @@ class Scheduling:
         return self.costs(counts)[metric]
 
 
-def prepare(graph: ChannelGraph, data, budget: Budget, *, batch_size: int = 128, max_positions: int | None = 256,
-            damp: float = 1e-6, device: str = "cpu", seed: int = 0, eval_samples: int = 1024,
-            executor: Executor | None = None) -> Scheduling:
-    """Statistics, REAP curves, the cost model and the masked evaluator (shared by all schedules)."""
+def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | None = None, **settings) -> Scheduling:
+    """Statistics, REAP curves, the cost model and the masked evaluator (shared by all schedules).
+    ``options`` (a RunOptions) or its fields as keywords (batch_size, max_positions, device, ...)."""
+    opts = RunOptions.of(options, **settings)
+    batch_size, max_positions, damp, device, seed, eval_samples, executor = (
+        opts.batch_size, opts.max_positions, opts.damp, opts.device, opts.seed, opts.eval_samples, opts.executor)
     budget.check_device()
     allowed = schedulable_groups(graph, budget)
     if not allowed:
