@@ -237,3 +237,24 @@ def test_impossible_and_unusable_budgets(calib):
 def test_latency_budget_on_an_absent_device(calib):
     with pytest.raises(BudgetError, match="no CUDA device"):
         multinet.compress(zoo.create("mlp"), calib, budget=Budget(latency_ms=1.0, device="cuda"))
+
+
+def test_remembered_savings_equal_fresh_ones(calib):
+    """PrefixCosts.change remembers savings by the counts of the groups its terms depend on: the
+    same answers as recomputing them, along random walks on a network whose groups interact."""
+    graph = trace(zoo.create("densenet"), calib[:1])
+    model = CostModel(graph)
+    rng = random.Random(1)
+    orders = {g.id: rng.sample(range(g.size), g.size - 1) for g in graph.prunable_groups}
+    remembered = model.along(orders)
+    counts = {g: 0 for g in orders}
+    for _ in range(20):
+        fresh = model.along(orders)
+        for g in orders:  # every group's next move, as the greedy asks: most answers are remembered
+            k = min(counts[g] + 1 + rng.randrange(3), len(orders[g]))
+            assert remembered.change(counts, g, k) == fresh.change(counts, g, k)
+            before, after = fresh(counts), fresh({**counts, g: k})
+            assert remembered.change(counts, g, k) == pytest.approx((before[0] - after[0], before[1] - after[1]))
+        g = rng.choice(list(orders))
+        counts[g] = min(counts[g] + rng.randrange(1, 4), len(orders[g]))
+    assert len(remembered._saved) < 20 * len(orders)

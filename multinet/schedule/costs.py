@@ -160,6 +160,8 @@ class PrefixCosts:
         self.model = model
         self.orders = {g: np.asarray(list(o), dtype=np.int64) for g, o in orders.items()}
         self._cum: dict[tuple[int, int, int], np.ndarray] = {}
+        self._near: dict[int, tuple[int, ...]] = {}
+        self._saved: dict[tuple, tuple[float, float]] = {}
 
     def _prefix(self, g: int, lo: int, hi: int) -> np.ndarray:
         key = (g, lo, hi)
@@ -178,9 +180,27 @@ class PrefixCosts:
     def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
         return self.model.evaluate(self._removed_in(counts), {g for g, k in counts.items() if k})
 
+    def _neighbours(self, gid: int) -> tuple[int, ...]:
+        """The groups (``gid`` among them) whose counts the terms ``gid`` touches depend on."""
+        if gid not in self._near:
+            near = {gid}
+            for i in self.model.terms_of.get(gid, ()):
+                t = self.model.terms[i][1]
+                near |= {r.group for d in t.dims for r in d.ranges} | set(t.needs or ())
+            self._near[gid] = tuple(sorted(near))
+        return self._near[gid]
+
     def change(self, counts: Mapping[int, int], gid: int, k: int) -> tuple[float, float]:
         """(flops, params) saved when group ``gid`` goes from counts[gid] to k removals: only the
-        terms that group touches are re-evaluated."""
+        terms that group touches are re-evaluated, and only when a group they depend on has moved
+        since (the greedy asks again for every other group's moves after each step)."""
+        key = (gid, k, tuple(counts.get(g, 0) for g in self._neighbours(gid)))
+        saved = self._saved.get(key)
+        if saved is None:
+            saved = self._saved[key] = self._change(counts, gid, k)
+        return saved
+
+    def _change(self, counts: Mapping[int, int], gid: int, k: int) -> tuple[float, float]:
         new = {**counts, gid: k}
         before, after = self._removed_in(counts), self._removed_in(new)
         pruned_before = {g for g, n in counts.items() if n}
