@@ -83,8 +83,9 @@ def describe(batch: Batch) -> str:
 
 def input_names(model) -> list[str]:
     """The names a batch dict binds to: a graph's placeholders, else the forward's arguments."""
-    if isinstance(model, fx.GraphModule):
-        return [n.name for n in model.graph.nodes if n.op == "placeholder"]
+    graph_module = getattr(model, "graph_module", model)  # a MultiNet binds by its graph's placeholders
+    if isinstance(graph_module, fx.GraphModule):
+        return [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
 
@@ -110,7 +111,7 @@ def as_args(batch: Batch, names: Sequence[str]) -> tuple:
 def call(model, batch: Batch):
     """``model`` on a batch: a graph by position (exported graphs check their inputs' structure),
     any other module with a dict as keyword arguments."""
-    if isinstance(batch, Mapping) and not isinstance(model, fx.GraphModule):
+    if isinstance(batch, Mapping) and not isinstance(getattr(model, "graph_module", model), fx.GraphModule):
         return model(**batch)
     return model(*as_args(batch, input_names(model)))
 

@@ -1,6 +1,7 @@
 """``multinet.trace``: model + example inputs -> ChannelGraph."""
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -10,7 +11,7 @@ import torch.fx as fx
 from ..errors import TraceError
 from . import capture as capture_mod
 from .groups import ChannelGraph, build_groups
-from .tracing import as_tuple, propagate_shapes, symbolic_trace
+from .tracing import as_tuple, positional_inputs, propagate_shapes, symbolic_trace
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -32,7 +33,7 @@ def trace(
     standard fx escape hatches for code with data-dependent control flow. Opaque calls make the
     channels that reach them unprunable, never silently wrong.
     """
-    inputs = as_tuple(example_inputs)
+    inputs = positional_inputs(model, example_inputs)
     gm = capture_graph(model, inputs, leaf_modules, autowrap_functions, capture)
     groups, analysis = build_groups(gm)
     if not groups:
@@ -53,6 +54,12 @@ def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable
 
 
 def _capture(model, inputs: tuple, capture: str, leaf_modules, autowrap_functions) -> fx.GraphModule:
+    graph_module = getattr(model, "graph_module", None)
+    if isinstance(graph_module, fx.GraphModule):  # a MultiNet: its graph (a new graph over the same layers,
+        # as tracing it would give; its inputs may be several named tensors, which fx cannot trace through)
+        gm = fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph), graph_module.__class__.__name__)
+        gm.meta.update(graph_module.meta)
+        return gm
     if isinstance(model, torch.export.ExportedProgram):
         return capture_mod.from_exported(model)
     if isinstance(model, fx.GraphModule):

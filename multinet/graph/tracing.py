@@ -93,6 +93,18 @@ def _explain_trace_failure(model: torch.nn.Module, exc: Exception) -> str:
     )
 
 
+def positional_inputs(model, example_inputs: Any) -> tuple:
+    """Example inputs as the positional arguments of ``model``: a dict ({"input_ids": ..., ...}) is
+    bound by the model's argument (or placeholder) names, a tensor or sequence is taken as it is."""
+    from collections.abc import Mapping
+
+    if isinstance(example_inputs, Mapping):
+        from ..calib import batches  # calib builds on graph: imported when first needed
+
+        return batches.as_args(example_inputs, batches.input_names(model))
+    return as_tuple(example_inputs)
+
+
 def as_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.fx as fx
 
-from ..calib import collect, consumer_specs, iterate_batches
+from ..calib import batches, collect, consumer_specs, iterate_batches
 from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
@@ -127,7 +127,7 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     budget = _checked(budget)
     example = example_inputs
     if example is None:
-        example = next(iter(iterate_batches(calibration_data, batch_size)))[:1]
+        example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
     order = canonical_order(named)
     net = MultiNet({n: named[n] for n in order}, example)
     graph = trace(net.graph_module, example)
@@ -257,12 +257,12 @@ def _unify_part(named, members: list[str], links: list[Candidate], data, budget:
     return _Part(members, model, bridged, bridges, result)
 
 
-def member_outputs(net: MultiNet, inputs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+def member_outputs(net: MultiNet, inputs: list) -> dict[str, list[torch.Tensor]]:
     """Per member, its outputs over the evaluation batches (float64, one matrix per output)."""
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        batches = [net(x.to(device)) for x in inputs]
-    return {m: [torch.cat(col) for col in zip(*(output_parts(b[m]) for b in batches))] for m in net.members}
+        outs = [batches.call(net, batches.to_device(x, device)) for x in inputs]
+    return {m: [torch.cat(col) for col in zip(*(output_parts(b[m]) for b in outs))] for m in net.members}
 
 
 def member_errors(net: MultiNet, inputs, reference: dict[str, list[torch.Tensor]]) -> dict[str, float]:

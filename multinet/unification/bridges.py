@@ -129,13 +129,14 @@ def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) 
     for link in links:
         node = calls[link.layer]
         own, source = inputs[link.layer], inputs[link.source_layer]
+        dim = -1 if isinstance(gm.get_submodule(link.layer), nn.Linear) else 1  # where the layer's channels are
         with gm.graph.inserting_before(node):
             src = source if link.pool is None else gm.graph.call_function(_POOLS[len(link.pool)], (source, link.pool))
-            cat = gm.graph.call_function(torch.cat, ([src, own], 1))
+            cat = gm.graph.call_function(torch.cat, ([src, own], dim))
         node.args = (cat, *node.args[1:])
-        width = _shape(source)[1]
+        width = _shape(source)[dim]
         set_submodule(gm, link.layer, _widen(gm.get_submodule(link.layer), width))
-        bridges.append(Bridge(link.layer, link.model, [(link.source, link.source_layer, width)], _shape(own)[1],
+        bridges.append(Bridge(link.layer, link.model, [(link.source, link.source_layer, width)], _shape(own)[dim],
                               link.r2, link.pool))
     gm = _topologically_sorted(gm)
     propagate_shapes(gm, example)

@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..calib import batches
 from ..errors import InputShapeError, MultinetError, TraceError
 from ..graph import count, trace
-from ..graph.tracing import as_tuple, propagate_shapes
+from ..graph.tracing import as_tuple, positional_inputs, propagate_shapes
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -59,31 +60,53 @@ def _check_outputs(name: str, gm: fx.GraphModule) -> None:
                             f"of tensors): its outputs must be tensors to be merged and compared")
 
 
-def _merge(models: dict[str, nn.Module], inputs: tuple, leaf_modules, autowrap_functions) -> fx.GraphModule:
-    """One GraphModule running every model on the same input; forward returns {name: output}."""
+def input_layout(example_inputs) -> tuple[list[str], tuple]:
+    """The MultiNet's input names and the example as positional tensors: one tensor (or a one-tensor
+    sequence) is the input ``x``; a dict ({"input_ids": ..., "attention_mask": ...}) names several
+    inputs, which each member binds by its own argument names (a member may read only some)."""
+    if isinstance(example_inputs, Mapping):
+        names = list(example_inputs)
+        bad = [n for n in names if not isinstance(n, str) or not _NAME.match(n)]
+        if bad:
+            raise MultinetError(f"input names {bad} must be Python identifiers")
+        return names, tuple(example_inputs[n] for n in names)
+    inputs = as_tuple(example_inputs)
     if len(inputs) != 1:
-        raise MultinetError("a MultiNet has one input shared by all models; give one example tensor")
+        raise MultinetError("a MultiNet's models share their inputs: give one example tensor, or a dict of named "
+                            "inputs ({'input_ids': ..., 'attention_mask': ...})")
+    return ["x"], inputs
+
+
+def _merge(models: dict[str, nn.Module], example_inputs, leaf_modules, autowrap_functions) -> fx.GraphModule:
+    """One GraphModule running every model on the same inputs; forward returns {name: output}."""
+    names, inputs = input_layout(example_inputs)
     root = nn.Module()
     graph = fx.Graph()
-    x = graph.placeholder("x")
+    shared = {n: graph.placeholder(n) for n in names}
     outputs = {}
     for name, model in models.items():
         try:
-            gm = trace(model, inputs, leaf_modules, autowrap_functions).module
+            if isinstance(example_inputs, Mapping):  # bound by the member's argument names
+                args = batches.as_args(example_inputs, batches.input_names(model))
+                arg_names = batches.input_names(model)[:len(args)]
+            else:
+                args, arg_names = inputs, names
+            gm = trace(model, args, leaf_modules, autowrap_functions).module
         except InputShapeError as exc:
             raise MultinetError(f"model {name!r} does not accept the shared input: {exc}") from None
         except TraceError as exc:
             raise MultinetError(f"model {name!r}: {exc}") from None
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise MultinetError(f"model {name!r} takes {len(placeholders)} inputs; a MultiNet's models take one")
+        if len(placeholders) != len(args):
+            raise MultinetError(f"model {name!r} takes {len(placeholders)} inputs, the shared example gives it "
+                                f"{len(args)} ({', '.join(arg_names)})")
         _check_outputs(name, gm)
         root.add_module(name, gm)
-        env: dict[fx.Node, fx.Node] = {}
+        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, (shared[a] for a in arg_names)))
         for node in gm.graph.nodes:
             if node.op == "placeholder":
-                env[node] = x
-            elif node.op == "output":
+                continue
+            if node.op == "output":
                 outputs[name] = fx.node.map_arg(node.args[0], lambda n: env[n])
             else:
                 new = graph.node_copy(node, lambda n: env[n])
@@ -129,7 +152,7 @@ class MultiNet(nn.Module):
     def __init__(self, models, example_inputs, leaf_modules=(), autowrap_functions=()):
         super().__init__()
         named = named_models(models)
-        gm = _merge(named, as_tuple(example_inputs), leaf_modules, autowrap_functions)
+        gm = _merge(named, example_inputs, leaf_modules, autowrap_functions)
         self._attach(gm, list(named), [], False)
 
     @classmethod
@@ -156,8 +179,8 @@ class MultiNet(nn.Module):
         self.__dict__["links"] = list(links)
         self.__dict__["is_fused"] = bool(fused)
 
-    def forward(self, x):
-        return self._graph_module.forward(x)
+    def forward(self, *inputs, **named_inputs):
+        return self._graph_module.forward(*inputs, **named_inputs)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -276,7 +299,7 @@ def model_costs(net: MultiNet, example_inputs=None) -> dict[str, dict[str, int]]
     """
     names = model_names(net)
     gm = net.graph_module
-    counts = count(gm, as_tuple(example_inputs) if example_inputs is not None else None)
+    counts = count(gm, positional_inputs(gm, example_inputs) if example_inputs is not None else None)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     users: dict[str, set[str]] = {}
     for name in names:
@@ -311,8 +334,8 @@ def combine(parts: list[MultiNet], members: list[str]) -> MultiNet:
     in ``members`` order: how unify puts members compressed apart back together."""
     root = nn.Module()
     graph = fx.Graph()
-    x = graph.placeholder("x")
-    outputs, links, examples = {}, [], []
+    shared: dict[str, fx.Node] = {}  # the parts' inputs, by name (one tensor "x", or named inputs)
+    outputs, links, examples = {}, [], {}
     for part in parts:
         gm = part.graph_module
         for name, child in gm.named_children():
@@ -322,8 +345,10 @@ def combine(parts: list[MultiNet], members: list[str]) -> MultiNet:
         env: dict[fx.Node, fx.Node] = {}
         for node in gm.graph.nodes:
             if node.op == "placeholder":
-                env[node] = x
-                examples.append(node.meta.get("tensor_meta"))
+                if node.name not in shared:
+                    shared[node.name] = graph.placeholder(node.name)
+                env[node] = shared[node.name]
+                examples.setdefault(node.name, node.meta.get("tensor_meta"))
             elif node.op == "output":
                 outputs.update({k: fx.node.map_arg(v, lambda n: env[n]) for k, v in node.args[0].items()})
             else:
@@ -331,9 +356,8 @@ def combine(parts: list[MultiNet], members: list[str]) -> MultiNet:
         links += part.links
     graph.output({m: outputs[m] for m in members})
     gm = fx.GraphModule(root, graph, "MultiNetGraph")
-    meta = next((m for m in examples if hasattr(m, "shape")), None)
-    if meta is not None:
-        propagate_shapes(gm, (torch.zeros(meta.shape, dtype=meta.dtype, device=_device(gm)),))
+    if examples and all(hasattr(m, "shape") for m in examples.values()):
+        propagate_shapes(gm, tuple(torch.zeros(m.shape, dtype=m.dtype, device=_device(gm)) for m in examples.values()))
     return MultiNet.from_graph(gm, members, links)
 
 

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..calib import iterate_batches
+from ..calib import batches, iterate_batches
 from ..graph import ChannelGraph
 
 _WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -80,8 +80,6 @@ def _not_linkable(gm: fx.GraphModule, call: fx.Node | None, use, prunable: bool)
         return f"called {len(use.nodes)} times: widening would widen every call"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return "grouped convolution"
-    if isinstance(module, nn.Linear) and len(_shape(call.args[0])) != 2:
-        return "Linear over more than two dimensions (channels are not on dim 1)"
     if use.in_segments is None or not prunable:
         return "its input is not a prunable channel group (e.g. the network input)"
     return None
@@ -91,10 +89,18 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["tensor_meta"].shape)
 
 
-def resampling(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | None | bool:
-    """None: same grid; a pooling kernel that brings ``source`` to ``target``'s grid; False: no cheap way."""
+def channels_last(gm: fx.GraphModule, layer: str) -> bool:
+    """A Linear reads its channels on the last dim (N, ..., C), a conv on dim 1 (N, C, *S)."""
+    return isinstance(gm.get_submodule(layer), nn.Linear)
+
+
+def resampling(source: tuple[int, ...], target: tuple[int, ...], last: bool = False) -> tuple[int, ...] | None | bool:
+    """None: same grid; a pooling kernel that brings ``source`` to ``target``'s grid; False: no cheap way.
+    ``last``: channels on the last dim (Linear over tokens): the grid is every other dim, never pooled."""
     if len(source) != len(target):
         return False
+    if last:
+        return None if source[:-1] == target[:-1] else False
     if source[2:] == target[2:]:
         return None
     if len(source) - 2 not in _POOLS or any(s % t or s < t for s, t in zip(source[2:], target[2:])):
@@ -119,14 +125,15 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
     out = []
     for layer, member in layers.items():
         xt = values[calls[layer].args[0].name]
+        last = channels_last(gm, layer)
         for source_layer, source in layers.items():
-            if source == member:
-                continue
+            if source == member or channels_last(gm, source_layer) != last:
+                continue  # a Linear's tokens and a conv's pixels are not the same rows
             xs = values[calls[source_layer].args[0].name]
-            pool = resampling(tuple(xs.shape), tuple(xt.shape))
+            pool = resampling(tuple(xs.shape), tuple(xt.shape), last)
             if pool is not False:
                 out.append(Candidate(member, layer, source, source_layer, pool,
-                                     held_out_r2(_rows(xt, None), _rows(xs, pool), damp)))
+                                     held_out_r2(_rows(xt, None, last), _rows(xs, pool, last), damp)))
     return out
 
 
@@ -145,16 +152,19 @@ def _capture(gm: fx.GraphModule, wanted: set[str], data, batch_size: int, sample
     seen = 0
     with torch.no_grad():
         for batch in iterate_batches(data, batch_size):
-            batch = batch[: samples - seen]
-            Recorder(gm).run(batch.to(device))
-            seen += len(batch)
+            batch = batches.take(batch, 0, samples - seen)
+            Recorder(gm).run(*batches.as_args(batches.to_device(batch, device), batches.input_names(gm)))
+            seen += batches.size(batch)
             if seen >= samples:
                 break
     return {name: torch.cat(parts).cpu() for name, parts in got.items()}
 
 
-def _rows(x: torch.Tensor, pool) -> torch.Tensor:
-    """(N, C, *S) -> (N·|S|, C) in float64, rows grouped by sample."""
+def _rows(x: torch.Tensor, pool, last: bool = False) -> torch.Tensor:
+    """(N, C, *S) -> (N·|S|, C), or (N, ..., C) -> (N·..., C) for channels last; float64, rows
+    grouped by sample."""
+    if last:
+        return x.reshape(-1, x.shape[-1]).double()
     x = pooled(x, pool)
     return x.movedim(1, -1).reshape(-1, x.shape[1]).double()
 
