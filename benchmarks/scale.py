@@ -6,9 +6,14 @@ Each configuration runs in a fresh process (so its peak memory is its own): the 
 with random weights (timing only), one plain forward pass over the calibration images is timed,
 then the compression; the table gives the run in units of that pass, the pipeline's phase
 breakdown (forward segments, statistics, solves, surgery) and the process's peak resident memory.
-torchvision is not installable beside this torch, so ResNet-50 is written out here with
-torchvision's topology (bottlenecks [3, 4, 6, 3], widths 64..2048), and the ViT is a ViT-S/16-shaped
-encoder (6 blocks, width 384, 6 heads, nn.MultiheadAttention).
+ResNet-50 is also written out here with torchvision's topology (bottlenecks [3, 4, 6, 3], widths
+64..2048), and the ViT is a ViT-S/16-shaped encoder (6 blocks, width 384, 6 heads,
+nn.MultiheadAttention), so the benchmark runs beside this project's torch. torchvision's own models
+(``tv:resnet50``, ``tv:convnext_tiny``, ``tv:vit_b_16``; random weights) need torchvision, which needs
+another torch: give that environment's interpreter with ``--python`` (see the README's torchvision
+section for the one-line venv), e.g.
+
+    python benchmarks/scale.py --models tv:resnet50 tv:convnext_tiny tv:vit_b_16 --python .venv-tv/bin/python
 """
 from __future__ import annotations
 
@@ -95,6 +100,11 @@ def build(name: str, size: int):
         return ResNet50().eval(), torch.randn(1, 3, size, size)
     if name == "vit":
         return ViT(size).eval(), torch.randn(1, 3, size, size)
+    if name.startswith("tv:"):
+        import torchvision.models as tvm
+
+        kwargs = {"image_size": size} if name.startswith("tv:vit") else {}  # ViTs take the size they run at
+        return getattr(tvm, name[3:])(weights=None, **kwargs).eval(), torch.randn(1, 3, size, size)
     from multinet import data, zoo
 
     return zoo.create("resnet"), data.load("digits").train_x[:1]
@@ -150,6 +160,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/scale.md")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs each configuration")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -165,7 +176,7 @@ def main() -> None:
         for label in args.configs:
             if name != "zoo-resnet" and "reference" in label:
                 continue  # hundreds of passes on a real model: the reason the pipeline exists
-            out = subprocess.run([sys.executable, __file__, "--worker", name, label, "--images", str(args.images),
+            out = subprocess.run([args.python, __file__, "--worker", name, label, "--images", str(args.images),
                                   "--size", str(args.size), "--threads", str(args.threads)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
