@@ -57,11 +57,11 @@ def test_heads_are_channel_groups(form, kv_heads):
     heads = _group(graph, "q")
     r = 4 // kv_heads
     # a channel is one k/v head with its r q heads: head_dim*r features of q and o, head_dim of k and v
-    assert heads.prunable and heads.exact and heads.size == kv_heads and heads.unit == 4 * r
+    assert heads.prunable and heads.exact and heads.size == kv_heads and heads.unit == 4 * r and heads.attention_heads
     assert set(heads.producers) == {"q", "k", "v"}
     (slot,) = heads.consumers
     assert slot.consumer == "o" and slot.block == 4 * r and slot.positions.tolist() == [4 * r * i for i in range(kv_heads)]
-    assert _group(graph, "up").prunable  # FFN hidden neurons still prunable
+    assert _group(graph, "up").prunable and not _group(graph, "up").attention_heads  # FFN hidden neurons
     stream = _group(graph, "embed")
     assert stream.prunable and not stream.exact  # LayerNorm statistics
 
@@ -92,7 +92,7 @@ def test_keep_all_heads_is_exact():
 
 
 class PackedQKV(nn.Module):
-    """One Linear for q, k and v, chunked: the three thirds cannot be tied head by head."""
+    """One Linear for q, k and v, chunked: the analysis cuts it in three parts, tied head by head."""
 
     def __init__(self, d=8):
         super().__init__()
@@ -104,10 +104,99 @@ class PackedQKV(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 8))
 
 
-def test_packed_qkv_fails_closed_with_reason():
-    graph = multinet.trace(PackedQKV(), torch.randn(2, 3, 8))
+def test_packed_qkv_heads_are_one_group():
+    torch.manual_seed(0)
+    model = PackedQKV().eval()
+    x = torch.randn(2, 3, 8)
+    graph = check_model(model, x)
     g = _group(graph, "qkv")
-    assert not g.prunable and "permuted order" in " ".join(g.reasons)
+    assert g.prunable and g.exact and g.size == 2 and g.unit == 4 and g.producers == ["qkv"]
+    pruned = multinet.prune(graph, {g.id: [1]})
+    # q, k and v each lose head 0: rows 0:4, 8:12 and 16:20 of the packed weight
+    keep_rows = [*range(4, 8), *range(12, 16), *range(20, 24)]
+    assert torch.equal(pruned.qkv.weight, model.qkv.weight[keep_rows]) and pruned.o.in_features == 4
+    with torch.no_grad():
+        model.o.weight[:, :4] = 0
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class RelativePositionAttention(nn.Module):
+    """torchvision MaxViT's attention: one packed q/k/v Linear chunked in three, einsum attention,
+    a per-head relative position bias looked up in a table by index, and the heads' output
+    reshaped with the input's width D (read off the input's shape)."""
+
+    def __init__(self, d=16, head_dim=4, size=2, table_reader=False):
+        super().__init__()
+        self.n_heads, self.head_dim, self.seq = d // head_dim, head_dim, size * size
+        self.table_reader = table_reader
+        self.embed, self.norm = nn.Linear(6, d), nn.LayerNorm(d)
+        self.to_qkv, self.merge = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn((2 * size - 1) ** 2, self.n_heads))
+        self.register_buffer("index", torch.randint(0, (2 * size - 1) ** 2, (self.seq, self.seq)))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (B, G, P, 6)
+        h = self.embed(x)
+        B, G, P, D = h.shape
+        H, DH = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(self.norm(h)), 3, dim=-1)
+        q = q.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+        k = k.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4) * DH ** -0.5
+        v = v.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+        dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        bias = self.table[self.index.view(-1)].view(self.seq, self.seq, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        dot = F.softmax(dot + bias, dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot, v)
+        h = h + self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, D))
+        y = self.head(h)
+        return y + self.table.sum() if self.table_reader else y
+
+
+def test_relative_position_attention_heads():
+    torch.manual_seed(0)
+    model = randomize_norm_stats(RelativePositionAttention())
+    x = torch.randn(2, 3, 4, 6)
+    graph = check_model(model, x)
+    heads = _group(graph, "to_qkv")
+    assert heads.prunable and heads.exact and heads.size == 4 and heads.unit == 4 and heads.attention_heads
+    assert not stream_or_mlp_heads(graph, heads)
+    assert "table" in heads.passthrough and heads.consumer_names == ["merge"]
+    stream = _group(graph, "embed")
+    assert stream.prunable  # D read off the stream's shape no longer pins it: the reshape gets a literal
+    pruned = multinet.prune(graph, {heads.id: [0, 2, 3], stream.id: list(range(12))})
+    assert pruned.to_qkv.out_features == 36 and pruned.table.shape == (9, 3) and pruned.merge.in_features == 12
+    assert pruned(x).shape == (2, 3, 4, 3)
+    heads_only = multinet.prune(graph, {heads.id: [0, 2, 3]})
+    with torch.no_grad():
+        model.merge.weight[:, 4:8] = 0
+        torch.testing.assert_close(heads_only(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def stream_or_mlp_heads(graph, heads) -> list[int]:
+    """Groups other than ``heads`` marked as attention heads."""
+    return [g.id for g in graph.groups if g.attention_heads and g is not heads]
+
+
+def test_bias_table_read_elsewhere_keeps_heads_whole():
+    graph = multinet.trace(RelativePositionAttention(table_reader=True), torch.randn(2, 3, 4, 6))
+    heads = _group(graph, "to_qkv")
+    assert not heads.prunable and "parameter `table` is also used by" in heads.reasons[0]
+
+
+class EinsumContraction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.w = nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, x):
+        return torch.einsum("bpd,de->bpe", self.embed(x), self.w)
+
+
+def test_einsum_summing_the_channel_axis_fails_closed():
+    graph = multinet.trace(EinsumContraction(), torch.randn(2, 3, 4))
+    g = _group(graph, "embed")
+    assert not g.prunable and "einsum sums or repeats the channel axis" in g.reasons[0]
 
 
 class ViTBlock(nn.Module):

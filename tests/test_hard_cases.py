@@ -159,6 +159,7 @@ def test_channel_shuffle_fails_closed():
     graph = check_model(ChannelShuffle(), torch.randn(2, 3, 4, 4))
     g = _group(graph, "a")
     assert not g.prunable and "reshape" in g.reasons[0]
+    assert not g.attention_heads  # channels made coarser by the shuffle's reshape are not attention heads
     assert _group(graph, "b").prunable  # the damage stays local
 
 

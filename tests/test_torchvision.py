@@ -14,6 +14,7 @@ MODELS = {
     "resnet18": 64, "resnext50_32x4d": 64, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64,
     "convnext_tiny": 64, "googlenet": 64, "inception_v3": 96, "squeezenet1_1": 64,
     "shufflenet_v2_x0_5": 64, "regnet_y_400mf": 64, "mnasnet0_5": 64, "vgg11_bn": 64, "vit_b_16": 224,
+    "maxvit_t": 224,  # packed q/k/v, einsum attention, relative position bias table (about 6 min on one thread)
 }
 
 

@@ -35,6 +35,7 @@ class LayerUse:
     in_segments: tuple[Segment, ...] | None = None
     out_space: int | None = None
     conv_groups: int = 1  # a grouped conv's input: output block g reads only input block g
+    out_segments: tuple[Segment, ...] | None = None  # its output channels: one space, or one per part
 
 
 @dataclass
@@ -47,6 +48,8 @@ class AnalysisResult:
     unknown_ops: list[str] = None  # labels of the ops the analysis did not understand
     unit_requests: dict[str, int] = None  # producer -> features per channel a later pass should use
     space_units: dict[int, int] = None  # producer space -> features per channel (head_dim for heads)
+    part_requests: dict[str, frozenset[int]] = None  # producer -> feature offsets where a later pass cuts it
+    head_spaces: set[int] = None  # spaces tied by attention (sdpa, batched matmul, einsum): head channels
 
 
 def _shape(arg) -> tuple[int, ...] | None:
@@ -70,12 +73,21 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 class ChannelAnalysis:
     """One pass over the graph. ``units`` makes a producer's channel a block of features (an
     attention head of head_dim features); passes that meet a head split ask for it in
-    ``unit_requests`` and the driver (groups.build_groups) reruns the analysis with them."""
+    ``unit_requests`` and the driver (groups.build_groups) reruns the analysis with them.
 
-    def __init__(self, gm: fx.GraphModule, units: dict[str, int] | None = None):
+    ``parts`` cuts a producer's output into several spaces at the given feature offsets: a packed
+    q/k/v projection (one Linear, chunked) whose thirds attention ties head by head. One space
+    cannot be tied to itself at another offset, so a pass that meets such a tie asks for the cut
+    in ``part_requests``; the parts are then tied into one group like separate projections."""
+
+    def __init__(self, gm: fx.GraphModule, units: dict[str, int] | None = None,
+                 parts: dict[str, frozenset[int]] | None = None):
         self.gm = gm
         self.units = dict(units or {})
         self.unit_requests: dict[str, int] = {}
+        self.parts = dict(parts or {})
+        self.part_requests: dict[str, frozenset[int]] = {}
+        self.head_spaces: set[int] = set()
         self.unknown_ops: list[str] = []
         self.modules = dict(gm.named_modules())
         self.table = SpaceTable()
@@ -92,6 +104,7 @@ class ChannelAnalysis:
         self._channel_sizes: dict[fx.Node, set[int]] = {}
         self._shape_tuples: dict[fx.Node, tuple[int, set[int]]] = {}
         self._space_unit: dict[int, int] = {}
+        self._space_start: dict[int, int] = {}  # producer space -> its first feature in the producer's output
         self._module_space: dict[str, int] = {}
 
     # ------------------------------------------------------------------ driver
@@ -100,7 +113,8 @@ class ChannelAnalysis:
             self.info[node] = self._visit(node)
         self._check_param_uses()
         return AnalysisResult(self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact),
-                              self.unknown_ops, self.unit_requests, dict(self._space_unit))
+                              self.unknown_ops, self.unit_requests, dict(self._space_unit), self.part_requests,
+                              self.head_spaces)
 
     def _visit(self, node: fx.Node) -> Info:
         if node.op in ("placeholder", "get_attr"):
@@ -172,21 +186,30 @@ class ChannelAnalysis:
         return (Segment(sid, 0, self.table.spaces[sid].size, unit),)
 
     def _new_producer(self, name: str, size: int, kind: str, nodes: list[str], cols: int, reason: str | None,
-                      weight: str, bias: str | None, module: str | None) -> int:
+                      weight: str, bias: str | None, module: str | None) -> tuple[Segment, ...]:
+        """The producer's output channels: one space, or one per part when a pass asked for parts."""
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
         if use.out_space is None:
             unit = self.units.get(name, 1)
             unit = unit if size % unit == 0 else 1
-            use.out_space = self.table.new(size // unit, "producer", name, reason)
-            self._space_unit[use.out_space] = unit
-            seg = self._whole(use.out_space)
+            cuts = sorted({0, size} | set(self.parts.get(name, ())))
+            if any(c % unit or not 0 <= c <= size for c in cuts):
+                cuts = [0, size]
+            segs = []
+            for lo, hi in zip(cuts, cuts[1:]):
+                sid = self.table.new((hi - lo) // unit, "producer", name, reason)
+                self._space_unit[sid] = unit
+                self._space_start[sid] = lo
+                segs.extend(self._whole(sid))
+            use.out_space, use.out_segments = segs[0].space, tuple(segs)
+            seg = use.out_segments
             self.edits.append(SliceTensor(weight, 0, seg))
             if bias is not None:
                 self.edits.append(SliceTensor(bias, 0, seg))
             if module is not None:
                 self.edits.append(SetCount(module, "out_channels" if kind == "conv" else "out_features", seg))
         use.nodes.extend(n for n in nodes if n not in use.nodes)
-        return use.out_space
+        return use.out_segments
 
     def _consume(self, name: str, kind: str, ax: Axis | None, node: fx.Node, cols: int, weight: str,
                  module: str | None, conv_groups: int = 1) -> None:
@@ -309,9 +332,9 @@ class ChannelAnalysis:
         bias = f"{name}.bias" if m.bias is not None else None
         if m.groups == 1:
             self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name)
-            sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight",
+            out = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight",
                                      bias, module=name)
-            return Axis(1, self._whole(sid))
+            return Axis(1, out)
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
             if ax is None:
                 return None
@@ -333,9 +356,8 @@ class ChannelAnalysis:
         name, groups = node.target, m.groups
         self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name, conv_groups=groups)
         first = name not in self.layers or self.layers[name].out_space is None
-        sid = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight", bias,
+        out = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight", bias,
                                  module=name)
-        out = self._whole(sid)
         if first:
             self.edits.append(Balanced(name, groups, out))
         return Axis(1, out)
@@ -347,8 +369,8 @@ class ChannelAnalysis:
             self._fail([ax], f"Linear `{name}` acts on a dim other than the channel dim", node)
             ax = None
         self._consume(name, "linear", ax, node, 1, weight, module=module)
-        sid = self._new_producer(name, out_features, "linear", [node.name], 1, None, weight, bias, module=module)
-        return Axis(len(shape) - 1, self._whole(sid))
+        out = self._new_producer(name, out_features, "linear", [node.name], 1, None, weight, bias, module=module)
+        return Axis(len(shape) - 1, out)
 
     def _layer_norm(self, node, ax, shape, normalized_shape, module=None, weight=None, bias=None) -> Info:
         nd = len(normalized_shape)
@@ -411,16 +433,27 @@ class ChannelAnalysis:
         fx.node.map_arg((node.args, node.kwargs), visit)
         return tags
 
-    def _check_shape_args(self, node, allowed_position: int | None, ax: Axis | None) -> None:
-        """A channel count read off one tensor and used to shape another cannot follow pruning."""
+    def _check_shape_args(self, node, allowed_position: int | None, ax: Axis | None,
+                          scale: tuple[int, int] | None = None) -> None:
+        """A channel count read off one tensor and used to shape another cannot follow pruning.
+
+        With ``scale`` (a reshape's mul, div), a count read off another tensor that sits exactly
+        where the reshaped tensor's own channel axis lands (``out.reshape(B, N, C)`` with C the
+        residual stream's width, out the attention heads') becomes a literal that follows the
+        reshaped tensor's channels."""
         sizes = node.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        wrapped = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+        if wrapped:
             sizes = sizes[0]
         for pos, value in enumerate(sizes):
             tags = self._channel_sizes.get(value, set()) if isinstance(value, fx.Node) else set()
             if not tags:
                 continue
             same = ax is not None and pos == allowed_position and tags <= ax.spaces()
+            if not same and scale is not None and ax is not None and pos == allowed_position:
+                path = (1, pos) if wrapped else (1 + pos,)
+                self.edits.append(ShapeLiteral(node.name, path, ax.segments, *scale))
+                continue
             if not same:
                 self.table.mark(tags | (ax.spaces() if ax is not None else set()),
                                 f"a channel count shapes another tensor at `{node.name}`")
@@ -465,8 +498,69 @@ class ChannelAnalysis:
         if isinstance(other, fx.Node) and other.op == "get_attr":
             self._bind_param(other, odim, ax, node)
             return ax.at(dim)
+        source = self._param_source(other, odim)
+        if source is not None:  # a parameter reshaped on the way (a relative position bias per head)
+            param, pdim, chain, literals = source
+            self._bind_param(param, pdim, ax, node)
+            self._param_binders[param.target].add(chain[-1].name)
+            self.edits += [ShapeLiteral(n.name, path, ax.segments) for n, path in literals]
+            return ax.at(dim)
         self._fail([ax], "combined elementwise with an untracked tensor of full channel size", node)
         return ax.at(dim)
+
+    def _param_source(self, t, dim: int):
+        """Follow an untracked tensor back to the parameter it is a view of, dim by dim: through
+        contiguous/clone, unsqueeze, permute, transpose, reshape (that keeps ``dim`` whole) and
+        indexing the leading dim with an index tensor (a bias table looked up by relative
+        position). Returns (parameter node, its dim, the chain, size literals to rewrite) or None.
+        Every node of the chain must have this one user, so slicing the parameter changes nothing else."""
+        chain: list[fx.Node] = []
+        literals: list[tuple[fx.Node, tuple[int, ...]]] = []
+        while isinstance(t, fx.Node):
+            if t.op == "get_attr":
+                return (t, dim, chain, literals) if chain else None
+            if t.op not in ("call_function", "call_method") or len(t.users) != 1 or self.info.get(t) is not None:
+                return None
+            rule = ops.function_rule(t.target) if t.op == "call_function" else ops.method_rule(t.target)
+            x = t.args[0] if t.args else None
+            xs, ts = _shape(x), _shape(t)
+            if xs is None or ts is None:
+                return None
+            chain.append(t)
+            if rule == "unary" and t.target in ("contiguous", "clone", "detach", torch.clone, torch.detach) \
+                    and len(xs) == len(ts):
+                pass
+            elif rule == "unsqueeze":
+                d = _norm(_arg(t, 1, "dim"), len(ts))
+                if d == dim:
+                    return None
+                dim -= 1 if d < dim else 0
+            elif rule == "permute":
+                dims = t.args[1:] if t.op == "call_method" else [_arg(t, 1, "dims")]
+                if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                    dims = dims[0]
+                dim = _norm(dims[dim], len(xs))
+            elif rule == "transpose":
+                d0, d1 = (_norm(d, len(xs)) for d in (t.args[1], t.args[2]))
+                dim = d1 if dim == d0 else d0 if dim == d1 else dim
+            elif rule == "view":
+                sources = [c for c in range(len(xs)) if _map_reshape(xs, ts, c) == (dim, 1, 1)]
+                if len(sources) != 1:
+                    return None
+                sizes = t.args[1:]
+                wrapped = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+                sizes = sizes[0] if wrapped else sizes
+                if dim >= len(sizes) or isinstance(sizes[dim], fx.Node):
+                    return None
+                if sizes[dim] != -1:
+                    literals.append((t, (1, dim) if wrapped else (1 + dim,)))
+                dim = sources[0]
+            elif rule == "getitem" and _is_index_tensor(t.args[1]) and dim >= len(ts) - len(xs) + 1:
+                dim -= len(ts) - len(xs)  # x[index]: the index's dims replace x's first dim
+            else:
+                return None
+            t = x
+        return None
 
     def _to_out_dim(self, x, ax: Axis | None, out_ndim: int) -> int | None:
         shape = _shape(x)
@@ -657,7 +751,7 @@ class ChannelAnalysis:
         if mapped is None:
             return self._fail([ax], "reshape splits or interleaves the channel axis", node)
         j, mul, div = mapped
-        self._check_shape_args(node, j, ax)
+        self._check_shape_args(node, j, ax, (mul, div))
         segs = scale_blocks(ax.segments, mul, div)
         if segs is None:
             self._request_units(ax, div)  # a head split: the next pass makes each head one channel
@@ -825,8 +919,8 @@ class ChannelAnalysis:
             ax = None
         cols = math.prod(w[2:])
         self._consume(weight, "conv", ax, node, cols, weight, module=None)
-        sid = self._new_producer(weight, w[0], "conv", [node.name], cols, None, weight, bias, module=None)
-        return Axis(1, self._whole(sid))
+        out = self._new_producer(weight, w[0], "conv", [node.name], cols, None, weight, bias, module=None)
+        return Axis(1, out)
 
     def _rule_linear(self, node):
         x = node.args[0]
@@ -843,13 +937,30 @@ class ChannelAnalysis:
         for seg in ax.segments:
             space = self.table.spaces[seg.space]
             use = self.layers.get(space.owner)
-            if space.kind != "producer" or use is None or use.out_space != seg.space:
+            if space.kind != "producer" or use is None or seg.space not in {s.space for s in use.out_segments or ()}:
                 continue
             unit = self._space_unit.get(seg.space, 1)
             new = unit * _gcd_factor(seg.block, div)
             if new != unit and (space.size * unit) % new == 0:
                 old = self.unit_requests.get(space.owner, 1)
                 self.unit_requests[space.owner] = old * new // math.gcd(old, new)
+
+    def _tie_heads(self, a: tuple[Segment, ...], b: tuple[Segment, ...], node: fx.Node) -> None:
+        """Tie two head axes. Heads of one producer space tied to other heads of the same space (q
+        to k of a packed q/k/v projection) ask the next pass to cut the producer into parts there."""
+        self.head_spaces.update(s.space for s in (*a, *b))
+        for pa, pb in aligned_pieces(a, b) or ():
+            if pa.space != pb.space or pa.start == pb.start:
+                continue
+            space = self.table.spaces[pa.space]
+            use = self.layers.get(space.owner)
+            if space.kind != "producer" or use is None or pa.space not in {s.space for s in use.out_segments or ()}:
+                continue
+            unit, base = self._space_unit.get(pa.space, 1), self._space_start.get(pa.space, 0)
+            cuts = {base + p.start * unit for p in (pa, pb)} | {base + (p.start + p.length) * unit for p in (pa, pb)}
+            self.part_requests[space.owner] = frozenset(
+                self.part_requests.get(space.owner, self.parts.get(space.owner, frozenset())) | cuts)
+        self.table.tie_segments(a, b, self._where(node))
 
     def _tie_coarsening(self, a: Axis, b: Axis, node: fx.Node) -> None:
         """Tie two head axes position by position. Where one side's channels are blocks of the
@@ -860,7 +971,7 @@ class ChannelAnalysis:
                 x, y = blocks_a.pop(), blocks_b.pop()
                 if x != y and max(x, y) % min(x, y) == 0:
                     self._request_units(a if x < y else b, max(x, y))
-        self.table.tie_segments(a.segments, b.segments, self._where(node))
+        self._tie_heads(a.segments, b.segments, node)
 
     def _rule_sdpa(self, node):
         """scaled_dot_product_attention(q, k, v): (..., heads, L, E). Head h of the output is
@@ -879,7 +990,7 @@ class ChannelAnalysis:
         if self._axis(mask) is not None or (mshape is not None and len(mshape) >= 3 and mshape[-3] != 1):
             return self._fail(tracked, "attention mask with a head dim", node)
         q, k, v = axes
-        self.table.tie_segments(k.segments, v.segments, self._where(node))
+        self._tie_heads(k.segments, v.segments, node)
         ratio = shapes[0][-3] // shapes[1][-3]
         if ratio > 1:
             blocked = scale_blocks(q.segments, 1, ratio)
@@ -887,7 +998,7 @@ class ChannelAnalysis:
                 self._request_units(q, ratio)
                 return self._fail(tracked, "grouped-query heads not yet one block per k/v head", node)
             q = Axis(q.dim, blocked)
-        self.table.tie_segments(q.segments, k.segments, self._where(node))
+        self._tie_heads(q.segments, k.segments, node)
         return axes[0]
 
     def _rule_matmul(self, node):
@@ -918,6 +1029,41 @@ class ChannelAnalysis:
             if od >= 0 and od < len(oshape) - 2 and oshape[od] != 1:
                 return self._fail([ax], "matmul with an untracked operand along the channel axis", node)
         return ax.at(p)
+
+    def _rule_einsum(self, node):
+        """einsum("bhid,bhjd->bhij", q, k): a channel axis on a letter that every operand holding
+        it shares and the output keeps (a batch letter: attention heads) passes through and ties the
+        operands; a summed letter, or an untracked operand along it, fails closed."""
+        equation, operands = node.args[0], list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        axes = [self._axis(t) for t in operands]
+        tracked = [a for a in axes if a is not None]
+        if not tracked:
+            return None
+        if not isinstance(equation, str) or "." in equation:
+            return self._fail(tracked, "einsum with a computed equation or an ellipsis", node)
+        equation = equation.replace(" ", "")
+        ins, arrow, out = equation.partition("->")
+        subs = ins.split(",")
+        if not arrow:  # implicit output: the letters used once, in alphabetical order
+            out = "".join(sorted(c for c in set(ins) if c.isalpha() and ins.count(c) == 1))
+        shapes = [_shape(t) for t in operands]
+        if len(subs) != len(operands) or any(sh is not None and len(sh) != len(sub) for sh, sub in zip(shapes, subs)):
+            return self._fail(tracked, "einsum whose operands do not match its equation", node)
+        letters = {sub[a.dim] for sub, a in zip(subs, axes) if a is not None}
+        if len(letters) != 1:
+            return self._fail(tracked, "einsum of channel axes on different letters", node)
+        letter = letters.pop()
+        if letter not in out or any(sub.count(letter) > 1 for sub in subs) or out.count(letter) > 1:
+            return self._fail(tracked, "einsum sums or repeats the channel axis", node)
+        for sub, a, t, sh in zip(subs, axes, operands, shapes):
+            if a is None and letter in sub and (sh is None or sh[sub.index(letter)] != 1):
+                return self._fail(tracked, "einsum with an untracked operand along the channel axis", node)
+        first = tracked[0]
+        for other in tracked[1:]:
+            self._tie_coarsening(first, other, node)
+        return first.at(out.index(letter))
 
     def _rule_repeat_interleave(self, node):
         x = node.args[0]
@@ -1045,6 +1191,12 @@ def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
                 return j, 1, div
         return None
     return None
+
+
+def _is_index_tensor(index) -> bool:
+    """An integer tensor (not a mask, not a tuple of indices) indexing the leading dim."""
+    meta = index.meta.get("tensor_meta") if isinstance(index, fx.Node) else None
+    return getattr(meta, "dtype", None) in (torch.int64, torch.int32)
 
 
 def _gcd_factor(block: int, div: int) -> int:

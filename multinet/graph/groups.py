@@ -10,7 +10,8 @@ from .analysis import AnalysisResult, ChannelAnalysis
 from .axes import Segment, slice_segments
 from .edits import Balanced, SliceBounds, SplitSizes
 
-MAX_PASSES = 4  # analysis passes: each may make producer channels coarser (heads, then k/v head blocks)
+MAX_PASSES = 6  # analysis passes: each may make producer channels coarser (heads, then k/v head blocks) or cut
+# a packed q/k/v projection into parts
 
 
 @dataclass
@@ -58,6 +59,8 @@ class ChannelGroup:
     set must hold equally many channels of every block of an entry."""
     unit: int = 1
     """Features per channel at the producers (head_dim for an attention head group)."""
+    attention_heads: bool = False
+    """Attention ties these channels (q to k to v, head by head): a channel is an attention head."""
 
     @property
     def consumer_names(self) -> list[str]:
@@ -101,14 +104,18 @@ class ChannelGraph:
 
 
 def analyse(gm: fx.GraphModule) -> AnalysisResult:
-    """Run the channel analysis until no pass asks for coarser producer channels (heads)."""
+    """Run the channel analysis until no pass asks for coarser producer channels (heads) or for a
+    producer cut into parts (packed q/k/v)."""
     units: dict[str, int] = {}
+    parts: dict[str, frozenset[int]] = {}
     for _ in range(MAX_PASSES):
-        result = ChannelAnalysis(gm, units).run()
+        result = ChannelAnalysis(gm, units, parts).run()
         new = {k: v for k, v in result.unit_requests.items() if units.get(k) != v}
-        if not new:
+        new_parts = {k: v for k, v in result.part_requests.items() if parts.get(k) != v}
+        if not new and not new_parts:
             break
         units.update(new)
+        parts.update(new_parts)
     return result
 
 
@@ -133,16 +140,21 @@ def build_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], AnalysisResult
         notes = list(dict.fromkeys(n for s, _ in members for n in result.inexact.get(s, [])))
         groups.append(ChannelGroup(
             id=gid, size=size, prunable=not reasons, reasons=reasons, exact=not notes, notes=notes,
-            producers=[sp.owner for sp in spaces if sp.kind == "producer"],
+            producers=list(dict.fromkeys(sp.owner for sp in spaces if sp.kind == "producer")),
             passthrough=sorted({p for s, _ in members for p in result.passthrough.get(s, ())}),
             consumers=[], members=members,
         ))
+    for use in result.layers.values():  # a producer cut into parts must stay one group
+        gids = {space_to_group[s.space][0] for s in use.out_segments or () if s.space in space_to_group}
+        if len(gids) > 1:
+            _refuse(groups, gids, f"the parts of `{use.name}`'s output (a packed projection) are not one group")
     for edit in result.edits:
         _add_pieces(edit, groups, space_to_group)
         if isinstance(edit, Balanced):
             _add_balanced(edit, groups, space_to_group)
     for group in groups:
         group.unit = _unit(result, group)
+        group.attention_heads = any(s in result.head_spaces for s, _ in group.members)
     for use in result.layers.values():
         if use.in_segments is None:
             continue

@@ -63,6 +63,7 @@ _add("sdpa", F.scaled_dot_product_attention)
 _add("matmul", torch.matmul, torch.bmm, operator.matmul)
 _add("repeat_interleave", torch.repeat_interleave)
 _add("embedding", F.embedding)
+_add("einsum", torch.einsum)
 
 
 def _aten(*names: str) -> list[object]:
@@ -109,6 +110,7 @@ _add("conv", *_aten("conv1d", "conv2d", "conv3d"))
 _add("sdpa", *_aten("scaled_dot_product_attention"))
 _add("matmul", *_aten("matmul", "bmm"))
 _add("repeat_interleave", *_aten("repeat_interleave.self_int"))
+_add("einsum", *_aten("einsum"))
 _add("embedding", *_aten("embedding"))
 _add("aten_slice", *_aten("slice.Tensor"))
 _add("aten_select", *_aten("select.int"))
