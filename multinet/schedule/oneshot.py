@@ -26,6 +26,7 @@ from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
 from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
+from ..solve.reap import invert, without_columns
 from ..solve.problem import prepare_gram
 
 
@@ -155,6 +156,8 @@ class _Consumer:
     slots: list[tuple[int, torch.Tensor, torch.Tensor]]  # (group, channels, column blocks)
     shape: tuple[int, ...]
     has_bias: bool
+    inverse: torch.Tensor | None = None  # gram's inverse, made on the first re-solve
+    fit: torch.Tensor | None = None  # the full-column least-squares weight, inverse @ target
 
 
 class MaskedModel:
@@ -203,10 +206,12 @@ class MaskedModel:
             return c.solved(cols)
         if not len(cols):
             return c.weight
+        if c.inverse is None:  # factored once per consumer, then every removal set is a small update
+            c.inverse = invert(c.gram, tolerate_rounding=True)
+            c.fit = c.inverse @ c.target
+        w = without_columns(c.inverse, c.fit, cols)
         kept = torch.ones(len(c.weight), dtype=torch.bool)
         kept[cols] = False
-        w = torch.zeros_like(c.weight)
-        w[kept] = torch.linalg.solve(c.gram[kept][:, kept], c.target[kept])
         restore = c.dead & kept  # zero on calibration data is not zero elsewhere
         w[restore] = c.weight[restore]
         return w
