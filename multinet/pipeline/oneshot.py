@@ -42,6 +42,7 @@ def compress_oneshot(original: ChannelGraph, requests: Mapping[int, int | list[i
             solution = solve_group(original, original, original.group(gid), n, method, stats, damp, device,
                                    seed + gid, {}, preset)
             removed[gid], error = sorted(solution.removed), solution.error
+            masked.adopt_inverses(solution.problems, [name for name, *_ in solution.layout])
         else:
             removed[gid], error = sorted(request), (errors or {}).get(gid, float("nan"))
         reports.append((gid, removed[gid], error, time.perf_counter() - start))

@@ -216,6 +216,16 @@ class MaskedModel:
         w[restore] = c.weight[restore]
         return w
 
+    def adopt_inverses(self, problems, names: Sequence[str]) -> None:
+        """Take consumers' inverse Grams from problems built on the same statistics with the same
+        damping (group_problems' one-shot problems): the final re-solve then factors nothing again."""
+        for p, name in zip(problems, names):
+            c = self.consumers.get(name)
+            if (isinstance(c, _Consumer) and c.inverse is None and p.inverse is not None
+                    and p.inverse.shape == c.gram.shape):
+                c.inverse = p.inverse.to(c.gram)
+                c.fit = c.inverse @ c.target
+
     def _load(self, c: _Consumer, w: torch.Tensor) -> None:
         layer_w = (w[:-1] if c.has_bias else w).T.reshape(c.shape)
         try:
