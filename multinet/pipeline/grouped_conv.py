@@ -49,8 +49,8 @@ import torch.nn as nn
 from ..errors import MultinetError
 from ..graph import ChannelGraph
 from ..solve import ConsumerProblem, reconstruct_multi
-from ..solve.problem import SolverInputError, finish, prepare_gram, removed_columns, start
-from ..solve.reap import ReapResult, invert, protected
+from ..solve.problem import SolverInputError, finish, prepare_gram, removed_columns
+from ..solve.reap import DowndatedInverse, ReapResult, invert, protected
 from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, consumer_weight, group_problems,
                              relative_error, to_layer_weights, zero_removed)
 
@@ -133,36 +133,13 @@ def balanced_order(order: torch.Tensor, n_remove: int, partitions, pieces=()) ->
 
 # --- the greedy --------------------------------------------------------------------------------
 
-def _errors(ginv: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """err(S) = tr(W_S^T (Ginv_SS)^-1 W_S) for every candidate (columns: k x w)."""
-    w_s = weight[columns]
-    if columns.shape[1] == 1:  # one column per channel: |w_c|^2 / Ginv_cc
-        return (w_s[:, 0] ** 2).sum(1) / ginv[columns[:, 0], columns[:, 0]]
-    blocks = ginv[columns[:, :, None], columns[:, None, :]]
-    return (w_s * torch.linalg.solve(blocks, w_s)).sum((1, 2))
-
-
-def _remove(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> None:
-    """W <- W - Ginv[:, S] (Ginv_SS)^-1 W_S and the matching downdate of Ginv, in place."""
-    g = ginv[:, cols]
-    y = torch.linalg.solve(g[cols], g.T).T
-    weight.sub_(y @ weight[cols])
-    ginv.sub_(y @ g.T)
-    weight[cols] = 0
-    ginv[cols, :] = 0
-    ginv[:, cols] = 0
-
-
 def balanced_greedy(problems: list[ConsumerProblem], n_channels: int, n_remove: int, damp: float,
                     partitions, pieces=()) -> ReapResult:
     """REAP's inverse-form greedy (see solve/reap.py) constrained to equal counts per conv group,
     round by round (module doc). With no partitions it makes the same choices as reap_greedy_multi."""
     step = math.lcm(*(len(p) for p in partitions)) if partitions else 1
     _check(n_channels, n_remove, step)
-    states = []
-    for p in problems:
-        gram, dead, weight = start(p, damp)
-        states.append((p, invert(gram, damp > 0), weight, dead))
+    states = [DowndatedInverse(p, damp, n_remove * p.columns.shape[1]) for p in problems]
     device = problems[0].gram.device if problems else torch.device("cpu")
     owners = [o.to(device) for o in _block_of(partitions, n_channels)]
     pieces = [piece.to(device) for piece in pieces]
@@ -173,26 +150,27 @@ def balanced_greedy(problems: list[ConsumerProblem], n_channels: int, n_remove: 
     cached: list[torch.Tensor | None] = [None] * len(states)
     for i in range(n_remove):
         scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
-        for j, (p, ginv, weight, _) in enumerate(states):
+        for j, state in enumerate(states):
+            p = state.problem
             if cached[j] is None:
                 cached[j] = torch.zeros(n_channels, dtype=torch.float64, device=device)
                 live = alive[p.channels]
                 if live.any():
-                    cached[j][p.channels[live]] = p.scale * _errors(ginv, weight, p.columns[live])
+                    cached[j][p.channels[live]] = p.scale * state.errors(live)
             scores += cached[j]
         scores[~_allowed(alive, i, step, owners, pieces)] = torch.inf
         if torch.isinf(scores).all():
             raise SolverInputError("no channel keeps the conv groups balanced")
         best = int(torch.argmin(scores))
-        for j, (p, ginv, weight, _) in enumerate(states):
-            rows = (p.channels == best).nonzero().flatten()
+        for j, state in enumerate(states):
+            rows = (state.problem.channels == best).nonzero().flatten()
             if len(rows):
-                _remove(ginv, weight, p.columns[rows].flatten())
+                state.remove(state.problem.columns[rows].flatten())
                 cached[j] = None
         alive[best] = False
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
-    weights = [finish(p, w, dead, ~removed_columns(p, removed)) for p, _, w, dead in states]
+    weights = [finish(st.problem, st.weight, st.dead, ~removed_columns(st.problem, removed)) for st in states]
     return ReapResult(removed, torch.stack(errors).cpu() if errors else torch.zeros(0, dtype=torch.float64),
                       weights, n_channels)
 
