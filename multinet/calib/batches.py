@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, MultinetError
@@ -83,7 +84,7 @@ def describe(batch: Batch) -> str:
 
 def input_names(model) -> list[str]:
     """The names a batch dict binds to: a graph's placeholders, else the forward's arguments."""
-    graph_module = getattr(model, "graph_module", model)  # a MultiNet binds by its graph's placeholders
+    graph_module = getattr(model, "graph_module", model) if isinstance(model, nn.Module) else model  # a MultiNet
     if isinstance(graph_module, fx.GraphModule):
         return [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -111,7 +112,8 @@ def as_args(batch: Batch, names: Sequence[str]) -> tuple:
 def call(model, batch: Batch):
     """``model`` on a batch: a graph by position (exported graphs check their inputs' structure),
     any other module with a dict as keyword arguments."""
-    if isinstance(batch, Mapping) and not isinstance(getattr(model, "graph_module", model), fx.GraphModule):
+    graph_module = getattr(model, "graph_module", model) if isinstance(model, nn.Module) else model
+    if isinstance(batch, Mapping) and not isinstance(graph_module, fx.GraphModule):
         return model(**batch)
     return model(*as_args(batch, input_names(model)))
 

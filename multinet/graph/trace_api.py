@@ -54,8 +54,8 @@ def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable
 
 
 def _capture(model, inputs: tuple, capture: str, leaf_modules, autowrap_functions) -> fx.GraphModule:
-    graph_module = getattr(model, "graph_module", None)
-    if isinstance(graph_module, fx.GraphModule):  # a MultiNet: its graph (a new graph over the same layers,
+    graph_module = getattr(model, "graph_module", None) if isinstance(model, torch.nn.Module) else None
+    if isinstance(graph_module, fx.GraphModule):  # a MultiNet (an ExportedProgram's graph_module is another thing): its graph (a new graph over the same layers,
         # as tracing it would give; its inputs may be several named tensors, which fx cannot trace through)
         gm = fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph), graph_module.__class__.__name__)
         gm.meta.update(graph_module.meta)

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..calib import batches, consumer_specs, iterate_batches
 from ..calib.batches import Batch
+from ..calib.frontier import GraphRunner
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
@@ -176,6 +178,12 @@ class MaskedModel:
                 if name not in self.consumers:
                     self.consumers[name] = self._consumer(graph, name, stats[name], wanted, damp)
         self._loaded: dict[str, tuple] = {name: () for name in self.consumers}
+        # per group, the graph position of its first consumer call: nothing before it changes with it
+        node_names = {gid: [n for name in graph.group(gid).consumer_names for n in graph.analysis.layers[name].nodes]
+                      for gid in group_ids}
+        self._runner = GraphRunner(self.gm)
+        self.first_change = {gid: min(self._runner.position[n] for n in names)
+                             for gid, names in node_names.items() if names}
 
     @staticmethod
     def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
@@ -277,6 +285,34 @@ class MaskedModel:
         """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
         return output_error(run_outputs(self.gm, self.inputs), self.reference)
+
+    def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]]) -> list[float]:
+        """``error`` of each state, running only what the state can change: states are taken in graph
+        order of their first changed consumer, the unchanged prefix runs once with the original
+        weights (a frontier over the evaluation batches), and each state runs from there to the
+        outputs. Same values as ``error``; a probe of a late group costs a fraction of a pass."""
+        runner = self._runner
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        names = batches.input_names(self.gm)
+        starts = [min((self.first_change[g] for g, r in s.items() if len(r) and g in self.first_change),
+                      default=runner.end) for s in states]
+        self.set_removed({})
+        position, envs = 0, [runner.start(x) for x in self.inputs]
+        errors: list[float] = [0.0] * len(states)
+        with torch.no_grad():
+            for i in sorted(range(len(states)), key=starts.__getitem__):
+                if starts[i] > position:  # advance the frontier with the original weights
+                    self.set_removed({})
+                    envs = [runner.run(env, position, starts[i]) for env in envs]
+                    position = starts[i]
+                self.set_removed(states[i])
+                parts = []
+                for x, env in zip(self.inputs, envs):
+                    end = runner.run(env, position, runner.end)
+                    out = fx.node.map_arg(output.args[0], lambda n: end[n.name])
+                    parts.append(output_parts(real_tokens(out, batches.padding_mask(x, names))))
+                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], self.reference)
+        return errors
 
 
 # --- the masked evaluator on executor workers (built once per worker, from plain data) ----------

@@ -59,7 +59,7 @@ class Scheduling:
         """Final-output errors of several removal states: here, or on the executor's worker pool."""
         self.evaluations += len(states)
         if self.remote_args is None:
-            return [self.masked.error(s) for s in states]
+            return self.masked.errors_from_prefix(states)
         return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
 
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
