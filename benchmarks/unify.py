@@ -1,22 +1,28 @@
 """Neuro Unification of models that read the same images: unified vs separate REAP vs ZipIt!-style.
 
-    python benchmarks/unify.py [--sets mlp-seeds mlp-tasks ...] [--budgets 0.6 0.4 ...]
+    python benchmarks/unify.py [--sets mlp-seeds ...] [--budgets 0.6 0.4 ...] [--threads 1] [--repeats 21]
 
 Models are trained here on scikit-learn's digits (the zoo's recipe; the zoo checkpoint is reused
 for seed 0 on the digit task): two tasks on the same images, "digit" (10 classes) and "parity"
 (even/odd), and different seeds. For each set of models and each budget (a fraction of the set's
 total FLOPs) it compares, with no fine-tuning and 1,024 calibration images:
 
-* unified: ``multinet.unify`` (one MultiNet with bridges, auto schedule, REAP);
-* separate: every model compressed on its own with the auto schedule to the same fraction;
+* unified: ``multinet.unify`` (canonical member order, R²-chosen links, every member also
+  compressed alone and falling back to that where unification would leave it worse), run twice:
+  with the model list as given and reversed;
+* separate: every model compressed on its own with the auto schedule to the same fraction
+  (``Unified.separate``, which unify computes as its baseline);
 * zipit: for MLP sets, a ZipIt!-style merge — the hidden features of all models at each depth
   are clustered by correlation (greedy average-linkage, within and across models), each cluster
   becomes one neuron with the averaged incoming weights, and consumers sum the outgoing weights
   of a cluster's members; no least-squares reconstruction.
 
-Writes benchmarks/results/unify.{md,json,png}; also times inference of 256 images through the
-unified network, through the separately compressed models one after another and through the
-original models one after another.
+Per budget it also times one batch of 256 test images (median of ``--repeats`` rounds after a
+warm-up; in every round each variant runs once, in turn, so load from other processes hits all of
+them alike; ``torch.set_num_threads(--threads)``): (a) the original models one after another,
+(b) the separately compressed models one after another, (c) the unfused MultiNet of the original
+(uncompressed) models, (d) the unified network fused (``Unified.model.fused()``) and (e) unfused.
+Writes benchmarks/results/unify.{md,json,png}.
 """
 from __future__ import annotations
 
@@ -47,17 +53,24 @@ SETS = {
     "vgg-tasks": [("vgg", "digit", 0), ("vgg", "parity", 0)],
     "vgg+resnet": [("vgg", "digit", 0), ("resnet", "parity", 0)],
     "vgg+mlp": [("vgg", "digit", 0), ("mlp", "parity", 0)],
-    "mixed-triple": [("vgg", "digit", 0), ("resnet", "parity", 0), ("mlp", "digit", 1)],
+    # three architectures, related tasks: two digit classifiers (VGG, ResNet of another seed) and a parity MLP
+    "vgg+resnet+mlp": [("vgg", "digit", 0), ("resnet", "digit", 1), ("mlp", "parity", 0)],
 }
+_TRAINED: dict[tuple, nn.Module] = {}
 
 
 def trained(arch: str, task: str, seed: int, split) -> nn.Module:
-    if task == "digit" and seed == 0:
-        return zoo.create(arch)
-    label, classes = TASKS[task]
-    torch.manual_seed(seed)
-    model = MODELS[arch](in_channels=1, image_size=8, num_classes=classes)
-    return fit(model, split.train_x, label(split.train_y), 40, seed)
+    """The model (trained once per process; sets share it)."""
+    key = (arch, task, seed)
+    if key not in _TRAINED:
+        if task == "digit" and seed == 0:
+            _TRAINED[key] = zoo.create(arch).eval()
+        else:
+            label, classes = TASKS[task]
+            torch.manual_seed(seed)
+            model = MODELS[arch](in_channels=1, image_size=8, num_classes=classes)
+            _TRAINED[key] = fit(model, split.train_x, label(split.train_y), 40, seed).eval()
+    return _TRAINED[key]
 
 
 def accuracies(outputs: dict, labels: dict) -> dict[str, float]:
@@ -156,31 +169,37 @@ def zipit(models: dict[str, nn.Module], calib: torch.Tensor, fraction: float) ->
 
 # --- the benchmark ----------------------------------------------------------------------------
 
-def run_set(name: str, split, calib, budgets) -> list[dict]:
+TIMED = ("original", "separate", "multinet", "fused", "unified")  # (a), (b), (c), (d), (e)
+
+
+def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
     spec = SETS[name]
     models = {f"{arch}_{task}_{seed}": trained(arch, task, seed, split) for arch, task, seed in spec}
     labels = {key: TASKS[task][0](split.test_y) for key, (_, task, _) in zip(models, spec)}
-    x1 = calib[:1]
+    x1, xb = calib[:1], split.test_x[:256]
     full = {k: flops(m, x1) for k, m in models.items()}
     total = sum(full.values())
     with torch.no_grad():
         base = accuracies({k: m(split.test_x) for k, m in models.items()}, labels)
+    plain = multinet.MultiNet(models, x1).eval()  # (c): the members as one graph, nothing shared, not fused
     rows = []
     for frac in budgets:
         row = dict(set=name, budget=frac, base=base)
         start = time.perf_counter()
         try:
             u = multinet.unify(models, calib, budget=Budget(flops=frac))
+            row["unify_s"] = time.perf_counter() - start
             with torch.no_grad():
                 row["unified"] = accuracies(u.model(split.test_x), labels)
             row["unified_flops"] = u.costs_after["total"]["flops"] / total
-            row["unified_s"] = time.perf_counter() - start
-            row["bridges"] = len(u.bridges)
+            row["links"] = len(u.model.links)
             row["chosen"] = u.chosen
-            row["unified_ms"] = batch_ms(lambda: u.model(split.test_x[:256]))
+            start = time.perf_counter()
             reverse = multinet.unify(dict(reversed(list(models.items()))), calib, budget=Budget(flops=frac))
+            row["unify_reversed_s"] = time.perf_counter() - start
             with torch.no_grad():
                 row["reversed"] = accuracies(reverse.model(split.test_x), labels)
+            row["reversed_chosen"] = reverse.chosen
         except BudgetError as exc:
             u, row["unified"], row["note_unified"] = None, None, str(exc)
         # separate: every model compressed on its own to the same fraction (unify computes it as its baseline)
@@ -190,10 +209,18 @@ def run_set(name: str, split, calib, budgets) -> list[dict]:
                 with torch.no_grad():
                     sep[k] = accuracies({k: r.model(split.test_x)}, {k: labels[k]})[k]
         row["separate"] = sep if all(v is not None for v in sep.values()) else None
+        fns = {"original": lambda: [m(xb) for m in models.values()], "multinet": lambda: plain(xb)}
         if row["separate"]:
             row["separate_flops"] = sum(r.flops_after for r in u.separate.values()) / total
-            row["separate_ms"] = batch_ms(lambda: [r.model(split.test_x[:256]) for r in u.separate.values()])
-        row["original_ms"] = batch_ms(lambda: [m(split.test_x[:256]) for m in models.values()])
+            fns["separate"] = lambda: [r.model(xb) for r in u.separate.values()]
+        if u is not None:
+            fused = u.model.fused().eval()
+            with torch.no_grad():
+                ref, out = u.model(xb), fused(xb)
+            row["fused_max_abs_diff"] = max(float((out[k] - ref[k]).abs().max()) for k in ref)
+            row["fused_layers"] = sum(1 for n, _ in fused.named_children() if n.startswith("fused_"))
+            fns["fused"], fns["unified"] = (lambda: fused(xb)), (lambda: u.model(xb))
+        row.update({f"{k}_ms": v for k, v in interleaved_ms(fns, repeats).items()})
         if all(a == "mlp" for a, _, _ in spec):
             z = zipit(models, calib, frac)
             with torch.no_grad():
@@ -204,64 +231,122 @@ def run_set(name: str, split, calib, budgets) -> list[dict]:
     return rows
 
 
-def batch_ms(fn, repeats: int = 21) -> float:
-    """Median milliseconds of ``fn`` (one batch of 256 through the models), after one warm-up call."""
-    times = []
+def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each ``fn`` (one batch of 256), after one warm-up call each; the
+    variants take turns within every round, so background load falls on all of them alike."""
+    times = {k: [] for k in fns}
     with torch.no_grad():
-        fn()
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def cell(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | FLOPs budget | model | original | unified | unified, list reversed | kept | separate REAP | "
-             "ZipIt!-style |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | FLOPs budget | model | original | separate REAP | unified | unified − separate (pts) | "
+             "unified, list reversed | reversed − forward (pts) | kept | ZipIt!-style |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for k, b in r["base"].items():
             u = r["unified"][k] if r.get("unified") else None
             rev = r["reversed"][k] if r.get("reversed") else None
-            kept = r.get("chosen", {}).get(k, "—")
             s = r["separate"][k] if r.get("separate") else None
             z = r["zipit"][k] if r.get("zipit") else None
-            cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-            lines.append(f"| {r['set']} | {r['budget']:.0%} | {k} | {b:.3f} | {cell(u)} | {cell(rev)} | {kept} | {cell(s)} | "
-                         f"{cell(z)} |")
+            kept = r.get("chosen", {}).get(k, "—")
+            gap = f"{100 * (u - s):+.1f}" if u is not None and s is not None else "—"
+            order = f"{100 * (rev - u):+.1f}" if u is not None and rev is not None else "—"
+            lines.append(f"| {r['set']} | {r['budget']:.0%} | {k} | {b:.3f} | {cell(s)} | {cell(u)} | {gap} | "
+                         f"{cell(rev)} | {order} | {kept} | {cell(z)} |")
     return "\n".join(lines)
 
 
-def goals(rows: list[dict]) -> str:
-    """The issue's goals, checked on the rows: unified >= separate - 0.3 pt for every model; the
+def check(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def goal_rows(rows: list[dict]) -> list[dict]:
+    """The issue's goals, per set and budget: unified >= separate - 0.3 pt for every model; the
     list's order changes no accuracy by more than 0.5 pt; where separate loses >= 15 pts unified
-    loses <= 5; and the fewest FLOPs with <= 1 pt lost on every model."""
-    lines = ["| set | unified < separate − 0.3 pt (budget model: pts) | order changes accuracy > 0.5 pt | "
-             "separate loses ≥ 15 pts: unified loss | fewest FLOPs with ≤ 1 pt lost on every model: unified / "
-             "separate |", "|---|---|---|---|---|"]
+    loses <= 5; the fused unified network no slower than the separately compressed models; the
+    unfused MultiNet of the original models no slower than the originals one after another."""
+    out = []
+    for r in rows:
+        g = dict(set=r["set"], budget=r["budget"])
+        if r.get("unified") and r.get("separate"):
+            gaps = {k: r["unified"][k] - r["separate"][k] for k in r["base"]}
+            worst = min(gaps, key=gaps.get)
+            g["never_worse"] = (gaps[worst] >= -0.003 - 1e-9, f"{worst}: {100 * gaps[worst]:+.1f}")
+            coll = [k for k in r["base"] if r["base"][k] - r["separate"][k] >= 0.15]
+            if coll:
+                ok = all(r["base"][k] - r["unified"][k] <= 0.05 + 1e-9 for k in coll)
+                g["collapse"] = (ok, "; ".join(f"{k}: {100 * (r['base'][k] - r['unified'][k]):.1f} (sep. "
+                                              f"{100 * (r['base'][k] - r['separate'][k]):.1f})" for k in coll))
+        if r.get("unified") and r.get("reversed"):
+            diffs = {k: r["reversed"][k] - r["unified"][k] for k in r["base"]}
+            worst = max(diffs, key=lambda k: abs(diffs[k]))
+            g["order"] = (abs(diffs[worst]) <= 0.005 + 1e-9, f"{worst}: {100 * diffs[worst]:+.1f}")
+        if r.get("fused_ms") is not None and r.get("separate_ms") is not None:
+            g["speed"] = (r["fused_ms"] <= r["separate_ms"], f"{r['fused_ms']:.2f} vs {r['separate_ms']:.2f} ms")
+        g["multinet"] = (r["multinet_ms"] <= r["original_ms"], f"{r['multinet_ms']:.2f} vs {r['original_ms']:.2f} ms")
+        out.append(g)
+    return out
+
+
+GOALS = [("never_worse", "unified ≥ separate − 0.3 pt, every model (worst model: unified − separate)"),
+         ("order", "order changes no model by > 0.5 pt (largest: reversed − forward)"),
+         ("collapse", "separate loses ≥ 15 pts ⇒ unified loses ≤ 5 (unified loss, sep. loss)"),
+         ("speed", "fused unified ≤ separately compressed (ms)"),
+         ("multinet", "unfused MultiNet of originals ≤ originals one after another (ms)")]
+
+
+def goals(rows: list[dict]) -> str:
+    lines = ["| set | budget | " + " | ".join(t for _, t in GOALS) + " |", "|---|---|" + "---|" * len(GOALS)]
+    for g in goal_rows(rows):
+        cells = [f"{check(g[k][0])}: {g[k][1]}" if k in g else "—" for k, _ in GOALS]
+        lines.append(f"| {g['set']} | {g['budget']:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_summary(rows: list[dict]) -> str:
+    lines = ["| goal | met / checked (set, budget) | misses |", "|---|---|---|"]
+    for key, title in GOALS:
+        checked = [g for g in goal_rows(rows) if key in g]
+        misses = [f"{g['set']} {g['budget']:.0%} ({g[key][1]})" for g in checked if not g[key][0]]
+        lines.append(f"| {title} | {len(checked) - len(misses)} / {len(checked)} | {'; '.join(misses) or 'none'} |")
+    return "\n".join(lines)
+
+
+def fewest(rows: list[dict]) -> str:
+    lines = ["| set | fewest FLOPs with ≤ 1 pt lost on every model: unified / separate |", "|---|---|"]
     for name in dict.fromkeys(r["set"] for r in rows):
         mine = [r for r in rows if r["set"] == name]
-        worse, order, collapse = [], [], []
-        for r in mine:
-            if not (r.get("unified") and r.get("separate")):
-                continue
-            for k, base in r["base"].items():
-                gap = r["unified"][k] - r["separate"][k]
-                if gap < -0.003 - 1e-9:
-                    worse.append(f"{r['budget']:.0%} {k}: {100 * gap:+.1f}")
-                if r.get("reversed") and abs(r["reversed"][k] - r["unified"][k]) > 0.005 + 1e-9:
-                    order.append(f"{r['budget']:.0%} {k}: {100 * (r['reversed'][k] - r['unified'][k]):+.1f}")
-                if base - r["separate"][k] >= 0.15:
-                    collapse.append(f"{r['budget']:.0%} {k}: {100 * (base - r['unified'][k]):.1f} (sep. "
-                                    f"{100 * (base - r['separate'][k]):.1f})")
 
-        def fewest(method):
+        def best(method):
             ok = [r[f"{method}_flops"] for r in mine if r.get(method)
                   and all(r["base"][k] - r[method][k] <= 0.01 + 1e-9 for k in r["base"])]
-            return f"{min(ok):.0%}" if ok else "—"
+            return f"{min(ok):.1%}" if ok else "—"
 
-        lines.append(f"| {name} | {'; '.join(worse) or 'none'} | {'; '.join(order) or 'none'} | "
-                     f"{'; '.join(collapse) or 'not reached'} | {fewest('unified')} / {fewest('separate')} |")
+        lines.append(f"| {name} | {best('unified')} / {best('separate')} |")
+    return "\n".join(lines)
+
+
+def speed(rows: list[dict]) -> str:
+    lines = ["| set | FLOPs budget | (a) originals one after another | (b) separately compressed one after another | "
+             "(c) unfused MultiNet of the originals | (d) unified, fused | (e) unified, unfused | fused layers | "
+             "max abs diff fused vs unfused |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ms = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        diff = r.get("fused_max_abs_diff")
+        lines.append(f"| {r['set']} | {r['budget']:.0%} | " + " | ".join(ms(r.get(f"{k}_ms")) for k in TIMED)
+                     + f" | {r.get('fused_layers', '—')} | {'—' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines)
 
 
@@ -293,30 +378,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.4, 0.25, 0.15, 0.08, 0.04, 0.02, 0.01])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for compression and timing")
+    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per budget")
+    parser.add_argument("--note", default="", help="a line for the results file (e.g. what was cut)")
+    parser.add_argument("--append", action="store_true", help="add to results/unify.json (rows of the same set "
+                        "and budget replaced): runs with different budgets per set, one after another")
     parser.add_argument("--replot", action="store_true", help="rewrite the tables and plot from results/unify.json")
     args = parser.parse_args()
-    global COMMAND
-    COMMAND = "python benchmarks/unify.py" + ("" if args.replot else f" --sets {' '.join(args.sets)} --budgets "
-                                                                    f"{' '.join(map(str, args.budgets))}")
+    saved = json.loads((RESULTS / "unify.json").read_text()) if args.append or args.replot else None
     warnings.filterwarnings("ignore")
     if args.replot:
-        rows = json.loads((RESULTS / "unify.json").read_text())["rows"]
+        rows, meta = saved["rows"], saved["meta"]
+        meta["note"] = args.note or meta.get("note", "")
     else:
+        torch.set_num_threads(args.threads)
         split = data.load("digits")
         calib = split.train_x[:1024]
-        rows = []
+        rows, start = [], time.perf_counter()
         for name in args.sets:
-            rows += run_set(name, split, calib, args.budgets)
+            rows += run_set(name, split, calib, args.budgets, args.repeats)
+        command = (f"python benchmarks/unify.py --sets {' '.join(args.sets)} --budgets "
+                   f"{' '.join(map(str, args.budgets))} --threads {args.threads} --repeats {args.repeats}")
+        meta = dict(commands=[command], threads=args.threads, repeats=args.repeats,
+                    minutes=(time.perf_counter() - start) / 60, torch=torch.__version__, note=args.note)
+        if args.append:
+            new = {(r["set"], r["budget"]) for r in rows}
+            rows = [r for r in saved["rows"] if (r["set"], r["budget"]) not in new] + rows
+            old = saved["meta"]
+            meta.update(commands=old["commands"] + [command + " --append"], minutes=old["minutes"] + meta["minutes"],
+                        note=args.note or old.get("note", ""))
+            if (old["threads"], old["repeats"]) != (args.threads, args.repeats):
+                raise SystemExit("--append: use the same --threads and --repeats as the saved runs")
+    order = {name: i for i, name in enumerate(SETS)}
+    rows.sort(key=lambda r: (order.get(r["set"], len(order)), -r["budget"]))
     RESULTS.mkdir(exist_ok=True)
-    speed = "\n".join(["| set | FLOPs budget | unified network ms | separately compressed, one after another ms | "
-                       "original models one after another ms |", "|---|---|---|---|---|"] + [
-        f"| {r['set']} | {r['budget']:.0%} | {r.get('unified_ms', float('nan')):.2f} | "
-        f"{r.get('separate_ms', float('nan')):.2f} | {r['original_ms']:.2f} |" for r in rows])
-    text = ("# Neuro Unification (digits, no fine-tuning)\n\nCommand: `" + COMMAND + "`\n\n## Goals\n\n"
-            + goals(rows) + "\n\n## Accuracy per model\n\n" + table(rows)
-            + "\n\n## Inference of 256 images (median of 21 runs)\n\n" + speed + "\n")
+    text = ("# Neuro Unification (digits, no fine-tuning)\n\nCommands, one after another: "
+            + "; ".join(f"`{c}`" for c in meta["commands"])
+            + f" ({meta['minutes']:.0f} min in all, torch {meta['torch']}, {meta['threads']} torch thread, CPU: 2 "
+              f"cores shared with other jobs).\n\n"
+            + (meta["note"] + "\n\n" if meta.get("note") else "")
+            + "Accuracy on the 360 held-out digits images (one image = 0.28 pt). *separate*: each model "
+              "compressed on its own to the same fraction of its FLOPs; *unified*: `multinet.unify` with the "
+              "models as listed, *reversed*: the list reversed; *kept*: whether unify kept the member unified or "
+              "fell back to its separate compression.\n\n## Goals (issue 13)\n\n" + goal_summary(rows)
+            + "\n\nPer set and budget:\n\n" + goals(rows)
+            + "\n\n" + fewest(rows) + "\n\n## Accuracy per model\n\n" + table(rows)
+            + f"\n\n## Inference of 256 images (ms, median of {meta['repeats']} interleaved rounds)\n\n"
+            + speed(rows) + "\n")
     (RESULTS / "unify.md").write_text(text)
-    (RESULTS / "unify.json").write_text(json.dumps(dict(rows=rows), indent=1))
+    (RESULTS / "unify.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(rows, RESULTS / "unify.png")
     print(text)
 
