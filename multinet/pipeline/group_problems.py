@@ -159,17 +159,27 @@ def solve_group(current: ChannelGraph, original: ChannelGraph, group, n_remove: 
         result = reap_greedy_multi(problems, group.size, n_remove, damp, group.pieces)
         removed, weights = result.removed, result.weights
         error = float(result.errors.sum())  # the steps' errors add up to the total: no m x m x d product
-    elif method in ("magnitude+ls", "reap"):
-        weights = reconstruct_multi(problems, removed, damp)
     else:
-        weights = [zero_removed(p, removed) for p in problems]
-    weights = [w.cpu() for w in weights]
-    problems = [p.to("cpu") for p in problems]
+        weights = weights_for_selection(method, problems, removed, damp)
+    problems, weights = on_cpu(problems, weights)
     if method != "reap" or preset is not None:
         error = relative_error(problems, weights)
     if method in ("magnitude", "random"):
         return GroupSolution(removed, problems, None, layout, error)
     return GroupSolution(removed, problems, weights, layout, error)
+
+
+def weights_for_selection(method: str, problems, removed: list[int], damp: float) -> list[torch.Tensor]:
+    """Consumer weights for channels chosen by someone else (a plan, magnitude, random): re-solved
+    by least squares for reap and magnitude+ls, the removed columns only zeroed otherwise."""
+    if method in ("magnitude+ls", "reap"):
+        return reconstruct_multi(problems, removed, damp)
+    return [zero_removed(p, removed) for p in problems]
+
+
+def on_cpu(problems, weights) -> tuple[list[ConsumerProblem], list[torch.Tensor]]:
+    """Problems and weights back on the CPU, where surgery and the write-back run."""
+    return [p.to("cpu") for p in problems], [w.cpu() for w in weights]
 
 
 def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:

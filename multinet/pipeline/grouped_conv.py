@@ -48,11 +48,11 @@ import torch.nn as nn
 
 from ..errors import MultinetError
 from ..graph import ChannelGraph
-from ..solve import ConsumerProblem, reconstruct_multi
-from ..solve.problem import SolverInputError, finish, prepare_gram, removed_columns
-from ..solve.reap import DowndatedInverse, ReapResult, invert, protected
+from ..solve import ConsumerProblem, reap_greedy_multi
+from ..solve.problem import SolverInputError, prepare_gram, removed_columns
+from ..solve.reap import ReapResult, invert, protected
 from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, consumer_weight, group_problems,
-                             relative_error, to_layer_weights, zero_removed)
+                             on_cpu, relative_error, to_layer_weights, weights_for_selection)
 
 
 # --- counts -----------------------------------------------------------------------------------
@@ -135,44 +135,16 @@ def balanced_order(order: torch.Tensor, n_remove: int, partitions, pieces=()) ->
 
 def balanced_greedy(problems: list[ConsumerProblem], n_channels: int, n_remove: int, damp: float,
                     partitions, pieces=()) -> ReapResult:
-    """REAP's inverse-form greedy (see solve/reap.py) constrained to equal counts per conv group,
-    round by round (module doc). With no partitions it makes the same choices as reap_greedy_multi."""
+    """REAP's inverse-form greedy (solve/reap.py) constrained to equal counts per conv group, round
+    by round (module doc). With no partitions it makes the same choices as reap_greedy_multi."""
     step = math.lcm(*(len(p) for p in partitions)) if partitions else 1
     _check(n_channels, n_remove, step)
-    states = [DowndatedInverse(p, damp, n_remove * p.columns.shape[1]) for p in problems]
     device = problems[0].gram.device if problems else torch.device("cpu")
     owners = [o.to(device) for o in _block_of(partitions, n_channels)]
     pieces = [piece.to(device) for piece in pieces]
-    alive = torch.ones(n_channels, dtype=torch.bool, device=device)
-    removed, errors = [], []
-    # each problem's scores, kept until a removal touches that problem: a grouped consumer's conv
-    # groups are separate problems, so a step re-scores one conv group, not all of them
-    cached: list[torch.Tensor | None] = [None] * len(states)
-    for i in range(n_remove):
-        scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
-        for j, state in enumerate(states):
-            p = state.problem
-            if cached[j] is None:
-                cached[j] = torch.zeros(n_channels, dtype=torch.float64, device=device)
-                live = alive[p.channels]
-                if live.any():
-                    cached[j][p.channels[live]] = p.scale * state.errors(live)
-            scores += cached[j]
-        scores[~_allowed(alive, i, step, owners, pieces)] = torch.inf
-        if torch.isinf(scores).all():
-            raise SolverInputError("no channel keeps the conv groups balanced")
-        best = int(torch.argmin(scores))
-        for j, state in enumerate(states):
-            rows = (state.problem.channels == best).nonzero().flatten()
-            if len(rows):
-                state.remove(state.problem.columns[rows].flatten())
-                cached[j] = None
-        alive[best] = False
-        removed.append(best)
-        errors.append(scores[best].clamp_min(0))
-    weights = [finish(st.problem, st.weight, st.dead, ~removed_columns(st.problem, removed)) for st in states]
-    return ReapResult(removed, torch.stack(errors).cpu() if errors else torch.zeros(0, dtype=torch.float64),
-                      weights, n_channels)
+    return reap_greedy_multi(problems, n_channels, n_remove, damp, pieces,
+                             may_go=lambda alive, i: _allowed(alive, i, step, owners, pieces),
+                             why_stuck="no channel keeps the conv groups balanced")
 
 
 # --- the problems ------------------------------------------------------------------------------
@@ -294,12 +266,9 @@ def solve_grouped(current: ChannelGraph, original: ChannelGraph, group, n_remove
     if removed is None:
         result = balanced_greedy(problems, group.size, n_remove, damp, partitions, group.pieces)
         removed, weights = result.removed, result.weights
-    elif method in ("magnitude+ls", "reap"):
-        weights = reconstruct_multi(problems, removed, damp)
     else:
-        weights = [zero_removed(p, removed) for p in problems]
-    weights = [w.cpu() for w in weights]
-    problems = [p.to("cpu") for p in problems]
+        weights = weights_for_selection(method, problems, removed, damp)
+    problems, weights = on_cpu(problems, weights)
     error = relative_error(problems, weights)
     keep_weights = method not in ("magnitude", "random")
     return GroupedSolution(removed, problems, weights if keep_weights else None, layout, error, blocks)

@@ -18,6 +18,7 @@ diagonal blocks Ginv_bb, all that scoring reads, are downdated in a batch of |S|
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,11 +150,17 @@ def protected(alive: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
 
 
 def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove: int,
-                      damp: float = 1e-6, pieces: list[torch.Tensor] = (), allow_all: bool = False) -> ReapResult:
+                      damp: float = 1e-6, pieces: list[torch.Tensor] = (), allow_all: bool = False,
+                      may_go: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                      why_stuck: str | None = None) -> ReapResult:
     """Greedy REAP over a group read by several consumers: errors summed, all consumers re-solved.
 
     ``pieces``: channel sets of which at least one channel must stay (outputs of a split).
     ``allow_all``: the group may lose every channel (its consumers also read other channels).
+    ``may_go(alive, step)``: a further constraint, the channels allowed at this step (e.g. equal
+    counts per conv group); ``why_stuck`` is the error when it leaves none.
+    A consumer's scores are kept until a removal touches it: a step re-scores only the consumers
+    (or a grouped conv's per-group problems) that read the removed channel.
     """
     _check_counts(n_channels, n_remove, allow_all)
     states = [DowndatedInverse(p, damp, n_remove * p.columns.shape[1]) for p in problems]
@@ -161,20 +168,29 @@ def reap_greedy_multi(problems: list[ConsumerProblem], n_channels: int, n_remove
     pieces = [piece.to(device) for piece in pieces]
     alive = torch.ones(n_channels, dtype=torch.bool, device=device)
     removed, errors = [], []
-    for _ in range(n_remove):
+    cached: list[torch.Tensor | None] = [None] * len(states)
+    for step in range(n_remove):
         scores = torch.zeros(n_channels, dtype=torch.float64, device=device)
-        for state in states:
-            p = state.problem
-            live = alive[p.channels]
-            scores[p.channels[live]] += p.scale * state.errors(live)
-        scores[~alive | protected(alive, pieces)] = torch.inf
+        for j, state in enumerate(states):
+            if cached[j] is None:
+                p = state.problem
+                cached[j] = torch.zeros(n_channels, dtype=torch.float64, device=device)
+                live = alive[p.channels]
+                if live.any():
+                    cached[j][p.channels[live]] = p.scale * state.errors(live)
+            scores += cached[j]
+        blocked = ~alive | protected(alive, pieces)
+        if may_go is not None:
+            blocked |= ~may_go(alive, step)
+        scores[blocked] = torch.inf
         if torch.isinf(scores).all():
-            raise SolverInputError(f"cannot remove {n_remove} channels: every split piece must keep one")
+            raise SolverInputError(why_stuck or f"cannot remove {n_remove} channels: every split piece must keep one")
         best = int(torch.argmin(scores))
-        for state in states:
+        for j, state in enumerate(states):
             rows = (state.problem.channels == best).nonzero().flatten()
             if len(rows):
                 state.remove(state.problem.columns[rows].flatten())
+                cached[j] = None
         alive[best] = False
         removed.append(best)
         errors.append(scores[best].clamp_min(0))
