@@ -82,9 +82,15 @@ def describe(batch: Batch) -> str:
     return "(" + ", ".join(describe(v) for v in batch) + ")"
 
 
+def _graph_of(model):
+    """A MultiNet's graph (it binds inputs like the graph does); any other model as it is. An
+    ExportedProgram's ``graph_module`` is a different thing (lifted parameters), hence nn.Module only."""
+    return getattr(model, "graph_module", model) if isinstance(model, nn.Module) else model
+
+
 def input_names(model) -> list[str]:
     """The names a batch dict binds to: a graph's placeholders, else the forward's arguments."""
-    graph_module = getattr(model, "graph_module", model) if isinstance(model, nn.Module) else model  # a MultiNet
+    graph_module = _graph_of(model)
     if isinstance(graph_module, fx.GraphModule):
         return [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -112,8 +118,7 @@ def as_args(batch: Batch, names: Sequence[str]) -> tuple:
 def call(model, batch: Batch):
     """``model`` on a batch: a graph by position (exported graphs check their inputs' structure),
     any other module with a dict as keyword arguments."""
-    graph_module = getattr(model, "graph_module", model) if isinstance(model, nn.Module) else model
-    if isinstance(batch, Mapping) and not isinstance(graph_module, fx.GraphModule):
+    if isinstance(batch, Mapping) and not isinstance(_graph_of(model), fx.GraphModule):
         return model(**batch)
     return model(*as_args(batch, input_names(model)))
 
