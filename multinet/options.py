@@ -24,7 +24,10 @@ class RunOptions:
     ``seed``: position sampling and random selections. ``eval_samples``: calibration samples that
     measure errors at the final outputs. ``executor``: None/"local", "ray", "ray:ADDRESS" or an
     executor object. ``frontier_memory`` / ``frontier_dtype``: the cached-input pipeline's frontier
-    kept in memory up to that many bytes (None: no limit), then memory-mapped files, stored in that dtype."""
+    kept in memory up to that many bytes (None: no limit), then memory-mapped files, stored in that dtype.
+    ``compensate_residuals``: in sequential mode, a layer whose output is added to a residual stream is
+    re-solved towards its original output plus the drift the stream already carries (the original
+    stream minus the compressed one), so errors of earlier layers do not pile up in the stream."""
 
     batch_size: int = 128
     max_positions: int | None = 256
@@ -35,6 +38,7 @@ class RunOptions:
     executor: Any = None
     frontier_memory: int | None = 2 * 2**30
     frontier_dtype: str = "float32"
+    compensate_residuals: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -47,6 +51,8 @@ class RunOptions:
             raise MultinetError(f"eval_samples must be a positive integer, got {self.eval_samples!r}")
         if self.frontier_memory is not None and self.frontier_memory < 0:
             raise MultinetError(f"frontier_memory must be >= 0 bytes or None, got {self.frontier_memory!r}")
+        if not isinstance(self.compensate_residuals, bool):
+            raise MultinetError(f"compensate_residuals must be True or False, got {self.compensate_residuals!r}")
         if self.frontier_dtype not in FRONTIER_DTYPES:
             raise MultinetError(f"unknown frontier_dtype {self.frontier_dtype!r}; choose from "
                                 f"{', '.join(FRONTIER_DTYPES)}")

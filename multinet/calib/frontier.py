@@ -153,11 +153,18 @@ class GraphRunner:
         return {p.name: x for p, x in zip(self.placeholders, inputs)}
 
     def run(self, env: Env, start: int, stop: int,
-            watch: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Env:
+            watch: dict[str, Callable[[torch.Tensor], None]] | None = None,
+            taps: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Env:
+        """``taps`` hears the *output* of chosen nodes: as they run, or at once for those already
+        in ``env`` (computed in an earlier segment and still live)."""
         nodes = {n.name: n for n in self.gm.graph.nodes}
         live = {nodes[k]: v for k, v in env.items()}
         cached = set(live)  # values the caller keeps: an in-place op gets its own copy (copy on write)
         watch = watch or {}
+        taps = taps or {}
+        for name, tap in taps.items():
+            if name in env:
+                tap(env[name])
         for i in range(start, stop):
             node = self.nodes[i]
             if node.op == "placeholder":
@@ -175,6 +182,8 @@ class GraphRunner:
             except Exception as exc:
                 raise InputShapeError(f"calibration batch does not fit the model at `{node.name}`: "
                                       f"{str(exc).strip().splitlines()[0]}") from exc
+            if node.name in taps:
+                taps[node.name](live[node])
             for used in node.all_input_nodes:
                 if self.last_use.get(used.name, -1) <= i and used in live:
                     del live[used]

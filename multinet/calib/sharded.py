@@ -39,7 +39,7 @@ def _shard_job(job: dict) -> dict[str, tuple]:
     except torch.cuda.OutOfMemoryError:  # too big for this GPU: the same shard on the CPU
         torch.cuda.empty_cache()
         stats = run("cpu")
-    return {k: (v.gram, v.cross, v.rows) for k, v in stats.items()}
+    return {k: v.as_tuple() for k, v in stats.items()}
 
 
 def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None, reference_specs=None,
@@ -63,8 +63,8 @@ def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None,
             for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     total: dict[str, ConsumerStats] = {}
     for part in executor.map(_shard_job, jobs):
-        for name, (gram, cross, rows) in part.items():
-            stats = ConsumerStats(gram, cross, rows)
+        for name, fields in part.items():
+            stats = ConsumerStats(*fields)
             if name in total:
                 total[name].add(stats)
             else:

@@ -28,12 +28,19 @@ class ConsumerStats:
     gram: torch.Tensor  # (m+1) x (m+1): X^T X with the ones column last
     cross: torch.Tensor | None = None  # (m+1) x (m_ref+1): X^T X_ref (sequential mode)
     rows: int = 0
+    drift: torch.Tensor | None = None  # (m+1) x outputs: X^T (r_ref - r) for a residual stream's writer
 
     def add(self, other: "ConsumerStats") -> None:
         self.gram += other.gram
         if self.cross is not None:
             self.cross += other.cross
+        if self.drift is not None:
+            self.drift += other.drift
         self.rows += other.rows
+
+    def as_tuple(self) -> tuple:
+        """The fields in order, as they travel between a shard and the driver."""
+        return self.gram, self.cross, self.rows, self.drift
 
 
 @dataclass
@@ -45,20 +52,36 @@ class ConsumerSpec:
     nodes: list[str]
     geometry: dict | None = None
     bias: bool = True
+    stream: str | None = None  # the node this consumer's output is added to (a residual stream), if any
 
 
 class _Capture(fx.Interpreter):
-    """Runs a GraphModule and hands the first input of watched nodes to a callback."""
+    """Runs a GraphModule and hands the first input of watched nodes to a callback, and the outputs
+    of tapped nodes to ``taps`` (node name -> value)."""
 
-    def __init__(self, gm: fx.GraphModule, watched: dict[str, str], callback):
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, str], callback, tapped: Iterable[str] = (),
+                 taps: dict[str, torch.Tensor] | None = None):
         super().__init__(gm)
         self.watched = watched  # node name -> consumer name
         self.callback = callback
+        self.tapped, self.taps = set(tapped), taps
 
     def run_node(self, n: fx.Node):
         if n.name in self.watched:
             self.callback(self.watched[n.name], self.fetch_args_kwargs_from_env(n)[0][0])
-        return super().run_node(n)
+        out = super().run_node(n)
+        if n.name in self.tapped:
+            self.taps[n.name] = out
+        return out
+
+
+def _sampled_positions(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None,
+                       gen: torch.Generator) -> torch.Tensor | None:
+    """The conv output positions the statistics use (the same for every sample; None: all)."""
+    per_sample = math.prod(output_grid(x, spec.geometry))
+    if max_positions and per_sample > max_positions:
+        return torch.randperm(per_sample, generator=gen)[:max_positions]
+    return None
 
 
 def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: torch.Generator,
@@ -70,15 +93,30 @@ def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, g
         rows = linear_rows(x)
         if keep_rows is not None:
             rows = rows[keep_rows]
-    else:
-        per_sample = math.prod(output_grid(x, spec.geometry))
-        pick = None
-        if max_positions and per_sample > max_positions:  # sampled before unfolding: only these patches are built
-            pick = torch.randperm(per_sample, generator=gen)[:max_positions]
-        rows = unfold_conv_input(x, spec.geometry, pick)
+    else:  # sampled before unfolding: only these patches are built
+        rows = unfold_conv_input(x, spec.geometry, _sampled_positions(spec, x, max_positions, gen))
     rows = rows.to(dtype)
     ones = torch.ones(rows.shape[0], 1, dtype=dtype, device=rows.device)
     return torch.cat([rows, ones], 1)
+
+
+def output_rows(spec: ConsumerSpec, x: torch.Tensor, y: torch.Tensor, max_positions: int | None,
+                gen: torch.Generator, dtype: torch.dtype = torch.float64,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A tensor shaped like the consumer's output (``y``: samples x outputs x positions for a conv,
+    ... x outputs for a Linear) as rows x outputs, row for row with ``input_rows`` of its input ``x``
+    (``gen`` seeded as it was there: the same sampled positions)."""
+    if spec.kind == "linear":
+        rows = y.reshape(-1, y.shape[-1])
+        if keep_rows is not None:
+            rows = rows[keep_rows]
+    else:
+        flat = y.flatten(2)  # N x outputs x positions, row-major over the output grid like the unfold
+        pick = _sampled_positions(spec, x, max_positions, gen)
+        if pick is not None:
+            flat = flat[:, :, pick.to(flat.device)]
+        rows = flat.transpose(1, 2).reshape(-1, flat.shape[1])
+    return rows.to(dtype)
 
 
 class BatchGrams:
@@ -115,6 +153,18 @@ class BatchGrams:
             cross = self._product(key, ref_key, rows, ref_rows)
         return ConsumerStats(gram, cross, rows.shape[0])
 
+    def drift(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, difference: torch.Tensor
+              ) -> torch.Tensor:
+        """X^T D for a stream writer: its input rows against ``difference`` (r_ref - r, shaped like its
+        output) at the same rows. One GEMM in ``precision`` into float64."""
+        key, rows = self.rows(name, spec, x, call)
+        gen = torch.Generator().manual_seed(self.gen_state + call)
+        d = output_rows(spec, x, difference, self.max_positions, gen, self.precision, token_rows(self.mask, x))
+        if d.shape[0] != rows.shape[0]:
+            raise MultinetError(f"`{name}`: the residual stream it writes into has {d.shape[0]} rows, its input "
+                                f"{rows.shape[0]}; turn off compensate_residuals for this model")
+        return (rows.T @ d).to(torch.float64)
+
     def _product(self, left: tuple, right: tuple, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if (left, right) not in self._products:
             self._products[(left, right)] = (a.T @ b).to(torch.float64)
@@ -145,13 +195,19 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
     """Accumulate statistics for ``specs`` over ``data``.
 
     With ``reference`` (the original model) the cross term with the reference model's input at
-    the consumer of the same name is accumulated as well (sequential mode).
+    the consumer of the same name is accumulated as well (sequential mode), and for the specs with
+    a ``stream`` the drift term against the difference of the stream's values (a stream that is
+    still whole: graph.streams gives no writer of a pruned one).
     """
     stats: dict[str, ConsumerStats] = {}
     by_name = {s.name: s for s in specs}
     ref_by_name = {s.name: s for s in reference_specs or []}
     watched = {n: s.name for s in specs for n in s.nodes}
     ref_watched = {n: s.name for s in reference_specs or [] for n in s.nodes}
+    # a residual stream's writers: the stream's value in both models (sequential mode only)
+    ref_streams = {s.name: s.stream for s in reference_specs or [] if s.stream is not None}
+    streams = {s.name: s.stream for s in specs if s.stream is not None and s.name in ref_streams}
+    ref_streams = {k: v for k, v in ref_streams.items() if k in streams}
     model = model.to(device).eval()
     if reference is not None:
         reference = reference.to(device).eval()
@@ -161,13 +217,17 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
         args, mask = batches.as_args(batch, names), batches.padding_mask(batch, names)
         captured: dict[str, list[torch.Tensor]] = {}
         ref_captured: dict[str, list[torch.Tensor]] = {}
+        taps: dict[str, torch.Tensor] = {}
+        ref_taps: dict[str, torch.Tensor] = {}
         # one seed per batch and call, shared by both models, so that sub-sampled positions line up
         gen_state = seed * 1_000_003 + batch_index * 101
         with torch.no_grad():
             try:
-                _Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x)).run(*args)
+                _Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x), streams.values(),
+                         taps).run(*args)
                 if reference is not None:
-                    _Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x)).run(*args)
+                    _Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x),
+                             ref_streams.values(), ref_taps).run(*args)
             except Exception as exc:
                 raise InputShapeError(f"calibration batch of shape {batches.describe(batch)} does not fit the model: "
                                       f"{str(exc).strip().splitlines()[0]}") from exc
@@ -176,6 +236,9 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
             for call, x in enumerate(inputs):
                 part = grams.stats(name, by_name[name], x, call, ref_by_name.get(name),
                                    ref_captured[name][call] if reference is not None else None)
+                if name in streams:
+                    part.drift = grams.drift(name, by_name[name], x, call,
+                                             ref_taps[ref_streams[name]] - taps[streams[name]])
                 if name in stats:
                     stats[name].add(part)
                 else:
@@ -190,6 +253,7 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
     for s in stats.values():  # accumulated on ``device``; handed back on the CPU for the solvers
         s.gram = s.gram.cpu()
         s.cross = s.cross.cpu() if s.cross is not None else None
+        s.drift = s.drift.cpu() if s.drift is not None else None
     return stats
 
 
@@ -201,8 +265,9 @@ def warn_few_rows(stats: dict[str, ConsumerStats]) -> None:
                           f"the calibration set rather than the data (use more samples)", stacklevel=3)
 
 
-def consumer_specs(graph, names: Iterable[str]) -> list[ConsumerSpec]:
-    """Specs for the named consumers of a ChannelGraph."""
+def consumer_specs(graph, names: Iterable[str], streams: Mapping[str, str] | None = None) -> list[ConsumerSpec]:
+    """Specs for the named consumers of a ChannelGraph; ``streams``: consumer -> the node of the residual
+    stream its output is added to (graph.streams.residual_partners), for those whose drift is wanted."""
     gm = graph.module
     nodes = {n.name: n for n in gm.graph.nodes}
     specs = []
@@ -215,6 +280,6 @@ def consumer_specs(graph, names: Iterable[str]) -> list[ConsumerSpec]:
             geom = conv_geometry(module, node.args, node.kwargs, tuple(weight.shape))
         else:
             geom = None
-        specs.append(ConsumerSpec(name, use.kind, list(use.nodes), geom))
+        specs.append(ConsumerSpec(name, use.kind, list(use.nodes), geom, stream=(streams or {}).get(name)))
     return specs
 

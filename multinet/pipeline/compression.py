@@ -34,6 +34,7 @@ from ..schedule.latency import latency_input, measure_ms
 from ..schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from ..graph import ChannelGraph, count, prune, trace
 from ..graph.dropping import drop_group, droppable
+from ..graph.streams import residual_partners
 from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
 from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
@@ -157,7 +158,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         key = fingerprint(original.module, calibration_data, opts.batch_size, ratio=ratio, method=method,
                           budget=budget.as_dict() if budget else None, schedule=schedule,
                           plan=plan.removals() if plan else None, max_positions=opts.max_positions, damp=opts.damp,
-                          seed=opts.seed, mode=mode)
+                          seed=opts.seed, mode=mode, compensate_residuals=opts.compensate_residuals)
         state = RunState(run_dir, key)
         if budget is not None and (state.dir / "plan.json").exists():
             plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
@@ -231,7 +232,8 @@ def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example
     pipeline = SequentialPipeline(original, data, batch_size=opts.batch_size, max_positions=opts.max_positions,
                                   damp=opts.damp, device=opts.device, seed=opts.seed,
                                   memory_limit=opts.frontier_memory, store_dtype=STORE_DTYPES[opts.frontier_dtype],
-                                  progress=progress, executor=opts.executor)
+                                  progress=progress, executor=opts.executor,
+                                  compensate_residuals=opts.compensate_residuals)
     reports: list[GroupReport] = []
     surviving: dict[str, torch.Tensor] = {}
     finished: list[int] = []
@@ -295,8 +297,14 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             preset = preset[:-1]  # an earlier removal took away the other channels its readers had
             n_remove -= 1
         bar.note(f"group {gid}: calibrating and solving {', '.join(group.consumer_names[:3])}")
+        pending, solved = None, ()
+        if opts.compensate_residuals:
+            pending = [name for h in sorted(requests) if h >= gid and requests[h] and h not in finished
+                       for name in original.group(h).consumer_names]
+            solved = [name for r in reports for name in original.group(r.group).consumer_names]
         removed, weights, error = _solve_group(current, original, group, n_remove, method, data, batch_size,
-                                               max_positions, damp, device, seed + gid, surviving, preset, executor)
+                                               max_positions, damp, device, seed + gid, surviving, preset, executor,
+                                               pending, solved)
         keep = sorted(set(range(group.size)) - set(removed))
         if keep:
             track_outputs(current, group, keep, surviving)
@@ -388,10 +396,15 @@ def _ratios(graph: ChannelGraph, ratio, method: str = "reap") -> dict[int, float
 
 
 def _solve_group(current, original, group, n_remove, method, data, batch_size, max_positions, damp, device, seed,
-                 surviving, preset=None, executor=None):
-    """The reference path's group: two full passes (compressed and original model) for its statistics."""
-    specs = consumer_specs(current, group.consumer_names)
-    ref_specs = consumer_specs(original, group.consumer_names)
+                 surviving, preset=None, executor=None, pending=None, solved=()):
+    """The reference path's group: two full passes (compressed and original model) for its statistics.
+    ``pending`` / ``solved``: the consumers still to be re-solved / re-solved before, when residual-stream
+    writers get their drift term (None: they do not)."""
+    names = group.consumer_names
+    streams = residual_partners(current, names, pending, solved) if pending is not None else {}
+    ref_streams = residual_partners(original, names, pending, solved) if pending is not None else {}
+    specs = consumer_specs(current, names, streams)
+    ref_specs = consumer_specs(original, names, ref_streams)
     stats = collect_on(executor, current.module, specs, data, reference=original.module, reference_specs=ref_specs,
                        batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
     solution = solve_group(current, original, group, n_remove, method, stats, damp, device, seed, surviving, preset)

@@ -62,6 +62,7 @@ class FrontierShard:
         nodes = {n: s.name for s in specs for n in s.nodes}
         by_name = {s.name: s for s in specs}
         acc: dict[str, ConsumerStats] = {}
+        streams = {s.stream for s in specs if s.stream is not None}  # residual streams the writers add to
         samples = 0
         for b in range(len(self.batches)):
             captured: dict[str, list] = {}
@@ -69,19 +70,23 @@ class FrontierShard:
             watch = {n: (lambda x, name=name: captured.setdefault(name, []).append(x)) for n, name in nodes.items()}
             ref_watch = {n: (lambda x, name=name: ref_captured.setdefault(name, []).append(x))
                          for n, name in nodes.items()}
+            values: dict[str, torch.Tensor] = {}
+            ref_values: dict[str, torch.Tensor] = {}
+            taps = {n: (lambda v, n=n: values.setdefault(n, v)) for n in streams}
+            ref_taps = {n: (lambda v, n=n: ref_values.setdefault(n, v)) for n in streams}
             start = time.perf_counter()
-            snapshot = self._run(self.cur, self.cur_store.get(b), self.position, cut, watch)
-            self._run(self.cur, snapshot, cut, last + 1, watch)
+            snapshot = self._run(self.cur, self.cur_store.get(b), self.position, cut, watch, taps)
+            self._run(self.cur, snapshot, cut, last + 1, watch, taps)
             ref_env = self.ref_store.get(b)
             if next_cut <= last + 1:
-                ref_snapshot = self._run(self.ref, ref_env, self.position, next_cut, ref_watch, reference=True)
-                self._run(self.ref, ref_snapshot, next_cut, last + 1, ref_watch, reference=True)
+                ref_snapshot = self._run(self.ref, ref_env, self.position, next_cut, ref_watch, ref_taps, True)
+                self._run(self.ref, ref_snapshot, next_cut, last + 1, ref_watch, ref_taps, True)
             else:
-                ahead = self._run(self.ref, ref_env, self.position, last + 1, ref_watch, reference=True)
-                ref_snapshot = self._run(self.ref, ahead, last + 1, next_cut, {}, reference=True)
+                ahead = self._run(self.ref, ref_env, self.position, last + 1, ref_watch, ref_taps, True)
+                ref_snapshot = self._run(self.ref, ahead, last + 1, next_cut, {}, None, True)
             self.seconds["forward"] += time.perf_counter() - start
             start = time.perf_counter()
-            self._accumulate(acc, by_name, captured, ref_captured, b, seed)
+            self._accumulate(acc, by_name, captured, ref_captured, b, seed, values, ref_values)
             self.seconds["statistics"] += time.perf_counter() - start
             self.cur_store.put(b, snapshot)
             self.ref_store.put(b, ref_snapshot)
@@ -89,27 +94,30 @@ class FrontierShard:
             if on_batch is not None:
                 on_batch(b + 1, samples)
         self.position = cut
-        return {name: (s.gram, s.cross, s.rows) for name, s in acc.items()}
+        return {name: s.as_tuple() for name, s in acc.items()}
 
-    def _accumulate(self, acc, specs, captured, ref_captured, b: int, seed: int) -> None:
+    def _accumulate(self, acc, specs, captured, ref_captured, b: int, seed: int, values, ref_values) -> None:
         index = self.first + b  # the global batch index: sampled positions do not depend on the split
         grams = BatchGrams(self.max_positions, seed * 1_000_003 + index * 101, mask=self.masks[b])
         for name, inputs in captured.items():
             for call, x in enumerate(inputs):
-                part = grams.stats(name, specs[name], x, call, specs[name], ref_captured[name][call])
+                spec = specs[name]
+                part = grams.stats(name, spec, x, call, spec, ref_captured[name][call])
                 part.gram, part.cross = part.gram.cpu(), part.cross.cpu()
+                if spec.stream is not None:
+                    part.drift = grams.drift(name, spec, x, call, ref_values[spec.stream] - values[spec.stream]).cpu()
                 if name in acc:
                     acc[name].add(part)
                 else:
                     acc[name] = part
 
-    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, reference: bool = False):
+    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, taps=None, reference: bool = False):
         if stop <= start:
             return env
         ran = sum(1 for i in range(start, stop) if runner.nodes[i].op != "placeholder")
         self.node_batches["original" if reference else "compressed"] += ran
         with torch.no_grad():
-            return runner.run(env, start, stop, watch)
+            return runner.run(env, start, stop, watch, taps)
 
     def advance(self, cut: int, next_cut: int) -> None:
         """After a solve: the compressed model's frontier runs from ``cut`` (unchanged by the solve)

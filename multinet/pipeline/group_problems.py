@@ -63,8 +63,10 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         bias_ref = (b_ref.detach().cpu().double()[outputs] if b_ref is not None
                     else torch.zeros(len(outputs), dtype=torch.float64))
         target = torch.cat([target, bias_ref[None]], 0)
+        drift = _drift_columns(s.drift, outputs)
         if not has_bias:
             gram, cross = gram[:-1, :-1], cross[:-1]
+            drift = drift[:-1] if drift is not None else None
         # the full-column least-squares fit of the original outputs is the weight REAP starts from; the
         # solver starts from the same damped inverse (one factorisation, one damping rule)
         inverse = invert(prepare_gram(gram, damp)[0], damp > 0)
@@ -74,6 +76,8 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
             scale = scale[outputs]  # a full-width model's BatchNorm still has the removed outputs
         if scale is not None:
             rhs = rhs * scale[None]
+        if drift is not None:  # a stream writer also cancels the drift its stream carries (after any BatchNorm)
+            rhs = rhs + drift
         weight = inverse @ rhs
         energy = float((weight * rhs).sum().clamp_min(1e-30))  # w^T G w, as G w = rhs up to the damping
         slots = [sl for sl in group.consumers if sl.consumer == name]
@@ -83,6 +87,12 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy, inverse))
         layout.append((name, tuple(w_cur.shape), has_bias, scale))
     return problems, layout
+
+
+def _drift_columns(drift: torch.Tensor | None, outputs: torch.Tensor) -> torch.Tensor | None:
+    """A writer's drift term X^T (r_ref - r) for the outputs it still has (all of them: the writers of a
+    pruned stream get none, see graph.streams; a full-width model keeps their indices anyway)."""
+    return None if drift is None else drift.double()[:, outputs]
 
 
 def _merge_slots(slots):

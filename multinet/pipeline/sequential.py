@@ -36,6 +36,7 @@ from ..calib.frontier import GraphRunner
 from ..calib.stats import ConsumerStats, warn_few_rows
 from ..errors import MultinetError
 from ..graph import ChannelGraph, prune, trace
+from ..graph.streams import residual_partners
 from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..solve.problem import removed_columns
@@ -94,7 +95,8 @@ def _compact(stats: ConsumerStats, dead: torch.Tensor) -> tuple[ConsumerStats, t
     index = torch.cumsum(keep.long(), 0) - 1
     gram = stats.gram[keep][:, keep]
     cross = stats.cross[keep] if stats.cross is not None else None
-    return ConsumerStats(gram, cross, stats.rows), index
+    drift = stats.drift[keep] if stats.drift is not None else None
+    return ConsumerStats(gram, cross, stats.rows, drift), index
 
 
 def _problem_rows(keep_rows: torch.Tensor, problem_size: int) -> torch.Tensor:
@@ -199,8 +201,9 @@ class SequentialPipeline:
 
     def __init__(self, original: ChannelGraph, data, *, batch_size: int, max_positions: int | None, damp: float,
                  device: str, seed: int, memory_limit: int | None = None, store_dtype: torch.dtype | None = None,
-                 spill_dir=None, progress: bool = False, executor=None):
+                 spill_dir=None, progress: bool = False, executor=None, compensate_residuals: bool = True):
         self.original = original
+        self.compensate = compensate_residuals
         self.work = copy.deepcopy(original.module).to(device).eval()
         self.graph = replace(original, module=self.work)  # the original's analysis over the full-width model
         self.cur = GraphRunner(self.work)  # node positions; the shards run the nodes
@@ -250,14 +253,19 @@ class SequentialPipeline:
         positions = [self.cur.position[n] for s in specs for n in s.nodes]
         return min(positions), max(positions)
 
-    def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None
-                   ) -> tuple[dict[str, ConsumerStats], int]:
+    def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None, pending: list[str] = (),
+                   solved: list[str] = ()) -> tuple[dict[str, ConsumerStats], int]:
         """Gram and cross terms of the group's consumers from the frontier, summed over the shards;
         leaves both frontiers at the furthest point that the group's solve cannot change. Returns the
-        stats and that point. ``bar`` hears which consumers are being calibrated, how far and how fast."""
+        stats and that point. ``bar`` hears which consumers are being calibrated, how far and how fast.
+        ``pending`` / ``solved``: the consumers still to be re-solved / re-solved before; the residual-stream
+        writers among the group's consumers get their drift term where these allow (streams.stream_partners)."""
         first, last = self.span(group)
         cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
-        specs = consumer_specs(self.original, group.consumer_names)
+        streams = (residual_partners(self.original, group.consumer_names, pending, solved) if self.compensate
+                   else {})
+        specs = consumer_specs(self.original, group.consumer_names, streams)
+        last = max([last] + [self.cur.position[n] for n in streams.values()])  # the streams' values are read too
         what = _short_names([s.name for s in specs])
         began = time.perf_counter()
         on_batch = None
@@ -300,7 +308,9 @@ class SequentialPipeline:
                 group = self.original.group(gid)
                 request = requests[gid]
                 next_cut = min((firsts[h] for h in order[i + 1:]), default=self.cur.end)
-                stats, cut = self.statistics(group, self.seed + gid, next_cut, bar)
+                pending = [name for h in order[i:] for name in self.original.group(h).consumer_names]
+                solved = [name for h in removed for name in self.original.group(h).consumer_names]
+                stats, cut = self.statistics(group, self.seed + gid, next_cut, bar, pending, solved)
                 bar.note(f"group {gid}: solving ({request if isinstance(request, int) else len(request)} of "
                          f"{group.size} channels)")
                 start = time.perf_counter()
