@@ -338,7 +338,8 @@ def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
 
 def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor]) -> None:
     """What the applied plan really costs, and its error at the final outputs on the evaluation samples."""
-    plan.measured_error = output_error(run_outputs(compressed, inputs), run_outputs(original, inputs))
+    weights = plan.budget.get("output_weights")
+    plan.measured_error = output_error(run_outputs(compressed, inputs), run_outputs(original, inputs), weights)
     if plan.metric == "latency":
         x = latency_input(inputs[0][:1].cpu(), plan.budget["latency_batch"])
         plan.measured_cost = measure_ms(compressed, x, plan.budget["device"])

@@ -27,7 +27,10 @@ class Budget:
     get faster. ``ignore``: layer names or glob patterns whose output channels stay. ``min_channels``:
     channels every group keeps, or {group id: channels}; by default 1, or 0 for a group whose
     every reader also reads another model's channels (a MultiNet bridge), which may then vanish.
-    ``residual_streams=False`` leaves groups tied by residual additions whole.
+    ``residual_streams=False`` leaves groups tied by residual additions whole. ``output_weights``: one
+    positive weight per model output (a MultiNet: per member output, in member order) in the final-output
+    error the schedule minimises; by default every output counts equally. Raising one output's weight
+    moves the removals away from what it depends on.
     """
 
     flops: float | None = None
@@ -40,6 +43,7 @@ class Budget:
     ignore: tuple[str, ...] = ()
     min_channels: int | Mapping[int, int] | None = None
     residual_streams: bool = True
+    output_weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         given = [k for k in ("flops", "params", "latency_ms") if getattr(self, k) is not None]
@@ -62,6 +66,12 @@ class Budget:
                 else [] if self.min_channels is None else [self.min_channels])
         if any(not isinstance(m, int) or m < 0 for m in mins):
             raise BudgetError(f"min_channels must be non-negative integers, got {self.min_channels!r}")
+        if self.output_weights is not None:
+            weights = tuple(self.output_weights)
+            if not weights or any(not isinstance(w, (int, float)) or not 0 < w < float("inf") for w in weights):
+                raise BudgetError(f"output_weights must be positive numbers, one per model output, got "
+                                  f"{self.output_weights!r}")
+            object.__setattr__(self, "output_weights", tuple(float(w) for w in weights))
         if not 0 < self.latency_tolerance < 1:
             raise BudgetError(f"latency_tolerance must lie in (0, 1), got {self.latency_tolerance!r}")
 

@@ -96,11 +96,21 @@ def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: f
     return curves
 
 
-def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor],
+                 weights: Sequence[float] | None = None) -> float:
     """Squared error at the final outputs as a fraction of their energy, averaged over the outputs
-    (a MultiNet's models count equally, whatever the scale of their logits)."""
+    (a MultiNet's models count equally, whatever the scale of their logits), or weighted by ``weights``."""
     errors = [float(((o - r) ** 2).sum() / (r ** 2).sum().clamp_min(1e-30)) for o, r in zip(outputs, reference)]
-    return sum(errors) / len(errors)
+    if weights is None:
+        return sum(errors) / len(errors)
+    return sum(w * e for w, e in zip(weights, errors)) / sum(weights)
+
+
+def check_output_weights(weights: Sequence[float] | None, n_outputs: int) -> None:
+    if weights is not None and len(weights) != n_outputs:
+        from .budget import BudgetError
+
+        raise BudgetError(f"output_weights has {len(weights)} weights, the model has {n_outputs} outputs")
 
 
 def output_parts(out) -> list[torch.Tensor]:
@@ -166,11 +176,13 @@ class MaskedModel:
     """Final-output error of one-shot REAP reconstructions for any removal sets (see module doc)."""
 
     def __init__(self, graph: ChannelGraph, stats, group_ids: Sequence[int], inputs: list[torch.Tensor], damp: float,
-                 device: str = "cpu"):
+                 device: str = "cpu", output_weights: Sequence[float] | None = None):
         self.gm = copy.deepcopy(graph.module).to(device).eval()
         self.inputs = [batches.to_device(x, device) for x in inputs]
         self.device = device
         self.reference = run_outputs(self.gm, self.inputs)
+        check_output_weights(output_weights, len(self.reference))
+        self.output_weights = output_weights
         wanted = set(group_ids)
         self.consumers: dict[str, _Consumer] = {}
         for gid in group_ids:
@@ -284,7 +296,7 @@ class MaskedModel:
     def error(self, removed: Mapping[int, Sequence[int]]) -> float:
         """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
-        return output_error(run_outputs(self.gm, self.inputs), self.reference)
+        return output_error(run_outputs(self.gm, self.inputs), self.reference, self.output_weights)
 
     def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]]) -> list[float]:
         """``error`` of each state, running only what the state can change: states are taken in graph
@@ -311,20 +323,22 @@ class MaskedModel:
                     end = runner.run(env, position, runner.end)
                     out = fx.node.map_arg(output.args[0], lambda n: end[n.name])
                     parts.append(output_parts(real_tokens(out, batches.padding_mask(x, names))))
-                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], self.reference)
+                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], self.reference,
+                                         self.output_weights)
         return errors
 
 
 # --- the masked evaluator on executor workers (built once per worker, from plain data) ----------
 
-def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: float) -> MaskedModel:
+def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: float,
+                 output_weights=None) -> MaskedModel:
     """Runs on a worker: rebuild the model from bytes and its masked evaluator (on its GPU if any)."""
     from ..graph import trace
     from ..io import from_bytes
 
     graph = trace(from_bytes(model_bytes), example)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MaskedModel(graph, stats, group_ids, inputs, damp, device)
+    return MaskedModel(graph, stats, group_ids, inputs, damp, device, output_weights)
 
 
 def masked_error(masked: MaskedModel, removed) -> float:

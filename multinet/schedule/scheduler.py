@@ -10,7 +10,12 @@ All three start from one calibration pass over the original model and one REAP s
 * ``auto``: each group's error at the final outputs is predicted as its layer-wise REAP error
   E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 forward
   passes per group in all), and the errors of groups are taken to add (see ``_predictor``); the
-  same greedy then runs on predictions only, one channel at a time.
+  same greedy then runs on predictions only, one channel at a time. The plan it ends with is then
+  evaluated once; where the groups do not add (groups that stand in for each other: a MultiNet
+  member's own channels and the other member's channels its bridges read), that evaluation is far
+  above the prediction, and the amplifications are measured again *in the context* of that plan
+  (each group's probes with every other group at its planned count) and the greedy re-run, up to
+  ``AUTO_REPROBES`` times; the plan with the least evaluated error is kept.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ from .plan import GroupPlan, Plan
 SCHEDULES = ("auto", "exhaustive", "uniform")
 PROBES = (0.25, 0.5, 0.75, 1.0)  # depths (fractions of a group's removable channels) where auto measures amplification
 AUTO_LOOKAHEAD = 4
+AUTO_REPROBES = 2  # in-context re-measurements when a plan's evaluated error misses its prediction
+AUTO_TRUST = 1.5  # ... by more than this factor
 EXHAUSTIVE_STEPS = 16  # the exhaustive search moves a group by ~1/16 of its channels at a time
 
 
@@ -91,12 +98,13 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
                           device)
     seconds["curves"] = time.perf_counter() - start
     inputs = evaluation_inputs(data, batch_size, eval_samples)
-    masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device)
+    masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device, budget.output_weights)
     remote = None
     if executor is not None and getattr(executor, "name", "local") != "local":
         from ..io import to_bytes
 
-        remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp)
+        remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp,
+                  budget.output_weights)
     return Scheduling(graph, budget, allowed, curves, model.along({g: c.order for g, c in curves.items()}), masked,
                       seconds, (model.flops_full, model.params_full), executor, remote)
 
@@ -150,6 +158,9 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, b
         cost = ctx.cost(counts, metric)
     if predicted is None:
         predicted = ctx.errors([ctx.removals(counts)])[0]
+    elif schedule == "auto":
+        counts, steps, predicted = _checked_auto(ctx, metric, target, counts, steps, predicted, progress)
+        cost = ctx.cost(counts, metric)
     seconds = dict(ctx.seconds, search=time.perf_counter() - start)
     groups = []
     for g, c in ctx.curves.items():
@@ -170,7 +181,8 @@ def _search(ctx: Scheduling, schedule: str, metric: int, target: float, progress
     return counts_at(path, len(path)), [(s.group, s.count) for s in path], (path[-1].error if path else 0.0)
 
 
-def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool) -> list[Step]:
+def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool,
+            predict: dict[int, Callable[[int], float]] | None = None) -> list[Step]:
     start_cost = ctx.cost({}, metric)
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
     strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
@@ -187,14 +199,34 @@ def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress
                 return ctx.errors([ctx.removals({**counts, g: k}) for g, k in moves])
 
             return greedy(ctx.allowed, saving, start_cost, target, errors_of, strides, False, progress=report)
-        return _auto(ctx, saving, start_cost, target, report)
+        return _auto(ctx, saving, start_cost, target, report, predict)
     finally:
         bar.close()
 
 
-def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report) -> list[Step]:
+def _checked_auto(ctx: Scheduling, metric: int, target: float, counts, steps, predicted: float, progress: bool):
+    """The auto plan's error evaluated once; where it misses the additive prediction by more than
+    AUTO_TRUST, amplifications re-measured in the context of the plan and the greedy run again (see the
+    module doc). Returns the plan with the least evaluated error, and that error as its prediction."""
+    evaluated = ctx.errors([ctx.removals(counts)])[0]
+    best = (evaluated, counts, steps)
+    for _ in range(AUTO_REPROBES):
+        if evaluated <= AUTO_TRUST * predicted + 1e-12:
+            break
+        path = _greedy(ctx, "auto", metric, target, progress, _predictor(ctx, context=counts))
+        counts, steps = counts_at(path, len(path)), [(s.group, s.count) for s in path]
+        predicted = path[-1].error if path else 0.0
+        evaluated = ctx.errors([ctx.removals(counts)])[0]
+        if evaluated < best[0]:
+            best = (evaluated, counts, steps)
+    evaluated, counts, steps = best
+    return counts, steps, evaluated
+
+
+def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
+          predict: dict[int, Callable[[int], float]] | None = None) -> list[Step]:
     """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k)."""
-    predict = _predictor(ctx)
+    predict = predict or _predictor(ctx)
 
     def errors_of(counts, moves):
         now = sum(predict[g](k) for g, k in counts.items())
@@ -204,20 +236,28 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report) -> 
                   progress=report)
 
 
-def _predictor(ctx: Scheduling) -> dict[int, Callable[[int], float]]:
+def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dict[int, Callable[[int], float]]:
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
     masked forward pass each) at PROBES depths of the group and interpolated linearly in k. Groups
     are assumed to add: sequential reconstruction re-solves every consumer towards the original
     outputs, so one group's error is not amplified through the next group's pruned layers.
+    With ``context`` (counts per group) each probe has the other groups at those counts, and the
+    error the probe adds over the context without g is what is amplified (one more pass per group).
     """
     probes = {}
     for g, options in ctx.allowed.items():
         for p in PROBES:
             probes.setdefault(g, set()).add(options[max(1, round(p * (len(options) - 1)))])
     jobs = [(g, k) for g in probes for k in sorted(probes[g])]
-    finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs])
+    if context is None:
+        finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs])
+    else:
+        others = {g: {**ctx.removals(context), g: []} for g in probes}
+        base = dict(zip(probes, ctx.errors([others[g] for g in probes])))
+        finals = ctx.errors([{**others[g], g: ctx.curves[g].order[:k]} for g, k in jobs])
+        finals = [max(f - base[g], 0.0) for (g, _), f in zip(jobs, finals)]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
