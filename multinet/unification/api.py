@@ -7,16 +7,20 @@ The search, in four steps (each member's own output error stays in the objective
 2. Every linkable layer of every member is scored against every other member's layer inputs by
    least-squares R² on the calibration data (see similarity.py); each layer keeps its best source
    above ``min_r2``, in both directions between members, without cycles (bridges.py).
-3. Members joined by links are unified (one MultiNet, REAP under one schedule) at the budget's
-   fraction of *their* FLOPs; a member with no links is compressed on its own, which is exactly
-   separate compression.
-4. Separate compression of each member at the same fraction is computed too, and a unified member
-   whose final-output error on the evaluation samples is above its separate one (by more than
-   ``tolerance``, relative) falls back to its separate compression; the others are unified again
-   without it. So no member pays for another's gain: never worse than separate, by construction.
+3. Separate compression of each member at the budget's fraction of its own FLOPs is computed first:
+   it is where the search starts (no links).
+4. Links are then added a pair of members at a time (all the links by which one member reads the
+   other), best R² first. The members a pair's links join, with the links kept so far, are unified
+   (one MultiNet, REAP under one schedule, each member's output error weighted by
+   ``member_weights``) at the budget's fraction of *their* FLOPs; the links are kept only if every
+   one of those members ends no worse than separately compressed (on the evaluation samples, relative
+   slack ``tolerance``) and their summed error is lower. So no member pays for another's gain: never
+   worse than separate, by construction, and a link that hurts one member never costs the other
+   members the links that help them (a member with no kept link stays exactly separate).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -91,7 +95,7 @@ class Unified:
                 channels_before=before, channels_after=after, groups_removed=groups_removed,
                 replaced_by_other_models=sum(1 for m in self.matches if m.model == name and m.other_channel >= 0),
                 chosen=self.chosen.get(name, "unified"), error=errors.get("unified"),
-                separate_error=errors.get("separate"),
+                separate_error=errors.get("separate"), weight=errors.get("weight"),
             ))
         rows.append(dict(model="shared", flops_before=self.costs_before["shared"]["flops"],
                          flops_after=self.costs_after["shared"]["flops"]))
@@ -111,7 +115,7 @@ class _Part:
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
           batch_size: int = 128, min_r2: float = MIN_R2, tolerance: float = 0.0, eval_samples: int = 1024,
-          **compress_options) -> Unified:
+          member_weights: Mapping[str, float] | None = None, **compress_options) -> Unified:
     """Merge models that read the same input into one MultiNet and compress it to ``budget``.
 
     ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget (FLOPs or
@@ -120,11 +124,14 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     calibration data); the schedule then decides, with REAP, which channels of every member to
     remove. Every member is also compressed on its own to the same fraction, and keeps that
     separate result when unification would give it a larger final-output error (relative slack
-    ``tolerance``). The result does not depend on the order of ``models``. ``compress_options``
-    are passed to :func:`multinet.compress`.
+    ``tolerance``): links are added only where they help every member they join (see
+    ``_unified_parts``). ``member_weights``: each member's weight in the unified schedule's
+    final-output error (default 1: all count equally). The result does not depend on the order of ``models``. ``compress_options`` are passed
+    to :func:`multinet.compress`.
     """
     named = named_models(models)
     budget = _checked(budget)
+    weights = _checked_weights(member_weights, list(named))
     example = example_inputs
     if example is None:
         example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
@@ -150,7 +157,7 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
               for m, s in separate.items()}
     parts = _unified_parts(named, order, links_among, calibration_data, budget, example, options, inputs, reference,
-                           separate, errors, tolerance)
+                           separate, errors, tolerance, weights)
     together = {m for p in parts for m in p.members}
     alone = [m for m in order if m not in together]
     for m in alone:
@@ -168,6 +175,17 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
                    _channels_after(net, model, example, list(named)),
                    {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
                    candidates, unlinkable, {m: s[1] for m, s in separate.items() if s})
+
+
+def _checked_weights(member_weights, names: list[str]) -> dict[str, float]:
+    given = dict(member_weights or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise MultinetError(f"member_weights names unknown models {unknown}; the models are {names}")
+    bad = {k: v for k, v in given.items() if not isinstance(v, (int, float)) or not 0 < v < float("inf")}
+    if bad:
+        raise MultinetError(f"member_weights must be positive numbers, got {bad}")
+    return {n: float(given.get(n, 1.0)) for n in names}
 
 
 def _checked(budget) -> Budget:
@@ -204,31 +222,45 @@ def _separate(name: str, model, data, budget: Budget, example, options) -> tuple
 
 
 def _unified_parts(named, order, links_among, data, budget, example, options, inputs, reference, separate, errors,
-                   tolerance) -> list[_Part]:
-    """Unify each linked set of members; a member that ends worse than on its own leaves its set,
-    and the rest are unified again without it, with links chosen again among them."""
+                   tolerance, weights: dict[str, float]) -> list[_Part]:
+    """Forward selection of links, starting from separate compression (no links). The links are taken
+    a pair of members at a time (every link by which one member reads another), best R² first; a pair's
+    links are kept only if unifying the members they join, with the links kept so far, leaves every one
+    of those members no worse than separately compressed (relative slack ``tolerance``) and their summed
+    error lower than before. A link that would make any member pay for another's gain is never added,
+    so no member needs to fall back, and the others keep the links that help them."""
     links = links_among(order)
-    pending = [c for c in _components(order, links) if len(c) > 1]
-    accepted = []
-    while pending:
-        members = pending.pop(0)
-        mine = [lk for lk in links if lk.model in members and lk.source in members]
+    pairs: dict[tuple[str, str], list[Candidate]] = {}
+    for lk in links:
+        pairs.setdefault((lk.model, lk.source), []).append(lk)
+    trials = sorted(pairs, key=lambda pair: (-max(round(lk.r2, 9) for lk in pairs[pair]), pair))
+    kept: list[Candidate] = []
+    parts: dict[frozenset, _Part] = {}  # unified components, by their members
+    current = {m: errors[m]["separate"] for m in order}  # None: cannot reach the budget alone
+    for pair in trials:
+        trial = kept + pairs[pair]
+        members = next(c for c in _components(order, trial) if pair[0] in c)
+        mine = [lk for lk in trial if lk.model in members and lk.source in members]
+        member_budget = replace(_budget_for(budget, members, order),
+                                output_weights=tuple(weights[m] for m in members for _ in reference[m]))
         try:
-            part = _unify_part(named, members, mine, data, _budget_for(budget, members, order), example, options)
+            part = _unify_part(named, members, mine, data, member_budget, example, options)
         except BudgetError:
-            continue  # every member of the set stays separate
-        got = member_errors(part.model, inputs, reference)
-        losers = [m for m in members if errors[m]["separate"] is not None
-                  and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
-        for m in members:
-            errors[m]["unified"] = got[m]
-        if not losers:
-            accepted.append(part)
             continue
-        rest = [m for m in members if m not in losers]
-        links = [lk for lk in links if lk.model not in members or lk.source not in members] + links_among(rest)
-        pending += [c for c in _components(rest, links) if len(c) > 1]
-    return accepted
+        got = member_errors(part.model, inputs, reference)
+        worse = [m for m in members if errors[m]["separate"] is not None
+                 and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
+        before = [current[m] for m in members]
+        gain = None not in before and sum(got[m] for m in members) < sum(before) - 1e-12
+        if worse or not (gain or None in before):
+            continue
+        kept = trial
+        for m in members:
+            current[m] = errors[m]["unified"] = got[m]
+            errors[m]["weight"] = weights[m]
+        parts = {k: v for k, v in parts.items() if not k & set(members)}
+        parts[frozenset(members)] = part
+    return list(parts.values())
 
 
 def _components(members: list[str], links: list[Candidate]) -> list[list[str]]:
