@@ -119,20 +119,21 @@ def test_a_linear_writer_fits_its_output_plus_the_streams_drift(calib, mode, com
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-4)
 
 
-def _conv_check(model, small, calib, writer: str, stream_reader: str, compensated: bool) -> None:
-    """``writer``'s fitted outputs (conv, then BatchNorm, then ``+ r``; ``r`` is ``stream_reader``'s
-    input) against brute-force least squares on every position, in the BatchNorm's output space."""
-    x, x_ref = _inputs(small, writer, calib), _inputs(model, writer, calib)
-    r, r_ref = _inputs(small, stream_reader, calib), _inputs(model, stream_reader, calib)
-    bn = model.get_submodule(writer.replace("conv2", "bn2"))
-    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+def _conv_check(model, small, calib, kept: torch.Tensor, compensated: bool) -> None:
+    """blocks.1.conv2's fitted outputs (conv, then BatchNorm, then ``+ r``; ``r`` is blocks.1.conv1's
+    input) against brute-force least squares on every position, in the BatchNorm's output space,
+    for the stream channels ``kept``."""
+    x, x_ref = _inputs(small, "blocks.1.conv2", calib), _inputs(model, "blocks.1.conv2", calib)
+    r, r_ref = _inputs(small, "blocks.1.conv1", calib), _inputs(model, "blocks.1.conv1", calib)
+    bn = model.blocks[1]["bn2"]
+    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[kept]
     with torch.no_grad():
-        out_ref = model.get_submodule(writer)(x_ref)
-    target = a[None, :, None, None] * out_ref + (r_ref - r if compensated else 0)
-    target = target.permute(0, 2, 3, 1).reshape(-1, len(a))
+        out_ref = model.blocks[1]["conv2"](x_ref)[:, kept]
+    target = a[None, :, None, None] * out_ref + (r_ref[:, kept] - r if compensated else 0)
+    target = target.permute(0, 2, 3, 1).reshape(-1, len(kept))
     rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, x.shape[1] * 9)
     expected = _lstsq(rows, target) / a.double()[None]
-    conv = small.get_submodule(writer)
+    conv = small.get_submodule("blocks.1.conv2")
     got = torch.cat([conv.weight.detach().flatten(1).T, conv.bias.detach()[None]], 0).double()
     # digits' blank borders make some columns redundant: compare the fitted outputs, not the weights
     design = torch.cat([rows.double(), torch.ones(len(rows), 1, dtype=torch.float64)], 1)
@@ -146,7 +147,9 @@ def test_a_conv_writer_behind_a_batchnorm_cancels_the_streams_drift(calib, mode)
     ratio = _ratios(model, calib, ["blocks.0.conv1", "blocks.1.conv1"], 0.6)
     result = multinet.compress(model, calib, ratio=ratio, mode=mode, max_positions=None)
     assert _inputs(result.model, "blocks.1.conv1", calib).shape[1] == 6  # the stream is whole
-    _conv_check(model, result.model, calib, "blocks.1.conv2", "blocks.1.conv1", compensated=True)
+    _conv_check(model, result.model, calib, torch.arange(6), compensated=True)
+    with pytest.raises(AssertionError):  # and the drift term mattered
+        _conv_check(model, result.model, calib, torch.arange(6), compensated=False)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "reference"])
@@ -156,20 +159,10 @@ def test_no_compensation_under_readers_already_fitted_to_the_drifted_stream(cali
     torch.manual_seed(0)
     model = _randomise_batchnorms(ResidualConv())
     result = multinet.compress(model, calib, ratio=0.5, mode=mode, max_positions=None)
-    assert _inputs(result.model, "blocks.1.conv1", calib).shape[1] < 6  # the stream group was pruned first
     assert result.groups[0].producers[0] == "stem"
-    small, kept = result.model, torch.tensor(_kept(result, "stem"))
-    x, x_ref = _inputs(small, "blocks.1.conv2", calib), _inputs(model, "blocks.1.conv2", calib)
-    bn = model.blocks[1]["bn2"]
-    a = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[kept]
-    with torch.no_grad():
-        out_ref = model.blocks[1]["conv2"](x_ref)[:, kept]
-    target = (a[None, :, None, None] * out_ref).permute(0, 2, 3, 1).reshape(-1, len(kept))
-    rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, x.shape[1] * 9)
-    design = torch.cat([rows.double(), torch.ones(len(rows), 1, dtype=torch.float64)], 1)
-    conv = small.get_submodule("blocks.1.conv2")
-    got = torch.cat([conv.weight.detach().flatten(1).T, conv.bias.detach()[None]], 0).double()
-    torch.testing.assert_close(design @ got, design @ (_lstsq(rows, target) / a.double()[None]), rtol=1e-3, atol=1e-3)
+    kept = torch.tensor(_kept(result, "stem"))
+    assert len(kept) < 6  # the stream group was pruned first
+    _conv_check(model, result.model, calib, kept, compensated=False)
 
 
 def test_pipeline_equals_reference_with_and_without_compensation(calib):

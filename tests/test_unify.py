@@ -177,3 +177,21 @@ def test_unified_is_never_worse_than_separate_on_the_evaluation_samples(split):
     assert all(c.r2 <= 1 for c in unified.candidates) and unified.unlinkable
     acc = _accuracy(unified.model, split)
     assert min(acc.values()) > 0.85
+
+
+def test_a_link_that_would_hurt_one_member_costs_the_others_nothing(split):
+    """With every link a candidate (min_r2=0), the random model's links explain little; they are kept
+    only where they help everyone they join, and the copies stay unified whatever happens to them."""
+    torch.manual_seed(0)
+    odd = zoo.create("mlp")
+    with torch.no_grad():
+        for p in odd.parameters():
+            p.normal_(0, 0.3)
+    a = zoo.create("mlp")
+    models = {"a": a, "b": _permuted_scaled(a, 5), "odd": odd}
+    unified = multinet.unify(models, split.train_x[:512], budget=0.1, min_r2=0.0)
+    assert any("odd" in (c.model, c.source) for c in unified.candidates)  # odd's links were candidates
+    assert unified.chosen["a"] == unified.chosen["b"] == "unified"
+    for name, errors in unified.errors.items():
+        kept = errors["unified"] if unified.chosen[name] == "unified" else errors["separate"]
+        assert kept <= errors["separate"] + 1e-12
