@@ -83,6 +83,19 @@ steps:
 """
 
 
+UNIFY = """name: u
+models:
+  - {{name: a, model: "zoo:mlp"}}
+  - {{name: b, model: "zoo:mlp"}}
+data:
+  calibration: 64
+steps:
+  - unify:
+      budget: {{flops: 0.5}}
+      member_weights: {weights}
+"""
+
+
 def _case(tmp_path, extra="", calib="64", budget_key="budget", flops="0.5"):
     return _write(tmp_path, BASE.format(extra=extra, calib=calib, budget_key=budget_key, flops=flops))
 
@@ -95,6 +108,8 @@ def _case(tmp_path, extra="", calib="64", budget_key="budget", flops="0.5"):
     (lambda t: _case(t, extra="\n    weights: w.pt"), "unknown key `models.0.weights`"),
     (lambda t: _write(t, "models: [\n"), "not valid YAML"),
     (lambda t: t / "missing.yaml", "no scenario file"),
+    (lambda t: _write(t, UNIFY.format(weights="{a: -1}")), "`steps.0.unify.member_weights.a`: Input should be greater than 0"),
+    (lambda t: _write(t, UNIFY.format(weights="{c: 2}")), "member_weights names unknown models ['c']"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(make, message, tmp_path, capsys):
     path = make(tmp_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator,
@@ -78,6 +78,7 @@ class UnifyStep(_Strict):
     budget: BudgetSpec
     schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
     max_positions: int | None = Field(RunOptions.max_positions, ge=1)
+    member_weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
 
 
 class EvaluateStep(_Strict):
