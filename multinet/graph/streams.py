@@ -80,28 +80,26 @@ def _stream_sum(gm: fx.GraphModule, call: fx.Node) -> fx.Node:
     return node
 
 
-def ancestors(node: fx.Node) -> set[str]:
-    """Names of every node ``node`` is computed from (itself included)."""
+def _closure(node: fx.Node, step) -> set[str]:
+    """Names of the nodes reached from ``node`` (itself included) by following ``step(n)``."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
         if n.name in seen:
             continue
         seen.add(n.name)
-        todo.extend(n.all_input_nodes)
+        todo.extend(step(n))
     return seen
+
+
+def ancestors(node: fx.Node) -> set[str]:
+    """Names of every node ``node`` is computed from (itself included)."""
+    return _closure(node, lambda n: n.all_input_nodes)
 
 
 def descendants(node: fx.Node) -> set[str]:
     """Names of every node computed from ``node`` (itself included)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n.name in seen:
-            continue
-        seen.add(n.name)
-        todo.extend(n.users)
-    return seen
+    return _closure(node, lambda n: n.users)
 
 
 def stream_partners(gm: fx.GraphModule, calls: dict[str, list[str]], pending: Iterable[str],
