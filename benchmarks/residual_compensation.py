@@ -2,10 +2,12 @@
 
     python benchmarks/residual_compensation.py [--dataset digits] [--models resnet mobilenet] [--threads 2]
 
-The same REAP run (sequential mode, every prunable group at the same ratio) with
-``RunOptions(compensate_residuals=True)`` (the default) and ``False``; accuracy on the held-out test
-split, no fine-tuning. Only models with residual streams are affected (the zoo's resnet and
-mobilenet; vgg, mlp and densenet have no ``out + stream`` writers and give identical results).
+The same REAP run (sequential mode) with ``RunOptions(compensate_residuals=True)`` (the default)
+and ``False``; accuracy on the held-out test split, no fine-tuning. Two tables: every prunable group
+at the same ratio (every stream is then pruned first, which re-solves its readers, so the writers
+keep aiming at their own outputs and nothing changes), and FLOPs budgets with the auto schedule and
+``residual_streams=False`` (the streams stay whole: the writers cancel their drift). Only models
+with residual streams are affected (the zoo's resnet and mobilenet).
 The MiniLM side of the same switch is in ``benchmarks/transformers.py --compare-compensation``.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet", "mobilenet"])
     parser.add_argument("--calibration", type=int, default=1024)
     parser.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
+    parser.add_argument("--budgets", nargs="*", type=float, default=[0.5, 0.3, 0.15])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,6 +58,24 @@ def main() -> None:
             print(f"| {name} | {ratio:.0%} | {kept:.1%} | {accuracy[True]:.4f} | {accuracy[False]:.4f} | "
                   f"{(accuracy[True] - accuracy[False]) * 100:+.1f} | {seconds[True]:.1f} / {seconds[False]:.1f} |",
                   flush=True)
+    print("\nFLOPs budgets, auto schedule, residual streams left whole (`Budget(flops=f, residual_streams=False)`)\n")
+    print("| model | FLOPs kept | accuracy: stream drift compensated | own output only | difference (pt) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        model = zoo.create(name, args.dataset)
+        for fraction in args.budgets:
+            accuracy = {}
+            try:
+                for compensate in (True, False):
+                    options = multinet.RunOptions(max_positions=64, compensate_residuals=compensate)
+                    budget = multinet.Budget(flops=fraction, residual_streams=False)
+                    result = multinet.compress(model, calib, budget=budget, options=options)
+                    accuracy[compensate] = data.accuracy(result.model, split.test_x, split.test_y)
+            except multinet.BudgetError as exc:  # the streams alone cost more than the budget
+                print(f"| {name} | {fraction:.0%} asked: {str(exc).split(':')[0]} | | | |")
+                continue
+            print(f"| {name} | {result.flops_after / result.flops_before:.1%} | {accuracy[True]:.4f} | "
+                  f"{accuracy[False]:.4f} | {(accuracy[True] - accuracy[False]) * 100:+.1f} |", flush=True)
 
 
 if __name__ == "__main__":
