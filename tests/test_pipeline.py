@@ -65,8 +65,11 @@ def test_a_residual_stream_spanning_segments_equals_the_reference(calib):
     reference = _compress(model, calib, ratio=ratios, mode="reference")
     pipeline = _compress(model, calib, ratio=ratios)
     _same(pipeline, reference, calib[:64])
-    # the stream's stage runs once more for its statistics; everything else once per model
-    assert pipeline.cost.passes < 4
+    # the original model runs exactly once: its frontier only moves forward and keeps, as it passes the
+    # stream's stage, the inputs the blocks' own groups read later; the compressed model re-runs the stage
+    # once for the stream's statistics, without the layers whose inputs are all that run wants
+    assert pipeline.cost.original_nodes == pipeline.cost.nodes - 1  # every node but the input placeholder
+    assert pipeline.cost.compressed_nodes < 2 * pipeline.cost.nodes
 
 
 def test_spilled_and_half_precision_frontiers(calib):
@@ -143,3 +146,60 @@ def test_oneshot_equals_sequential_for_a_single_group_and_meets_budgets(calib):
     for method in ("magnitude", "random", "magnitude+ls"):
         assert _compress(zoo.create("mlp"), calib, ratio=0.5, method=method, mode="oneshot").flops_after < \
             everything.flops_before
+
+
+def test_a_run_for_its_watches_runs_only_what_they_read():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b, self.c = nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            g = self.b(self.act(h))  # the in-place ReLU changes h for every later reader
+            return self.c(g) + h.sum(1, keepdim=True)
+
+    gm = torch.fx.symbolic_trace(Chain().eval())
+    runner = GraphRunner(gm)
+    x = torch.randn(4, 5)
+    full, part = {}, {}
+    runner.run(runner.start(x), 0, runner.end, {"b": lambda v: full.setdefault("b", v.clone())})
+    only = runner.required(0, runner.end, ["b"])
+    assert only == {"a", "act"}  # b's input; neither b, c nor the sum need to run
+    runner.run(runner.start(x), 0, runner.end, {"b": lambda v: part.setdefault("b", v.clone())}, only=only)
+    torch.testing.assert_close(part["b"], full["b"])
+    # an in-place op on a value a kept node computes runs too
+    assert "act" in runner.required(0, runner.end, [], ["a"])
+
+
+def test_the_cross_term_through_the_original_weights_matches_brute_force(calib):
+    """A 3x3 conv (m = 9 x inputs > 2 x outputs) gets X^T (X_ref - X) W_ref from the shards and G W_ref added
+    on the driver: equal to X^T X_ref W_ref in float64, and exactly G W_ref (so the fit returns the original
+    weights) where nothing before the consumer has changed."""
+    from multinet.calib.stats import BatchGrams, consumer_specs
+    from multinet.pipeline.frontier_shard import dense_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1)).eval()
+    graph = multinet.trace(model, calib[:1])
+    spec = consumer_specs(graph, ["2"])[0]
+    target = dense_target(graph.module, "2")
+    assert target.shape == (6 * 9 + 1, 4)
+    x = calib[:32]
+    with torch.no_grad():
+        x_ref = model[1](model[0](x))
+        x_cur = x_ref + 0.1 * torch.randn_like(x_ref)
+    grams = BatchGrams(None, 0)
+    moved = grams.stats("2", spec, x_cur, 0, spec, x_ref, target).resolved(target)
+    rows = torch.nn.functional.unfold(x_cur.double(), 3, padding=1).transpose(1, 2).reshape(-1, 54)
+    rows_ref = torch.nn.functional.unfold(x_ref.double(), 3, padding=1).transpose(1, 2).reshape(-1, 54)
+    ones = torch.ones(len(rows), 1, dtype=torch.float64)
+    rows, rows_ref = torch.cat([rows, ones], 1), torch.cat([rows_ref, ones], 1)
+    brute = rows.T @ (rows_ref @ target.double())
+    torch.testing.assert_close(moved.target_cross, brute, rtol=1e-5, atol=1e-5 * brute.abs().max().item())
+    same = BatchGrams(None, 0).stats("2", spec, x_ref, 0, spec, x_ref, target)
+    assert not same.delta_cross.any()  # the input did not move: the term is G W_ref to the last bit
+    torch.testing.assert_close(same.resolved(target).target_cross, same.gram.double() @ target.double(), rtol=0, atol=0)
+    # a 1x1 conv that widens keeps the m x m cross term (it is the cheaper one there)
+    wide = nn.Sequential(nn.Conv2d(1, 3, 1), nn.Conv2d(3, 8, 1)).eval()
+    assert dense_target(multinet.trace(wide, calib[:1]).module, "1") is None

@@ -152,11 +152,43 @@ class GraphRunner:
             raise InputShapeError(f"the model takes {len(self.placeholders)} inputs, the batch has {len(inputs)}")
         return {p.name: x for p, x in zip(self.placeholders, inputs)}
 
+    def required(self, start: int, stop: int, watched: Iterable[str], tapped: Iterable[str] = ()) -> set[str]:
+        """The nodes among ``start .. stop-1`` that the first inputs of ``watched`` nodes and the outputs
+        of ``tapped`` nodes depend on: all a run whose environment is thrown away needs to run (the
+        watched layers themselves need not run to hand over their inputs)."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        out: set[str] = set()
+
+        def inside(node: fx.Node) -> bool:
+            return start <= self.position.get(node.name, -1) < stop
+
+        def add(stack: list[fx.Node]) -> None:
+            while stack:
+                node = stack.pop()
+                if node.name not in out and inside(node) and node.op != "placeholder":
+                    out.add(node.name)
+                    stack.extend(node.all_input_nodes)
+
+        add([nodes[n].all_input_nodes[0] for n in watched if nodes[n].all_input_nodes] + [nodes[n] for n in tapped])
+        # an in-place op changes its argument under every later reader: it runs whenever that argument is
+        # computed here or comes from the environment (to a fixed point: it may pull in more nodes)
+        mutating = [n for n in self.nodes[start:stop] if n.name in self.stepper.mutating and n.args
+                    and isinstance(n.args[0], fx.Node)]
+        grew = True
+        while grew:
+            grew = False
+            for node in mutating:
+                if node.name not in out and (node.args[0].name in out or not inside(node.args[0])):
+                    add([node])
+                    grew = True
+        return out
+
     def run(self, env: Env, start: int, stop: int,
             watch: dict[str, Callable[[torch.Tensor], None]] | None = None,
-            taps: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Env:
+            taps: dict[str, Callable[[torch.Tensor], None]] | None = None, only: set[str] | None = None) -> Env:
         """``taps`` hears the *output* of chosen nodes: as they run, or at once for those already
-        in ``env`` (computed in an earlier segment and still live)."""
+        in ``env`` (computed in an earlier segment and still live). ``only``: run just these nodes
+        (``required``), for a run that exists for its watches and taps."""
         nodes = {n.name: n for n in self.gm.graph.nodes}
         live = {nodes[k]: v for k, v in env.items()}
         cached = set(live)  # values the caller keeps: an in-place op gets its own copy (copy on write)
@@ -169,12 +201,14 @@ class GraphRunner:
             node = self.nodes[i]
             if node.op == "placeholder":
                 continue
-            if node.name in self.stepper.mutating and node.args and node.args[0] in cached:
-                live[node.args[0]] = live[node.args[0]].clone()
-                cached.discard(node.args[0])
             if node.name in watch:
                 first = node.all_input_nodes[0]
                 watch[node.name](live[first])
+            if only is not None and node.name not in only:
+                continue
+            if node.name in self.stepper.mutating and node.args and node.args[0] in cached:
+                live[node.args[0]] = live[node.args[0]].clone()
+                cached.discard(node.args[0])
             try:
                 live[node] = self.stepper.step(node, live)
             except MultinetError:

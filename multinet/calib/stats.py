@@ -5,6 +5,11 @@ one per output position for a conv), G = X^T X with a trailing column of ones (s
 absorbs mean shifts). In sequential mode X comes from the model being compressed and the
 statistics also hold the cross term C = X^T X_ref with the *original* model's input, so the
 reconstruction aims at the original outputs and errors do not compound layer after layer.
+Only C W_ref is ever used; where the consumer has fewer outputs d than half its input columns m
+(a 3x3 conv: m = 9 x its inputs) the cached-input pipeline accumulates X^T (X_ref - X) W_ref
+instead (``delta_cross``: 2 m d instead of m^2 per row), and the driver adds G W_ref once
+(``resolved``). Written as a difference, the term is exactly G W_ref where the consumer's input has
+not changed yet, as the m x m form is: the fit then returns the original weights to the last bit.
 Sums are additive: shards can be reduced anywhere.
 """
 from __future__ import annotations
@@ -29,18 +34,32 @@ class ConsumerStats:
     cross: torch.Tensor | None = None  # (m+1) x (m_ref+1): X^T X_ref (sequential mode)
     rows: int = 0
     drift: torch.Tensor | None = None  # (m+1) x outputs: X^T (r_ref - r) for a residual stream's writer
+    # (m+1) x outputs: X^T (X_ref - X) W_ref, accumulated instead of ``cross`` where cheaper (module doc)
+    delta_cross: torch.Tensor | None = None
+    # (m+1) x outputs: X^T X_ref W_ref, the cross term through the original weights (``resolved``)
+    target_cross: torch.Tensor | None = None
 
     def add(self, other: "ConsumerStats") -> None:
         self.gram += other.gram
-        if self.cross is not None:
-            self.cross += other.cross
-        if self.drift is not None:
-            self.drift += other.drift
+        for field in ("cross", "drift", "delta_cross", "target_cross"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if (mine is None) != (theirs is None):
+                raise MultinetError(f"statistics of one consumer disagree on their {field} term: cannot add them")
+            if mine is not None:
+                mine += theirs
         self.rows += other.rows
 
     def as_tuple(self) -> tuple:
         """The fields in order, as they travel between a shard and the driver."""
-        return self.gram, self.cross, self.rows, self.drift
+        return self.gram, self.cross, self.rows, self.drift, self.delta_cross, self.target_cross
+
+    def resolved(self, target: torch.Tensor) -> "ConsumerStats":
+        """``delta_cross`` turned into ``target_cross`` = G W_ref + X^T (X_ref - X) W_ref, with ``target``
+        the W_ref (bias row last) the shards multiplied by; before any column is taken out."""
+        if self.delta_cross is None:
+            return self
+        through = self.gram.double() @ target.double() + self.delta_cross.double()
+        return ConsumerStats(self.gram, None, self.rows, self.drift, None, through)
 
 
 @dataclass
@@ -144,14 +163,23 @@ class BatchGrams:
         return key, self._rows[key]
 
     def stats(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, ref_spec: ConsumerSpec | None = None,
-              ref_x: torch.Tensor | None = None) -> ConsumerStats:
+              ref_x: torch.Tensor | None = None, ref_target: torch.Tensor | None = None) -> ConsumerStats:
+        """Gram of ``x``'s rows; with ``ref_x`` the cross term with the reference input's rows, or, given
+        ``ref_target`` (the reference weights with the bias row last, m+1 x d), X^T (X_ref - X) ref_target
+        (the same columns in both models: the full-width pipeline)."""
         key, rows = self.rows(name, spec, x, call)
         gram = self._product(key, key, rows, rows)
-        cross = None
-        if ref_x is not None:
-            ref_key, ref_rows = self.rows(name, ref_spec, ref_x, call)
-            cross = self._product(key, ref_key, rows, ref_rows)
-        return ConsumerStats(gram, cross, rows.shape[0])
+        if ref_x is None:
+            return ConsumerStats(gram, None, rows.shape[0])
+        ref_key, ref_rows = self.rows(name, ref_spec, ref_x, call)
+        if ref_target is None:
+            return ConsumerStats(gram, self._product(key, ref_key, rows, ref_rows), rows.shape[0])
+        if ref_rows.shape != rows.shape or ref_target.shape[0] != rows.shape[1]:
+            raise MultinetError(f"`{name}`: the original model's input rows {tuple(ref_rows.shape)} and weights "
+                                f"{tuple(ref_target.shape)} do not line up with the compressed model's rows "
+                                f"{tuple(rows.shape)}")
+        moved = (ref_rows - rows) @ ref_target.to(rows)  # zero where the input has not changed
+        return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
 
     def drift(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, difference: torch.Tensor
               ) -> torch.Tensor:

@@ -19,8 +19,26 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..calib import batches as batch_ops
+from ..errors import MultinetError
 from ..calib.frontier import ActivationStore, GraphRunner
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats
+
+
+def dense_target(reference: fx.GraphModule, name: str) -> torch.Tensor | None:
+    """The original consumer's weights with its bias row last (m+1 x d), where X^T (X_ref - X) W_ref
+    costs less than X^T X_ref (2 d < m + 1: a 3x3 conv, a Linear that narrows); None elsewhere, and
+    for a grouped conv, whose weight is not the m x d matrix the rows multiply."""
+    from .group_problems import consumer_weight  # the one place that reads a consumer's weights
+
+    weight, bias, is_module = consumer_weight(reference, name)
+    flat = weight.detach().flatten(1)
+    module = reference.get_submodule(name) if is_module else None
+    if weight.ndim > 2 and (module is None or module.groups != 1):  # a functional conv's groups are not known here
+        return None
+    if 2 * flat.shape[0] >= flat.shape[1] + 1:
+        return None
+    bias = bias.detach() if bias is not None else flat.new_zeros(flat.shape[0])
+    return torch.cat([flat.T, bias[None]], 0)
 
 
 class FrontierShard:
@@ -42,59 +60,106 @@ class FrontierShard:
         self.batches = batches
         self.cur_store = ActivationStore(memory_limit, store_dtype, spill_dir)
         self.ref_store = ActivationStore(memory_limit, store_dtype, spill_dir)
+        # values of the original model that its frontier has passed and later groups read (see statistics)
+        self.ref_kept = ActivationStore(memory_limit, store_dtype, spill_dir)
         names = [p.name for p in self.cur.placeholders]
         self.masks = [batch_ops.padding_mask(batch_ops.to_device(b, device), names) for b in batches]
         for i, batch in enumerate(batches):
             self.cur_store.put(i, self.cur.start(batch_ops.to_device(batch, device)))
             self.ref_store.put(i, self.ref.start(batch_ops.to_device(batch, device)))
-        self.position = 0  # both frontiers are at this node
+            self.ref_kept.put(i, {})
+        self.position = 0  # the compressed model's frontier is at this node
+        self.ref_position = 0  # the original's: it only moves forward
         self.node_batches = {"compressed": 0, "original": 0}  # nodes run, summed over batches
         self.seconds = {"forward": 0.0, "statistics": 0.0}
+        self._targets: dict[str, torch.Tensor | None] = {}
 
     def samples(self) -> int:
         return sum(batch_ops.size(b) for b in self.batches)
 
     def statistics(self, specs: list[ConsumerSpec], cut: int, last: int, next_cut: int, seed: int,
-                   on_batch: Callable[[int, int], None] | None = None) -> dict[str, tuple]:
+                   on_batch: Callable[[int, int], None] | None = None, ahead: tuple = ((), ())
+                   ) -> dict[str, tuple]:
         """Partial Gram and cross sums of the consumers ``specs`` (called at nodes up to ``last``)
-        over this shard's batches; afterwards the compressed model's frontier is at ``cut`` and the
-        original's at ``next_cut``. ``on_batch(done, samples)`` after each batch."""
+        over this shard's batches; afterwards the compressed model's frontier is at ``cut``.
+        ``ahead`` = (consumer nodes, stream nodes) of the groups still to come: the original model never
+        changes, so its frontier only moves forward, and what it passes on the way that those groups will
+        read (their consumers' inputs, their streams' values) is kept for them. ``on_batch(done, samples)``
+        after each batch."""
         nodes = {n: s.name for s in specs for n in s.nodes}
         by_name = {s.name: s for s in specs}
         acc: dict[str, ConsumerStats] = {}
         streams = {s.stream for s in specs if s.stream is not None}  # residual streams the writers add to
+        ahead_in, ahead_out = set(ahead[0]), set(ahead[1])
+        order = sorted(nodes, key=self.cur.position.__getitem__)  # consumer calls in execution order
         samples = 0
+        # past ``cut`` the compressed model runs only for the consumers' inputs and the streams' values:
+        # what it computes there is thrown away (the solve changes it), so the layers themselves need not run
+        needed = self.cur.required(cut, last + 1, nodes, streams)
         for b in range(len(self.batches)):
             captured: dict[str, list] = {}
-            ref_captured: dict[str, list] = {}
             watch = {n: (lambda x, name=name: captured.setdefault(name, []).append(x)) for n, name in nodes.items()}
-            ref_watch = {n: (lambda x, name=name: ref_captured.setdefault(name, []).append(x))
-                         for n, name in nodes.items()}
             values: dict[str, torch.Tensor] = {}
-            ref_values: dict[str, torch.Tensor] = {}
             taps = {n: (lambda v, n=n: values.setdefault(n, v)) for n in streams}
-            ref_taps = {n: (lambda v, n=n: ref_values.setdefault(n, v)) for n in streams}
             start = time.perf_counter()
             snapshot = self._run(self.cur, self.cur_store.get(b), self.position, cut, watch, taps)
-            self._run(self.cur, snapshot, cut, last + 1, watch, taps)
-            ref_env = self.ref_store.get(b)
-            if next_cut <= last + 1:
-                ref_snapshot = self._run(self.ref, ref_env, self.position, next_cut, ref_watch, ref_taps, True)
-                self._run(self.ref, ref_snapshot, next_cut, last + 1, ref_watch, ref_taps, True)
-            else:
-                ahead = self._run(self.ref, ref_env, self.position, last + 1, ref_watch, ref_taps, True)
-                ref_snapshot = self._run(self.ref, ahead, last + 1, next_cut, {}, None, True)
+            self._run(self.cur, snapshot, cut, last + 1, watch, taps, only=needed)
+            ref_inputs, ref_values = self._original(b, set(nodes), streams, last, ahead_in, ahead_out)
             self.seconds["forward"] += time.perf_counter() - start
+            ref_captured: dict[str, list] = {}
+            for n in order:
+                ref_captured.setdefault(nodes[n], []).append(ref_inputs[n])
             start = time.perf_counter()
             self._accumulate(acc, by_name, captured, ref_captured, b, seed, values, ref_values)
             self.seconds["statistics"] += time.perf_counter() - start
             self.cur_store.put(b, snapshot)
-            self.ref_store.put(b, ref_snapshot)
             samples += batch_ops.size(self.batches[b])
             if on_batch is not None:
                 on_batch(b + 1, samples)
         self.position = cut
+        self.ref_position = max(self.ref_position, last + 1)
         return {name: s.as_tuple() for name, s in acc.items()}
+
+    def _original(self, b: int, inputs: set[str], outputs: set[str], last: int, ahead_in: set[str],
+                  ahead_out: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The original model's inputs to the consumer calls ``inputs`` and values of the nodes ``outputs``
+        for batch ``b``: kept from an earlier run ahead, or by moving its frontier on to ``last``."""
+        kept = self.ref_kept.get(b)
+        got_in = {n: kept["in:" + n] for n in inputs if "in:" + n in kept}
+        got_out = {n: kept["out:" + n] for n in outputs if "out:" + n in kept}
+
+        def watched(n):
+            def hear(x):
+                if n in inputs:
+                    got_in[n] = x
+                if n in ahead_in:
+                    kept["in:" + n] = x
+            return hear
+
+        def tapped(n):
+            def hear(v):
+                if n in outputs:
+                    got_out.setdefault(n, v)
+                if n in ahead_out:
+                    kept.setdefault("out:" + n, v)
+            return hear
+
+        env = self.ref_store.get(b)
+        if last + 1 > self.ref_position:
+            watch = {n: watched(n) for n in inputs | ahead_in if self.ref.position[n] >= self.ref_position}
+            taps = {n: tapped(n) for n in outputs | ahead_out}
+            env = self._run(self.ref, env, self.ref_position, last + 1, watch, taps, True)
+            self.ref_store.put(b, env)
+        for n in outputs - set(got_out):
+            if n in env:  # computed before and still live at the frontier
+                got_out[n] = env[n]
+        missing = sorted((inputs - set(got_in)) | (outputs - set(got_out)))
+        if missing:
+            raise MultinetError(f"the original model's values at {missing} were passed without being kept "
+                                f"(an internal error: they were not announced as read later)")
+        keep = {f"in:{n}" for n in ahead_in} | {f"out:{n}" for n in ahead_out}
+        self.ref_kept.put(b, {k: v for k, v in kept.items() if k in keep})
+        return got_in, got_out
 
     def _accumulate(self, acc, specs, captured, ref_captured, b: int, seed: int, values, ref_values) -> None:
         index = self.first + b  # the global batch index: sampled positions do not depend on the split
@@ -102,8 +167,10 @@ class FrontierShard:
         for name, inputs in captured.items():
             for call, x in enumerate(inputs):
                 spec = specs[name]
-                part = grams.stats(name, spec, x, call, spec, ref_captured[name][call])
-                part.gram, part.cross = part.gram.cpu(), part.cross.cpu()
+                part = grams.stats(name, spec, x, call, spec, ref_captured[name][call], self._target(spec))
+                part.gram = part.gram.cpu()
+                part.cross = part.cross.cpu() if part.cross is not None else None
+                part.delta_cross = part.delta_cross.cpu() if part.delta_cross is not None else None
                 if spec.stream is not None:
                     part.drift = grams.drift(name, spec, x, call, ref_values[spec.stream] - values[spec.stream]).cpu()
                 if name in acc:
@@ -111,13 +178,20 @@ class FrontierShard:
                 else:
                     acc[name] = part
 
-    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, taps=None, reference: bool = False):
+    def _target(self, spec: ConsumerSpec) -> torch.Tensor | None:
+        if spec.name not in self._targets:
+            self._targets[spec.name] = dense_target(self.reference, spec.name)
+        return self._targets[spec.name]
+
+    def _run(self, runner: GraphRunner, env, start: int, stop: int, watch, taps=None, reference: bool = False,
+             only: set[str] | None = None):
         if stop <= start:
             return env
-        ran = sum(1 for i in range(start, stop) if runner.nodes[i].op != "placeholder")
+        ran = sum(1 for i in range(start, stop) if runner.nodes[i].op != "placeholder"
+                  and (only is None or runner.nodes[i].name in only))
         self.node_batches["original" if reference else "compressed"] += ran
         with torch.no_grad():
-            return runner.run(env, start, stop, watch, taps)
+            return runner.run(env, start, stop, watch, taps, only)
 
     def advance(self, cut: int, next_cut: int) -> None:
         """After a solve: the compressed model's frontier runs from ``cut`` (unchanged by the solve)
@@ -147,8 +221,9 @@ class FrontierShard:
 
     def report(self) -> dict:
         return {"node_batches": dict(self.node_batches), "seconds": dict(self.seconds),
-                "spilled": self.cur_store.spilled + self.ref_store.spilled}
+                "spilled": self.cur_store.spilled + self.ref_store.spilled + self.ref_kept.spilled}
 
     def close(self) -> None:
         self.cur_store.close()
         self.ref_store.close()
+        self.ref_kept.close()

@@ -64,13 +64,14 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
                     else torch.zeros(len(outputs), dtype=torch.float64))
         target = torch.cat([target, bias_ref[None]], 0)
         drift = _drift_columns(s.drift, outputs)
+        # X^T Y_ref: accumulated as such (target_cross) or as X^T X_ref times the original weights
+        rhs = s.target_cross.double()[:, outputs] if s.target_cross is not None else cross.double() @ target
         if not has_bias:
-            gram, cross = gram[:-1, :-1], cross[:-1]
+            gram, rhs = gram[:-1, :-1], rhs[:-1]
             drift = drift[:-1] if drift is not None else None
         # the full-column least-squares fit of the original outputs is the weight REAP starts from; the
         # solver starts from the same damped inverse (one factorisation, one damping rule)
         inverse = invert(prepare_gram(gram, damp)[0], damp > 0)
-        rhs = cross.double() @ target
         scale = _output_scale(current.module, current, name)
         if scale is not None and len(scale) != rhs.shape[1]:
             scale = scale[outputs]  # a full-width model's BatchNorm still has the removed outputs

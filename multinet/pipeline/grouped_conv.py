@@ -194,6 +194,8 @@ def _block_problems(current: ChannelGraph, original: ChannelGraph, group, name: 
     w_ref, b_ref, _ = consumer_weight(original.module, name)
     groups = module.groups
     gram = s.gram
+    if s.cross is None and s.target_cross is not None:
+        raise MultinetError(f"grouped conv `{name}` needs the full cross term, not one taken through its weights")
     cross = s.cross if s.cross is not None else s.gram
     m = gram.shape[0]
     if column_index is not None and not torch.equal(column_index[name], torch.arange(len(column_index[name]))):

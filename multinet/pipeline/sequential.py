@@ -40,7 +40,7 @@ from ..graph.streams import residual_partners
 from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..solve.problem import removed_columns
-from .frontier_shard import FrontierShard
+from .frontier_shard import FrontierShard, dense_target
 from .group_problems import GroupSolution, solve_group
 from .grouped_conv import GroupedSolution, write_grouped_full_width, zero_grouped_columns
 
@@ -96,7 +96,10 @@ def _compact(stats: ConsumerStats, dead: torch.Tensor) -> tuple[ConsumerStats, t
     gram = stats.gram[keep][:, keep]
     cross = stats.cross[keep] if stats.cross is not None else None
     drift = stats.drift[keep] if stats.drift is not None else None
-    return ConsumerStats(gram, cross, stats.rows, drift), index
+    if stats.delta_cross is not None:
+        raise MultinetError("statistics must be resolved (ConsumerStats.resolved) before columns are taken out")
+    target_cross = stats.target_cross[keep] if stats.target_cross is not None else None
+    return ConsumerStats(gram, cross, stats.rows, drift, None, target_cross), index
 
 
 def _problem_rows(keep_rows: torch.Tensor, problem_size: int) -> torch.Tensor:
@@ -254,12 +257,14 @@ class SequentialPipeline:
         return min(positions), max(positions)
 
     def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None, pending: list[str] = (),
-                   solved: list[str] = ()) -> tuple[dict[str, ConsumerStats], int]:
+                   solved: list[str] = (), later: list[str] = ()) -> tuple[dict[str, ConsumerStats], int]:
         """Gram and cross terms of the group's consumers from the frontier, summed over the shards;
         leaves both frontiers at the furthest point that the group's solve cannot change. Returns the
         stats and that point. ``bar`` hears which consumers are being calibrated, how far and how fast.
         ``pending`` / ``solved``: the consumers still to be re-solved / re-solved before; the residual-stream
-        writers among the group's consumers get their drift term where these allow (streams.stream_partners)."""
+        writers among the group's consumers get their drift term where these allow (streams.stream_partners).
+        ``later``: the consumers of the groups still to come, whose original inputs (and streams) the
+        original model's frontier keeps as it passes them."""
         first, last = self.span(group)
         cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
         streams = (residual_partners(self.original, group.consumer_names, pending, solved) if self.compensate
@@ -277,7 +282,7 @@ class SequentialPipeline:
                              f"{rate:,.0f} samples/s")
             bar.note(f"group {group.id}: calibrating {what}"
                      + ("" if self.local else f" on {len(self.shards.actors)} workers"))
-        parts = self.shards.call("statistics", specs, cut, last, next_cut, seed, on_batch)
+        parts = self.shards.call("statistics", specs, cut, last, next_cut, seed, on_batch, self._ahead(later))
         stats = _tree_sum(parts)
         if bar is not None and not self.local:
             bar.note(f"group {group.id}: calibrated {what}, "
@@ -290,6 +295,15 @@ class SequentialPipeline:
 
     def advance(self, cut: int, next_cut: int) -> None:
         self.shards.call("advance", cut, next_cut)
+
+    def _ahead(self, later: list[str]) -> tuple[list[str], list[str]]:
+        """(consumer call nodes, stream nodes) the ``later`` consumers may read from the original model:
+        every stream a writer among them could be compensated against (partners without the
+        pending/solved rules, which only ever drop some)."""
+        layers = self.original.analysis.layers
+        calls = sorted({n for name in later for n in layers[name].nodes})
+        streams = sorted(set(residual_partners(self.original, later, (), ()).values())) if self.compensate else []
+        return calls, streams
 
 
     # --- the whole run ---------------------------------------------------------------------
@@ -310,14 +324,17 @@ class SequentialPipeline:
                 next_cut = min((firsts[h] for h in order[i + 1:]), default=self.cur.end)
                 pending = [name for h in order[i:] for name in self.original.group(h).consumer_names]
                 solved = [name for h in removed for name in self.original.group(h).consumer_names]
-                stats, cut = self.statistics(group, self.seed + gid, next_cut, bar, pending, solved)
+                later = [name for h in order[i + 1:] for name in self.original.group(h).consumer_names]
+                stats, cut = self.statistics(group, self.seed + gid, next_cut, bar, pending, solved, later)
                 bar.note(f"group {gid}: solving ({request if isinstance(request, int) else len(request)} of "
                          f"{group.size} channels)")
                 start = time.perf_counter()
                 keep_rows, index_of = {}, {}
                 for name in list(stats):
                     dead = dead_columns(self.original, name, removed)
-                    stats[name], index_of[name] = _compact(stats[name], dead)
+                    target = dense_target(self.original.module, name) if stats[name].delta_cross is not None else None
+                    stats[name], index_of[name] = _compact(stats[name].resolved(target) if target is not None
+                                                           else stats[name], dead)
                     keep_rows[name] = torch.ones(len(index_of[name]), dtype=torch.bool)
                     keep_rows[name][dead] = False
                 solution = self._solve(group, request, method, stats, surviving, index_of)
