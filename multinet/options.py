@@ -22,7 +22,9 @@ class RunOptions:
     sampled per image for the statistics (None: all). ``damp``: relative damping of every Gram.
     ``device``: where calibration, solves, curves and evaluation run ("cpu", "cuda", "cuda:1").
     ``seed``: position sampling and random selections. ``eval_samples``: calibration samples that
-    measure errors at the final outputs. ``executor``: None/"local", "ray", "ray:ADDRESS" or an
+    measure errors at the final outputs; ``probe_samples``: how many of them the auto schedule's
+    amplification probes run on (a ratio of two errors needs fewer samples than a plan's error; None:
+    all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
     executor object. ``frontier_memory`` / ``frontier_dtype``: the cached-input pipeline's frontier
     kept in memory up to that many bytes (None: no limit), then memory-mapped files, stored in that dtype.
     ``compensate_residuals``: in sequential mode, a layer whose output is added to a residual stream is
@@ -35,6 +37,7 @@ class RunOptions:
     device: str = "cpu"
     seed: int = 0
     eval_samples: int = 1024
+    probe_samples: int | None = 256
     executor: Any = None
     frontier_memory: int | None = 2 * 2**30
     frontier_dtype: str = "float32"
@@ -49,6 +52,8 @@ class RunOptions:
             raise MultinetError(f"damp must be a number >= 0, got {self.damp!r}")
         if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
             raise MultinetError(f"eval_samples must be a positive integer, got {self.eval_samples!r}")
+        if self.probe_samples is not None and (not isinstance(self.probe_samples, int) or self.probe_samples < 1):
+            raise MultinetError(f"probe_samples must be a positive integer or None, got {self.probe_samples!r}")
         if self.frontier_memory is not None and self.frontier_memory < 0:
             raise MultinetError(f"frontier_memory must be >= 0 bytes or None, got {self.frontier_memory!r}")
         if not isinstance(self.compensate_residuals, bool):

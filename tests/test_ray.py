@@ -215,7 +215,7 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu():
     class Evaluator:
         device = "cuda"
 
-        def error(self, removed):
+        def error(self, removed, samples=None):
             if self.device == "cuda":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return 0.25

@@ -293,12 +293,28 @@ class MaskedModel:
             self._load(c, weight)
             self._loaded[name] = ("zeroed", *cols.tolist())
 
-    def error(self, removed: Mapping[int, Sequence[int]]) -> float:
-        """Relative squared error at the final outputs with these channels removed."""
-        self.set_removed(removed)
-        return output_error(run_outputs(self.gm, self.inputs), self.reference, self.output_weights)
+    def subset(self, samples: int | None) -> tuple[list[Batch], list[torch.Tensor]]:
+        """The first ``samples`` evaluation samples (all when None) and the original outputs on them."""
+        total = sum(batches.size(x) for x in self.inputs)
+        if samples is None or samples >= total:
+            return self.inputs, self.reference
+        chosen, seen = [], 0
+        for x in self.inputs:
+            chosen.append(batches.take(x, 0, samples - seen))
+            seen += batches.size(chosen[-1])
+            if seen >= samples:
+                break
+        return chosen, [r[:samples] for r in self.reference]
 
-    def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]]) -> list[float]:
+    def error(self, removed: Mapping[int, Sequence[int]], samples: int | None = None) -> float:
+        """Relative squared error at the final outputs with these channels removed (on the first
+        ``samples`` evaluation samples, or all)."""
+        self.set_removed(removed)
+        inputs, reference = self.subset(samples)
+        return output_error(run_outputs(self.gm, inputs), reference, self.output_weights)
+
+    def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]],
+                           samples: int | None = None) -> list[float]:
         """``error`` of each state, running only what the state can change: states are taken in graph
         order of their first changed consumer, the unchanged prefix runs once with the original
         weights (a frontier over the evaluation batches), and each state runs from there to the
@@ -306,10 +322,11 @@ class MaskedModel:
         runner = self._runner
         output = next(n for n in self.gm.graph.nodes if n.op == "output")
         names = batches.input_names(self.gm)
+        inputs, reference = self.subset(samples)
         starts = [min((self.first_change[g] for g, r in s.items() if len(r) and g in self.first_change),
                       default=runner.end) for s in states]
         self.set_removed({})
-        position, envs = 0, [runner.start(x) for x in self.inputs]
+        position, envs = 0, [runner.start(x) for x in inputs]
         errors: list[float] = [0.0] * len(states)
         with torch.no_grad():
             for i in sorted(range(len(states)), key=starts.__getitem__):
@@ -319,11 +336,11 @@ class MaskedModel:
                     position = starts[i]
                 self.set_removed(states[i])
                 parts = []
-                for x, env in zip(self.inputs, envs):
+                for x, env in zip(inputs, envs):
                     end = runner.run(env, position, runner.end)
                     out = fx.node.map_arg(output.args[0], lambda n: end[n.name])
                     parts.append(output_parts(real_tokens(out, batches.padding_mask(x, names))))
-                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], self.reference,
+                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], reference,
                                          self.output_weights)
         return errors
 
@@ -341,10 +358,12 @@ def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: fl
     return MaskedModel(graph, stats, group_ids, inputs, damp, device, output_weights)
 
 
-def masked_error(masked: MaskedModel, removed) -> float:
-    """One candidate's final-output error; a CUDA out-of-memory moves this worker's evaluator to the CPU."""
+def masked_error(masked: MaskedModel, job) -> float:
+    """One candidate's final-output error (``job``: a removal state, or (state, samples)); a CUDA
+    out-of-memory moves this worker's evaluator to the CPU."""
+    removed, samples = job if isinstance(job, tuple) else (job, None)
     try:
-        return masked.error(removed)
+        return masked.error(removed, samples)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return masked.to("cpu").error(removed)
+        return masked.to("cpu").error(removed, samples)

@@ -38,7 +38,7 @@ class Plan:
     groups: list[GroupPlan]
     steps: list[tuple[int, int]]  # (group, channels removed so far) in the order the schedule chose them
     seconds: dict[str, float] = field(default_factory=dict)  # statistics, curves, search, ...
-    evaluations: int = 0  # forward passes over the evaluation samples the search needed
+    evaluations: float = 0  # forward passes over all evaluation samples the search needed (probes on a subset count as a fraction)
     measured_cost: float | None = None
     measured_error: float | None = None  # after applying the plan with sequential reconstruction
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..calib import iterate_batches
+from ..calib import batches, iterate_batches
 from ..options import RunOptions
 from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
@@ -60,14 +60,18 @@ class Scheduling:
     original: tuple[float, float]
     executor: Executor | None = None  # where candidate evaluations run (in this process when None or local)
     remote_args: tuple | None = None  # what a worker needs to rebuild the masked evaluator
-    evaluations: int = 0  # forward passes over the evaluation samples so far, wherever they ran
+    evaluations: float = 0  # forward passes over all evaluation samples so far, wherever they ran
 
-    def errors(self, states: list[dict]) -> list[float]:
-        """Final-output errors of several removal states: here, or on the executor's worker pool."""
-        self.evaluations += len(states)
+    probe_samples: int | None = None  # evaluation samples the amplification probes run on (None: all)
+
+    def errors(self, states: list[dict], samples: int | None = None) -> list[float]:
+        """Final-output errors of several removal states (on the first ``samples`` evaluation samples,
+        or all): here, or on the executor's worker pool. ``evaluations`` counts them in full passes."""
+        total = sum(batches.size(x) for x in self.masked.inputs)
+        self.evaluations += len(states) * (min(samples, total) / max(total, 1) if samples else 1.0)
         if self.remote_args is None:
-            return self.masked.errors_from_prefix(states)
-        return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
+            return self.masked.errors_from_prefix(states, samples)
+        return self.executor.map_with(masked_setup, self.remote_args, masked_error, [(s, samples) for s in states])
 
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
         return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
@@ -106,7 +110,8 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
         remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp,
                   budget.output_weights)
     return Scheduling(graph, budget, allowed, curves, model.along({g: c.order for g, c in curves.items()}), masked,
-                      seconds, (model.flops_full, model.params_full), executor, remote)
+                      seconds, (model.flops_full, model.params_full), executor, remote,
+                      probe_samples=opts.probe_samples)
 
 
 def check_schedule(schedule: str) -> None:
@@ -251,12 +256,13 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
         for p in PROBES:
             probes.setdefault(g, set()).add(options[max(1, round(p * (len(options) - 1)))])
     jobs = [(g, k) for g in probes for k in sorted(probes[g])]
+    samples = ctx.probe_samples
     if context is None:
-        finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs])
+        finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
     else:
         others = {g: {**ctx.removals(context), g: []} for g in probes}
-        base = dict(zip(probes, ctx.errors([others[g] for g in probes])))
-        finals = ctx.errors([{**others[g], g: ctx.curves[g].order[:k]} for g, k in jobs])
+        base = dict(zip(probes, ctx.errors([others[g] for g in probes], samples)))
+        finals = ctx.errors([{**others[g], g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
         finals = [max(f - base[g], 0.0) for (g, _), f in zip(jobs, finals)]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
