@@ -155,3 +155,36 @@ def test_a_plain_graph_is_not_a_multinet(split, tmp_path):
     with pytest.raises(multinet.MultinetError, match="not a MultiNet"):
         multinet.model_costs(plain)
     assert isinstance(load(save(net, tmp_path / "net.mnet")), MultiNet)
+
+
+def test_forward_reaches_layers_through_the_module_dicts_and_follows_replacements(split):
+    """MultiNet.forward runs fx's code with layer lookups rewritten to dict reads (no nn.Module
+    __getattr__ per layer call): same outputs bit for bit, and a layer replaced afterwards runs."""
+    from multinet.unification.direct_call import direct_source
+
+    net = MultiNet(_members(("mlp", "vgg")), split.train_x[:1]).eval()
+    x = split.test_x[:16]
+    gm = net.graph_module
+    with torch.no_grad():
+        expected = gm.forward(x)
+        got = net(x)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    source = direct_source(gm)
+    assert "getattr(self" not in source and "self.mlp0" not in source and "self._modules['mlp0']" in source
+    layer = next(n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("head"))
+    parent, name = layer.rsplit(".", 1)
+    old = gm.get_submodule(layer)
+    setattr(gm.get_submodule(parent), name, torch.nn.Linear(old.in_features, old.out_features))
+    with torch.no_grad():
+        member = layer.split(".")[0]
+        assert torch.equal(net(x)[member], gm.forward(x)[member])
+        assert not torch.equal(net(x)[member], expected[member])
+    with torch.no_grad():
+        before = net(x)[member]
+    node = next(n for n in gm.graph.nodes if n.op == "output")  # a graph edited and recompiled: code rebuilt
+    with gm.graph.inserting_before(node):
+        doubled = gm.graph.call_function(torch.mul, (node.args[0][member], 2.0))
+    node.args = ({**node.args[0], member: doubled},)
+    gm.recompile()
+    with torch.no_grad():
+        assert torch.equal(net(x)[member], 2 * before)

@@ -19,6 +19,7 @@ from ..calib import batches
 from ..errors import InputShapeError, MultinetError, TraceError
 from ..graph import count, trace
 from ..graph.tracing import as_tuple, positional_inputs, propagate_shapes
+from .direct_call import direct_forward
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -180,7 +181,13 @@ class MultiNet(nn.Module):
         self.__dict__["is_fused"] = bool(fused)
 
     def forward(self, *inputs, **named_inputs):
-        return self._graph_module.forward(*inputs, **named_inputs)
+        gm = self._graph_module
+        cached = self.__dict__.get("_direct")
+        if cached is None or cached[0] is not getattr(gm, "_code", None):  # built again after a recompile
+            cached = self.__dict__["_direct"] = (getattr(gm, "_code", None), direct_forward(gm))
+        if cached[1] is None:
+            return gm.forward(*inputs, **named_inputs)
+        return cached[1](gm, *inputs, **named_inputs)
 
     @property
     def graph_module(self) -> fx.GraphModule:
