@@ -8,19 +8,21 @@ All three start from one calibration pass over the original model and one REAP s
   reconstructed) model and the error at the *final outputs* is measured; the move with the least
   error per unit of budget saved wins. Exact but one forward pass per group per step;
 * ``auto``: each group's error at the final outputs is predicted as its layer-wise REAP error
-  E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 forward
-  passes per group in all), and the errors of groups are taken to add (see ``_predictor``); the
-  same greedy then runs on predictions only, one channel at a time. The plan it ends with is then
-  evaluated once; where the groups do not add (groups that stand in for each other: a MultiNet
-  member's own channels and the other member's channels its bridges read), that evaluation is far
-  above the prediction, and the amplifications are measured again *in the context* of that plan
-  (each group's probes with every other group at its planned count) and the greedy re-run, up to
-  ``AUTO_REPROBES`` times; the plan with the least evaluated error is kept.
+  E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 partial
+  forward passes per group over ``probe_samples`` evaluation samples, measured once per prepared
+  scheduling and reused for every budget), and the errors of groups are taken to add (see
+  ``_predictor``); the same greedy then runs on predictions only, one channel at a time. The plan
+  it ends with is then evaluated once on every evaluation sample; where the groups do not add
+  (groups that stand in for each other: a MultiNet member's own channels and the other member's
+  channels its bridges read), that evaluation is far above the prediction, and each group's
+  amplification is measured again *in the context* of that plan (at its planned count, with every
+  other group at its own; 2 partial passes per group) to rescale its curve, and the greedy re-run,
+  up to ``AUTO_REPROBES`` times; the plan with the least evaluated error is kept.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +65,7 @@ class Scheduling:
     evaluations: float = 0  # forward passes over all evaluation samples so far, wherever they ran
 
     probe_samples: int | None = None  # evaluation samples the amplification probes run on (None: all)
+    amplifications: dict[int, list[tuple[int, float]]] | None = None  # auto's probes, once measured (see _predictor)
 
     def errors(self, states: list[dict], samples: int | None = None) -> list[float]:
         """Final-output errors of several removal states (on the first ``samples`` evaluation samples,
@@ -245,30 +248,56 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
-    masked forward pass each) at PROBES depths of the group and interpolated linearly in k. Groups
-    are assumed to add: sequential reconstruction re-solves every consumer towards the original
-    outputs, so one group's error is not amplified through the next group's pruned layers.
-    With ``context`` (counts per group) each probe has the other groups at those counts, and the
-    error the probe adds over the context without g is what is amplified (one more pass per group).
+    masked forward pass each, on ``probe_samples``) at PROBES depths of the group and interpolated
+    linearly in k. Groups are assumed to add: sequential reconstruction re-solves every consumer
+    towards the original outputs, so one group's error is not amplified through the next group's
+    pruned layers. These probes do not depend on the budget: they are measured once per Scheduling.
+
+    With ``context`` (counts per group) the amplification is measured again at one depth per group,
+    its count in the context (or its first probe depth), with every other group at its count: the error
+    the group adds over the context without it, divided by its layer-wise error. That ratio rescales
+    the group's curve of amplifications (2 passes per group instead of a curve's 5).
     """
-    probes = {}
-    for g, options in ctx.allowed.items():
-        for p in PROBES:
-            probes.setdefault(g, set()).add(options[max(1, round(p * (len(options) - 1)))])
-    jobs = [(g, k) for g in probes for k in sorted(probes[g])]
+    if ctx.amplifications is None:
+        depths = {}
+        for g, options in ctx.allowed.items():
+            depths[g] = sorted({options[max(1, round(p * (len(options) - 1)))] for p in PROBES})
+        ctx.amplifications = _measured(ctx, depths)
+    curves = {g: _interpolated(ctx.curves[g].errors, points) for g, points in ctx.amplifications.items()}
+    if context is None:
+        return curves
+    at = {g: context.get(g) or ctx.amplifications[g][0][0] for g in ctx.amplifications}
+    local = _measured(ctx, {g: [k] for g, k in at.items()}, context)
+    predict = {}
+    for g, curve in curves.items():
+        (k, ratio), = local[g]
+        before = curve(k) / max(ctx.curves[g].errors[k], 1e-300)
+        predict[g] = _scaled(curve, ratio / before if before > 1e-15 else 1.0)
+    return predict
+
+
+def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Mapping[int, int] | None = None,
+              ) -> dict[int, list[tuple[int, float]]]:
+    """Per group, (k, final-output error / layer-wise error) at each of its ``depths``; in ``context``,
+    the final-output error the group adds over the context without it."""
+    jobs = [(g, k) for g in depths for k in depths[g]]
     samples = ctx.probe_samples
     if context is None:
         finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
     else:
-        others = {g: {**ctx.removals(context), g: []} for g in probes}
-        base = dict(zip(probes, ctx.errors([others[g] for g in probes], samples)))
+        others = {g: {**ctx.removals(context), g: []} for g in depths}
+        base = dict(zip(depths, ctx.errors([others[g] for g in depths], samples)))
         finals = ctx.errors([{**others[g], g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
         finals = [max(f - base[g], 0.0) for (g, _), f in zip(jobs, finals)]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
         measured.setdefault(g, []).append((k, final / layer if layer > 1e-15 else 0.0))
-    return {g: _interpolated(ctx.curves[g].errors, points) for g, points in measured.items()}
+    return measured
+
+
+def _scaled(curve: Callable[[int], float], factor: float) -> Callable[[int], float]:
+    return lambda k: factor * curve(k)
 
 
 def _interpolated(errors: np.ndarray, points: list[tuple[int, float]]) -> Callable[[int], float]:
