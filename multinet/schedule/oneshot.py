@@ -29,7 +29,7 @@ from ..pipeline.group_problems import consumer_weight, group_problems
 from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.reap import invert, without_columns
-from ..solve.problem import prepare_gram
+from ..solve.problem import dead_columns, prepare_gram
 
 
 @dataclass
@@ -161,15 +161,24 @@ def evaluation_inputs(data, batch_size: int, limit: int) -> list[Batch]:
 @dataclass
 class _Consumer:
     name: str
-    gram: torch.Tensor  # damped, decoupled dead columns (m x m)
-    target: torch.Tensor  # G @ W: right-hand side of the full least-squares fit (m x d)
+    gram: torch.Tensor  # as collected (m x m); damped only where this consumer factors it itself
+    damp: float
     weight: torch.Tensor  # original (m x d), bias row last when has_bias
     dead: torch.Tensor
     slots: list[tuple[int, torch.Tensor, torch.Tensor]]  # (group, channels, column blocks)
     shape: tuple[int, ...]
     has_bias: bool
-    inverse: torch.Tensor | None = None  # gram's inverse, made on the first re-solve
-    fit: torch.Tensor | None = None  # the full-column least-squares weight, inverse @ target
+    inverse: torch.Tensor | None = None  # the damped gram's inverse, made (or adopted) on the first re-solve
+    fit: torch.Tensor | None = None  # the full-column least-squares weight, inverse @ G @ W
+
+    def factor(self, inverse: torch.Tensor | None = None) -> None:
+        """The inverse (adopted from a problem built with the same damping, or made here) and the fit.
+        Deferred to the first re-solve: an evaluator whose consumers are never re-solved, or whose
+        inverses come from the groups' problems, neither damps a copy nor multiplies G @ W up front."""
+        if inverse is None:
+            inverse = invert(prepare_gram(self.gram, self.damp)[0], tolerate_rounding=True)
+        self.inverse = inverse.to(torch.float64)
+        self.fit = self.inverse @ (self.gram.double() @ self.weight)
 
 
 class MaskedModel:
@@ -207,10 +216,9 @@ class MaskedModel:
         bias = b.detach().cpu().double() if b is not None else torch.zeros(weight.shape[1], dtype=torch.float64)
         weight = torch.cat([weight, bias[None]], 0) if has_bias else weight
         gram = stats.gram if has_bias else stats.gram[:-1, :-1]
-        damped, dead = prepare_gram(gram, damp)
         slots = [(g.id, sl.channels, sl.column_blocks()) for g in graph.groups if g.id in wanted
                  for sl in g.consumers if sl.consumer == name]
-        return _Consumer(name, damped, gram.double() @ weight, weight, dead, slots, tuple(w.shape), has_bias)
+        return _Consumer(name, gram, damp, weight, dead_columns(gram), slots, tuple(w.shape), has_bias)
 
     @staticmethod
     def _removed_columns(c: _Consumer, removed: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -227,8 +235,7 @@ class MaskedModel:
         if not len(cols):
             return c.weight
         if c.inverse is None:  # factored once per consumer, then every removal set is a small update
-            c.inverse = invert(c.gram, tolerate_rounding=True)
-            c.fit = c.inverse @ c.target
+            c.factor()
         w = without_columns(c.inverse, c.fit, cols)
         kept = torch.ones(len(c.weight), dtype=torch.bool)
         kept[cols] = False
@@ -243,8 +250,7 @@ class MaskedModel:
             c = self.consumers.get(name)
             if (isinstance(c, _Consumer) and c.inverse is None and p.inverse is not None
                     and p.inverse.shape == c.gram.shape):
-                c.inverse = p.inverse.to(c.gram)
-                c.fit = c.inverse @ c.target
+                c.factor(p.inverse)
 
     def _load(self, c: _Consumer, w: torch.Tensor) -> None:
         layer_w = (w[:-1] if c.has_bias else w).T.reshape(c.shape)
