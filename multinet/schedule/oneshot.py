@@ -149,8 +149,13 @@ def real_tokens(out, mask: torch.Tensor | None):
 
 def evaluation_inputs(data, batch_size: int, limit: int) -> list[Batch]:
     """The first ``limit`` calibration samples, in batches: where final-output errors are measured."""
+    return first_samples(iterate_batches(data, batch_size), limit)
+
+
+def first_samples(batched, limit: int) -> list[Batch]:
+    """The batches holding the first ``limit`` samples of ``batched``, the last one cut to size."""
     chosen, seen = [], 0
-    for batch in iterate_batches(data, batch_size):
+    for batch in batched:
         chosen.append(batches.take(batch, 0, limit - seen))
         seen += batches.size(chosen[-1])
         if seen >= limit:
@@ -190,6 +195,7 @@ class MaskedModel:
         self.inputs = [batches.to_device(x, device) for x in inputs]
         self.device = device
         self.reference = run_outputs(self.gm, self.inputs)
+        self.samples = sum(batches.size(x) for x in self.inputs)  # evaluation samples in all
         check_output_weights(output_weights, len(self.reference))
         self.output_weights = output_weights
         wanted = set(group_ids)
@@ -301,16 +307,9 @@ class MaskedModel:
 
     def subset(self, samples: int | None) -> tuple[list[Batch], list[torch.Tensor]]:
         """The first ``samples`` evaluation samples (all when None) and the original outputs on them."""
-        total = sum(batches.size(x) for x in self.inputs)
-        if samples is None or samples >= total:
+        if samples is None or samples >= self.samples:
             return self.inputs, self.reference
-        chosen, seen = [], 0
-        for x in self.inputs:
-            chosen.append(batches.take(x, 0, samples - seen))
-            seen += batches.size(chosen[-1])
-            if seen >= samples:
-                break
-        return chosen, [r[:samples] for r in self.reference]
+        return first_samples(self.inputs, samples), [r[:samples] for r in self.reference]
 
     def error(self, removed: Mapping[int, Sequence[int]], samples: int | None = None) -> float:
         """Relative squared error at the final outputs with these channels removed (on the first

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..calib import batches, iterate_batches
+from ..calib import iterate_batches
 from ..options import RunOptions
 from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
@@ -63,14 +63,13 @@ class Scheduling:
     executor: Executor | None = None  # where candidate evaluations run (in this process when None or local)
     remote_args: tuple | None = None  # what a worker needs to rebuild the masked evaluator
     evaluations: float = 0  # forward passes over all evaluation samples so far, wherever they ran
-
     probe_samples: int | None = None  # evaluation samples the amplification probes run on (None: all)
     amplifications: dict[int, list[tuple[int, float]]] | None = None  # auto's probes, once measured (see _predictor)
 
     def errors(self, states: list[dict], samples: int | None = None) -> list[float]:
         """Final-output errors of several removal states (on the first ``samples`` evaluation samples,
         or all): here, or on the executor's worker pool. ``evaluations`` counts them in full passes."""
-        total = sum(batches.size(x) for x in self.masked.inputs)
+        total = self.masked.samples
         self.evaluations += len(states) * (min(samples, total) / max(total, 1) if samples else 1.0)
         if self.remote_args is None:
             return self.masked.errors_from_prefix(states, samples)
