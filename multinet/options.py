@@ -22,9 +22,9 @@ class RunOptions:
     sampled per image for the statistics (None: all). ``damp``: relative damping of every Gram.
     ``device``: where calibration, solves, curves and evaluation run ("cpu", "cuda", "cuda:1").
     ``seed``: position sampling and random selections. ``eval_samples``: calibration samples that
-    measure errors at the final outputs; ``probe_samples``: how many of them the auto schedule's
-    amplification probes run on (a ratio of two errors needs fewer samples than a plan's error; None:
-    all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
+    measure errors at the final outputs; ``probe_samples``: the most of them an auto schedule's
+    amplification probe runs on (each starts from 32 and stops as soon as its standard error is under
+    10 % of its value: a ratio of two errors needs fewer samples than a plan's error; None: all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
     executor object. ``frontier_memory`` / ``frontier_dtype``: the cached-input pipeline's frontier
     kept in memory up to that many bytes (None: no limit), then memory-mapped files, stored in that dtype.
     ``compensate_residuals``: in sequential mode, a layer whose output is added to a residual stream is

@@ -26,18 +26,46 @@ def test_errors_from_a_shared_prefix_equal_full_passes(name):
     assert len(set(ctx.masked.first_change.values())) > 1  # the groups really start at different nodes
 
 
-def test_errors_on_the_first_samples_equal_an_evaluator_built_on_them_alone():
-    """The auto schedule's probes run on a subset (probe_samples): the same errors as an evaluator
-    whose evaluation set is that subset."""
+def test_per_sample_errors_average_to_the_error_and_slice_any_range():
+    """The auto schedule's probes run on a few evaluation samples at a time: per-sample errors whose mean
+    over all samples is the final-output error, and whose values on a range of samples do not depend on
+    which other samples were run (batches cut at both ends)."""
     x = data.load("digits").train_x[:256]
-    graph = trace(zoo.create("resnet"), x[:1])
-    ctx = prepare(graph, x, Budget(flops=0.5), batch_size=48, max_positions=16, eval_samples=128)
-    small = prepare(graph, x, Budget(flops=0.5), batch_size=48, max_positions=16, eval_samples=72)
-    states = [{g: ctx.curves[g].order[:2]} for g in sorted(ctx.curves)[:3]]
-    on_subset = ctx.masked.errors_from_prefix(states, samples=72)
-    assert on_subset == pytest.approx(small.masked.errors_from_prefix(states), rel=1e-6, abs=1e-12)
-    assert on_subset != pytest.approx(ctx.masked.errors_from_prefix(states), rel=1e-3)  # a real subset
-    assert [ctx.masked.error(s, 72) for s in states] == pytest.approx(on_subset, rel=1e-6, abs=1e-12)
+    ctx = prepare(trace(zoo.create("resnet"), x[:1]), x, Budget(flops=0.5), batch_size=48, max_positions=16,
+                  eval_samples=128)
+    states = [{}] + [{g: ctx.curves[g].order[:2]} for g in sorted(ctx.curves)[:3]]
+    whole = ctx.masked.sample_errors(states, 0, 128)
+    assert [len(e) for e in whole] == [128] * len(states)
+    assert [float(e.mean()) for e in whole] == pytest.approx(ctx.masked.errors_from_prefix(states), rel=1e-9)
+    assert float(whole[0].abs().max()) == 0.0
+    part = ctx.masked.sample_errors(states, 40, 100)  # starts and ends inside a batch of 48
+    for a, b in zip(part, whole):
+        torch.testing.assert_close(a, b[40:100], rtol=1e-9, atol=1e-15)
+
+
+def test_a_probe_stops_when_its_estimate_is_precise_and_goes_on_where_it_is_not():
+    from multinet.schedule import scheduler
+
+    x = data.load("digits").train_x[:512]
+    ctx = prepare(trace(zoo.create("resnet"), x[:1]), x, Budget(flops=0.5), batch_size=64, max_positions=16,
+                  eval_samples=512, probe_samples=None)
+    g = sorted(ctx.curves)[1]
+    states = [{g: ctx.curves[g].order[:k]} for k in (1, ctx.curves[g].max_remove // 2)]
+    exact = ctx.masked.errors_from_prefix(states)
+    before = ctx.evaluations
+    estimates = ctx.probe([(s, None) for s in states] + [({}, None)])
+    spent = ctx.evaluations - before
+    assert estimates[-1] == 0.0
+    for estimate, truth in zip(estimates, exact):
+        assert estimate == pytest.approx(truth, rel=0.35)  # 10 % standard error: well inside 3.5 of them
+    assert spent < 3 * 1.0  # three probes, none of them run on all 512 samples...
+    # ... and each on at least the samples its own precision asked for
+    per_sample = ctx.masked.sample_errors(states, 0, 512)
+    first = [scheduler._precise(e[:scheduler.PROBE_FIRST].double()) for e in per_sample]
+    assert spent >= (3 * scheduler.PROBE_FIRST + sum(not f for f in first) * scheduler.PROBE_FIRST) / 512 - 1e-9
+    # a pair: the first state's error over the second's, sample by sample
+    paired = ctx.probe([(states[1], states[0])])[0]
+    assert paired == pytest.approx(exact[1] - exact[0], rel=0.35)
 
 
 def test_auto_probes_on_a_subset_cost_a_fraction_of_the_evaluations():

@@ -47,10 +47,12 @@ class GroupCurve:
 def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_size: int, max_positions: int | None,
                    device: str, seed: int, executor=None):
     """Gram statistics of every consumer of the given groups, in one pass over the data (sharded
-    over the executor's workers when it has several)."""
+    over the executor's workers when it has several). Each batch's Gram is one float32 GEMM added into
+    float64 sums, as in the sequential pipeline: half the time of a float64 GEMM, ~3e-7 relative
+    rounding, which the solver's Cholesky absorbs (``invert``)."""
     names = list(dict.fromkeys(n for g in group_ids for n in graph.group(g).consumer_names))
     return collect_on(executor, graph.module, consumer_specs(graph, names), data, batch_size=batch_size,
-                      max_positions=max_positions, device=device, seed=seed)
+                      max_positions=max_positions, device=device, seed=seed, precision=torch.float32)
 
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
@@ -101,6 +103,19 @@ def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor],
     """Squared error at the final outputs as a fraction of their energy, averaged over the outputs
     (a MultiNet's models count equally, whatever the scale of their logits), or weighted by ``weights``."""
     errors = [float(((o - r) ** 2).sum() / (r ** 2).sum().clamp_min(1e-30)) for o, r in zip(outputs, reference)]
+    return _combined(errors, weights)
+
+
+def sample_output_errors(outputs: list[torch.Tensor], reference: list[torch.Tensor], energy: list[torch.Tensor],
+                         weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Per sample, its squared error at each output over ``energy`` (that output's mean energy per
+    sample on the whole evaluation set), combined over the outputs as ``output_error`` combines them.
+    Their mean over every evaluation sample is ``output_error``; over some samples, an estimate of it."""
+    errors = [((o - r) ** 2).flatten(1).sum(1) / e.clamp_min(1e-30) for o, r, e in zip(outputs, reference, energy)]
+    return _combined(errors, weights)
+
+
+def _combined(errors: list, weights: Sequence[float] | None):
     if weights is None:
         return sum(errors) / len(errors)
     return sum(w * e for w, e in zip(weights, errors)) / sum(weights)
@@ -154,11 +169,19 @@ def evaluation_inputs(data, batch_size: int, limit: int) -> list[Batch]:
 
 def first_samples(batched, limit: int) -> list[Batch]:
     """The batches holding the first ``limit`` samples of ``batched``, the last one cut to size."""
+    return sample_slice(batched, 0, limit)
+
+
+def sample_slice(batched, start: int, stop: int) -> list[Batch]:
+    """Samples ``start .. stop-1`` of ``batched`` (an iterable of batches), batched as they were, cut to
+    size at both ends; the iterable is read no further than ``stop``."""
     chosen, seen = [], 0
     for batch in batched:
-        chosen.append(batches.take(batch, 0, limit - seen))
-        seen += batches.size(chosen[-1])
-        if seen >= limit:
+        n = batches.size(batch)
+        if seen + n > start:
+            chosen.append(batches.take(batch, max(start - seen, 0), stop - seen))
+        seen += n
+        if seen >= stop:
             break
     return chosen
 
@@ -195,6 +218,7 @@ class MaskedModel:
         self.inputs = [batches.to_device(x, device) for x in inputs]
         self.device = device
         self.reference = run_outputs(self.gm, self.inputs)
+        self._energy: list[torch.Tensor] | None = None  # per output, for sample_errors
         self.samples = sum(batches.size(x) for x in self.inputs)  # evaluation samples in all
         check_output_weights(output_weights, len(self.reference))
         self.output_weights = output_weights
@@ -277,6 +301,8 @@ class MaskedModel:
     def to(self, device: str) -> "MaskedModel":
         self.gm = self.gm.to(device)
         self.inputs = [batches.to_device(x, device) for x in self.inputs]
+        self.reference = [r.to(device) for r in self.reference]
+        self._energy = None
         self.device = device
         return self
 
@@ -305,34 +331,43 @@ class MaskedModel:
             self._load(c, weight)
             self._loaded[name] = ("zeroed", *cols.tolist())
 
-    def subset(self, samples: int | None) -> tuple[list[Batch], list[torch.Tensor]]:
-        """The first ``samples`` evaluation samples (all when None) and the original outputs on them."""
-        if samples is None or samples >= self.samples:
-            return self.inputs, self.reference
-        return first_samples(self.inputs, samples), [r[:samples] for r in self.reference]
-
-    def error(self, removed: Mapping[int, Sequence[int]], samples: int | None = None) -> float:
-        """Relative squared error at the final outputs with these channels removed (on the first
-        ``samples`` evaluation samples, or all)."""
+    def error(self, removed: Mapping[int, Sequence[int]]) -> float:
+        """Relative squared error at the final outputs with these channels removed."""
         self.set_removed(removed)
-        inputs, reference = self.subset(samples)
-        return output_error(run_outputs(self.gm, inputs), reference, self.output_weights)
+        return output_error(run_outputs(self.gm, self.inputs), self.reference, self.output_weights)
 
-    def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]],
-                           samples: int | None = None) -> list[float]:
-        """``error`` of each state, running only what the state can change: states are taken in graph
-        order of their first changed consumer, the unchanged prefix runs once with the original
-        weights (a frontier over the evaluation batches), and each state runs from there to the
-        outputs. Same values as ``error``; a probe of a late group costs a fraction of a pass."""
+    def errors_from_prefix(self, states: Sequence[Mapping[int, Sequence[int]]]) -> list[float]:
+        """``error`` of each state, running only what the state can change (see ``_prefix_outputs``).
+        Same values as ``error``; a probe of a late group costs a fraction of a pass."""
+        errors: list[float] = [0.0] * len(states)
+        for i, outputs in self._prefix_outputs(states, self.inputs):
+            errors[i] = output_error(outputs, self.reference, self.output_weights)
+        return errors
+
+    def sample_errors(self, states: Sequence[Mapping[int, Sequence[int]]], start: int, stop: int
+                      ) -> list[torch.Tensor]:
+        """Each state's per-sample errors (``sample_output_errors``) on evaluation samples ``start ..
+        stop-1``: their mean over all samples is ``error``, and over a few an estimate whose spread says
+        whether more samples are needed (the auto schedule's probes)."""
+        if self._energy is None:  # each output's mean energy per sample, on every evaluation sample
+            self._energy = [(r ** 2).sum() / max(len(r), 1) for r in self.reference]
+        inputs, reference = sample_slice(self.inputs, start, stop), [r[start:stop] for r in self.reference]
+        errors: list[torch.Tensor] = [torch.zeros(0)] * len(states)
+        for i, outputs in self._prefix_outputs(states, inputs):
+            errors[i] = sample_output_errors(outputs, reference, self._energy, self.output_weights).cpu()
+        return errors
+
+    def _prefix_outputs(self, states: Sequence[Mapping[int, Sequence[int]]], inputs: list[Batch]):
+        """(index, outputs on ``inputs``) of each state, running only what it can change: states are
+        taken in graph order of their first changed consumer, the unchanged prefix runs once with the
+        original weights (a frontier over the batches), and each state runs from there to the outputs."""
         runner = self._runner
         output = next(n for n in self.gm.graph.nodes if n.op == "output")
         names = batches.input_names(self.gm)
-        inputs, reference = self.subset(samples)
         starts = [min((self.first_change[g] for g, r in s.items() if len(r) and g in self.first_change),
                       default=runner.end) for s in states]
         self.set_removed({})
         position, envs = 0, [runner.start(x) for x in inputs]
-        errors: list[float] = [0.0] * len(states)
         with torch.no_grad():
             for i in sorted(range(len(states)), key=starts.__getitem__):
                 if starts[i] > position:  # advance the frontier with the original weights
@@ -345,9 +380,7 @@ class MaskedModel:
                     end = runner.run(env, position, runner.end)
                     out = fx.node.map_arg(output.args[0], lambda n: end[n.name])
                     parts.append(output_parts(real_tokens(out, batches.padding_mask(x, names))))
-                errors[i] = output_error([torch.cat(column) for column in zip(*parts)], reference,
-                                         self.output_weights)
-        return errors
+                yield i, [torch.cat(column) for column in zip(*parts)]
 
 
 # --- the masked evaluator on executor workers (built once per worker, from plain data) ----------
@@ -363,12 +396,20 @@ def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: fl
     return MaskedModel(graph, stats, group_ids, inputs, damp, device, output_weights)
 
 
-def masked_error(masked: MaskedModel, job) -> float:
-    """One candidate's final-output error (``job``: a removal state, or (state, samples)); a CUDA
-    out-of-memory moves this worker's evaluator to the CPU."""
-    removed, samples = job if isinstance(job, tuple) else (job, None)
+def masked_error(masked: MaskedModel, removed) -> float:
+    """One candidate's final-output error; a CUDA out-of-memory moves this worker's evaluator to the CPU."""
+    return _on_cpu_if_out_of_memory(masked, lambda m: m.error(removed))
+
+
+def masked_sample_errors(masked: MaskedModel, job) -> torch.Tensor:
+    """One probe's per-sample errors (``job``: (state, start, stop)), as ``masked_error`` runs them."""
+    state, start, stop = job
+    return _on_cpu_if_out_of_memory(masked, lambda m: m.sample_errors([state], start, stop)[0])
+
+
+def _on_cpu_if_out_of_memory(masked: MaskedModel, work):
     try:
-        return masked.error(removed, samples)
+        return work(masked)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return masked.to("cpu").error(removed, samples)
+        return work(masked.to("cpu"))

@@ -9,7 +9,8 @@ All three start from one calibration pass over the original model and one REAP s
   error per unit of budget saved wins. Exact but one forward pass per group per step;
 * ``auto``: each group's error at the final outputs is predicted as its layer-wise REAP error
   E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 partial
-  forward passes per group over ``probe_samples`` evaluation samples, measured once per prepared
+  forward passes per group, each over as few evaluation samples as its estimate needs: from 32, doubled
+  until its standard error is under 10 %, at most ``probe_samples``; measured once per prepared
   scheduling and reused for every budget), and the errors of groups are taken to add (see
   ``_predictor``); the same greedy then runs on predictions only, one channel at a time. The plan
   it ends with is then evaluated once on every evaluation sample; where the groups do not add
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..calib import iterate_batches
 from ..options import RunOptions
@@ -36,12 +38,14 @@ from .allocate import Step, counts_at, greedy
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts
 from .latency import latency_input, measure_ms
-from .oneshot import (GroupCurve, MaskedModel, evaluation_inputs, group_curves, masked_error, masked_setup,
-                      one_shot_stats)
+from .oneshot import (GroupCurve, MaskedModel, evaluation_inputs, group_curves, masked_error,
+                      masked_sample_errors, masked_setup, one_shot_stats)
 from .plan import GroupPlan, Plan
 
 SCHEDULES = ("auto", "exhaustive", "uniform")
 PROBES = (0.25, 0.5, 0.75, 1.0)  # depths (fractions of a group's removable channels) where auto measures amplification
+PROBE_FIRST = 32  # evaluation samples a probe starts from (doubled while its estimate is not precise enough)
+PROBE_PRECISION = 0.05  # ... enough: standard error of the mean under this fraction of the mean
 AUTO_LOOKAHEAD = 4
 AUTO_REPROBES = 2  # in-context re-measurements when a plan's evaluated error misses its prediction
 AUTO_TRUST = 1.5  # ... by more than this factor
@@ -63,18 +67,48 @@ class Scheduling:
     executor: Executor | None = None  # where candidate evaluations run (in this process when None or local)
     remote_args: tuple | None = None  # what a worker needs to rebuild the masked evaluator
     evaluations: float = 0  # forward passes over all evaluation samples so far, wherever they ran
-    probe_samples: int | None = None  # evaluation samples the amplification probes run on (None: all)
+    probe_samples: int | None = None  # most evaluation samples an amplification probe runs on (None: all)
     amplifications: dict[int, list[tuple[int, float]]] | None = None  # auto's probes, once measured (see _predictor)
 
-    def errors(self, states: list[dict], samples: int | None = None) -> list[float]:
-        """Final-output errors of several removal states (on the first ``samples`` evaluation samples,
-        or all): here, or on the executor's worker pool. ``evaluations`` counts them in full passes."""
-        total = self.masked.samples
-        self.evaluations += len(states) * (min(samples, total) / max(total, 1) if samples else 1.0)
+    def errors(self, states: list[dict]) -> list[float]:
+        """Final-output errors of several removal states on every evaluation sample: here, or on the
+        executor's worker pool. ``evaluations`` counts them in full passes."""
+        self.evaluations += len(states)
         if self.remote_args is None:
-            return self.masked.errors_from_prefix(states, samples)
-        return self.executor.map_with(masked_setup, self.remote_args, masked_error, [(s, samples) for s in states])
+            return self.masked.errors_from_prefix(states)
+        return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
 
+    def sample_errors(self, states: list[dict], start: int, stop: int) -> list[torch.Tensor]:
+        """Per-sample errors of several states on evaluation samples ``start .. stop-1`` (see
+        MaskedModel.sample_errors), counted in ``evaluations`` as that fraction of a pass each."""
+        self.evaluations += len(states) * (stop - start) / max(self.masked.samples, 1)
+        if self.remote_args is None:
+            return self.masked.sample_errors(states, start, stop)
+        return self.executor.map_with(masked_setup, self.remote_args, masked_sample_errors,
+                                      [(s, start, stop) for s in states])
+
+    def probe(self, pairs: Sequence[tuple[dict, dict | None]]) -> list[float]:
+        """The final-output error of each pair's first state (minus its second's, sample by sample, where
+        one is given) on as few evaluation samples as that number needs: PROBE_FIRST samples, then twice
+        as many at a time (only the new ones run), until its standard error is below PROBE_PRECISION of
+        its value or ``probe_samples`` (all when None) are spent. A probe is a ratio of two errors: on
+        images with many outputs a few dozen samples pin it down, on tiny models it takes hundreds."""
+        total = self.masked.samples
+        limit = min(self.probe_samples or total, total)
+        values = [torch.zeros(0, dtype=torch.float64) for _ in pairs]
+        active, start, stop = list(range(len(pairs))), 0, min(PROBE_FIRST, limit)
+        while active:
+            with_base = [i for i in active if pairs[i][1] is not None]
+            got = self.sample_errors([pairs[i][0] for i in active] + [pairs[i][1] for i in with_base], start, stop)
+            bases = dict(zip(with_base, got[len(active):]))
+            for i, errors in zip(active, got):
+                values[i] = torch.cat([values[i], errors.double() - bases[i].double() if i in bases
+                                       else errors.double()])
+            if stop >= limit:
+                break
+            active = [i for i in active if not _precise(values[i])]
+            start, stop = stop, min(2 * stop, limit)
+        return [float(v.mean()) if len(v) else 0.0 for v in values]
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
         return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
 
@@ -247,7 +281,7 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
-    masked forward pass each, on ``probe_samples``) at PROBES depths of the group and interpolated
+    masked forward pass each, on as many evaluation samples as ``Scheduling.probe`` finds it needs) at PROBES depths of the group and interpolated
     linearly in k. Groups are assumed to add: sequential reconstruction re-solves every consumer
     towards the original outputs, so one group's error is not amplified through the next group's
     pruned layers. These probes do not depend on the budget: they are measured once per Scheduling.
@@ -280,19 +314,24 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     """Per group, (k, final-output error / layer-wise error) at each of its ``depths``; in ``context``,
     the final-output error the group adds over the context without it."""
     jobs = [(g, k) for g in depths for k in depths[g]]
-    samples = ctx.probe_samples
     if context is None:
-        finals = ctx.errors([{g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
+        pairs = [({g: ctx.curves[g].order[:k]}, None) for g, k in jobs]
     else:
         others = {g: {**ctx.removals(context), g: []} for g in depths}
-        base = dict(zip(depths, ctx.errors([others[g] for g in depths], samples)))
-        finals = ctx.errors([{**others[g], g: ctx.curves[g].order[:k]} for g, k in jobs], samples)
-        finals = [max(f - base[g], 0.0) for (g, _), f in zip(jobs, finals)]
+        pairs = [({**others[g], g: ctx.curves[g].order[:k]}, others[g]) for g, k in jobs]
+    finals = [max(f, 0.0) for f in ctx.probe(pairs)]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
         measured.setdefault(g, []).append((k, final / layer if layer > 1e-15 else 0.0))
     return measured
+
+
+def _precise(values: torch.Tensor) -> bool:
+    """The mean of ``values`` is known to PROBE_PRECISION (relative standard error), or is nil."""
+    mean = float(values.mean())
+    spread = float(values.std()) / len(values) ** 0.5 if len(values) > 1 else float("inf")
+    return spread <= PROBE_PRECISION * abs(mean) or abs(mean) <= 1e-15 and spread <= 1e-15
 
 
 def _scaled(curve: Callable[[int], float], factor: float) -> Callable[[int], float]:
