@@ -32,7 +32,8 @@ def _shard_job(job: dict) -> dict[str, tuple]:
             warnings.simplefilter("ignore")  # per-shard row counts are not the run's: the driver checks the total
             return collect(model, specs, job["batches"], reference=reference, reference_specs=ref_specs,
                            batch_size=job["batch_size"], max_positions=job["max_positions"], device=on,
-                           seed=job["seed"], first_batch=job["first_batch"], warn=False)
+                           seed=job["seed"], first_batch=job["first_batch"], warn=False,
+                           precision=getattr(torch, job.get("precision", "float64")))
 
     try:
         stats = run(device)
@@ -43,12 +44,13 @@ def _shard_job(job: dict) -> dict[str, tuple]:
 
 
 def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None, reference_specs=None,
-               batch_size: int = 128, max_positions: int | None = None, device: str = "cpu", seed: int = 0
-               ) -> dict[str, ConsumerStats]:
+               batch_size: int = 128, max_positions: int | None = None, device: str = "cpu", seed: int = 0,
+               precision: torch.dtype = torch.float64) -> dict[str, ConsumerStats]:
     """``collect`` split over ``executor.workers`` jobs (the plain ``collect`` for one worker)."""
     if executor is None or getattr(executor, "workers", 1) <= 1 and getattr(executor, "name", "local") == "local":
         return collect(model, specs, data, reference=reference, reference_specs=reference_specs,
-                       batch_size=batch_size, max_positions=max_positions, device=device, seed=seed)
+                       batch_size=batch_size, max_positions=max_positions, device=device, seed=seed,
+                       precision=precision)
     from ..io import to_bytes
 
     batches = list(iterate_batches(data, batch_size))
@@ -59,7 +61,8 @@ def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None,
     jobs = [dict(model=model_ref, reference=ref_ref, specs=[asdict(s) for s in specs],
                  reference_specs=[asdict(s) for s in reference_specs] if reference_specs else None,
                  batches=batches[lo:hi], first_batch=lo, batch_size=batch_size, max_positions=max_positions,
-                 device=device, seed=seed, gpu=getattr(executor, "gpu", False))
+                 device=device, seed=seed, gpu=getattr(executor, "gpu", False),
+                 precision=str(precision).removeprefix("torch."))
             for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     total: dict[str, ConsumerStats] = {}
     for part in executor.map(_shard_job, jobs):

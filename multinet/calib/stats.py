@@ -195,8 +195,9 @@ class BatchGrams:
 
     def _product(self, left: tuple, right: tuple, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if (left, right) not in self._products:
-            self._products[(left, right)] = (a.T @ b).to(torch.float64)
-        return self._products[(left, right)].clone()
+            self._products[(left, right)] = a.T @ b
+        # a float64 tensor of its own for every consumer (their sums are added into): one conversion, no copy
+        return self._products[(left, right)].to(torch.float64, copy=True)
 
 
 def iterate_batches(data, batch_size: int = 128) -> Iterable[Batch]:

@@ -186,8 +186,10 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
     before, after = count(original.module), count(current.module)
     if plan is not None:
-        _measure(plan, original.module, current.module, after, evaluation_inputs(calibration_data, opts.batch_size,
-                                                                                 opts.eval_samples))
+        inputs = ctx.masked.inputs if ctx is not None else evaluation_inputs(calibration_data, opts.batch_size,
+                                                                              opts.eval_samples)
+        _measure(plan, original.module, current.module, after, inputs,
+                 ctx.masked.reference if ctx is not None else None)
         if plan_path is not None:
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
@@ -336,10 +338,14 @@ def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
     return requests
 
 
-def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor]) -> None:
-    """What the applied plan really costs, and its error at the final outputs on the evaluation samples."""
+def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor],
+             reference: list[torch.Tensor] | None = None) -> None:
+    """What the applied plan really costs, and its error at the final outputs on the evaluation samples
+    (``reference``: the original's outputs on them, when the scheduler has them already)."""
     weights = plan.budget.get("output_weights")
-    plan.measured_error = output_error(run_outputs(compressed, inputs), run_outputs(original, inputs), weights)
+    outputs = run_outputs(compressed, inputs)
+    reference = run_outputs(original, inputs) if reference is None else reference
+    plan.measured_error = output_error(outputs, [r.to(o.device) for o, r in zip(outputs, reference)], weights)
     if plan.metric == "latency":
         x = latency_input(inputs[0][:1].cpu(), plan.budget["latency_batch"])
         plan.measured_cost = measure_ms(compressed, x, plan.budget["device"])
