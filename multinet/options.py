@@ -26,7 +26,8 @@ class RunOptions:
     amplification probe runs on (each starts from 32 and stops as soon as its standard error is under
     10 % of its value: a ratio of two errors needs fewer samples than a plan's error; None: all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
     executor object. ``frontier_memory`` / ``frontier_dtype``: the cached-input pipeline's frontier
-    kept in memory up to that many bytes (None: no limit), then memory-mapped files, stored in that dtype.
+    kept in memory up to that many bytes ("auto": half of the memory available when the run starts; None:
+    no limit), then memory-mapped files, stored in that dtype.
     ``compensate_residuals``: in sequential mode, a layer whose output is added to a residual stream is
     re-solved towards its original output plus the drift the stream already carries (the original
     stream minus the compressed one), so errors of earlier layers do not pile up in the stream."""
@@ -39,7 +40,7 @@ class RunOptions:
     eval_samples: int = 1024
     probe_samples: int | None = 256
     executor: Any = None
-    frontier_memory: int | None = 2 * 2**30
+    frontier_memory: int | str | None = "auto"
     frontier_dtype: str = "float32"
     compensate_residuals: bool = True
 
@@ -54,8 +55,10 @@ class RunOptions:
             raise MultinetError(f"eval_samples must be a positive integer, got {self.eval_samples!r}")
         if self.probe_samples is not None and (not isinstance(self.probe_samples, int) or self.probe_samples < 1):
             raise MultinetError(f"probe_samples must be a positive integer or None, got {self.probe_samples!r}")
-        if self.frontier_memory is not None and self.frontier_memory < 0:
-            raise MultinetError(f"frontier_memory must be >= 0 bytes or None, got {self.frontier_memory!r}")
+        if self.frontier_memory not in (None, "auto") and (
+                not isinstance(self.frontier_memory, int) or isinstance(self.frontier_memory, bool)
+                or self.frontier_memory < 0):
+            raise MultinetError(f"frontier_memory must be >= 0 bytes, 'auto' or None, got {self.frontier_memory!r}")
         if not isinstance(self.compensate_residuals, bool):
             raise MultinetError(f"compensate_residuals must be True or False, got {self.compensate_residuals!r}")
         if self.frontier_dtype not in FRONTIER_DTYPES:

@@ -8,7 +8,8 @@ from multinet import MultinetError, RunOptions, data, zoo
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(max_positions=0), dict(damp=-1.0), dict(damp=float("nan")),
-                                 dict(eval_samples=0), dict(frontier_memory=-1), dict(frontier_dtype="int8")])
+                                 dict(eval_samples=0), dict(frontier_memory=-1), dict(frontier_memory="lots"),
+                                 dict(frontier_dtype="int8")])
 def test_bad_settings_are_refused_with_their_name(bad):
     with pytest.raises(MultinetError, match=next(iter(bad))):
         RunOptions(**bad)

@@ -77,6 +77,10 @@ def test_spilled_and_half_precision_frontiers(calib):
     spilled = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_memory=0)
     _same(spilled, in_memory, calib[:64], atol=0)
     assert spilled.cost.spilled > 0 and in_memory.cost.spilled == 0
+    # a frontier is written to disk only when it moves: per batch, both once at the inputs, then the compressed
+    # model's once per group plus its first move, the original's once per group (a chain: it keeps nothing)
+    groups, n_batches = len(spilled.groups), -(-len(calib) // 128)
+    assert spilled.cost.spilled == n_batches * (2 + (groups + 1) + groups)
     half = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_dtype="bfloat16")
     split = data.load("digits")
     accuracy = [data.accuracy(r.model, split.test_x, split.test_y) for r in (in_memory, half)]
@@ -89,6 +93,24 @@ def test_budgets_and_plans_run_through_the_pipeline(calib):
     reference = _compress(zoo.create("resnet"), calib, budget=budget, mode="reference")
     _same(pipeline, reference, calib[:64])
     assert pipeline.plan.measured_error == pytest.approx(reference.plan.measured_error, rel=1e-3, abs=1e-6)
+
+
+def test_a_shard_s_stores_share_one_memory_budget(tmp_path):
+    from multinet.calib.frontier import MemoryBudget, frontier_budget
+
+    budget = MemoryBudget(100)
+    first, second = ActivationStore(budget, None, tmp_path), ActivationStore(budget, None, tmp_path)
+    first.put(0, {"x": torch.zeros(20)})  # 80 bytes: in memory
+    second.put(0, {"x": torch.zeros(20)})  # would make 160: spilled
+    assert (first.spilled, second.spilled, budget.used) == (0, 1, 80)
+    first.discard(0)
+    second.put(1, {"x": torch.zeros(20)})  # room again
+    assert (second.spilled, budget.used) == (1, 80)
+    second.close()
+    assert budget.used == 0
+    auto = frontier_budget("auto", shards=2)
+    assert auto.limit is None or 0 < auto.limit
+    assert frontier_budget(None).limit is None and frontier_budget(5).limit == 5
 
 
 def test_activation_store_round_trips_in_memory_on_disk_and_in_half_precision(tmp_path):

@@ -27,15 +27,47 @@ Env = dict[str, Any]  # node name -> value
 STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class MemoryBudget:
+    """Bytes of activations that several stores (one shard's frontiers) may keep in memory together:
+    values that arrive while it has room stay in memory, the others spill."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.used = limit, 0
+
+    def take(self, size: int) -> bool:
+        if self.limit is not None and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+AUTO_MEMORY_SHARE = 0.5  # of the memory available when a run starts: what "auto" lets its frontiers keep
+
+
+def frontier_budget(memory: int | str | None, shards: int = 1) -> MemoryBudget:
+    """The budget of one shard: ``memory`` bytes, no limit (None), or "auto": AUTO_MEMORY_SHARE of the
+    memory this machine has available now, split between the ``shards`` that may share it."""
+    if memory == "auto":
+        from ..runtime.devices import available_memory
+
+        free = available_memory()
+        memory = None if free is None else int(AUTO_MEMORY_SHARE * free / max(shards, 1))
+    return MemoryBudget(memory)
+
+
 class ActivationStore:
-    """Per-batch environments kept in memory up to ``limit_bytes``, then in memory-mapped files.
+    """Per-batch environments kept in memory up to ``limit_bytes`` (or within a MemoryBudget shared
+    with other stores), then in memory-mapped files.
 
     ``dtype`` (float16/bfloat16) stores floating tensors in half precision; they are read back in
     the precision they had (a measured trade: half the memory, small input perturbations)."""
 
-    def __init__(self, limit_bytes: int | None = None, dtype: torch.dtype | None = None,
+    def __init__(self, limit_bytes: int | MemoryBudget | None = None, dtype: torch.dtype | None = None,
                  directory: str | Path | None = None):
-        self.limit = limit_bytes
+        self.budget = limit_bytes if isinstance(limit_bytes, MemoryBudget) else MemoryBudget(limit_bytes)
         self.dtype = dtype
         self.parent = Path(directory) if directory is not None else None
         self._memory: dict[int, tuple[Env, dict[str, torch.dtype]]] = {}
@@ -48,7 +80,7 @@ class ActivationStore:
         self.discard(index)
         stored, dtypes = self._encode(env)
         size = _nbytes(stored)
-        if self.limit is not None and self.bytes_in_memory + size > self.limit:
+        if not self.budget.take(size):
             path = self._directory() / f"batch-{index}.pt"
             torch.save(stored, path)
             self._files[index] = (path, dtypes)
@@ -67,13 +99,16 @@ class ActivationStore:
 
     def discard(self, index: int) -> None:
         if index in self._memory:
-            self.bytes_in_memory -= _nbytes(self._memory.pop(index)[0])
+            size = _nbytes(self._memory.pop(index)[0])
+            self.bytes_in_memory -= size
+            self.budget.give(size)
         if index in self._files:
             self._files.pop(index)[0].unlink(missing_ok=True)
 
     def close(self) -> None:
         self._memory.clear()
         self._files.clear()
+        self.budget.give(self.bytes_in_memory)
         self.bytes_in_memory = 0
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

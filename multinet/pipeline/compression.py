@@ -98,7 +98,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              batch_size: int = 128, max_positions: int | None = 256, damp: float = 1e-6, device: str = "cpu",
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
              autowrap_functions=(), progress: bool = False, run_dir=None, mode: str = "sequential",
-             frontier_memory: int | None = 2 * 2**30, frontier_dtype: str = "float32",
+             frontier_memory: int | str | None = "auto", frontier_dtype: str = "float32",
              options: RunOptions | None = None) -> CompressResult:
     """Compress ``model`` without retraining.
 
@@ -117,7 +117,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
     ``mode``: "sequential" (default) compresses group by group from activations cached at a moving
     frontier (about one forward pass of each model, plus one more of each residual stream's stage);
-    the frontier is kept in memory up to ``frontier_memory`` bytes and in memory-mapped files beyond,
+    the frontier is kept in memory up to ``frontier_memory`` bytes ("auto": half of the memory available
+    when the run starts) and in memory-mapped files beyond,
     stored in ``frontier_dtype`` (float32, float16 or bfloat16). "oneshot" solves every group on one
     pass of the original model's statistics (the cheapest, less accurate: errors are not corrected
     downstream; with a budget it reuses the scheduler's statistics). "reference" is the sequential computation

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..calib import batches as batch_ops
 from ..errors import MultinetError
-from ..calib.frontier import ActivationStore, GraphRunner
+from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats
 
 
@@ -45,8 +45,8 @@ class FrontierShard:
     """Batches ``first_batch ..`` of the calibration set with both models' activations at the frontier."""
 
     def __init__(self, model: fx.GraphModule | bytes, batches: list, first_batch: int, *, max_positions: int | None,
-                 device: str, memory_limit: int | None = None, store_dtype: torch.dtype | None = None,
-                 spill_dir=None):
+                 device: str, memory_limit: int | str | None = None, store_dtype: torch.dtype | None = None,
+                 spill_dir=None, shards: int = 1):
         if isinstance(model, (bytes, bytearray)):  # on a worker: the model travels as checked model bytes
             from ..io import from_bytes
 
@@ -58,10 +58,11 @@ class FrontierShard:
         self.reference = copy.deepcopy(model).to(device).eval()
         self.cur, self.ref = GraphRunner(self.work), GraphRunner(self.reference)
         self.batches = batches
-        self.cur_store = ActivationStore(memory_limit, store_dtype, spill_dir)
-        self.ref_store = ActivationStore(memory_limit, store_dtype, spill_dir)
+        memory = frontier_budget(memory_limit, shards)  # one budget for all three stores, decided where they live
+        self.cur_store = ActivationStore(memory, store_dtype, spill_dir)
+        self.ref_store = ActivationStore(memory, store_dtype, spill_dir)
         # values of the original model that its frontier has passed and later groups read (see statistics)
-        self.ref_kept = ActivationStore(memory_limit, store_dtype, spill_dir)
+        self.ref_kept = ActivationStore(memory, store_dtype, spill_dir)
         names = [p.name for p in self.cur.placeholders]
         self.masks = [batch_ops.padding_mask(batch_ops.to_device(b, device), names) for b in batches]
         for i, batch in enumerate(batches):
@@ -112,7 +113,8 @@ class FrontierShard:
             start = time.perf_counter()
             self._accumulate(acc, by_name, captured, ref_captured, b, seed, values, ref_values)
             self.seconds["statistics"] += time.perf_counter() - start
-            self.cur_store.put(b, snapshot)
+            if cut > self.position:  # the frontier moved: store it (unchanged, a spilled one is not written again)
+                self.cur_store.put(b, snapshot)
             samples += batch_ops.size(self.batches[b])
             if on_batch is not None:
                 on_batch(b + 1, samples)
@@ -125,6 +127,7 @@ class FrontierShard:
         """The original model's inputs to the consumer calls ``inputs`` and values of the nodes ``outputs``
         for batch ``b``: kept from an earlier run ahead, or by moving its frontier on to ``last``."""
         kept = self.ref_kept.get(b)
+        stored = set(kept)
         got_in = {n: kept["in:" + n] for n in inputs if "in:" + n in kept}
         got_out = {n: kept["out:" + n] for n in outputs if "out:" + n in kept}
 
@@ -158,7 +161,8 @@ class FrontierShard:
             raise MultinetError(f"the original model's values at {missing} were passed without being kept "
                                 f"(an internal error: they were not announced as read later)")
         keep = {f"in:{n}" for n in ahead_in} | {f"out:{n}" for n in ahead_out}
-        self.ref_kept.put(b, {k: v for k, v in kept.items() if k in keep})
+        if set(kept) != stored or not keep.issuperset(kept):  # written again only when what is kept changed
+            self.ref_kept.put(b, {k: v for k, v in kept.items() if k in keep})
         return got_in, got_out
 
     def _accumulate(self, acc, specs, captured, ref_captured, b: int, seed: int, values, ref_values) -> None:

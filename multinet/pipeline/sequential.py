@@ -203,7 +203,7 @@ class SequentialPipeline:
     added here; the solve runs here and only the consumers' new weights go back to the shards."""
 
     def __init__(self, original: ChannelGraph, data, *, batch_size: int, max_positions: int | None, damp: float,
-                 device: str, seed: int, memory_limit: int | None = None, store_dtype: torch.dtype | None = None,
+                 device: str, seed: int, memory_limit: int | str | None = "auto", store_dtype: torch.dtype | None = None,
                  spill_dir=None, progress: bool = False, executor=None, compensate_residuals: bool = True):
         self.original = original
         self.compensate = compensate_residuals
@@ -225,7 +225,7 @@ class SequentialPipeline:
             n = max(1, min(executor.workers, len(all_batches)))
             bounds = [round(i * len(all_batches) / n) for i in range(n + 1)]
             model = to_bytes(original.module)
-            self.shards = executor.shards(functools.partial(_make_shard, **options),
+            self.shards = executor.shards(functools.partial(_make_shard, shards=n, **options),
                                           [(model, all_batches[lo:hi], lo) for lo, hi in zip(bounds, bounds[1:])])
         self.cost = PipelineStats(nodes=self.cur.end, seconds={"forward": 0.0, "statistics": 0.0, "solve": 0.0,
                                                                "surgery": 0.0})

@@ -70,3 +70,19 @@ def set_threads(threads: int | None) -> int:
         raise MultinetError(f"threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a process now without swapping (Linux's MemAvailable),
+    or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
