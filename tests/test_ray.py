@@ -210,7 +210,7 @@ def test_exhaustive_schedule_evaluates_candidates_on_a_worker_pool(cluster, cali
 
 def test_cuda_out_of_memory_falls_back_to_the_cpu():
     """Simulated (no GPU here): the first evaluation runs out of memory, the retry on the CPU succeeds."""
-    from multinet.schedule.oneshot import masked_error
+    from multinet.schedule.oneshot import masked_error, masked_sample_errors
 
     class Evaluator:
         device = "cuda"
@@ -224,5 +224,12 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu():
             self.device = device
             return self
 
+        def sample_errors(self, states, start, stop):
+            if self.device == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return [torch.full((stop - start,), 0.5) for _ in states]
+
     evaluator = Evaluator()
     assert masked_error(evaluator, {0: [1]}) == 0.25 and evaluator.device == "cpu"
+    probing = Evaluator()  # an auto schedule's probe, on a sample range
+    assert masked_sample_errors(probing, ({0: [1]}, 4, 7)).tolist() == [0.5] * 3 and probing.device == "cpu"

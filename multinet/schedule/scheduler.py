@@ -17,7 +17,8 @@ All three start from one calibration pass over the original model and one REAP s
   (groups that stand in for each other: a MultiNet member's own channels and the other member's
   channels its bridges read), that evaluation is far above the prediction, and each group's
   amplification is measured again *in the context* of that plan (at its planned count, with every
-  other group at its own; 2 partial passes per group) to rescale its curve, and the greedy re-run,
+  other group at its own: one partial pass per group without it, and one of the plan itself, on as few
+  samples as a 20 % standard error allows) to rescale its curve, and the greedy re-run,
   up to ``AUTO_REPROBES`` times; the plan with the least evaluated error is kept.
 """
 from __future__ import annotations
@@ -46,6 +47,9 @@ SCHEDULES = ("auto", "exhaustive", "uniform")
 PROBES = (0.25, 0.5, 0.75, 1.0)  # depths (fractions of a group's removable channels) where auto measures amplification
 PROBE_FIRST = 32  # evaluation samples a probe starts from (doubled while its estimate is not precise enough)
 PROBE_PRECISION = 0.05  # ... enough: standard error of the mean under this fraction of the mean
+# an in-context re-measurement is a group's share of a plan's error (a difference of two errors, far noisier
+# than either) and only rescales that group's curve: a looser precision, or it runs on every probe sample
+CONTEXT_PRECISION = 0.2
 AUTO_LOOKAHEAD = 4
 AUTO_REPROBES = 2  # in-context re-measurements when a plan's evaluated error misses its prediction
 AUTO_TRUST = 1.5  # ... by more than this factor
@@ -87,28 +91,36 @@ class Scheduling:
         return self.executor.map_with(masked_setup, self.remote_args, masked_sample_errors,
                                       [(s, start, stop) for s in states])
 
-    def probe(self, pairs: Sequence[tuple[dict, dict | None]]) -> list[float]:
+    def probe(self, pairs: Sequence[tuple[dict, dict | None]], precision: float = PROBE_PRECISION) -> list[float]:
         """The final-output error of each pair's first state (minus its second's, sample by sample, where
         one is given) on as few evaluation samples as that number needs: PROBE_FIRST samples, then twice
-        as many at a time (only the new ones run), until its standard error is below PROBE_PRECISION of
+        as many at a time (only the new ones run), until its standard error is below ``precision`` of
         its value or ``probe_samples`` (all when None) are spent. A probe is a ratio of two errors: on
-        images with many outputs a few dozen samples pin it down, on tiny models it takes hundreds."""
+        images with many outputs a few dozen samples pin it down, on tiny models it takes hundreds.
+        A state that several pairs share runs once."""
         total = self.masked.samples
         limit = min(self.probe_samples or total, total)
         values = [torch.zeros(0, dtype=torch.float64) for _ in pairs]
         active, start, stop = list(range(len(pairs))), 0, min(PROBE_FIRST, limit)
         while active:
-            with_base = [i for i in active if pairs[i][1] is not None]
-            got = self.sample_errors([pairs[i][0] for i in active] + [pairs[i][1] for i in with_base], start, stop)
-            bases = dict(zip(with_base, got[len(active):]))
-            for i, errors in zip(active, got):
-                values[i] = torch.cat([values[i], errors.double() - bases[i].double() if i in bases
-                                       else errors.double()])
+            unique: dict[tuple, dict] = {}
+            for i in active:
+                for state in pairs[i]:
+                    if state is not None:
+                        unique.setdefault(_state_key(state), state)
+            got = dict(zip(unique, self.sample_errors(list(unique.values()), start, stop)))
+            for i in active:
+                plus, minus = pairs[i]
+                errors = got[_state_key(plus)].double()
+                if minus is not None:
+                    errors = errors - got[_state_key(minus)].double()
+                values[i] = torch.cat([values[i], errors])
             if stop >= limit:
                 break
-            active = [i for i in active if not _precise(values[i])]
+            active = [i for i in active if not _precise(values[i], precision)]
             start, stop = stop, min(2 * stop, limit)
         return [float(v.mean()) if len(v) else 0.0 for v in values]
+
     def removals(self, counts: Mapping[int, int]) -> dict[int, list[int]]:
         return {g: self.curves[g].order[:k] for g, k in counts.items() if k}
 
@@ -289,7 +301,7 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     With ``context`` (counts per group) the amplification is measured again at one depth per group,
     its count in the context (or its first probe depth), with every other group at its count: the error
     the group adds over the context without it, divided by its layer-wise error. That ratio rescales
-    the group's curve of amplifications (2 passes per group instead of a curve's 5).
+    the group's curve of amplifications (a pass per group without it, the plan's own pass shared).
     """
     if ctx.amplifications is None:
         depths = {}
@@ -319,7 +331,7 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     else:
         others = {g: {**ctx.removals(context), g: []} for g in depths}
         pairs = [({**others[g], g: ctx.curves[g].order[:k]}, others[g]) for g, k in jobs]
-    finals = [max(f, 0.0) for f in ctx.probe(pairs)]
+    finals = [max(f, 0.0) for f in ctx.probe(pairs, PROBE_PRECISION if context is None else CONTEXT_PRECISION)]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
@@ -327,11 +339,15 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     return measured
 
 
-def _precise(values: torch.Tensor) -> bool:
-    """The mean of ``values`` is known to PROBE_PRECISION (relative standard error), or is nil."""
+def _precise(values: torch.Tensor, precision: float = PROBE_PRECISION) -> bool:
+    """The mean of ``values`` is known to ``precision`` (relative standard error), or is nil."""
     mean = float(values.mean())
     spread = float(values.std()) / len(values) ** 0.5 if len(values) > 1 else float("inf")
-    return spread <= PROBE_PRECISION * abs(mean) or abs(mean) <= 1e-15 and spread <= 1e-15
+    return spread <= precision * abs(mean) or abs(mean) <= 1e-15 and spread <= 1e-15
+
+
+def _state_key(state: Mapping[int, Sequence[int]]) -> tuple:
+    return tuple(sorted((g, tuple(r)) for g, r in state.items() if len(r)))
 
 
 def _scaled(curve: Callable[[int], float], factor: float) -> Callable[[int], float]:
