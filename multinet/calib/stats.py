@@ -195,9 +195,28 @@ class BatchGrams:
 
     def _product(self, left: tuple, right: tuple, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if (left, right) not in self._products:
-            self._products[(left, right)] = a.T @ b
+            self._products[(left, right)] = gram_of(a) if left == right else a.T @ b
         # a float64 tensor of its own for every consumer (their sums are added into): one conversion, no copy
         return self._products[(left, right)].to(torch.float64, copy=True)
+
+
+SYMMETRIC_BLOCK = 768  # columns per block of a Gram computed by its upper triangle (below: one GEMM)
+
+
+def gram_of(rows: torch.Tensor) -> torch.Tensor:
+    """rows^T rows from its upper triangle of blocks, one GEMM per strip of block rows, mirrored:
+    (k+1)/2k of the work for k blocks (BLAS's symmetric rank-k update, which torch does not expose).
+    One GEMM where the matrix is too small for smaller GEMMs to pay."""
+    m = rows.shape[1]
+    if m < 2 * SYMMETRIC_BLOCK:
+        return rows.T @ rows
+    blocks = m // SYMMETRIC_BLOCK
+    edges = [round(i * m / blocks) for i in range(blocks + 1)]
+    out = rows.new_empty(m, m)
+    for lo, hi in zip(edges, edges[1:]):
+        out[lo:hi, lo:] = rows[:, lo:hi].T @ rows[:, lo:]  # a strip from the diagonal to the right
+        out[hi:, lo:hi] = out[lo:hi, hi:].T
+    return out
 
 
 def iterate_batches(data, batch_size: int = 128) -> Iterable[Batch]:
