@@ -91,7 +91,9 @@ def test_infer_returns_per_member_outputs_through_the_fused_network(split):
     with torch.no_grad():
         for name, model in models.items():
             torch.testing.assert_close(outs[name], model(x), atol=1e-5, rtol=1e-5)
-            assert torch.equal(plain[name], model(x))
+            # unfused, the members' own layers on the same batches: bit for bit (a conv over 100 samples at
+            # once may round differently from one over 32, so the reference runs the same batches)
+            assert torch.equal(plain[name], torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)]))
 
 
 def test_onnx_outputs_are_the_members(split, unified, tmp_path):
