@@ -119,7 +119,7 @@ CONFIGS = {  # label -> compress keyword arguments
 }
 
 
-def worker(name: str, label: str, images: int, size: int, threads: int) -> dict:
+def worker(name: str, label: str, images: int, size: int, threads: int, repeats: int = 5) -> dict:
     import multinet
 
     torch.set_num_threads(threads)
@@ -130,12 +130,12 @@ def worker(name: str, label: str, images: int, size: int, threads: int) -> dict:
     with torch.no_grad():
         model(x[:8])
         times = []
-        for _ in range(5):  # the median of five passes: one noisy pass would skew every ratio
+        for _ in range(repeats):  # the median of several passes: one noisy pass would skew every ratio
             start = time.perf_counter()
             for i in range(0, images, 32):
                 model(x[i:i + 32])
             times.append(time.perf_counter() - start)
-        forward = sorted(times)[2]
+        forward = sorted(times)[len(times) // 2]
     kwargs = dict(CONFIGS[label])
     if "budget" in kwargs:
         kwargs["budget"] = multinet.Budget(flops=float(kwargs["budget"].split("=")[1]))
@@ -159,12 +159,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="plain passes timed (their median is the unit)")
     parser.add_argument("--out", default="benchmarks/results/scale.md")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs each configuration")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.images, args.size, args.threads)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.images, args.size, args.threads, args.repeats)))
         return
     header = ("model", "run", "plain pass s", "run in passes", "forward", "statistics", "solve", "surgery",
               "scheduling", "FLOPs kept", "peak MB")
@@ -177,7 +178,8 @@ def main() -> None:
             if name != "zoo-resnet" and "reference" in label:
                 continue  # hundreds of passes on a real model: the reason the pipeline exists
             out = subprocess.run([args.python, __file__, "--worker", name, label, "--images", str(args.images),
-                                  "--size", str(args.size), "--threads", str(args.threads)],
+                                  "--size", str(args.size), "--threads", str(args.threads),
+                                  "--repeats", str(args.repeats)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 row = f"| {name} | {label} | failed: {out.stderr.strip().splitlines()[-1][:120]} |" + " |" * 9
