@@ -148,6 +148,9 @@ def worker(name: str, label: str, images: int, size: int, threads: int, repeats:
     return {"model": name, "config": label, "forward_s": forward, "compress_s": seconds,
             "passes": seconds / forward, "phases": {k: v / forward for k, v in phases.items()},
             "schedule_s": sum(result.plan.seconds.values()) / forward if result.plan is not None else 0.0,
+            "schedule_parts": ({k: v / forward for k, v in result.plan.seconds.items()}
+                               if result.plan is not None else {}),
+            "evaluations": result.plan.evaluations if result.plan is not None else 0.0,
             "flops_kept": result.flops_after / result.flops_before, "peak_mb": peak / 1024,
             "peak_extra_mb": (peak - before) / 1024}
 
@@ -173,6 +176,7 @@ def main() -> None:
              f"{args.threads} threads; phases in passes", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
+    notes: list[str] = []
     for name in args.models:
         for label in args.configs:
             if name != "zoo-resnet" and "reference" in label:
@@ -191,8 +195,16 @@ def main() -> None:
                          f"{r['schedule_s']:.1f}" if r["schedule_s"] else "–", f"{r['flops_kept']:.0%}",
                          f"{r['peak_mb']:.0f}"]
                 row = "| " + " | ".join(cells) + " |"
+                if r["schedule_parts"]:
+                    notes.append(f"- {name}, {label}: scheduling = " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in r["schedule_parts"].items())
+                        + f" passes; the search's masked evaluations: {r['evaluations']:.1f} passes over "
+                        "the evaluation samples")
             lines.append(row)
             print(row, flush=True)
+    if notes:
+        lines += [""] + notes
+        print("\n".join(notes), flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
 
