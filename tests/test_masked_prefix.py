@@ -41,6 +41,15 @@ def test_per_sample_errors_average_to_the_error_and_slice_any_range():
     part = ctx.masked.sample_errors(states, 40, 100)  # starts and ends inside a batch of 48
     for a, b in zip(part, whole):
         torch.testing.assert_close(a, b[40:100], rtol=1e-9, atol=1e-15)
+    # states that vary one plan (the in-context re-probes) run from the plan's frontier: the same errors
+    groups = sorted(ctx.curves)
+    plan = {g: ctx.curves[g].order[:3] for g in groups}
+    varied = [plan, {**plan, groups[0]: []}, {**plan, groups[-1]: []}, {**plan, groups[2]: ctx.curves[groups[2]].order[:5]}]
+    from_plan = ctx.masked.sample_errors(varied, 0, 128, base=plan)
+    from_original = ctx.masked.sample_errors(varied, 0, 128)
+    for a, b in zip(from_plan, from_original):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    assert float(from_plan[0].mean()) == pytest.approx(ctx.masked.error(plan), rel=1e-6)
 
 
 def test_a_probe_stops_when_its_estimate_is_precise_and_goes_on_where_it_is_not():

@@ -224,7 +224,7 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu():
             self.device = device
             return self
 
-        def sample_errors(self, states, start, stop):
+        def sample_errors(self, states, start, stop, base=None):
             if self.device == "cuda":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return [torch.full((stop - start,), 0.5) for _ in states]
@@ -232,4 +232,4 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu():
     evaluator = Evaluator()
     assert masked_error(evaluator, {0: [1]}) == 0.25 and evaluator.device == "cpu"
     probing = Evaluator()  # an auto schedule's probe, on a sample range
-    assert masked_sample_errors(probing, ({0: [1]}, 4, 7)).tolist() == [0.5] * 3 and probing.device == "cpu"
+    assert masked_sample_errors(probing, ({0: [1]}, 4, 7, None)).tolist() == [0.5] * 3 and probing.device == "cpu"

@@ -344,34 +344,43 @@ class MaskedModel:
             errors[i] = output_error(outputs, self.reference, self.output_weights)
         return errors
 
-    def sample_errors(self, states: Sequence[Mapping[int, Sequence[int]]], start: int, stop: int
-                      ) -> list[torch.Tensor]:
+    def sample_errors(self, states: Sequence[Mapping[int, Sequence[int]]], start: int, stop: int,
+                      base: Mapping[int, Sequence[int]] | None = None) -> list[torch.Tensor]:
         """Each state's per-sample errors (``sample_output_errors``) on evaluation samples ``start ..
         stop-1``: their mean over all samples is ``error``, and over a few an estimate whose spread says
-        whether more samples are needed (the auto schedule's probes)."""
+        whether more samples are needed (the auto schedule's probes). ``base``: the removals the states
+        share (a plan they vary): the frontier runs with those, so a state runs from where it differs."""
         if self._energy is None:  # each output's mean energy per sample, on every evaluation sample
             self._energy = [(r ** 2).sum() / max(len(r), 1) for r in self.reference]
         inputs, reference = sample_slice(self.inputs, start, stop), [r[start:stop] for r in self.reference]
         errors: list[torch.Tensor] = [torch.zeros(0)] * len(states)
-        for i, outputs in self._prefix_outputs(states, inputs):
+        for i, outputs in self._prefix_outputs(states, inputs, base):
             errors[i] = sample_output_errors(outputs, reference, self._energy, self.output_weights).cpu()
         return errors
 
-    def _prefix_outputs(self, states: Sequence[Mapping[int, Sequence[int]]], inputs: list[Batch]):
+    def _prefix_outputs(self, states: Sequence[Mapping[int, Sequence[int]]], inputs: list[Batch],
+                        base: Mapping[int, Sequence[int]] | None = None):
         """(index, outputs on ``inputs``) of each state, running only what it can change: states are
-        taken in graph order of their first changed consumer, the unchanged prefix runs once with the
-        original weights (a frontier over the batches), and each state runs from there to the outputs."""
+        taken in graph order of their first consumer whose removals differ from ``base`` (none: the
+        original model), the unchanged prefix runs once with ``base``'s weights (a frontier over the
+        batches), and each state runs from there to the outputs. Nothing before that consumer reads a
+        group the state and ``base`` disagree on, so the prefix is the state's own."""
         runner = self._runner
         output = next(n for n in self.gm.graph.nodes if n.op == "output")
         names = batches.input_names(self.gm)
-        starts = [min((self.first_change[g] for g, r in s.items() if len(r) and g in self.first_change),
+        base = {g: r for g, r in (base or {}).items() if len(r)}
+
+        def differs(state, g) -> bool:
+            return list(state.get(g, ())) != list(base.get(g, ()))
+
+        starts = [min((self.first_change[g] for g in set(s) | set(base) if g in self.first_change and differs(s, g)),
                       default=runner.end) for s in states]
-        self.set_removed({})
+        self.set_removed(base)
         position, envs = 0, [runner.start(x) for x in inputs]
         with torch.no_grad():
             for i in sorted(range(len(states)), key=starts.__getitem__):
-                if starts[i] > position:  # advance the frontier with the original weights
-                    self.set_removed({})
+                if starts[i] > position:  # advance the frontier with the shared weights
+                    self.set_removed(base)
                     envs = [runner.run(env, position, starts[i]) for env in envs]
                     position = starts[i]
                 self.set_removed(states[i])
@@ -402,9 +411,9 @@ def masked_error(masked: MaskedModel, removed) -> float:
 
 
 def masked_sample_errors(masked: MaskedModel, job) -> torch.Tensor:
-    """One probe's per-sample errors (``job``: (state, start, stop)), as ``masked_error`` runs them."""
-    state, start, stop = job
-    return _on_cpu_if_out_of_memory(masked, lambda m: m.sample_errors([state], start, stop)[0])
+    """One probe's per-sample errors (``job``: (state, start, stop, base)), as ``masked_error`` runs them."""
+    state, start, stop, base = job
+    return _on_cpu_if_out_of_memory(masked, lambda m: m.sample_errors([state], start, stop, base)[0])
 
 
 def _on_cpu_if_out_of_memory(masked: MaskedModel, work):

@@ -10,7 +10,7 @@ All three start from one calibration pass over the original model and one REAP s
 * ``auto``: each group's error at the final outputs is predicted as its layer-wise REAP error
   E_g(k) times an amplification a_g(k) measured at four depths of that group alone (4 partial
   forward passes per group, each over as few evaluation samples as its estimate needs: from 32, doubled
-  until its standard error is under 10 %, at most ``probe_samples``; measured once per prepared
+  until its standard error is under 5 %, at most ``probe_samples``; measured once per prepared
   scheduling and reused for every budget), and the errors of groups are taken to add (see
   ``_predictor``); the same greedy then runs on predictions only, one channel at a time. The plan
   it ends with is then evaluated once on every evaluation sample; where the groups do not add
@@ -82,22 +82,26 @@ class Scheduling:
             return self.masked.errors_from_prefix(states)
         return self.executor.map_with(masked_setup, self.remote_args, masked_error, states)
 
-    def sample_errors(self, states: list[dict], start: int, stop: int) -> list[torch.Tensor]:
+    def sample_errors(self, states: list[dict], start: int, stop: int, base: dict | None = None
+                      ) -> list[torch.Tensor]:
         """Per-sample errors of several states on evaluation samples ``start .. stop-1`` (see
-        MaskedModel.sample_errors), counted in ``evaluations`` as that fraction of a pass each."""
+        MaskedModel.sample_errors; ``base``: the removals they share), counted in ``evaluations`` as that
+        fraction of a pass each."""
         self.evaluations += len(states) * (stop - start) / max(self.masked.samples, 1)
         if self.remote_args is None:
-            return self.masked.sample_errors(states, start, stop)
+            return self.masked.sample_errors(states, start, stop, base)
         return self.executor.map_with(masked_setup, self.remote_args, masked_sample_errors,
-                                      [(s, start, stop) for s in states])
+                                      [(s, start, stop, base) for s in states])
 
-    def probe(self, pairs: Sequence[tuple[dict, dict | None]], precision: float = PROBE_PRECISION) -> list[float]:
+    def probe(self, pairs: Sequence[tuple[dict, dict | None]], precision: float = PROBE_PRECISION,
+              base: dict | None = None) -> list[float]:
         """The final-output error of each pair's first state (minus its second's, sample by sample, where
         one is given) on as few evaluation samples as that number needs: PROBE_FIRST samples, then twice
         as many at a time (only the new ones run), until its standard error is below ``precision`` of
         its value or ``probe_samples`` (all when None) are spent. A probe is a ratio of two errors: on
         images with many outputs a few dozen samples pin it down, on tiny models it takes hundreds.
-        A state that several pairs share runs once."""
+        A state that several pairs share runs once; ``base``: removals most states share (they run from
+        where they differ from it)."""
         total = self.masked.samples
         limit = min(self.probe_samples or total, total)
         values = [torch.zeros(0, dtype=torch.float64) for _ in pairs]
@@ -108,7 +112,7 @@ class Scheduling:
                 for state in pairs[i]:
                     if state is not None:
                         unique.setdefault(_state_key(state), state)
-            got = dict(zip(unique, self.sample_errors(list(unique.values()), start, stop)))
+            got = dict(zip(unique, self.sample_errors(list(unique.values()), start, stop, base)))
             for i in active:
                 plus, minus = pairs[i]
                 errors = got[_state_key(plus)].double()
@@ -293,8 +297,8 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
-    masked forward pass each, on as many evaluation samples as ``Scheduling.probe`` finds it needs) at PROBES depths of the group and interpolated
-    linearly in k. Groups are assumed to add: sequential reconstruction re-solves every consumer
+    masked forward pass each, on as many evaluation samples as ``Scheduling.probe`` finds it needs) at
+    PROBES depths of the group and interpolated linearly in k. Groups are assumed to add: sequential reconstruction re-solves every consumer
     towards the original outputs, so one group's error is not amplified through the next group's
     pruned layers. These probes do not depend on the budget: they are measured once per Scheduling.
 
@@ -331,7 +335,11 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     else:
         others = {g: {**ctx.removals(context), g: []} for g in depths}
         pairs = [({**others[g], g: ctx.curves[g].order[:k]}, others[g]) for g, k in jobs]
-    finals = [max(f, 0.0) for f in ctx.probe(pairs, PROBE_PRECISION if context is None else CONTEXT_PRECISION)]
+    if context is None:
+        finals = ctx.probe(pairs)
+    else:  # every state is the plan with one group changed: each runs from that group's first consumer on
+        finals = ctx.probe(pairs, CONTEXT_PRECISION, base=ctx.removals(context))
+    finals = [max(f, 0.0) for f in finals]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
         layer = ctx.curves[g].errors[k]
