@@ -1,6 +1,7 @@
 """Calibration and whole compression runs on Ray: 1 vs 2 workers, and Ray's overhead.
 
     python benchmarks/ray_scaling.py [--samples 4096] [--compress-samples 2048]
+    python benchmarks/ray_scaling.py --compress-only --compress-model resnet50 --compress-samples 256
 
 Statistics: the scheduler's one-shot statistics pass for the zoo ResNet (every consumer of every
 prunable group, 256 positions per image). Whole run: ``multinet.compress(ratio=0.3)`` of the zoo
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--compress-samples", type=int, default=2048)
     parser.add_argument("--compress-only", action="store_true",
                         help="measure only the whole compression run; keep the statistics table of results/ray.md")
+    parser.add_argument("--compress-model", default="zoo-resnet", choices=["zoo-resnet", "resnet50"],
+                        help="the whole run's model: the zoo ResNet on digits, or benchmarks/scale.py's ResNet-50 "
+                             "(random weights, 112x112 images: a run of about half a minute, not a few seconds)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs timed per configuration (median)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)  # in-process uses both cores, as the Ray runs do (1 worker x 2 CPUs, 2 x 1)
@@ -73,36 +78,48 @@ def main() -> None:
         n = len(samples)
         rows.append(f"| {label}: {n:,} images | {n / local:,.0f} | {n / ray1:,.0f} | {n / ray2:,.0f} | "
                     f"{ray1 / local:.2f}× | {ray1 / ray2:.2f}× |")
-    runs = compress_rows(torch.cat([x] * (args.compress_samples // len(x) + 1))[: args.compress_samples], one, two)
+    if args.compress_model == "resnet50":
+        from scale import build
+
+        model_of, example = (lambda: build("resnet50", 112)[0]), build("resnet50", 112)[1]
+        samples = example.repeat(args.compress_samples, 1, 1, 1) + 0.1 * torch.randn(args.compress_samples, 3, 112, 112)
+    else:
+        model_of = lambda: zoo.create("resnet")  # noqa: E731
+        samples = torch.cat([x] * (args.compress_samples // len(x) + 1))[: args.compress_samples]
+    runs = compress_rows(samples, one, two, model_of, args.repeats)
     ray.shutdown()
     statistics = ("# Calibration on Ray (zoo ResNet, all consumers, 256 positions/image; 2 cores)\n\n"
                   "Command: `python benchmarks/ray_scaling.py`\n\n"
                   "| job | in-process images/s | Ray, 1 job images/s | Ray, 2 jobs images/s | Ray 1 job / in-process "
                   "time | speed-up 1 → 2 jobs |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
-    if args.compress_only and (RESULTS / "ray.md").exists():  # keep the statistics table measured before
-        statistics = (RESULTS / "ray.md").read_text().split("## A whole")[0]
-    text = (statistics +
-            f"## A whole compression run (zoo ResNet, ratio 0.3, sequential pipeline, "
-            f"{args.compress_samples:,} images)\n\n"
-            "| run | seconds | / in-process | same channels as in-process |\n|---|---|---|---|\n"
-            + "\n".join(runs) + "\n")
+    what = "zoo ResNet" if args.compress_model == "zoo-resnet" else "ResNet-50 of benchmarks/scale.py, 112x112"
+    section = (f"## A whole compression run ({what}, ratio 0.3, sequential pipeline, "
+               f"{args.compress_samples:,} images)\n\n"
+               "| run | seconds | / in-process | same channels as in-process |\n|---|---|---|---|\n"
+               + "\n".join(runs) + "\n")
+    kept = []  # with --compress-only: the statistics table and the other model's whole-run section stay
+    if args.compress_only and (RESULTS / "ray.md").exists():
+        parts = (RESULTS / "ray.md").read_text().split("\n## ")
+        statistics = parts[0].rstrip("\n") + "\n\n"
+        kept = ["## " + p.rstrip("\n") + "\n" for p in parts[1:] if not p.startswith(f"A whole compression run ({what},")]
+    text = statistics + "\n".join(kept + [section])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ray.md").write_text(text)
     print(text)
 
 
-def compress_rows(samples, one, two) -> list[str]:
+def compress_rows(samples, one, two, model_of, repeats: int = 3) -> list[str]:
     """In-process vs 1 and 2 Ray workers for a whole compress run; the same removals are expected."""
     import multinet
 
     def run(executor):
-        return multinet.compress(zoo.create("resnet"), samples, ratio=0.3, batch_size=128, max_positions=64,
-                                 eval_samples=256, executor=executor)
+        return multinet.compress(model_of(), samples, ratio=0.3, batch_size=128 if len(samples) > 512 else 32,
+                                 max_positions=64, eval_samples=256, executor=executor)
 
     reference = run(LocalExecutor())
     rows, base = [], None
     for label, executor in (("in-process", LocalExecutor()), ("Ray, 1 worker", one), ("Ray, 2 workers", two)):
-        seconds = timed(lambda: run(executor))
+        seconds = timed(lambda: run(executor), repeats)
         base = base or seconds
         same = [g.removed for g in run(executor).groups] == [g.removed for g in reference.groups]
         rows.append(f"| {label} | {seconds:.2f} | {seconds / base:.2f}× | {'yes' if same else 'NO'} |")
