@@ -18,3 +18,15 @@ def quiet_calibration():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*calibration rows.*")
         yield
+
+
+@pytest.fixture(autouse=True)
+def same_torch_threads():
+    """The CLI sets torch's thread count for the process (from the machine's load when not given); in a
+    test session that would leak into every later test, and float32 GEMMs round differently on one thread
+    than on two. Each test starts with the session's count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

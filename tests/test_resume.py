@@ -38,9 +38,10 @@ def test_killed_driver_resumes_without_recomputing_and_ends_identical(tmp_path, 
     script = textwrap.dedent(f"""
         import os, signal, warnings
         warnings.simplefilter("ignore")
-        import multinet
+        import multinet, torch
         from multinet import Budget, data, zoo
         from multinet.runtime.checkpoint import RunState
+        torch.set_num_threads({torch.get_num_threads()})  # as here: float32 GEMMs round by thread count
         record = RunState.record
         def record_then_die(self, *args, **kwargs):
             record(self, *args, **kwargs)
