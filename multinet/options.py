@@ -24,7 +24,7 @@ class RunOptions:
     ``seed``: position sampling and random selections. ``eval_samples``: calibration samples that
     measure errors at the final outputs; ``probe_samples``: the most of them an auto schedule's
     amplification probe runs on (each starts from 32 and stops as soon as its standard error is under
-    10 % of its value: a ratio of two errors needs fewer samples than a plan's error; None: all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
+    5 % of its value; None: all). ``executor``: None/"local", "ray", "ray:ADDRESS" or an
     executor object. ``frontier_memory`` / ``frontier_dtype``: the cached-input pipeline's frontier
     kept in memory up to that many bytes ("auto": half of the memory available when the run starts; None:
     no limit), then memory-mapped files, stored in that dtype.
