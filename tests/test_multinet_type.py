@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 import multinet
 from multinet import MultiNet, data, zoo
@@ -44,7 +45,30 @@ def test_fused_equals_unfused_equals_members_run_separately(split, names):
             assert torch.equal(out[name], model(x))
             torch.testing.assert_close(fast[name], out[name], atol=1e-5, rtol=1e-5)
     wide = [m for n, m in fused.named_children() if n.startswith("fused_")]
-    assert wide, "the members' first layers read the same input and become one layer"
+    # the MLPs' first layers (64 features) read the same input and become one layer; the convs' 1-channel
+    # 3x3 stems (9 multiply-adds per output) stay apart: splitting a fused stem costs more than it saves
+    assert bool(wide) == ("mlp" in names and names.count("mlp") > 1)
+
+
+def test_deep_sibling_convs_fuse_into_one_layer_and_shallow_ones_do_not():
+    from multinet.unification.fusion import FUSE_MIN_DEPTH
+
+    def member(cin, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(cin, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3))
+
+    for cin, fuses in ((2, False), (16, True)):  # 18 and 144 multiply-adds per output element
+        assert (cin * 9 >= FUSE_MIN_DEPTH) == fuses
+        models = {"a": member(cin, 0), "b": member(cin, 1)}
+        x = torch.randn(5, cin, 6, 6)
+        net = MultiNet(models, x[:1])
+        fused = net.fused()
+        wide = [m for n, m in fused.named_children() if n.startswith("fused_")]
+        assert bool(wide) == fuses, cin
+        with torch.no_grad():
+            out = fused(x)
+            for name, model in models.items():
+                torch.testing.assert_close(out[name], model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_unified_network_fuses_to_the_same_outputs(split, unified):

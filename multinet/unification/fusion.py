@@ -2,7 +2,8 @@
 
 Every member of a MultiNet starts with a layer that reads the shared input, and unification's
 links make later members read earlier members' tensors too. Sibling Conv/Linear layers (same
-input node, same kernel, stride, padding, dilation, ``groups=1``, dtype and device) compute one
+input node, same kernel, stride, padding, dilation, ``groups=1``, dtype and device, and at least
+FUSE_MIN_DEPTH multiply-adds per output element) compute one
 matrix product each; fused, they are one product with the output channels concatenated, and
 ``torch.split`` hands each original consumer its own channels. One larger GEMM/conv runs faster
 than several small ones (fewer kernel launches, the input read once), and the outputs are the
@@ -22,6 +23,11 @@ import torch.nn as nn
 from ..graph.tracing import propagate_shapes
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# multiply-adds per output element below which siblings stay apart: a fused layer's output is split
+# and its channel slices copied, and for a shallow layer (the 1-channel 3x3 stem of two VGGs on digits,
+# 9) that costs more than the call it saves: 5-10 % slower than the unfused pair on one CPU thread
+# (benchmarks/results/unify.md). A Linear on 64 features (the MLPs' first layers) is fused.
+FUSE_MIN_DEPTH = 32
 
 
 def fuse_parallel(gm: fx.GraphModule) -> fx.GraphModule:
@@ -94,9 +100,10 @@ def sibling_layers(gm: fx.GraphModule) -> list[list[fx.Node]]:
 
 
 def _fusion_key(module: nn.Module) -> tuple | None:
-    """What must match for layers to share one call; None for a layer this pass does not fuse."""
+    """What must match for layers to share one call; None for a layer this pass does not fuse
+    (among them layers too shallow to pay for the split: FUSE_MIN_DEPTH)."""
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.dim() < 2 or w[0].numel() < FUSE_MIN_DEPTH:
         return None
     if type(module) is nn.Linear:
         return ("linear", module.in_features, w.dtype, w.device)
