@@ -72,6 +72,32 @@ def test_a_residual_stream_spanning_segments_equals_the_reference(calib):
     assert pipeline.cost.compressed_nodes < 2 * pipeline.cost.nodes
 
 
+def test_values_kept_for_later_groups_as_their_sampled_rows_give_the_reference_result(calib, monkeypatch):
+    """What the original's frontier passes for later groups is kept as the rows their statistics will
+    sample (a fraction of the activations at few positions per image), and the result does not change."""
+    from multinet.pipeline.frontier_shard import FrontierShard
+
+    forms = []
+    kept_form = FrontierShard._kept_form
+
+    def spy(self, read, value, b):
+        form, kept = kept_form(self, read, value, b)
+        forms.append((read.kind, form, kept.numel() / value.numel()))
+        return form, kept
+
+    monkeypatch.setattr(FrontierShard, "_kept_form", spy)
+    torch.manual_seed(0)
+    model = Stage().eval()
+    ratios = {g.id: 0.4 for g in multinet.trace(model, calib[:1]).prunable_groups}
+    reference = multinet.compress(model, calib, ratio=ratios, mode="reference", max_positions=4)
+    pipeline = multinet.compress(model, calib, ratio=ratios, max_positions=4)
+    _same(pipeline, reference, calib[:64])
+    rows = [(kind, share) for kind, form, share in forms if form == "rows"]
+    assert {kind for kind, _ in rows} == {"in", "out"}  # block inputs and the stream's values for the drift
+    assert all(share < 1 for _, share in rows)
+    assert max(share for kind, share in rows if kind == "out") == pytest.approx(4 / 64)
+
+
 def test_spilled_and_half_precision_frontiers(calib):
     in_memory = _compress(zoo.create("vgg"), calib, ratio=0.5)
     spilled = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_memory=0)

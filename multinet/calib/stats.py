@@ -94,10 +94,19 @@ class _Capture(fx.Interpreter):
         return out
 
 
-def _sampled_positions(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None,
-                       gen: torch.Generator) -> torch.Tensor | None:
-    """The conv output positions the statistics use (the same for every sample; None: all)."""
-    per_sample = math.prod(output_grid(x, spec.geometry))
+@dataclass
+class SampledRows:
+    """A consumer input already turned into the rows its statistics use (``input_rows``, or
+    ``output_rows`` for a stream's value): what the cached-input pipeline keeps of an original-model
+    value that a later group reads, where that is smaller than the value itself (the positions a
+    group samples are known in advance: they depend only on its seed, the batch and the call)."""
+
+    rows: torch.Tensor
+
+
+def _sampled_positions(per_sample: int, max_positions: int | None, gen: torch.Generator) -> torch.Tensor | None:
+    """Which of a conv's ``per_sample`` output positions the statistics use (the same for every
+    sample; None: all)."""
     if max_positions and per_sample > max_positions:
         return torch.randperm(per_sample, generator=gen)[:max_positions]
     return None
@@ -113,25 +122,27 @@ def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, g
         if keep_rows is not None:
             rows = rows[keep_rows]
     else:  # sampled before unfolding: only these patches are built
-        rows = unfold_conv_input(x, spec.geometry, _sampled_positions(spec, x, max_positions, gen))
+        per_sample = math.prod(output_grid(x, spec.geometry))
+        rows = unfold_conv_input(x, spec.geometry, _sampled_positions(per_sample, max_positions, gen))
     rows = rows.to(dtype)
     ones = torch.ones(rows.shape[0], 1, dtype=dtype, device=rows.device)
     return torch.cat([rows, ones], 1)
 
 
-def output_rows(spec: ConsumerSpec, x: torch.Tensor, y: torch.Tensor, max_positions: int | None,
+def output_rows(spec: ConsumerSpec, y: torch.Tensor, max_positions: int | None,
                 gen: torch.Generator, dtype: torch.dtype = torch.float64,
                 keep_rows: torch.Tensor | None = None) -> torch.Tensor:
     """A tensor shaped like the consumer's output (``y``: samples x outputs x positions for a conv,
-    ... x outputs for a Linear) as rows x outputs, row for row with ``input_rows`` of its input ``x``
-    (``gen`` seeded as it was there: the same sampled positions)."""
+    ... x outputs for a Linear) as rows x outputs, row for row with ``input_rows`` of the consumer's
+    input (``gen`` seeded as it was there: the same sampled positions; a conv's output grid has as
+    many positions as ``input_rows`` unfolds)."""
     if spec.kind == "linear":
         rows = y.reshape(-1, y.shape[-1])
         if keep_rows is not None:
             rows = rows[keep_rows]
     else:
         flat = y.flatten(2)  # N x outputs x positions, row-major over the output grid like the unfold
-        pick = _sampled_positions(spec, x, max_positions, gen)
+        pick = _sampled_positions(flat.shape[2], max_positions, gen)
         if pick is not None:
             flat = flat[:, :, pick.to(flat.device)]
         rows = flat.transpose(1, 2).reshape(-1, flat.shape[1])
@@ -152,11 +163,24 @@ class BatchGrams:
         self._rows: dict[tuple, torch.Tensor] = {}
         self._products: dict[tuple, torch.Tensor] = {}
 
-    def rows(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int) -> tuple[tuple, torch.Tensor]:
+    def _generator(self, call: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.gen_state + call)  # both models sample the same positions
+
+    def input_rows(self, spec: ConsumerSpec, x: torch.Tensor, call: int) -> torch.Tensor:
+        """``x`` as the rows this batch's statistics of call ``call`` of ``spec`` use."""
+        return input_rows(spec, x, self.max_positions, self._generator(call), self.precision,
+                          token_rows(self.mask, x))
+
+    def output_rows(self, spec: ConsumerSpec, y: torch.Tensor, call: int) -> torch.Tensor:
+        """A value shaped like the consumer's output, row for row with ``input_rows``."""
+        return output_rows(spec, y, self.max_positions, self._generator(call), self.precision,
+                           token_rows(self.mask, y))
+
+    def rows(self, name: str, spec: ConsumerSpec, x: torch.Tensor | SampledRows, call: int
+             ) -> tuple[tuple, torch.Tensor]:
         key = (id(x), spec.kind, repr(spec.geometry), call)
         if key not in self._rows:
-            gen = torch.Generator().manual_seed(self.gen_state + call)  # both models sample the same positions
-            rows = input_rows(spec, x, self.max_positions, gen, self.precision, token_rows(self.mask, x))
+            rows = x.rows.to(self.precision) if isinstance(x, SampledRows) else self.input_rows(spec, x, call)
             if not torch.isfinite(rows).all():
                 raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
             self._rows[key] = rows
@@ -181,13 +205,16 @@ class BatchGrams:
         moved = (ref_rows - rows) @ ref_target.to(rows)  # zero where the input has not changed
         return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
 
-    def drift(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, difference: torch.Tensor
-              ) -> torch.Tensor:
-        """X^T D for a stream writer: its input rows against ``difference`` (r_ref - r, shaped like its
-        output) at the same rows. One GEMM in ``precision`` into float64."""
+    def drift(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, reference: torch.Tensor | SampledRows,
+              current: torch.Tensor) -> torch.Tensor:
+        """X^T D for a stream writer: its input rows against D = r_ref - r (``reference`` and ``current``,
+        the stream's values shaped like its output, or the reference's rows already) at the same rows.
+        One GEMM in ``precision`` into float64."""
         key, rows = self.rows(name, spec, x, call)
-        gen = torch.Generator().manual_seed(self.gen_state + call)
-        d = output_rows(spec, x, difference, self.max_positions, gen, self.precision, token_rows(self.mask, x))
+        if isinstance(reference, SampledRows):
+            d = reference.rows.to(self.precision) - self.output_rows(spec, current, call)
+        else:
+            d = self.output_rows(spec, reference - current, call)
         if d.shape[0] != rows.shape[0]:
             raise MultinetError(f"`{name}`: the residual stream it writes into has {d.shape[0]} rows, its input "
                                 f"{rows.shape[0]}; turn off compensate_residuals for this model")
@@ -285,8 +312,8 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
                 part = grams.stats(name, by_name[name], x, call, ref_by_name.get(name),
                                    ref_captured[name][call] if reference is not None else None)
                 if name in streams:
-                    part.drift = grams.drift(name, by_name[name], x, call,
-                                             ref_taps[ref_streams[name]] - taps[streams[name]])
+                    part.drift = grams.drift(name, by_name[name], x, call, ref_taps[ref_streams[name]],
+                                             taps[streams[name]])
                 if name in stats:
                     stats[name].add(part)
                 else:

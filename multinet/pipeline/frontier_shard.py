@@ -11,8 +11,10 @@ statistics — do not depend on how the batches were split.
 from __future__ import annotations
 
 import copy
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -21,7 +23,39 @@ import torch.nn as nn
 from ..calib import batches as batch_ops
 from ..errors import MultinetError
 from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget
-from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats
+from ..calib.unfold import output_grid
+from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: its spec is not hashable
+class OriginalRead:
+    """A value of the original model that one group's statistics read: the input of one consumer
+    call (``kind`` "in", ``node`` the call) or a stream writer's stream (``kind`` "out", ``node`` the
+    stream's value), for the group whose statistics are seeded with ``seed``."""
+
+    kind: str
+    node: str
+    spec: ConsumerSpec
+    call: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.node}:{self.spec.name}:{self.call}@{self.seed}"
+
+
+def original_reads(specs: list[ConsumerSpec], seed: int, position: Mapping[str, int],
+                   streams: bool = True) -> list[OriginalRead]:
+    """What the statistics of ``specs`` (seeded with ``seed``) read from the original model: every
+    consumer call's input (calls numbered in execution order, as the statistics number them) and,
+    with ``streams``, each stream writer's stream."""
+    reads = []
+    for spec in specs:
+        for call, node in enumerate(sorted(spec.nodes, key=position.__getitem__)):
+            reads.append(OriginalRead("in", node, spec, call, seed))
+        if streams and spec.stream is not None:
+            reads.append(OriginalRead("out", spec.stream, spec, 0, seed))
+    return reads
 
 
 def dense_target(reference: fx.GraphModule, name: str) -> torch.Tensor | None:
@@ -79,20 +113,21 @@ class FrontierShard:
         return sum(batch_ops.size(b) for b in self.batches)
 
     def statistics(self, specs: list[ConsumerSpec], cut: int, last: int, next_cut: int, seed: int,
-                   on_batch: Callable[[int, int], None] | None = None, ahead: tuple = ((), ())
-                   ) -> dict[str, tuple]:
+                   on_batch: Callable[[int, int], None] | None = None,
+                   ahead: list[tuple[list[ConsumerSpec], int]] = ()) -> dict[str, tuple]:
         """Partial Gram and cross sums of the consumers ``specs`` (called at nodes up to ``last``)
         over this shard's batches; afterwards the compressed model's frontier is at ``cut``.
-        ``ahead`` = (consumer nodes, stream nodes) of the groups still to come: the original model never
-        changes, so its frontier only moves forward, and what it passes on the way that those groups will
-        read (their consumers' inputs, their streams' values) is kept for them. ``on_batch(done, samples)``
-        after each batch."""
+        ``ahead`` = (specs, seed) of the groups still to come: the original model never changes, so its
+        frontier only moves forward, and what it passes on the way that those groups will read (their
+        consumers' inputs, their streams' values) is kept for them, as the rows their statistics will
+        sample where those are smaller. ``on_batch(done, samples)`` after each batch."""
         nodes = {n: s.name for s in specs for n in s.nodes}
         by_name = {s.name: s for s in specs}
         acc: dict[str, ConsumerStats] = {}
         streams = {s.stream for s in specs if s.stream is not None}  # residual streams the writers add to
-        ahead_in, ahead_out = set(ahead[0]), set(ahead[1])
-        order = sorted(nodes, key=self.cur.position.__getitem__)  # consumer calls in execution order
+        reads = original_reads(specs, seed, self.cur.position)
+        later = [r for group_specs, group_seed in ahead
+                 for r in original_reads(group_specs, group_seed, self.cur.position)]
         samples = 0
         # past ``cut`` the compressed model runs only for the consumers' inputs and the streams' values:
         # what it computes there is thrown away (the solve changes it), so the layers themselves need not run
@@ -105,13 +140,10 @@ class FrontierShard:
             start = time.perf_counter()
             snapshot = self._run(self.cur, self.cur_store.get(b), self.position, cut, watch, taps)
             self._run(self.cur, snapshot, cut, last + 1, watch, taps, only=needed)
-            ref_inputs, ref_values = self._original(b, set(nodes), streams, last, ahead_in, ahead_out)
+            original = self._original(b, reads, last, later)
             self.seconds["forward"] += time.perf_counter() - start
-            ref_captured: dict[str, list] = {}
-            for n in order:
-                ref_captured.setdefault(nodes[n], []).append(ref_inputs[n])
             start = time.perf_counter()
-            self._accumulate(acc, by_name, captured, ref_captured, b, seed, values, ref_values)
+            self._accumulate(acc, by_name, captured, original, b, seed, values)
             self.seconds["statistics"] += time.perf_counter() - start
             if cut > self.position:  # the frontier moved: store it (unchanged, a spilled one is not written again)
                 self.cur_store.put(b, snapshot)
@@ -122,61 +154,93 @@ class FrontierShard:
         self.ref_position = max(self.ref_position, last + 1)
         return {name: s.as_tuple() for name, s in acc.items()}
 
-    def _original(self, b: int, inputs: set[str], outputs: set[str], last: int, ahead_in: set[str],
-                  ahead_out: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The original model's inputs to the consumer calls ``inputs`` and values of the nodes ``outputs``
-        for batch ``b``: kept from an earlier run ahead, or by moving its frontier on to ``last``."""
+    def _grams(self, seed: int, b: int) -> BatchGrams:
+        """Batch ``b``'s statistics seeded as a group seeded with ``seed`` seeds them: the global batch
+        index, so the sampled positions do not depend on how the batches were split."""
+        return BatchGrams(self.max_positions, seed * 1_000_003 + (self.first + b) * 101, mask=self.masks[b])
+
+    def _kept_form(self, read: OriginalRead, value: torch.Tensor, b: int) -> tuple[str, torch.Tensor]:
+        """What to keep of ``value`` for ``read``: the rows its group's statistics will sample
+        ("rows") where they are smaller than the value, else the value itself ("value")."""
+        if read.spec.kind != "conv" or not self.max_positions:
+            return "value", value
+        if read.kind == "in":
+            per_sample = math.prod(output_grid(value, read.spec.geometry))
+            columns = value.shape[1] * math.prod(read.spec.geometry["kernel"]) + 1
+        else:
+            per_sample, columns = value[0, 0].numel(), value.shape[1]
+        if value.shape[0] * min(per_sample, self.max_positions) * columns >= value.numel():
+            return "value", value
+        grams = self._grams(read.seed, b)
+        rows = (grams.input_rows(read.spec, value, read.call) if read.kind == "in"
+                else grams.output_rows(read.spec, value, read.call))
+        return "rows", rows
+
+    def _original(self, b: int, reads: list[OriginalRead], last: int, later: list[OriginalRead]
+                  ) -> dict[OriginalRead, torch.Tensor | SampledRows]:
+        """The original model's values that ``reads`` need for batch ``b``: kept from an earlier run
+        ahead, or by moving its frontier on to ``last`` (keeping on the way what ``later`` reads)."""
         kept = self.ref_kept.get(b)
         stored = set(kept)
-        got_in = {n: kept["in:" + n] for n in inputs if "in:" + n in kept}
-        got_out = {n: kept["out:" + n] for n in outputs if "out:" + n in kept}
 
-        def watched(n):
-            def hear(x):
-                if n in inputs:
-                    got_in[n] = x
-                if n in ahead_in:
-                    kept["in:" + n] = x
-            return hear
+        def lookup(read: OriginalRead):
+            if "rows|" + read.key in kept:
+                return SampledRows(kept["rows|" + read.key])
+            return kept.get("value|" + read.key)
 
-        def tapped(n):
-            def hear(v):
-                if n in outputs:
-                    got_out.setdefault(n, v)
-                if n in ahead_out:
-                    kept.setdefault("out:" + n, v)
-            return hear
+        got = {r: v for r in reads if (v := lookup(r)) is not None}
+        wanted: dict[str, list[tuple[OriginalRead, bool]]] = {}  # node -> (read, for this group?)
+        for r in reads:
+            if r not in got:
+                wanted.setdefault(r.node, []).append((r, True))
+        for r in later:
+            if lookup(r) is None:
+                wanted.setdefault(r.node, []).append((r, False))
+
+        def hear(node: str, kind: str):
+            def take(x):
+                for read, now in wanted[node]:
+                    if read.kind != kind:
+                        continue
+                    if now:
+                        got.setdefault(read, x)
+                    elif lookup(read) is None:
+                        form, value = self._kept_form(read, x, b)
+                        kept[f"{form}|{read.key}"] = value
+            return take
 
         env = self.ref_store.get(b)
         if last + 1 > self.ref_position:
-            watch = {n: watched(n) for n in inputs | ahead_in if self.ref.position[n] >= self.ref_position}
-            taps = {n: tapped(n) for n in outputs | ahead_out}
+            watch = {n: hear(n, "in") for n, rs in wanted.items() if any(r.kind == "in" for r, _ in rs)
+                     and self.ref.position[n] >= self.ref_position}
+            taps = {n: hear(n, "out") for n, rs in wanted.items() if any(r.kind == "out" for r, _ in rs)}
             env = self._run(self.ref, env, self.ref_position, last + 1, watch, taps, True)
             self.ref_store.put(b, env)
-        for n in outputs - set(got_out):
-            if n in env:  # computed before and still live at the frontier
-                got_out[n] = env[n]
-        missing = sorted((inputs - set(got_in)) | (outputs - set(got_out)))
+        for r in reads:
+            if r not in got and r.kind == "out" and r.node in env:  # computed before and still live at the frontier
+                got[r] = env[r.node]
+        missing = sorted({r.node for r in reads if r not in got})
         if missing:
             raise MultinetError(f"the original model's values at {missing} were passed without being kept "
                                 f"(an internal error: they were not announced as read later)")
-        keep = {f"in:{n}" for n in ahead_in} | {f"out:{n}" for n in ahead_out}
+        keep = {f"{form}|{r.key}" for r in later for form in ("rows", "value")}
         if set(kept) != stored or not keep.issuperset(kept):  # written again only when what is kept changed
             self.ref_kept.put(b, {k: v for k, v in kept.items() if k in keep})
-        return got_in, got_out
+        return got
 
-    def _accumulate(self, acc, specs, captured, ref_captured, b: int, seed: int, values, ref_values) -> None:
-        index = self.first + b  # the global batch index: sampled positions do not depend on the split
-        grams = BatchGrams(self.max_positions, seed * 1_000_003 + index * 101, mask=self.masks[b])
+    def _accumulate(self, acc, specs, captured, original, b: int, seed: int, values) -> None:
+        grams = self._grams(seed, b)
+        ref_in = {(r.spec.name, r.call): v for r, v in original.items() if r.kind == "in"}
+        ref_out = {r.spec.name: v for r, v in original.items() if r.kind == "out"}
         for name, inputs in captured.items():
             for call, x in enumerate(inputs):
                 spec = specs[name]
-                part = grams.stats(name, spec, x, call, spec, ref_captured[name][call], self._target(spec))
+                part = grams.stats(name, spec, x, call, spec, ref_in[(name, call)], self._target(spec))
                 part.gram = part.gram.cpu()
                 part.cross = part.cross.cpu() if part.cross is not None else None
                 part.delta_cross = part.delta_cross.cpu() if part.delta_cross is not None else None
                 if spec.stream is not None:
-                    part.drift = grams.drift(name, spec, x, call, ref_values[spec.stream] - values[spec.stream]).cpu()
+                    part.drift = grams.drift(name, spec, x, call, ref_out[name], values[spec.stream]).cpu()
                 if name in acc:
                     acc[name].add(part)
                 else:

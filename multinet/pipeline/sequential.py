@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..calib import consumer_specs, iterate_batches
 from ..calib import batches
 from ..calib.frontier import GraphRunner
-from ..calib.stats import ConsumerStats, warn_few_rows
+from ..calib.stats import ConsumerSpec, ConsumerStats, warn_few_rows
 from ..errors import MultinetError
 from ..graph import ChannelGraph, prune, trace
 from ..graph.streams import residual_partners
@@ -230,6 +230,7 @@ class SequentialPipeline:
         self.cost = PipelineStats(nodes=self.cur.end, seconds={"forward": 0.0, "statistics": 0.0, "solve": 0.0,
                                                                "surgery": 0.0})
         self.samples = sum(batches.size(b) for b in all_batches)
+        self._reads_ahead: dict[int, tuple[list[ConsumerSpec], int]] = {}
 
     def resume_from(self, work: fx.GraphModule) -> None:
         """Continue a killed run: its full-width model after the last finished group; the frontier
@@ -257,14 +258,14 @@ class SequentialPipeline:
         return min(positions), max(positions)
 
     def statistics(self, group, seed: int, next_cut: int, bar: Bar | None = None, pending: list[str] = (),
-                   solved: list[str] = (), later: list[str] = ()) -> tuple[dict[str, ConsumerStats], int]:
+                   solved: list[str] = (), later: list[int] = ()) -> tuple[dict[str, ConsumerStats], int]:
         """Gram and cross terms of the group's consumers from the frontier, summed over the shards;
         leaves both frontiers at the furthest point that the group's solve cannot change. Returns the
         stats and that point. ``bar`` hears which consumers are being calibrated, how far and how fast.
         ``pending`` / ``solved``: the consumers still to be re-solved / re-solved before; the residual-stream
         writers among the group's consumers get their drift term where these allow (streams.stream_partners).
-        ``later``: the consumers of the groups still to come, whose original inputs (and streams) the
-        original model's frontier keeps as it passes them."""
+        ``later``: the groups still to come, whose consumers' original inputs (and streams) the original
+        model's frontier keeps as it passes them."""
         first, last = self.span(group)
         cut = min(first, next_cut)  # the compressed model is valid up to g's first consumer
         streams = (residual_partners(self.original, group.consumer_names, pending, solved) if self.compensate
@@ -296,14 +297,16 @@ class SequentialPipeline:
     def advance(self, cut: int, next_cut: int) -> None:
         self.shards.call("advance", cut, next_cut)
 
-    def _ahead(self, later: list[str]) -> tuple[list[str], list[str]]:
-        """(consumer call nodes, stream nodes) the ``later`` consumers may read from the original model:
-        every stream a writer among them could be compensated against (partners without the
-        pending/solved rules, which only ever drop some)."""
-        layers = self.original.analysis.layers
-        calls = sorted({n for name in later for n in layers[name].nodes})
-        streams = sorted(set(residual_partners(self.original, later, (), ()).values())) if self.compensate else []
-        return calls, streams
+    def _ahead(self, later: list[int]) -> list[tuple[list[ConsumerSpec], int]]:
+        """(consumer specs, seed) of the ``later`` groups: what they may read from the original model.
+        Every stream a writer among them could be compensated against is announced (partners without
+        the pending/solved rules, which only ever drop some)."""
+        for gid in later:
+            if gid not in self._reads_ahead:
+                names = self.original.group(gid).consumer_names
+                streams = residual_partners(self.original, names, (), ()) if self.compensate else {}
+                self._reads_ahead[gid] = (consumer_specs(self.original, names, streams), self.seed + gid)
+        return [self._reads_ahead[gid] for gid in later]
 
 
     # --- the whole run ---------------------------------------------------------------------
@@ -324,7 +327,7 @@ class SequentialPipeline:
                 next_cut = min((firsts[h] for h in order[i + 1:]), default=self.cur.end)
                 pending = [name for h in order[i:] for name in self.original.group(h).consumer_names]
                 solved = [name for h in removed for name in self.original.group(h).consumer_names]
-                later = [name for h in order[i + 1:] for name in self.original.group(h).consumer_names]
+                later = order[i + 1:]
                 stats, cut = self.statistics(group, self.seed + gid, next_cut, bar, pending, solved, later)
                 bar.note(f"group {gid}: solving ({request if isinstance(request, int) else len(request)} of "
                          f"{group.size} channels)")
