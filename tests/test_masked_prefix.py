@@ -111,3 +111,29 @@ def test_the_auto_plan_is_checked_on_a_probe_not_on_every_evaluation_sample(monk
     monkeypatch.undo()
     full = ctx.masked.errors_from_prefix([plan.removals()])[0]
     assert plan.predicted_error == pytest.approx(full, rel=0.35)  # a 5 % standard error, 7 of them
+
+
+def test_a_share_far_below_the_floor_stops_at_the_floor_s_precision():
+    """In-context re-probes measure a group's share of a plan (a difference of two errors): a share far
+    below the plan's average group share is measured to 20 % of that average, not of itself."""
+    from multinet.schedule import scheduler
+
+    x = data.load("digits").train_x[:512]
+    ctx = prepare(trace(zoo.create("resnet"), x[:1]), x, Budget(flops=0.5), batch_size=64, max_positions=16,
+                  eval_samples=512, probe_samples=None)
+    groups = sorted(ctx.curves)
+    plan = {g: ctx.curves[g].order[:ctx.curves[g].max_remove // 2] for g in groups}
+    g = groups[1]
+    pair = [({**plan, g: ctx.curves[g].order[:1]}, {**plan, g: []})]  # one channel more than nothing: a tiny share
+    plan_error = ctx.masked.errors_from_prefix([plan])[0]
+    spent = {}
+    for floor in (0.0, plan_error):
+        before = ctx.evaluations
+        estimate = ctx.probe(pair, scheduler.CONTEXT_PRECISION, floor=floor)[0]
+        spent[floor] = ctx.evaluations - before
+        assert abs(estimate) < plan_error
+    assert spent[plan_error] < 0.5 * spent[0.0]
+    per_sample = ctx.masked.sample_errors([pair[0][0], pair[0][1]], 0, 512)
+    difference = (per_sample[0] - per_sample[1]).double()
+    assert not scheduler._precise(difference, scheduler.CONTEXT_PRECISION)  # on its own it never got precise
+    assert scheduler._precise(difference, scheduler.CONTEXT_PRECISION, plan_error)

@@ -18,7 +18,8 @@ All three start from one calibration pass over the original model and one REAP s
   channels its bridges read), that evaluation is far above the prediction, and each group's
   amplification is measured again *in the context* of that plan (at its planned count, with every
   other group at its own: one partial pass per group without it, and one of the plan itself, on as few
-  samples as a 20 % standard error allows) to rescale its curve, and the greedy re-run,
+  samples as a 20 % standard error allows, of the group's share or, where that is smaller, of the plan's
+  error spread evenly over the groups) to rescale its curve, and the greedy re-run,
   up to ``AUTO_REPROBES`` times; the plan with the least evaluated error is kept.
 """
 from __future__ import annotations
@@ -94,14 +95,15 @@ class Scheduling:
                                       [(s, start, stop, base) for s in states])
 
     def probe(self, pairs: Sequence[tuple[dict, dict | None]], precision: float = PROBE_PRECISION,
-              base: dict | None = None) -> list[float]:
+              base: dict | None = None, floor: float = 0.0) -> list[float]:
         """The final-output error of each pair's first state (minus its second's, sample by sample, where
         one is given) on as few evaluation samples as that number needs: PROBE_FIRST samples, then twice
         as many at a time (only the new ones run), until its standard error is below ``precision`` of
         its value or ``probe_samples`` (all when None) are spent. A probe is a ratio of two errors: on
         images with many outputs a few dozen samples pin it down, on tiny models it takes hundreds.
         A state that several pairs share runs once; ``base``: removals most states share (they run from
-        where they differ from it)."""
+        where they differ from it). ``floor``: a value smaller than this needs no more than ``precision``
+        of ``floor`` as its standard error (an absolute precision for values that matter only that much)."""
         total = self.masked.samples
         limit = min(self.probe_samples or total, total)
         values = [torch.zeros(0, dtype=torch.float64) for _ in pairs]
@@ -121,7 +123,7 @@ class Scheduling:
                 values[i] = torch.cat([values[i], errors])
             if stop >= limit:
                 break
-            active = [i for i in active if not _precise(values[i], precision)]
+            active = [i for i in active if not _precise(values[i], precision, floor)]
             start, stop = stop, min(2 * stop, limit)
         return [float(v.mean()) if len(v) else 0.0 for v in values]
 
@@ -275,7 +277,7 @@ def _checked_auto(ctx: Scheduling, metric: int, target: float, counts, steps, pr
     for _ in range(AUTO_REPROBES):
         if evaluated <= AUTO_TRUST * predicted + 1e-12:
             break
-        path = _greedy(ctx, "auto", metric, target, progress, _predictor(ctx, context=counts))
+        path = _greedy(ctx, "auto", metric, target, progress, _predictor(ctx, context=counts, plan_error=evaluated))
         counts, steps = counts_at(path, len(path)), [(s.group, s.count) for s in path]
         predicted = path[-1].error if path else 0.0
         evaluated = _evaluated(ctx, counts)
@@ -303,7 +305,8 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
                   progress=report)
 
 
-def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dict[int, Callable[[int], float]]:
+def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None, plan_error: float = 0.0
+               ) -> dict[int, Callable[[int], float]]:
     """Per group, k -> D_g(k), its predicted error at the final outputs when it alone loses k channels.
 
     D_g(k) = E_g(k) * a_g(k): the layer-wise REAP error times an amplification a_g measured (one
@@ -316,6 +319,10 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     its count in the context (or its first probe depth), with every other group at its count: the error
     the group adds over the context without it, divided by its layer-wise error. That ratio rescales
     the group's curve of amplifications (a pass per group without it, the plan's own pass shared).
+    A group's share is measured to CONTEXT_PRECISION of itself, or of the plan's error (``plan_error``,
+    evaluated) spread evenly over the groups where its share is smaller: a share far below the average
+    moves the plan little whatever its exact value, and pinning it down to 20 % of itself took most of
+    the in-context samples (a difference of two errors, each far larger than it).
     """
     if ctx.amplifications is None:
         depths = {}
@@ -326,7 +333,7 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
     if context is None:
         return curves
     at = {g: context.get(g) or ctx.amplifications[g][0][0] for g in ctx.amplifications}
-    local = _measured(ctx, {g: [k] for g, k in at.items()}, context)
+    local = _measured(ctx, {g: [k] for g, k in at.items()}, context, plan_error / max(len(at), 1))
     predict = {}
     for g, curve in curves.items():
         (k, ratio), = local[g]
@@ -336,9 +343,10 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None) -> dic
 
 
 def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Mapping[int, int] | None = None,
-              ) -> dict[int, list[tuple[int, float]]]:
+              floor: float = 0.0) -> dict[int, list[tuple[int, float]]]:
     """Per group, (k, final-output error / layer-wise error) at each of its ``depths``; in ``context``,
-    the final-output error the group adds over the context without it."""
+    the final-output error the group adds over the context without it (measured to CONTEXT_PRECISION of
+    itself or of ``floor``, the larger)."""
     jobs = [(g, k) for g in depths for k in depths[g]]
     if context is None:
         pairs = [({g: ctx.curves[g].order[:k]}, None) for g, k in jobs]
@@ -348,7 +356,7 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     if context is None:
         finals = ctx.probe(pairs)
     else:  # every state is the plan with one group changed: each runs from that group's first consumer on
-        finals = ctx.probe(pairs, CONTEXT_PRECISION, base=ctx.removals(context))
+        finals = ctx.probe(pairs, CONTEXT_PRECISION, base=ctx.removals(context), floor=floor)
     finals = [max(f, 0.0) for f in finals]
     measured: dict[int, list[tuple[int, float]]] = {}
     for (g, k), final in zip(jobs, finals):
@@ -357,11 +365,12 @@ def _measured(ctx: Scheduling, depths: Mapping[int, Sequence[int]], context: Map
     return measured
 
 
-def _precise(values: torch.Tensor, precision: float = PROBE_PRECISION) -> bool:
-    """The mean of ``values`` is known to ``precision`` (relative standard error), or is nil."""
+def _precise(values: torch.Tensor, precision: float = PROBE_PRECISION, floor: float = 0.0) -> bool:
+    """The mean of ``values`` is known to ``precision`` (standard error relative to the mean, or to
+    ``floor`` where the mean is smaller), or is nil."""
     mean = float(values.mean())
     spread = float(values.std()) / len(values) ** 0.5 if len(values) > 1 else float("inf")
-    return spread <= precision * abs(mean) or abs(mean) <= 1e-15 and spread <= 1e-15
+    return spread <= precision * max(abs(mean), floor) or abs(mean) <= 1e-15 and spread <= 1e-15
 
 
 def _state_key(state: Mapping[int, Sequence[int]]) -> tuple:
