@@ -51,6 +51,9 @@ PROBE_PRECISION = 0.05  # ... enough: standard error of the mean under this frac
 # an in-context re-measurement is a group's share of a plan's error (a difference of two errors, far noisier
 # than either) and only rescales that group's curve: a looser precision, or it runs on every probe sample
 CONTEXT_PRECISION = 0.2
+# ... to that precision of itself, or of this fraction of the plan's error spread evenly over its groups where
+# that is larger (0: of itself only, however many samples that takes)
+CONTEXT_FLOOR_SHARE = 1.0
 AUTO_LOOKAHEAD = 4
 AUTO_REPROBES = 2  # in-context re-measurements when a plan's evaluated error misses its prediction
 AUTO_TRUST = 1.5  # ... by more than this factor
@@ -333,7 +336,7 @@ def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None, plan_e
     if context is None:
         return curves
     at = {g: context.get(g) or ctx.amplifications[g][0][0] for g in ctx.amplifications}
-    local = _measured(ctx, {g: [k] for g, k in at.items()}, context, plan_error / max(len(at), 1))
+    local = _measured(ctx, {g: [k] for g, k in at.items()}, context, CONTEXT_FLOOR_SHARE * plan_error / max(len(at), 1))
     predict = {}
     for g, curve in curves.items():
         (k, ratio), = local[g]
