@@ -251,3 +251,39 @@ def test_the_cross_term_through_the_original_weights_matches_brute_force(calib):
     # a 1x1 conv that widens keeps the m x m cross term (it is the cheaper one there)
     wide = nn.Sequential(nn.Conv2d(1, 3, 1), nn.Conv2d(3, 8, 1)).eval()
     assert dense_target(multinet.trace(wide, calib[:1]).module, "1") is None
+
+
+def test_a_budget_run_measures_its_plan_from_the_frontier_without_another_pass(calib, monkeypatch):
+    """After the last group the compressed model's frontier is at the model's end: its outputs there are
+    the applied plan's outputs on the evaluation samples (up to the rounding of the full-width model), so
+    the plan's error is measured without running the compressed model again; a shuffled loader, whose
+    samples differ from the scheduler's, still gets its own pass."""
+    from multinet.pipeline import compression
+
+    runs = []
+    run_outputs = compression.run_outputs
+    monkeypatch.setattr(compression, "run_outputs", lambda model, inputs: runs.append(model) or run_outputs(model, inputs))
+    budget = multinet.Budget(flops=0.5)
+    result = _compress(zoo.create("resnet"), calib, budget=budget, eval_samples=200)
+    assert runs == []
+    split = compression.evaluation_inputs(calib, 128, 200)
+    again = compression.output_error(run_outputs(result.model, split), run_outputs(zoo.create("resnet"), split))
+    assert result.plan.measured_error == pytest.approx(again, rel=1e-4)
+    monkeypatch.setattr(compression.SequentialPipeline, "final_outputs", lambda self, evaluation: None)
+    _compress(zoo.create("resnet"), calib, budget=budget, eval_samples=200)
+    assert len(runs) == 1  # without the frontier's outputs the plan's model runs once on the samples
+
+
+def test_the_frontier_s_outputs_are_used_only_for_the_same_samples(calib):
+    from multinet.pipeline.sequential import SequentialPipeline
+
+    graph = multinet.trace(zoo.create("mlp"), calib[:1])
+    pipeline = SequentialPipeline(graph, calib, batch_size=64, max_positions=16, damp=1e-6, device="cpu", seed=0)
+    try:
+        pipeline.run({g.id: 2 for g in graph.prunable_groups}, "reap", {}, {}, lambda *a: None)
+        same = pipeline.final_outputs([calib[:64], calib[64:100]])
+        assert same is not None and same[0].shape == (100, 10)
+        assert pipeline.final_outputs([calib[1:65]]) is None  # other samples
+        assert pipeline.final_outputs([calib[:32], calib[32:64]]) is None  # batched otherwise
+    finally:
+        pipeline.close()

@@ -259,5 +259,11 @@ class GraphRunner:
         return {n.name: v for n, v in live.items() if self.last_use.get(n.name, -1) >= stop}
 
 
+def model_outputs(runner: GraphRunner, env: Env):
+    """What the model returns, from an environment at the end of its nodes (``run(..., stop=end)``)."""
+    output = runner.gm.graph.output_node()
+    return fx.node.map_arg(output.args[0], lambda n: env[n.name])
+
+
 def call_positions(runner: GraphRunner, node_names: Iterable[str]) -> list[int]:
     return sorted(runner.position[n] for n in node_names)

@@ -177,24 +177,30 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     else:
         ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
         requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
-    cost = None
+    cost, outputs = None, None
     if mode == "oneshot" and not _removes_a_whole_group(original, requests):
         current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan, opts)
     elif _pipeline_applies(original, requests, mode, executor):
-        current, reports, cost = _apply_pipeline(original, requests, method, calibration_data, example, progress,
-                                                 state, opts)
+        current, reports, cost, outputs = _apply_pipeline(original, requests, method, calibration_data, example,
+                                                          progress, state, opts, _evaluation(plan, ctx, calibration_data, opts))
     else:
         current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
     before, after = count(original.module), count(current.module)
     if plan is not None:
-        inputs = ctx.masked.inputs if ctx is not None else evaluation_inputs(calibration_data, opts.batch_size,
-                                                                              opts.eval_samples)
+        inputs = _evaluation(plan, ctx, calibration_data, opts)
         _measure(plan, original.module, current.module, after, inputs,
-                 ctx.masked.reference if ctx is not None else None)
+                 ctx.masked.reference if ctx is not None else None, outputs)
         if plan_path is not None:
             plan.save(plan_path)
     return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
                           plan, cost)
+
+
+def _evaluation(plan, ctx, data, opts: RunOptions) -> list | None:
+    """The samples an applied plan's error is measured on (the scheduler's, when it made the plan)."""
+    if plan is None:
+        return None
+    return ctx.masked.inputs if ctx is not None else evaluation_inputs(data, opts.batch_size, opts.eval_samples)
 
 
 def example_inputs(model: nn.Module, data, batch_size: int) -> tuple:
@@ -230,8 +236,10 @@ def _apply_oneshot(original: ChannelGraph, requests, method: str, data, example,
 
 
 def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example, progress: bool, state,
-                    opts: RunOptions):
-    """Group by group from cached inputs (see sequential.py); resumes after the last finished group."""
+                    opts: RunOptions, evaluation: list | None = None):
+    """Group by group from cached inputs (see sequential.py); resumes after the last finished group.
+    With ``evaluation`` (batches), also the compressed model's outputs on them where the frontier
+    already holds them (None otherwise)."""
     pipeline = SequentialPipeline(original, data, batch_size=opts.batch_size, max_positions=opts.max_positions,
                                   damp=opts.damp, device=opts.device, seed=opts.seed,
                                   memory_limit=opts.frontier_memory, store_dtype=STORE_DTYPES[opts.frontier_dtype],
@@ -257,10 +265,11 @@ def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example
 
     try:
         removed = pipeline.run(requests, method, done, surviving, on_group)
+        outputs = pipeline.final_outputs(evaluation) if evaluation is not None else None
         pruned = pipeline.finish(removed, example)
     finally:
         pipeline.close()
-    return trace(pruned, example), reports, pipeline.cost
+    return trace(pruned, example), reports, pipeline.cost, outputs
 
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
@@ -340,11 +349,11 @@ def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
 
 
 def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inputs: list[torch.Tensor],
-             reference: list[torch.Tensor] | None = None) -> None:
+             reference: list[torch.Tensor] | None = None, outputs: list[torch.Tensor] | None = None) -> None:
     """What the applied plan really costs, and its error at the final outputs on the evaluation samples
     (``reference``: the original's outputs on them, when the scheduler has them already)."""
     weights = plan.budget.get("output_weights")
-    outputs = run_outputs(compressed, inputs)
+    outputs = run_outputs(compressed, inputs) if outputs is None else outputs  # the pipeline's, where it has them
     reference = run_outputs(original, inputs) if reference is None else reference
     plan.measured_error = output_error(outputs, [r.to(o.device) for o, r in zip(outputs, reference)], weights)
     if plan.metric == "latency":

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..calib import batches as batch_ops
 from ..errors import MultinetError
-from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget
+from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget, model_outputs
 from ..calib.unfold import output_grid
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
 
@@ -269,6 +269,20 @@ class FrontierShard:
             self.cur_store.put(b, self._run(self.cur, self.cur_store.get(b), cut, next_cut, {}))
         self.seconds["forward"] += time.perf_counter() - start
         self.position = next_cut
+
+    def final_outputs(self) -> list[list[torch.Tensor]] | None:
+        """Per batch, the compressed model's outputs as ``output_parts`` (padding zeroed), where its
+        frontier has reached the end of the model (after the last group: no pass needed to measure the
+        result); None where it has not, or where the frontier is stored in half precision."""
+        from ..schedule.oneshot import output_parts, real_tokens
+
+        if self.position != self.cur.end or self.cur_store.dtype is not None:
+            return None
+        outputs = []
+        for b in range(len(self.batches)):
+            out = model_outputs(self.cur, self.cur_store.get(b))
+            outputs.append([t.cpu() for t in output_parts(real_tokens(out, self.masks[b]))])
+        return outputs
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """New consumer weights (``layer.weight``, ``layer.bias`` or a functional weight's name)."""

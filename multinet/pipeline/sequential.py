@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from ..calib import consumer_specs, iterate_batches
 from ..calib import batches
@@ -39,6 +40,7 @@ from ..graph import ChannelGraph, prune, trace
 from ..graph.streams import residual_partners
 from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
+from ..schedule.oneshot import first_samples
 from ..solve.problem import removed_columns
 from .frontier_shard import FrontierShard, dense_target
 from .group_problems import GroupSolution, solve_group
@@ -177,6 +179,19 @@ def _make_shard(model, batches, first_batch, **options) -> FrontierShard:
     return FrontierShard(model, batches, first_batch, **options)
 
 
+def _same_batches(left: list, right: list) -> bool:
+    """Two lists of batches hold the same samples, batched alike."""
+    if len(left) != len(right):
+        return False
+    for a, b in zip(left, right):
+        leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+        if len(leaves_a) != len(leaves_b) or not all(
+                isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                and torch.equal(x, y.to(x.device)) for x, y in zip(leaves_a, leaves_b)):
+            return False
+    return True
+
+
 def _tree_sum(parts: list[dict[str, tuple]]) -> dict[str, ConsumerStats]:
     """Add the shards' partial statistics pairwise (a tree: rounding grows with log2 of the shards)."""
     level = [{name: ConsumerStats(*t) for name, t in part.items()} for part in parts]
@@ -231,6 +246,7 @@ class SequentialPipeline:
                                                                "surgery": 0.0})
         self.samples = sum(batches.size(b) for b in all_batches)
         self._reads_ahead: dict[int, tuple[list[ConsumerSpec], int]] = {}
+        self._batches = all_batches if self.local else None  # in-process: the shard's own list, no copy
 
     def resume_from(self, work: fx.GraphModule) -> None:
         """Continue a killed run: its full-width model after the last finished group; the frontier
@@ -239,6 +255,22 @@ class SequentialPipeline:
         self.graph = replace(self.original, module=self.work)
         self.cur = GraphRunner(self.work)
         self.shards.call("restart", {k: v.detach().cpu() for k, v in self.work.named_parameters()})
+
+    def final_outputs(self, evaluation: list) -> list[torch.Tensor] | None:
+        """The compressed model's outputs on the ``evaluation`` batches, concatenated per output as
+        ``run_outputs`` gives them, taken from the frontier once it has reached the end of the model (the
+        full-width model: the pruned one's outputs up to rounding); None when it has not, or when those
+        batches are not the first calibration samples (a shuffling loader reads differently each time)."""
+        if self._batches is None:  # on Ray the driver does not keep the batches to check them against
+            return None
+        samples = sum(batches.size(b) for b in evaluation)
+        if not _same_batches(first_samples(self._batches, samples), evaluation):
+            return None
+        parts = self.shards.call("final_outputs")
+        if not parts or any(p is None for p in parts):
+            return None
+        columns = [torch.cat(column) for column in zip(*[batch for shard in parts for batch in shard])]
+        return [c[:samples] for c in columns]
 
     def close(self) -> None:
         reports = self.shards.call("report")
