@@ -137,3 +137,16 @@ def token_rows(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | Non
     if mask is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
         return None
     return mask.reshape(-1).to(device=x.device) != 0
+
+
+def same_batches(left: list, right: list) -> bool:
+    """Two lists of batches hold the same samples, batched alike."""
+    if len(left) != len(right):
+        return False
+    for a, b in zip(left, right):
+        leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+        if len(leaves_a) != len(leaves_b) or not all(
+                isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                and torch.equal(x, y.to(x.device)) for x, y in zip(leaves_a, leaves_b)):
+            return False
+    return True

@@ -178,16 +178,16 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
         requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
     cost, outputs = None, None
+    inputs = _evaluation(plan, ctx, calibration_data, opts)  # read once: a shuffling loader differs each time
     if mode == "oneshot" and not _removes_a_whole_group(original, requests):
         current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan, opts)
     elif _pipeline_applies(original, requests, mode, executor):
         current, reports, cost, outputs = _apply_pipeline(original, requests, method, calibration_data, example,
-                                                          progress, state, opts, _evaluation(plan, ctx, calibration_data, opts))
+                                                          progress, state, opts, inputs)
     else:
         current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
     before, after = count(original.module), count(current.module)
     if plan is not None:
-        inputs = _evaluation(plan, ctx, calibration_data, opts)
         _measure(plan, original.module, current.module, after, inputs,
                  ctx.masked.reference if ctx is not None else None, outputs)
         if plan_path is not None:

@@ -24,6 +24,7 @@ from ..calib import batches as batch_ops
 from ..errors import MultinetError
 from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget, model_outputs
 from ..calib.unfold import output_grid
+from ..schedule.oneshot import output_parts, real_tokens
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
 
 
@@ -274,8 +275,6 @@ class FrontierShard:
         """Per batch, the compressed model's outputs as ``output_parts`` (padding zeroed), where its
         frontier has reached the end of the model (after the last group: no pass needed to measure the
         result); None where it has not, or where the frontier is stored in half precision."""
-        from ..schedule.oneshot import output_parts, real_tokens
-
         if self.position != self.cur.end or self.cur_store.dtype is not None:
             return None
         outputs = []

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils import _pytree as pytree
 
 from ..calib import consumer_specs, iterate_batches
 from ..calib import batches
@@ -179,19 +178,6 @@ def _make_shard(model, batches, first_batch, **options) -> FrontierShard:
     return FrontierShard(model, batches, first_batch, **options)
 
 
-def _same_batches(left: list, right: list) -> bool:
-    """Two lists of batches hold the same samples, batched alike."""
-    if len(left) != len(right):
-        return False
-    for a, b in zip(left, right):
-        leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
-        if len(leaves_a) != len(leaves_b) or not all(
-                isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-                and torch.equal(x, y.to(x.device)) for x, y in zip(leaves_a, leaves_b)):
-            return False
-    return True
-
-
 def _tree_sum(parts: list[dict[str, tuple]]) -> dict[str, ConsumerStats]:
     """Add the shards' partial statistics pairwise (a tree: rounding grows with log2 of the shards)."""
     level = [{name: ConsumerStats(*t) for name, t in part.items()} for part in parts]
@@ -264,7 +250,7 @@ class SequentialPipeline:
         if self._batches is None:  # on Ray the driver does not keep the batches to check them against
             return None
         samples = sum(batches.size(b) for b in evaluation)
-        if not _same_batches(first_samples(self._batches, samples), evaluation):
+        if not batches.same_batches(first_samples(self._batches, samples), evaluation):
             return None
         parts = self.shards.call("final_outputs")
         if not parts or any(p is None for p in parts):
