@@ -195,3 +195,49 @@ def test_a_link_that_would_hurt_one_member_costs_the_others_nothing(split):
     for name, errors in unified.errors.items():
         kept = errors["unified"] if unified.chosen[name] == "unified" else errors["separate"]
         assert kept <= errors["separate"] + 1e-12
+
+
+def _parity_mlp(split) -> nn.Module:
+    """A digit-parity classifier trained here (the zoo holds digit classifiers only)."""
+    from multinet.zoo.models import MODELS
+    from multinet.zoo.train import fit
+
+    torch.manual_seed(0)
+    model = MODELS["mlp"](in_channels=1, image_size=8, num_classes=2)
+    return fit(model, split.train_x, split.train_y % 2, 40, 0).eval()
+
+
+def test_links_go_both_ways_and_a_member_a_link_leaves_worse_off_is_weighted_up(split):
+    """A digit and a parity classifier at 4 % of their FLOPs. The digit model's features explain the
+    parity model's layers less well (R²) than the other way round, so that direction used to be the
+    only one tried; here it is the one that helps, and at equal weights it leaves the parity model worse
+    than alone: the retry with more weight on parity makes both better than separately compressed."""
+    models = {"digit": zoo.create("mlp"), "parity": _parity_mlp(split)}
+    unified = multinet.unify(models, split.train_x[:1024], budget=0.04)
+    assert unified.chosen == {"digit": "unified", "parity": "unified"}
+    assert any(lk.model == "parity" and lk.source == "digit" for lk in unified.model.links)
+    by_r2 = sorted(unified.candidates, key=lambda c: -c.r2)[0]
+    assert (by_r2.model, by_r2.source) == ("digit", "parity")  # the direction the R² alone would pick
+    for name, errors in unified.errors.items():
+        assert errors["unified"] < errors["separate"]
+    assert unified.errors["parity"]["weight"] > 1 and unified.errors["digit"]["weight"] == 1
+
+
+def test_links_both_ways_never_let_two_tensors_stand_in_for_each_other(split):
+    from multinet.unification import choose_links, score_candidates
+    from multinet.unification.similarity import canonical_order, linkable_layers
+
+    a = zoo.create("mlp")
+    models = {"a": a, "b": _permuted_scaled(a, 2)}
+    net = MultiNet(models, split.train_x[:1])
+    graph = trace(net.graph_module, split.train_x[:1])
+    targets = {m: list(linkable_layers(graph, net.graph_module, m)[0]) for m in models}
+    candidates = score_candidates(net.graph_module, targets, split.train_x[:256])
+    rank = {m: i for i, m in enumerate(canonical_order(models))}
+    links = choose_links(net.graph_module, candidates, rank, 0.5, {("a", "b"), ("b", "a")})
+    assert {lk.model for lk in links} == {"a", "b"}  # both directions are used ...
+    calls = {n.target: n for n in net.graph_module.graph.nodes if n.op == "call_module"}
+    read = {(calls[lk.layer].args[0].name, calls[lk.source_layer].args[0].name) for lk in links}
+    assert not any((src, own) in read for own, src in read)  # ... but never for the same pair of tensors
+    one_way = choose_links(net.graph_module, candidates, rank, 0.5)
+    assert len({lk.model for lk in one_way}) == 1

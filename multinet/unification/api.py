@@ -9,14 +9,16 @@ The search, in four steps (each member's own output error stays in the objective
    above ``min_r2``, in both directions between members, without cycles (bridges.py).
 3. Separate compression of each member at the budget's fraction of its own FLOPs is computed first:
    it is where the search starts (no links).
-4. Links are then added a pair of members at a time (all the links by which one member reads the
-   other), best R² first. The members a pair's links join, with the links kept so far, are unified
-   (one MultiNet, REAP under one schedule, each member's output error weighted by
-   ``member_weights``) at the budget's fraction of *their* FLOPs; the links are kept only if every
-   one of those members ends no worse than separately compressed (on the evaluation samples, relative
-   slack ``tolerance``) and their summed error is lower. So no member pays for another's gain: never
-   worse than separate, by construction, and a link that hurts one member never costs the other
-   members the links that help them (a member with no kept link stays exactly separate).
+4. Links are then added a direction at a time (all the links by which one member reads another;
+   both directions of every pair are tried), best R² first. The members a direction's links join,
+   with the links kept so far, are unified (one MultiNet, REAP under one schedule, each member's
+   output error weighted by ``member_weights``) at the budget's fraction of *their* FLOPs; the links
+   are kept only if every one of those members ends no worse than separately compressed (on the
+   evaluation samples, relative slack ``tolerance``) and their summed error is lower. A trial that
+   lowers the summed error but leaves a member worse off is retried with that member weighted more.
+   So no member pays for another's gain: never worse than separate, by construction, and a link that
+   hurts one member never costs the other members the links that help them (a member with no kept
+   link stays exactly separate).
 """
 from __future__ import annotations
 
@@ -146,9 +148,9 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size)
     rank = {m: i for i, m in enumerate(order)}
 
-    def links_among(members: list[str]) -> list[Candidate]:
-        mine = [c for c in candidates if c.model in members and c.source in members]
-        return choose_links(net.graph_module, mine, rank, min_r2)
+    def links_among(members: list[str], ways: set[tuple[str, str]]) -> list[Candidate]:
+        mine = [c for c in candidates if c.model in members and c.source in members and (c.model, c.source) in ways]
+        return choose_links(net.graph_module, mine, rank, min_r2, ways)
 
     options = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **compress_options)
     inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
@@ -224,43 +226,79 @@ def _separate(name: str, model, data, budget: Budget, example, options) -> tuple
 def _unified_parts(named, order, links_among, data, budget, example, options, inputs, reference, separate, errors,
                    tolerance, weights: dict[str, float]) -> list[_Part]:
     """Forward selection of links, starting from separate compression (no links). The links are taken
-    a pair of members at a time (every link by which one member reads another), best R² first; a pair's
-    links are kept only if unifying the members they join, with the links kept so far, leaves every one
-    of those members no worse than separately compressed (relative slack ``tolerance``) and their summed
-    error lower than before. A link that would make any member pay for another's gain is never added,
-    so no member needs to fall back, and the others keep the links that help them."""
-    links = links_among(order)
-    pairs: dict[tuple[str, str], list[Candidate]] = {}
-    for lk in links:
-        pairs.setdefault((lk.model, lk.source), []).append(lk)
-    trials = sorted(pairs, key=lambda pair: (-max(round(lk.r2, 9) for lk in pairs[pair]), pair))
+    a direction at a time (every link by which one member reads another; both directions of every
+    pair are tried, the second on top of the first where that was kept), best R² first. A direction's
+    links are kept only if unifying the members they join, with the links kept so far, leaves every
+    one of those members no worse than separately compressed (relative slack ``tolerance``) and their
+    summed error lower than before (see ``_try_part``). A link that would make any member pay for
+    another's gain is never added, so no member needs to fall back, and the others keep the links
+    that help them."""
+    ways = [(a, b) for a in order for b in order if a != b]
+    alone = {way: links_among(order, {way}) for way in ways}
+    rank = {m: i for i, m in enumerate(order)}  # ties: the later member in canonical order reads first
+    trials = sorted((w for w in ways if alone[w]),
+                    key=lambda w: (-max(round(lk.r2, 9) for lk in alone[w]), -rank[w[0]], rank[w[1]]))
     kept: list[Candidate] = []
+    kept_ways: set[tuple[str, str]] = set()
     parts: dict[frozenset, _Part] = {}  # unified components, by their members
     current = {m: errors[m]["separate"] for m in order}  # None: cannot reach the budget alone
-    for pair in trials:
-        trial = kept + pairs[pair]
-        members = next(c for c in _components(order, trial) if pair[0] in c)
+    for way in trials:
+        trial = links_among(order, kept_ways | {way})
+        if not set(map(_key, kept)) <= set(map(_key, trial)) or not any(
+                (lk.model, lk.source) == way for lk in trial):
+            continue  # its links would displace kept ones, or every one of them closes a cycle
+        members = next(c for c in _components(order, trial) if way[0] in c)
         mine = [lk for lk in trial if lk.model in members and lk.source in members]
-        member_budget = replace(_budget_for(budget, members, order),
-                                output_weights=tuple(weights[m] for m in members for _ in reference[m]))
-        try:
-            part = _unify_part(named, members, mine, data, member_budget, example, options)
-        except BudgetError:
+        got = _try_part(named, members, mine, data, budget, order, example, options, inputs, reference, errors,
+                        current, tolerance, weights)
+        if got is None:
             continue
-        got = member_errors(part.model, inputs, reference)
-        worse = [m for m in members if errors[m]["separate"] is not None
-                 and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
-        before = [current[m] for m in members]
-        gain = None not in before and sum(got[m] for m in members) < sum(before) - 1e-12
-        if worse or not (gain or None in before):
-            continue
-        kept = trial
+        part, member_error, used = got
+        kept, kept_ways = trial, kept_ways | {way}
         for m in members:
-            current[m] = errors[m]["unified"] = got[m]
-            errors[m]["weight"] = weights[m]
+            current[m] = errors[m]["unified"] = member_error[m]
+            errors[m]["weight"] = used[m]
         parts = {k: v for k, v in parts.items() if not k & set(members)}
         parts[frozenset(members)] = part
     return list(parts.values())
+
+
+REWEIGHTS = 2  # times a promising trial is retried with more weight on the members it leaves worse off
+
+
+def _try_part(named, members, links, data, budget, order, example, options, inputs, reference, errors, current,
+              tolerance, weights) -> tuple[_Part, dict[str, float], dict[str, float]] | None:
+    """The members unified by ``links``, if that leaves every one no worse than separately compressed
+    and their summed error lower than now: (the part, each member's error, the weights used), else None.
+
+    A trial that lowers the summed error but leaves some members worse off is retried with those
+    members' weights in the schedule's objective doubled (``REWEIGHTS`` times): the weights act as
+    multipliers on the "never worse" constraints, so a shared trunk can be split more fairly instead
+    of being thrown away."""
+    used = {m: weights[m] for m in members}
+    before = [current[m] for m in members]
+    for _ in range(REWEIGHTS + 1):
+        member_budget = replace(_budget_for(budget, members, order),
+                                output_weights=tuple(used[m] for m in members for _ in reference[m]))
+        try:
+            part = _unify_part(named, members, links, data, member_budget, example, options)
+        except BudgetError:
+            return None
+        got = member_errors(part.model, inputs, reference)
+        worse = [m for m in members if errors[m]["separate"] is not None
+                 and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
+        total = sum(got[m] for m in members)
+        gain = None in before or total < sum(before) - 1e-12
+        if not worse and gain:
+            return part, got, used
+        if not gain:
+            return None
+        used = {m: used[m] * (2.0 if m in worse else 1.0) for m in members}
+    return None
+
+
+def _key(link: Candidate) -> tuple[str, str]:
+    return link.layer, link.source_layer
 
 
 def _components(members: list[str], links: list[Candidate]) -> list[list[str]]:

@@ -34,16 +34,20 @@ class Bridge:
 
 
 def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict[str, int],
-                 min_r2: float) -> list[Candidate]:
+                 min_r2: float, ways: set[tuple[str, str]] | None = None) -> list[Candidate]:
     """At most one source per layer: the best-explaining one (R² ≥ ``min_r2``) that keeps the
     network acyclic and does not let two tensors stand in for each other (REAP's per-group curves
     would then count the same redundancy twice). Layers claim in order of their best R², ties
-    broken by the canonical member ``rank`` (later members read earlier ones), never by list order."""
+    broken by the canonical member ``rank`` (later members read earlier ones), never by list order.
+    ``ways``: the (reader, source) member pairs allowed; by default one direction per pair
+    (:func:`directions`). Both directions between two members may be allowed: the acyclicity and
+    stand-in checks then keep them from reading each other's same tensors."""
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     inputs = {n.name: {a.name for a in n.all_input_nodes} for n in gm.graph.nodes}
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     candidates = [c for c in candidates if c.r2 >= min_r2]
-    ways = directions(candidates, rank)
+    if ways is None:
+        ways = directions(candidates, rank)
     by_layer: dict[str, list[Candidate]] = {}
     for c in candidates:
         if (c.model, c.source) in ways:
