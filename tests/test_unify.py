@@ -241,3 +241,11 @@ def test_links_both_ways_never_let_two_tensors_stand_in_for_each_other(split):
     assert not any((src, own) in read for own, src in read)  # ... but never for the same pair of tensors
     one_way = choose_links(net.graph_module, candidates, rank, 0.5)
     assert len({lk.model for lk in one_way}) == 1
+
+
+def test_unify_reports_its_search_with_progress(split, capsys):
+    a = zoo.create("mlp")
+    multinet.unify({"a": a, "b": _permuted_scaled(a, 1)}, split.train_x[:256], budget=0.3, progress=True)
+    err = capsys.readouterr().err
+    assert "unify: each model alone: 0/2" in err and "unify: each model alone: 2/2 (100%) done" in err
+    assert "unify: link trials: 0/" in err and "reading" in err and "unify: link trials" in err.split("done")[-2]

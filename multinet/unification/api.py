@@ -32,6 +32,7 @@ from ..calib import batches, collect, consumer_specs, iterate_batches
 from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
+from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
 from .bridges import Bridge, add_bridges, choose_links, links_of
@@ -129,7 +130,8 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     ``tolerance``): links are added only where they help every member they join (see
     ``_unified_parts``). ``member_weights``: each member's weight in the unified schedule's
     final-output error (default 1: all count equally). The result does not depend on the order of ``models``. ``compress_options`` are passed
-    to :func:`multinet.compress`.
+    to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
+    model alone, then every link trial: which member reads which, kept or dropped).
     """
     named = named_models(models)
     budget = _checked(budget)
@@ -155,11 +157,18 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     options = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **compress_options)
     inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
     reference = member_outputs(net, inputs)
-    separate = {m: _separate(m, named[m], calibration_data, budget, example, options) for m in order}
+    progress = bool(compress_options.get("progress", False))
+    bar = Bar(progress, len(order), "unify: each model alone")
+    separate = {}
+    for m in order:
+        bar.note(m)
+        separate[m] = _separate(m, named[m], calibration_data, budget, example, options)
+        bar.advance()
+    bar.close()
     errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
               for m, s in separate.items()}
     parts = _unified_parts(named, order, links_among, calibration_data, budget, example, options, inputs, reference,
-                           separate, errors, tolerance, weights)
+                           separate, errors, tolerance, weights, progress)
     together = {m for p in parts for m in p.members}
     alone = [m for m in order if m not in together]
     for m in alone:
@@ -224,7 +233,7 @@ def _separate(name: str, model, data, budget: Budget, example, options) -> tuple
 
 
 def _unified_parts(named, order, links_among, data, budget, example, options, inputs, reference, separate, errors,
-                   tolerance, weights: dict[str, float]) -> list[_Part]:
+                   tolerance, weights: dict[str, float], progress: bool = False) -> list[_Part]:
     """Forward selection of links, starting from separate compression (no links). The links are taken
     a direction at a time (every link by which one member reads another; both directions of every
     pair are tried, the second on top of the first where that was kept), best R² first. A direction's
@@ -242,15 +251,21 @@ def _unified_parts(named, order, links_among, data, budget, example, options, in
     kept_ways: set[tuple[str, str]] = set()
     parts: dict[frozenset, _Part] = {}  # unified components, by their members
     current = {m: errors[m]["separate"] for m in order}  # None: cannot reach the budget alone
+    bar = Bar(progress, len(trials), "unify: link trials")
+    outcome = ""
     for way in trials:
+        bar.note(f"{outcome}{way[0]} reading {way[1]}")
         trial = links_among(order, kept_ways | {way})
+        bar.advance()
         if not set(map(_key, kept)) <= set(map(_key, trial)) or not any(
                 (lk.model, lk.source) == way for lk in trial):
+            outcome = f"{way[0]} reading {way[1]}: no link left; "
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
         mine = [lk for lk in trial if lk.model in members and lk.source in members]
         got = _try_part(named, members, mine, data, budget, order, example, options, inputs, reference, errors,
                         current, tolerance, weights)
+        outcome = f"{way[0]} reading {way[1]}: {'kept' if got else 'dropped'}; "
         if got is None:
             continue
         part, member_error, used = got
@@ -260,6 +275,8 @@ def _unified_parts(named, order, links_among, data, budget, example, options, in
             errors[m]["weight"] = used[m]
         parts = {k: v for k, v in parts.items() if not k & set(members)}
         parts[frozenset(members)] = part
+    bar.note(outcome.rstrip("; "))
+    bar.close()
     return list(parts.values())
 
 
