@@ -82,6 +82,42 @@ def test_sequential_pipeline_is_data_parallel_on_ray_and_equals_in_process(clust
         torch.testing.assert_close(there.model(calib[:64]), here.model(calib[:64]), atol=1e-4, rtol=1e-4)
 
 
+def test_a_held_executor_reuses_its_shard_actors_and_frees_them_when_dropped(cluster, calib):
+    """Two runs on one executor: the second run's shards live in the first run's actors (no process start,
+    no torch import again) and give the same result. Kept actors hold their CPUs: another executor's jobs
+    must still run (it kills them first), and dropping the executor frees them."""
+    import threading
+    import time
+
+    from multinet.runtime import executors
+
+    def kept(ex):
+        return [a._actor_id.hex() for owner, a in executors._IDLE_SHARDS if owner is ex._token]
+
+    executor = RayExecutor(num_gpus=0)
+    run = dict(ratio=0.3, max_positions=16, batch_size=64, executor=executor)
+    first = multinet.compress(zoo.create("resnet"), calib, **run)
+    actors = kept(executor)
+    assert len(actors) == 2 and ray.available_resources().get("CPU", 0) == 0  # kept, holding both CPUs
+    second = multinet.compress(zoo.create("resnet"), calib, **run)
+    assert kept(executor) == actors  # the same two actors ran it
+    assert [r.removed for r in second.groups] == [r.removed for r in first.groups]
+
+    other, got = RayExecutor(num_gpus=0), []
+    job = threading.Thread(target=lambda: got.append(other.map(lambda v: -v, [-1, -2])), daemon=True)
+    job.start()
+    job.join(60)  # would wait forever for the CPUs the kept actors hold
+    assert got == [[1, 2]] and kept(executor) == []
+
+    multinet.compress(zoo.create("resnet"), calib, **run)
+    assert len(kept(executor)) == 2
+    del executor, run  # the last references: the executor is collected and kills its kept actors
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
 def test_resources_the_cluster_lacks_fail_at_once(cluster):
     # refused by checking the cluster's resources up front: a Ray task asking for them would wait forever
     with pytest.raises(ExecutorError, match="cannot run these jobs"):

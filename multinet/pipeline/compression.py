@@ -145,55 +145,61 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     opts = RunOptions.of(options, batch_size=batch_size, max_positions=max_positions, damp=damp, device=device,
                          seed=seed, eval_samples=eval_samples, executor=executor, frontier_memory=frontier_memory,
                          frontier_dtype=frontier_dtype).resolved()  # checked before any work
+    # an executor made here from a name (or None) is freed here; one the caller passed stays the caller's
+    owned = opts.executor is not executor and (options is None or opts.executor is not options.executor)
     device, executor = opts.device, opts.executor
-    if budget is not None and budget.device is None:
-        budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
-    if budget is not None:
-        check_schedule(schedule)
-    example = example_inputs(model, calibration_data, opts.batch_size)  # FLOPs per example
-    original = trace(model, example, leaf_modules, autowrap_functions)
-    state = None
-    if run_dir is not None:
-        from ..runtime.checkpoint import RunState, fingerprint
+    try:
+        if budget is not None and budget.device is None:
+            budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
+        if budget is not None:
+            check_schedule(schedule)
+        example = example_inputs(model, calibration_data, opts.batch_size)  # FLOPs per example
+        original = trace(model, example, leaf_modules, autowrap_functions)
+        state = None
+        if run_dir is not None:
+            from ..runtime.checkpoint import RunState, fingerprint
 
-        key = fingerprint(original.module, calibration_data, opts.batch_size, ratio=ratio, method=method,
-                          budget=budget.as_dict() if budget else None, schedule=schedule,
-                          plan=plan.removals() if plan else None, max_positions=opts.max_positions, damp=opts.damp,
-                          seed=opts.seed, mode=mode, compensate_residuals=opts.compensate_residuals)
-        state = RunState(run_dir, key)
-        if budget is not None and (state.dir / "plan.json").exists():
-            plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
-    ctx = None
-    if budget is not None:
-        ctx = prepare(original, calibration_data, budget, options=opts)
-        try:
-            plan = make_plan(ctx, schedule, progress)
-        finally:
-            executor.release()  # the search's worker pool must not keep the resources the next jobs need
-        if state is not None:
-            plan.save(state.dir / "plan.json")
-    if plan is not None:
-        requests = _plan_requests(original, plan)
-    else:
-        ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
-        requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
-    cost, outputs = None, None
-    inputs = _evaluation(plan, ctx, calibration_data, opts)  # read once: a shuffling loader differs each time
-    if mode == "oneshot" and not _removes_a_whole_group(original, requests):
-        current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan, opts)
-    elif _pipeline_applies(original, requests, mode, executor):
-        current, reports, cost, outputs = _apply_pipeline(original, requests, method, calibration_data, example,
-                                                          progress, state, opts, inputs)
-    else:
-        current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
-    before, after = count(original.module), count(current.module)
-    if plan is not None:
-        _measure(plan, original.module, current.module, after, inputs,
-                 ctx.masked.reference if ctx is not None else None, outputs)
-        if plan_path is not None:
-            plan.save(plan_path)
-    return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
-                          plan, cost)
+            key = fingerprint(original.module, calibration_data, opts.batch_size, ratio=ratio, method=method,
+                              budget=budget.as_dict() if budget else None, schedule=schedule,
+                              plan=plan.removals() if plan else None, max_positions=opts.max_positions, damp=opts.damp,
+                              seed=opts.seed, mode=mode, compensate_residuals=opts.compensate_residuals)
+            state = RunState(run_dir, key)
+            if budget is not None and (state.dir / "plan.json").exists():
+                plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
+        ctx = None
+        if budget is not None:
+            ctx = prepare(original, calibration_data, budget, options=opts)
+            try:
+                plan = make_plan(ctx, schedule, progress)
+            finally:
+                executor.release()  # the search's worker pool must not keep the resources the next jobs need
+            if state is not None:
+                plan.save(state.dir / "plan.json")
+        if plan is not None:
+            requests = _plan_requests(original, plan)
+        else:
+            ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
+            requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
+        cost, outputs = None, None
+        inputs = _evaluation(plan, ctx, calibration_data, opts)  # read once: a shuffling loader differs each time
+        if mode == "oneshot" and not _removes_a_whole_group(original, requests):
+            current, reports = _apply_oneshot(original, requests, method, calibration_data, example, ctx, plan, opts)
+        elif _pipeline_applies(original, requests, mode, executor):
+            current, reports, cost, outputs = _apply_pipeline(original, requests, method, calibration_data, example,
+                                                              progress, state, opts, inputs)
+        else:
+            current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
+        before, after = count(original.module), count(current.module)
+        if plan is not None:
+            _measure(plan, original.module, current.module, after, inputs,
+                     ctx.masked.reference if ctx is not None else None, outputs)
+            if plan_path is not None:
+                plan.save(plan_path)
+        return CompressResult(current.module, reports, before.flops, after.flops, before.params, after.params, method,
+                              plan, cost)
+    finally:
+        if owned:  # made here from a name: nothing else will free what its actors hold
+            executor.release()
 
 
 def _evaluation(plan, ctx, data, opts: RunOptions) -> list | None:

@@ -37,7 +37,7 @@ class Executor(Protocol):
         ...
 
     def release(self) -> None:
-        """Free what map_with holds (its workers keep their CPUs/GPUs until then)."""
+        """Free what map_with and the shard actors kept for the next run hold (their CPUs/GPUs)."""
         ...
 
     def shards(self, factory: Callable[..., Any], per_worker: list[tuple]) -> "Shards":
@@ -101,28 +101,65 @@ def fetch(obj: Any) -> Any:
 
 
 class _ShardActor:
-    """A Ray actor holding one shard: built once, then called method by method."""
+    """A Ray actor holding one shard: built once, then called method by method. A finished run's
+    actor may be given the next run's shard (``reset``): its process, imports and CUDA context stay."""
 
     def __init__(self, factory, args):
         self.shard = factory(*[fetch(a) for a in args])
 
+    def reset(self, factory, args) -> None:
+        self.shard, self.error = None, None  # the old shard's memory goes before the new one is built
+        try:
+            self.shard = factory(*[fetch(a) for a in args])
+        except Exception as exc:  # nobody waits on a reset: the next call reports it
+            self.error = exc
+
+    def drop(self) -> None:
+        self.shard = None
+
     def call(self, method, args):
+        if getattr(self, "error", None) is not None:
+            raise self.error
         return getattr(self.shard, method)(*[fetch(a) for a in args])
 
 
-class RayShards:
-    """Shards as Ray actors; arguments are put in the object store once and shared by all of them."""
+# Shard actors of finished runs, kept for their executor's next run: (owner token, actor). They hold
+# their CPUs/GPUs, so any executor of this process that needs resources kills the others' first.
+_IDLE_SHARDS: list[tuple[object, Any]] = []
 
-    def __init__(self, ray, actors):
-        self._ray, self.actors = ray, actors
+
+def _take_idle(owner: object) -> list[Any]:
+    mine = [a for o, a in _IDLE_SHARDS if o is owner]
+    _IDLE_SHARDS[:] = [(o, a) for o, a in _IDLE_SHARDS if o is not owner]
+    return mine
+
+
+def _kill_idle(ray, keep: object | None = None) -> None:
+    """Kill every kept shard actor except those of ``keep`` (an executor's token)."""
+    for owner, actor in [(o, a) for o, a in _IDLE_SHARDS if o is not keep]:
+        ray.kill(actor)
+    _IDLE_SHARDS[:] = [(o, a) for o, a in _IDLE_SHARDS if o is keep]
+
+
+class RayShards:
+    """Shards as Ray actors; arguments are put in the object store once and shared by all of them.
+    ``close`` keeps the actors (their shards dropped) for the next ``shards`` call of the executor
+    ``owner`` names, or kills them when there is none."""
+
+    def __init__(self, ray, actors, owner: object | None = None):
+        self._ray, self.actors, self._owner = ray, actors, owner
 
     def call(self, method: str, *args: Any) -> list[Any]:
         shared = [self._ray.put(a) for a in args]  # one copy in the object store, however many actors
         return self._ray.get([a.call.remote(method, shared) for a in self.actors])
 
     def close(self) -> None:
-        for actor in self.actors:
-            self._ray.kill(actor)
+        if self._owner is None:
+            for actor in self.actors:
+                self._ray.kill(actor)
+        else:
+            self._ray.get([a.drop.remote() for a in self.actors])
+            _IDLE_SHARDS.extend((self._owner, a) for a in self.actors)
         self.actors = []
 
 
@@ -181,8 +218,10 @@ class RayExecutor:
         if num_gpus:
             self.workers = max(1, min(self.workers, int(available.get("GPU", 0) // num_gpus)))
         self.gpu = bool(num_gpus)
+        self._token = object()  # names this executor's kept shard actors
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        _kill_idle(self._ray)  # kept shard actors hold CPUs/GPUs the tasks may need
         remote = self._ray.remote(fn).options(**self.options)
         return self._ray.get([remote.remote(item) for item in items])
 
@@ -194,6 +233,7 @@ class RayExecutor:
 
         if not hasattr(self, "_pools"):
             self._pools = {}
+        _kill_idle(self._ray)
         key = (setup, tuple(id(a) for a in args))
         if key not in self._pools:  # long-lived actors: the state is built once per worker, reused per call
             actor = self._ray.remote(_Stateful).options(num_cpus=self.options["num_cpus"],
@@ -204,17 +244,43 @@ class RayExecutor:
         return list(self._pools[key].map(lambda a, item: a.call.remote(fn, item), list(items)))
 
     def shards(self, factory, per_worker):
+        """Actors of this executor's finished run are reused (``_ShardActor.reset``) before new ones
+        are started: a new actor costs a process start and the torch import (1.5-2 s on the zoo ResNet's
+        whole run of 3-4 s), paid once per executor instead of once per run (``unify`` runs a dozen
+        compressions). Other executors' kept actors are killed first: they hold the CPUs/GPUs."""
+        _kill_idle(self._ray, keep=self._token)
+        idle = _take_idle(self._token)
         actor = self._ray.remote(_ShardActor).options(num_cpus=self.options["num_cpus"],
                                                       num_gpus=self.options["num_gpus"],
                                                       resources=self.options["resources"])
-        return RayShards(self._ray, [actor.remote(factory, [self._ray.put(a) for a in args]) for args in per_worker])
+        actors = []
+        for args in per_worker:
+            shared = [self._ray.put(a) for a in args]
+            if idle:
+                actors.append(idle.pop(0))
+                actors[-1].reset.remote(factory, shared)  # runs before any call: an actor's methods run in order
+            else:
+                actors.append(actor.remote(factory, shared))
+        for extra in idle:  # more than this run needs
+            self._ray.kill(extra)
+        return RayShards(self._ray, actors, self._token)
 
     def release(self) -> None:
-        """Kill the pool's actors: they hold their CPUs/GPUs, which tasks may need next."""
+        """Kill the pool's actors and the shard actors kept for the next run: they hold their CPUs/GPUs,
+        which tasks may need next (this process's other executors free them themselves)."""
         for pool in getattr(self, "_pools", {}).values():
             while pool.has_free():
                 self._ray.kill(pool.pop_idle())
         self._pools = {}
+        _kill_idle(self._ray)
+
+    def __del__(self):
+        """A dropped executor's kept shard actors go with it."""
+        try:
+            for actor in _take_idle(self._token):
+                self._ray.kill(actor)
+        except Exception:  # interpreter or Ray shutting down: the actors go with the cluster
+            pass
 
 
 def resolve_executor(executor: Executor | str | None) -> Executor:

@@ -192,6 +192,8 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
         entry["seconds"] = time.perf_counter() - start
         report["steps"].append(entry)
         _checkpoint(state_dir, models, net, report, index + 1, example)
+    if executor is not None:
+        executor.release()  # the steps' kept Ray actors: the run is over
     report["costs_final"] = _costs(models, net, example)
     if scenario.outputs.save_model:
         report["saved"] = [str(save(m, out / f"{k}.mnet", example)) for k, m in

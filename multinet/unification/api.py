@@ -32,6 +32,7 @@ from ..calib import batches, collect, consumer_specs, iterate_batches
 from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
+from ..runtime.executors import resolve_executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
@@ -133,6 +134,20 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
     model alone, then every link trial: which member reads which, kept or dropped).
     """
+    given = compress_options.get("executor")
+    if not isinstance(given, str):
+        return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
+                      eval_samples, member_weights, **compress_options)
+    executor = resolve_executor(given)  # one executor for every compression: its Ray actors are reused
+    try:
+        return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
+                      eval_samples, member_weights, **{**compress_options, "executor": executor})
+    finally:
+        executor.release()
+
+
+def _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance, eval_samples,
+           member_weights, **compress_options) -> Unified:
     named = named_models(models)
     budget = _checked(budget)
     weights = _checked_weights(member_weights, list(named))
