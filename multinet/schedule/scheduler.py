@@ -253,7 +253,7 @@ def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress
         return ctx.costs.change(counts, g, k)[metric]
 
     def report(cost):
-        bar.update(start_cost - cost)
+        bar.update(min(start_cost - cost, start_cost - target))  # the last step may save more than needed
 
     try:
         if schedule == "exhaustive":
