@@ -1,5 +1,7 @@
 """The Ray executor on a two-node cluster on this machine: same results as in-process, clear errors."""
 
+import copy
+
 import pytest
 import torch
 
@@ -112,6 +114,27 @@ def test_a_held_executor_reuses_its_shard_actors_and_frees_them_when_dropped(clu
     multinet.compress(zoo.create("resnet"), calib, **run)
     assert len(kept(executor)) == 2
     del executor, run  # the last references: the executor is collected and kills its kept actors
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_unify_on_ray_equals_in_process_and_frees_the_cluster(cluster, calib):
+    """One executor serves all of unify's compressions (their shard actors are reused) and is released
+    at the end: the cluster's CPUs are free again."""
+    import time
+
+    a = zoo.create("mlp")
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.head.weight.mul_(1.5)  # a second member that is not a plain copy
+    here = multinet.unify({"a": a, "b": b}, calib, budget=0.2, max_positions=16)
+    there = multinet.unify({"a": a, "b": b}, calib, budget=0.2, max_positions=16, executor="ray")
+    assert there.chosen == here.chosen and sorted(map(str, there.model.links)) == sorted(map(str, here.model.links))
+    with torch.no_grad():
+        for name, out in there.model(calib[:64]).items():
+            torch.testing.assert_close(out, here.model(calib[:64])[name], atol=1e-4, rtol=1e-4)
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
