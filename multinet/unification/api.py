@@ -88,7 +88,8 @@ class Unified:
     def summary(self) -> list[dict]:
         """Per model: FLOPs before -> after, channels of its groups (outputs included) before -> after,
         groups removed entirely, how many of its channels another model stands in for, whether it
-        stayed unified or fell back to its separate compression, and both final-output errors."""
+        stayed unified or fell back to its separate compression, both final-output errors, and the weight
+        its error had in the unified schedule (``member_weights``, doubled where a link first left it worse)."""
         rows = []
         for name in self.names:
             before = self.channels.get(name, 0)
