@@ -5,14 +5,13 @@
 For each set of zoo models (digits weights) it times one batch of digits test images through
 (1) the member models called one after another, (2) the MultiNet as built (one fx graph, no
 fusion) and (3) its fused form (``net.fused()``: layers that read the same tensor as one wider
-layer), and the same for a unified (compressed) MultiNet of the set. Median of ``--repeats``
-runs after warm-up, torch threads set explicitly. Writes benchmarks/results/multinet_speed.md.
+layer), and the same for a unified (compressed) MultiNet of the set. The variants take turns in
+``--repeats`` rounds after warm-up (medians, and paired per-round ratios with 95 % intervals, as
+benchmarks/unify.py times them), torch threads set explicitly. Writes benchmarks/results/multinet_speed.md.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -20,23 +19,11 @@ import torch
 
 import multinet
 from multinet import MultiNet, data, zoo
+from unify import interleaved_ms, paired_ratio  # benchmarks/unify.py: the same paired timing
 
 RESULTS = Path(__file__).parent / "results"
 SETS = {"vgg+resnet": ("vgg", "resnet"), "mlp+mlp": ("mlp", "mlp"), "vgg+vgg+mlp": ("vgg", "vgg", "mlp"),
         "mlp+vgg+resnet+mobilenet+densenet": ("mlp", "vgg", "resnet", "mobilenet", "densenet")}
-
-
-def median_ms(fn, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds, after three warm-up calls."""
-    with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def one_after_another(models: dict):
@@ -45,14 +32,23 @@ def one_after_another(models: dict):
     return run
 
 
-def row(name: str, kind: str, separate_ms: float | None, net: MultiNet, x: torch.Tensor, repeats: int) -> dict:
+def row(name: str, kind: str, members: dict | None, net: MultiNet, x: torch.Tensor, repeats: int) -> dict:
+    """The variants timed in interleaved rounds (each round starts one variant later); medians, and the
+    paired per-round ratios unfused / one after another and fused / unfused with their 95 % intervals."""
     fused = net.fused()
     with torch.no_grad():
         ref, out = net(x), fused(x)
     error = max(float((out[k] - ref[k]).abs().max()) for k in ref)
-    return dict(set=name, kind=kind, separate=separate_ms, unfused=median_ms(net, x, repeats),
-                fused=median_ms(fused, x, repeats), fused_layers=sum(1 for n, _ in fused.named_children()
-                                                                      if n.startswith("fused_")), error=error)
+    fns = {"unfused": lambda: net(x), "fused": lambda: fused(x)}
+    if members is not None:
+        fns["separate"] = (lambda run: lambda: run(x))(one_after_another(members))
+    medians, rounds = interleaved_ms(fns, repeats)
+    ratios = {"fused_vs_unfused": paired_ratio(rounds["fused"], rounds["unfused"])}
+    if members is not None:
+        ratios["unfused_vs_separate"] = paired_ratio(rounds["unfused"], rounds["separate"])
+    return dict(set=name, kind=kind, separate=medians.get("separate"), unfused=medians["unfused"],
+                fused=medians["fused"], ratios=ratios,
+                fused_layers=sum(1 for n, _ in fused.named_children() if n.startswith("fused_")), error=error)
 
 
 def main() -> None:
@@ -71,8 +67,7 @@ def main() -> None:
         torch.manual_seed(0)
         models = {f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}
         net = MultiNet(models, split.train_x[:1]).eval()
-        rows.append(row(name, "original", median_ms(one_after_another(models), x, args.repeats), net, x,
-                        args.repeats))
+        rows.append(row(name, "original", models, net, x, args.repeats))
         print(rows[-1], flush=True)
         if not args.no_unified and len(kinds) <= 3:
             unified = multinet.unify(models, split.train_x[:512], budget=0.4, max_positions=16).model.eval()
@@ -83,15 +78,26 @@ def main() -> None:
 
 def write(rows: list[dict], args) -> None:
     lines = [f"# MultiNet inference speed (batch {args.batch}, {args.threads} torch threads, CPU, median of "
-             f"{args.repeats})", "",
+             f"{args.repeats} interleaved rounds)", "",
              "`python benchmarks/multinet_speed.py`: ms per batch of digits test images. *one after another*: "
              "the member models called in turn; *unfused*: the MultiNet's graph as built; *fused*: "
-             "`net.fused()` (what `multinet.infer` and export use). Max |fused − unfused| over the outputs.", "",
-             "| set | models | one after another (ms) | unfused MultiNet (ms) | fused (ms) | fused layers | "
-             "max abs diff |", "|---|---|---:|---:|---:|---:|---:|"]
+             "`net.fused()` (what `multinet.infer` and export use). The variants take turns in every round "
+             "(each round starting one later); a ratio is the median over rounds of the two variants' times in the "
+             "same round, with its 95 % order-statistics interval. Max |fused − unfused| over the outputs.", "",
+             "| set | models | one after another (ms) | unfused MultiNet (ms) | fused (ms) | "
+             "unfused / one after another | fused / unfused | fused layers | max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(r, key):
+        if key not in r["ratios"]:
+            return "—"
+        mid, lo, hi = r["ratios"][key]
+        return f"×{mid:.3f} [{lo:.3f}, {hi:.3f}]"
+
     for r in rows:
         separate = f"{r['separate']:.2f}" if r["separate"] is not None else "—"
         lines.append(f"| {r['set']} | {r['kind']} | {separate} | {r['unfused']:.2f} | {r['fused']:.2f} | "
+                     f"{ratio(r, 'unfused_vs_separate')} | {ratio(r, 'fused_vs_unfused')} | "
                      f"{r['fused_layers']} | {r['error']:.1e} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "multinet_speed.md").write_text("\n".join(lines) + "\n")
