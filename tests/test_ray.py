@@ -112,7 +112,12 @@ def test_a_held_executor_reuses_its_shard_actors_and_frees_them_when_dropped(clu
     assert got == [[1, 2]] and kept(executor) == []
 
     multinet.compress(zoo.create("resnet"), calib, **run)
-    assert len(kept(executor)) == 2
+    before = kept(executor)
+    assert len(before) == 2
+    ray.kill(next(a for owner, a in executors._IDLE_SHARDS if owner is executor._token))  # a lost worker
+    third = multinet.compress(zoo.create("resnet"), calib, **run)  # starts new actors instead of failing
+    assert [r.removed for r in third.groups] == [r.removed for r in first.groups]
+    assert len(kept(executor)) == 2 and not set(kept(executor)) & set(before)
     del executor, run  # the last references: the executor is collected and kills its kept actors
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:

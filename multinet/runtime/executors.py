@@ -249,7 +249,7 @@ class RayExecutor:
         whole run of 3-4 s), paid once per executor instead of once per run (``unify`` runs a dozen
         compressions). Other executors' kept actors are killed first: they hold the CPUs/GPUs."""
         _kill_idle(self._ray, keep=self._token)
-        idle = _take_idle(self._token)
+        idle = self._alive(_take_idle(self._token))
         actor = self._ray.remote(_ShardActor).options(num_cpus=self.options["num_cpus"],
                                                       num_gpus=self.options["num_gpus"],
                                                       resources=self.options["resources"])
@@ -264,6 +264,19 @@ class RayExecutor:
         for extra in idle:  # more than this run needs
             self._ray.kill(extra)
         return RayShards(self._ray, actors, self._token)
+
+    def _alive(self, actors: list, timeout: float = 30.0) -> list:
+        """The kept actors, if all of them still answer (a node may have gone since the last run);
+        otherwise none: they are killed and the run starts its own."""
+        if not actors:
+            return []
+        try:
+            self._ray.get([a.drop.remote() for a in actors], timeout=timeout)
+            return actors
+        except Exception:  # a dead actor (RayActorError) or no answer in time
+            for actor in actors:
+                self._ray.kill(actor)
+            return []
 
     def release(self) -> None:
         """Kill the pool's actors and the shard actors kept for the next run: they hold their CPUs/GPUs,
