@@ -1,6 +1,8 @@
 """Batch inference over a dataset: per-model outputs of a MultiNet (or the output of any model)."""
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Mapping
 
 import torch
@@ -13,22 +15,31 @@ from .devices import resolve_device
 from .progress import Bar
 
 
+FUSE_TRIALS = 5  # timed rounds per form when ``fuse="auto"`` chooses between fused and unfused
+
+
 def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", progress: bool = False,
-          executor=None, fuse: bool = True):
+          executor=None, fuse: bool | str = True):
     """Run ``net`` over ``data`` (a tensor, a list of batches or a DataLoader) in batches.
 
     Returns the outputs concatenated along the batch: for a MultiNet {model name: output}, for a
     plain model its output. A MultiNet runs fused (``fuse=False``: as given): layers of its members
     that read the same tensor are one wider layer, so the members run as one wide network.
+    ``fuse="auto"``: whichever of the two forms runs the first batch faster on ``device`` (both timed
+    in turns, ``FUSE_TRIALS`` rounds each): a wider layer is not faster on every device and shape.
     The network is moved to ``device``; inputs are moved batch by batch.
     With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
     that each rebuild the network once from its model bytes), in order.
     """
-    if fuse:
+    if fuse not in (True, False, "auto"):
+        raise MultinetError(f"fuse must be True, False or 'auto', got {fuse!r}")
+    dev = resolve_device(device)
+    if fuse == "auto":
+        net = faster_form(net, next(iter(iterate_batches(data, batch_size))), dev)
+    elif fuse:
         net = _fused(net)
     if executor is not None and getattr(executor, "name", "local") == "ray":
         return _infer_ray(net, data, batch_size, executor)
-    dev = resolve_device(device)
     net = net.to(dev).eval()
     total = batches.size(data) if isinstance(data, (torch.Tensor, Mapping)) else None
     bar = Bar(progress, total or 0, "inference")
@@ -48,6 +59,34 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
         bar.close()
     joined = [torch.cat(column) for column in zip(*parts)]
     return pytree.tree_unflatten(joined, spec)
+
+
+def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_TRIALS,
+                clock=time.perf_counter) -> nn.Module:
+    """A MultiNet's fused or unfused form, whichever runs ``batch`` faster on ``device`` (median of
+    ``trials`` rounds, the two forms taking turns after one warm-up call each); other models as given."""
+    fused = _fused(net)
+    if fused is net:
+        return net
+    forms = [net.to(device).eval(), fused.to(device).eval()]
+    x = batches.to_device(batch, device)
+    times: list[list[float]] = [[], []]
+    with torch.no_grad():
+        for form in forms:
+            batches.call(form, x)
+        for _ in range(trials):
+            for form, spent in zip(forms, times):
+                _synchronize(device)
+                start = clock()
+                batches.call(form, x)
+                _synchronize(device)
+                spent.append(clock() - start)
+    return forms[int(statistics.median(times[1]) <= statistics.median(times[0]))]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _fused(net: nn.Module) -> nn.Module:
