@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..calib import batches, collect, consumer_specs, iterate_batches
 from ..errors import MultinetError
@@ -183,8 +185,9 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     bar.close()
     errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
               for m, s in separate.items()}
-    parts = _unified_parts(named, order, links_among, calibration_data, budget, example, options, inputs, reference,
-                           separate, errors, tolerance, weights, progress)
+    trials = _Trials(named, order, calibration_data, budget, example, options, inputs, reference, errors, tolerance,
+                     weights)
+    parts = _unified_parts(trials, links_among, progress)
     together = {m for p in parts for m in p.members}
     alone = [m for m in order if m not in together]
     for m in alone:
@@ -248,28 +251,80 @@ def _separate(name: str, model, data, budget: Budget, example, options) -> tuple
     return MultiNet({name: result.model}, example), result
 
 
-def _unified_parts(named, order, links_among, data, budget, example, options, inputs, reference, separate, errors,
-                   tolerance, weights: dict[str, float], progress: bool = False) -> list[_Part]:
+@dataclass
+class _Trials:
+    """What every link trial shares: the members, the data and budget, the evaluation samples with the
+    original members' outputs on them, and each member's errors (``errors[m]["separate"]`` alone;
+    ``"unified"`` and ``"weight"`` are written when a trial is kept) and weight."""
+
+    named: dict[str, nn.Module]
+    order: list[str]  # canonical
+    data: Any
+    budget: Budget
+    example: Any
+    options: dict
+    inputs: list
+    reference: dict[str, list[torch.Tensor]]
+    errors: dict[str, dict]
+    tolerance: float
+    weights: dict[str, float]
+
+    def attempt(self, members: list[str], links: list[Candidate], current: dict[str, float | None]
+                ) -> tuple[_Part, dict[str, float], dict[str, float]] | None:
+        """The members unified by ``links``, if that leaves every one no worse than separately
+        compressed and their summed error lower than ``current``: (the part, each member's error, the
+        weights used), else None.
+
+        A trial that lowers the summed error but leaves some members worse off is retried with those
+        members' weights in the schedule's objective doubled (``REWEIGHTS`` times): the weights act as
+        multipliers on the "never worse" constraints, so a shared trunk can be split more fairly
+        instead of being thrown away."""
+        used = {m: self.weights[m] for m in members}
+        before = [current[m] for m in members]
+        for _ in range(REWEIGHTS + 1):
+            budget = replace(_budget_for(self.budget, members, self.order),
+                             output_weights=tuple(used[m] for m in members for _ in self.reference[m]))
+            try:
+                part = _unify_part(self.named, members, links, self.data, budget, self.example, self.options)
+            except BudgetError:
+                return None
+            got = member_errors(part.model, self.inputs, self.reference)
+            alone = {m: self.errors[m]["separate"] for m in members}
+            worse = [m for m in members if alone[m] is not None and got[m] > alone[m] * (1 + self.tolerance) + 1e-12]
+            gain = None in before or sum(got[m] for m in members) < sum(before) - 1e-12
+            if not worse and gain:
+                return part, got, used
+            if not gain:
+                return None
+            used = {m: used[m] * (2.0 if m in worse else 1.0) for m in members}
+        return None
+
+
+REWEIGHTS = 2  # times a promising trial is retried with more weight on the members it leaves worse off
+
+
+def _unified_parts(trials: _Trials, links_among, progress: bool = False) -> list[_Part]:
     """Forward selection of links, starting from separate compression (no links). The links are taken
     a direction at a time (every link by which one member reads another; both directions of every
     pair are tried, the second on top of the first where that was kept), best R² first. A direction's
     links are kept only if unifying the members they join, with the links kept so far, leaves every
     one of those members no worse than separately compressed (relative slack ``tolerance``) and their
-    summed error lower than before (see ``_try_part``). A link that would make any member pay for
-    another's gain is never added, so no member needs to fall back, and the others keep the links
+    summed error lower than before (see ``_Trials.attempt``). A link that would make any member pay
+    for another's gain is never added, so no member needs to fall back, and the others keep the links
     that help them."""
+    order, errors = trials.order, trials.errors
     ways = [(a, b) for a in order for b in order if a != b]
     alone = {way: links_among(order, {way}) for way in ways}
     rank = {m: i for i, m in enumerate(order)}  # ties: the later member in canonical order reads first
-    trials = sorted((w for w in ways if alone[w]),
-                    key=lambda w: (-max(round(lk.r2, 9) for lk in alone[w]), -rank[w[0]], rank[w[1]]))
+    queue = sorted((w for w in ways if alone[w]),
+                   key=lambda w: (-max(round(lk.r2, 9) for lk in alone[w]), -rank[w[0]], rank[w[1]]))
     kept: list[Candidate] = []
     kept_ways: set[tuple[str, str]] = set()
     parts: dict[frozenset, _Part] = {}  # unified components, by their members
     current = {m: errors[m]["separate"] for m in order}  # None: cannot reach the budget alone
-    bar = Bar(progress, len(trials), "unify: link trials")
+    bar = Bar(progress, len(queue), "unify: link trials")
     outcome = ""
-    for way in trials:
+    for way in queue:
         bar.note(f"{outcome}{way[0]} reading {way[1]}")
         trial = links_among(order, kept_ways | {way})
         bar.advance()
@@ -278,9 +333,7 @@ def _unified_parts(named, order, links_among, data, budget, example, options, in
             outcome = f"{way[0]} reading {way[1]}: no link left; "
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
-        mine = [lk for lk in trial if lk.model in members and lk.source in members]
-        got = _try_part(named, members, mine, data, budget, order, example, options, inputs, reference, errors,
-                        current, tolerance, weights)
+        got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
         outcome = f"{way[0]} reading {way[1]}: {'kept' if got else 'dropped'}; "
         if got is None:
             continue
@@ -294,40 +347,6 @@ def _unified_parts(named, order, links_among, data, budget, example, options, in
     bar.note(outcome.rstrip("; "))
     bar.close()
     return list(parts.values())
-
-
-REWEIGHTS = 2  # times a promising trial is retried with more weight on the members it leaves worse off
-
-
-def _try_part(named, members, links, data, budget, order, example, options, inputs, reference, errors, current,
-              tolerance, weights) -> tuple[_Part, dict[str, float], dict[str, float]] | None:
-    """The members unified by ``links``, if that leaves every one no worse than separately compressed
-    and their summed error lower than now: (the part, each member's error, the weights used), else None.
-
-    A trial that lowers the summed error but leaves some members worse off is retried with those
-    members' weights in the schedule's objective doubled (``REWEIGHTS`` times): the weights act as
-    multipliers on the "never worse" constraints, so a shared trunk can be split more fairly instead
-    of being thrown away."""
-    used = {m: weights[m] for m in members}
-    before = [current[m] for m in members]
-    for _ in range(REWEIGHTS + 1):
-        member_budget = replace(_budget_for(budget, members, order),
-                                output_weights=tuple(used[m] for m in members for _ in reference[m]))
-        try:
-            part = _unify_part(named, members, links, data, member_budget, example, options)
-        except BudgetError:
-            return None
-        got = member_errors(part.model, inputs, reference)
-        worse = [m for m in members if errors[m]["separate"] is not None
-                 and got[m] > errors[m]["separate"] * (1 + tolerance) + 1e-12]
-        total = sum(got[m] for m in members)
-        gain = None in before or total < sum(before) - 1e-12
-        if not worse and gain:
-            return part, got, used
-        if not gain:
-            return None
-        used = {m: used[m] * (2.0 if m in worse else 1.0) for m in members}
-    return None
 
 
 def _key(link: Candidate) -> tuple[str, str]:
