@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 from ..calib import batches, iterate_batches
 from ..errors import MultinetError
 from .devices import resolve_device
+from ..schedule.latency import synchronize
 from .progress import Bar
 
 
@@ -76,17 +77,12 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
             batches.call(form, x)
         for _ in range(trials):
             for form, spent in zip(forms, times):
-                _synchronize(device)
+                synchronize(device)
                 start = clock()
                 batches.call(form, x)
-                _synchronize(device)
+                synchronize(device)
                 spent.append(clock() - start)
     return forms[int(statistics.median(times[1]) <= statistics.median(times[0]))]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _fused(net: nn.Module) -> nn.Module:

@@ -18,17 +18,22 @@ def measure_ms(model: nn.Module, example: torch.Tensor, device: str | None = "cp
     dev = torch.device(device or "cpu")
     model = copy.deepcopy(model).to(dev).eval()  # never move the caller's model
     x = example.to(dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
-            sync()
+            synchronize(dev)
             start = time.perf_counter()
             model(x)
-            sync()
+            synchronize(dev)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after a call times the call (CUDA runs async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def latency_input(example: torch.Tensor, batch: int) -> torch.Tensor:
