@@ -527,8 +527,7 @@ class ChannelAnalysis:
             if xs is None or ts is None:
                 return None
             chain.append(t)
-            if rule == "unary" and t.target in ("contiguous", "clone", "detach", torch.clone, torch.detach) \
-                    and len(xs) == len(ts):
+            if rule == "unary" and t.target in _COPIES and len(xs) == len(ts):
                 pass
             elif rule == "unsqueeze":
                 d = _norm(_arg(t, 1, "dim"), len(ts))
@@ -555,7 +554,8 @@ class ChannelAnalysis:
                 if sizes[dim] != -1:
                     literals.append((t, (1, dim) if wrapped else (1 + dim,)))
                 dim = sources[0]
-            elif rule == "getitem" and _is_index_tensor(t.args[1]) and dim >= len(ts) - len(xs) + 1:
+            elif (rule == "getitem" and _is_index_tensor(t.args[1]) or _is_aten_index(t)) \
+                    and dim >= len(ts) - len(xs) + 1:
                 dim -= len(ts) - len(xs)  # x[index]: the index's dims replace x's first dim
             else:
                 return None
@@ -860,6 +860,31 @@ class ChannelAnalysis:
         padded_dims = {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
         if ax.dim in padded_dims:
             return self._fail([ax], "padding along the channel dim", node)
+        return ax
+
+    def _rule_fresh(self, node):
+        """A new tensor that takes only dtype and device from its input (``x.new_zeros(size)``):
+        untracked, unless its literal size names the input's channel count, which pruning changes."""
+        ax = self._axis(node.args[0]) if node.args else None
+        sizes = _arg(node, 1, "size", ())
+        sizes = [sizes] if isinstance(sizes, int) else list(sizes or ())
+        if ax is not None and ax.width in sizes:
+            return self._fail([ax], "a new tensor sized like the channels", node)
+        self._check_shape_args(node, None, None)
+        return None
+
+    def _rule_roll(self, node):
+        """A cyclic shift along other dims (Swin's shifted windows) moves positions, not channels."""
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dims = _arg(node, 2, "dims", ())
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims:
+            return self._fail([ax], "roll of the flattened tensor moves channels", node)
+        if ax.dim in {_norm(d, len(shape)) for d in dims}:
+            return self._fail([ax], "roll along the channel dim", node)
         return ax
 
     def _rule_softmax(self, node):
@@ -1191,6 +1216,19 @@ def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
                 return j, 1, div
         return None
     return None
+
+
+# ops that copy a tensor as it is (a parameter's view chain may pass through them)
+_COPIES = ("contiguous", "clone", "detach", torch.clone, torch.detach, torch.ops.aten.contiguous.default,
+           torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default)
+
+
+def _is_aten_index(t: fx.Node) -> bool:
+    """``aten.index.Tensor(x, [index])``: torch.export's form of ``x[index]`` on the leading dim."""
+    if t.op != "call_function" or t.target is not torch.ops.aten.index.Tensor or len(t.args) < 2:
+        return False
+    indices = t.args[1]
+    return isinstance(indices, (list, tuple)) and len(indices) == 1 and _is_index_tensor(indices[0])
 
 
 def _is_index_tensor(index) -> bool:

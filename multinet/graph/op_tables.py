@@ -59,6 +59,7 @@ _add("conv", F.conv1d, F.conv2d, F.conv3d)
 _add("linear", F.linear)
 _add("meta", builtins.getattr, torch._assert, builtins.len, builtins.isinstance)
 _add("pad", F.pad)
+_add("roll", torch.roll)
 _add("sdpa", F.scaled_dot_product_attention)
 _add("matmul", torch.matmul, torch.bmm, operator.matmul)
 _add("repeat_interleave", torch.repeat_interleave)
@@ -119,6 +120,9 @@ _add("spatial", *_aten(
     "upsample_nearest2d.vec", "upsample_bilinear2d.vec",
 ))
 _add("sym_size", *_aten("sym_size.int"))
+_add("pad", *_aten("pad", "constant_pad_nd"))
+_add("roll", *_aten("roll"))
+_add("fresh", *_aten("new_zeros", "new_ones", "new_full", "new_empty"))
 _add("meta", *_aten("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"))
 
 _METHOD_RULES: dict[str, str] = {}
@@ -133,7 +137,8 @@ _METHOD_RULES.update(
     view="view", reshape="view", flatten="flatten", permute="permute", transpose="transpose",
     unsqueeze="unsqueeze", squeeze="squeeze", mean="reduce", sum="reduce", amax="reduce", amin="reduce",
     split="split", chunk="chunk", size="meta", dim="meta", numel="meta", expand="expand",
-    softmax="softmax", log_softmax="softmax", matmul="matmul", bmm="matmul", repeat_interleave="repeat_interleave",
+    softmax="softmax", log_softmax="softmax", roll="roll",
+    new_zeros="fresh", new_ones="fresh", new_full="fresh", new_empty="fresh", matmul="matmul", bmm="matmul", repeat_interleave="repeat_interleave",
 )
 
 UNARY_MODULES = (

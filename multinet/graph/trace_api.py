@@ -11,6 +11,8 @@ import torch.fx as fx
 from ..errors import TraceError
 from . import capture as capture_mod
 from .groups import ChannelGraph, build_groups
+from .constant_masks import fold_constant_masks
+from .packed_qkv import unpack_selected_qkv
 from .tracing import as_tuple, positional_inputs, propagate_shapes, symbolic_trace
 
 CAPTURES = ("auto", "fx", "export")
@@ -36,6 +38,10 @@ def trace(
     inputs = positional_inputs(model, example_inputs)
     gm = capture_graph(model, inputs, leaf_modules, autowrap_functions, capture)
     groups, analysis = build_groups(gm)
+    if capture == "auto" and not leaf_modules and not autowrap_functions and _opaque_calls_block(model, gm, groups):
+        exported = _exported_if_more_prunable(model, inputs, groups)
+        if exported is not None:
+            gm, groups, analysis = exported
     if not groups:
         raise TraceError(_nothing_found(gm, analysis.unknown_ops))
     return ChannelGraph(gm, inputs, groups, analysis)
@@ -50,6 +56,8 @@ def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable
     inputs = as_tuple(example_inputs)
     gm = _capture(model, inputs, capture, leaf_modules, autowrap_functions)
     propagate_shapes(gm, inputs)
+    if unpack_selected_qkv(gm) + fold_constant_masks(gm, inputs):  # new nodes: their shapes too
+        propagate_shapes(gm, inputs)
     return gm
 
 
@@ -79,6 +87,38 @@ def _capture(model, inputs: tuple, capture: str, leaf_modules, autowrap_function
         warnings.warn(f"multinet: fx cannot trace {type(model).__name__}; captured it with torch.export instead "
                       f"({str(exc).split('. Mark')[0]})", stacklevel=3)
         return gm
+
+
+def _prunable_channels(groups) -> int:
+    return sum(g.size for g in groups if g.prunable)
+
+
+def _opaque_calls_block(model, gm: fx.GraphModule, groups) -> bool:
+    """fx symbolic tracing recorded a call the analysis cannot see into (a ``torch.fx.wrap``-ped
+    function such as torchvision's ``shifted_window_attention``) and it made channels unprunable."""
+    if not isinstance(model, torch.nn.Module) or isinstance(model, fx.GraphModule) or capture_mod.is_aten_graph(gm):
+        return False
+    if isinstance(getattr(model, "graph_module", None), fx.GraphModule):  # a MultiNet: its graph is the model
+        return False
+    return any("unsupported op" in r for g in groups if not g.prunable for r in g.reasons)
+
+
+def _exported_if_more_prunable(model, inputs: tuple, fx_groups):
+    """torch.export inlines such calls into ATen ops the analysis reads op by op; its graph is taken
+    when it leaves more channels prunable (with a one-line notice), else the fx graph stays."""
+    try:
+        gm = capture_graph(model, inputs, capture="export")
+        groups, analysis = build_groups(gm)
+    except Exception:  # export is only a second try here: the fx result stands
+        return None
+    before, after = _prunable_channels(fx_groups), _prunable_channels(groups)
+    if after <= before:
+        return None
+    opaque = sorted({r.split("`")[1] for g in fx_groups if not g.prunable for r in g.reasons
+                     if r.startswith("unsupported op `")})
+    warnings.warn(f"multinet: fx records {', '.join(opaque[:3])} in {type(model).__name__} as opaque calls; "
+                  f"captured with torch.export instead ({after} prunable channels, {before} with fx)", stacklevel=3)
+    return gm, groups, analysis
 
 
 def _nothing_found(gm: fx.GraphModule, unknown: list[str]) -> str:

@@ -69,7 +69,8 @@ _MATH = "sqrt floor ceil log exp"
 # traced: getattr (x.shape); checked further: only the attributes in TENSOR_ATTRIBUTES
 _BUILTINS = "getattr"
 
-# traced (all-MiniLM-L6-v2 and BERT captured by torch.export, then compressed): bitwise_and.Tensor
+# traced (all-MiniLM-L6-v2, BERT and torchvision's Swin-T captured by torch.export, then compressed;
+# Swin adds pad.default roll.default adaptive_avg_pool2d.default): bitwise_and.Tensor
 # (capture renames __and__.Tensor) add.Tensor arange.default dropout.default expand.default gather.default ge.Scalar gelu.default
 # index.Tensor new_ones.default reshape.default scaled_dot_product_attention.default slice.Tensor
 # sym_size.int to.device to.dtype_layout transpose.int unsqueeze.default view.default.
@@ -91,7 +92,10 @@ _ATEN = """
     matmul.default bmm.default scaled_dot_product_attention.default dropout.default
     arange.default arange.start arange.start_step zeros.default ones.default full.default new_ones.default
     new_zeros.default to.dtype to.device to.dtype_layout _to_copy.default alias.default detach.default
-    lift_fresh_copy.default sym_size.int
+    lift_fresh_copy.default sym_size.int pad.default constant_pad_nd.default roll.default
+    adaptive_avg_pool1d.default adaptive_avg_pool2d.default avg_pool1d.default avg_pool2d.default
+    max_pool1d.default max_pool2d.default upsample_nearest2d.vec upsample_bilinear2d.vec hardtanh.default
+    leaky_relu.default elu.default relu6.default mean.default sum.default
 """
 
 _SPACES = {"torch": (torch, _TORCH), "torch.nn.functional": (F, _FUNCTIONAL), "operator": (operator, _OPERATOR),
