@@ -6,6 +6,8 @@ Slow and needs torchvision (its own environment here, see benchmarks/torchvision
 import pytest
 import torch
 
+import multinet
+
 from group_checks import check_model, randomize_norm_stats
 
 tvm = pytest.importorskip("torchvision.models")
@@ -15,6 +17,7 @@ MODELS = {
     "convnext_tiny": 64, "googlenet": 64, "inception_v3": 96, "squeezenet1_1": 64,
     "shufflenet_v2_x0_5": 64, "regnet_y_400mf": 64, "mnasnet0_5": 64, "vgg11_bn": 64, "vit_b_16": 224,
     "maxvit_t": 224,  # packed q/k/v, einsum attention, relative position bias table (about 6 min on one thread)
+    "swin_t": 224,  # an fx-wrapped window attention: captured with torch.export (pad, roll, indexed q/k/v, mask)
 }
 
 
@@ -27,3 +30,18 @@ def test_torchvision_groups_prune_exactly(name):
     side = MODELS[name]
     graph = check_model(model, torch.randn(2, 3, side, side), max_channels=1)
     assert graph.prunable_groups
+
+
+@pytest.mark.slow
+def test_swin_heads_are_prunable():
+    """fx records torchvision's shifted_window_attention as one call; auto capture falls back to
+    torch.export, where every block's heads and every stage's width are groups."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = multinet.trace(tvm.swin_t(weights=None).eval(), torch.randn(1, 3, 224, 224))
+    heads = [g for g in graph.groups if g.attention_heads]
+    assert len(heads) == 12 and all(g.prunable for g in heads)
+    assert [g.size for g in heads] == [3, 3, 6, 6, 12, 12, 12, 12, 12, 12, 24, 24]
+    assert len(graph.prunable_groups) == len(graph.groups) - 1  # all but the logits
