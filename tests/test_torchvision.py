@@ -18,6 +18,7 @@ MODELS = {
     "shufflenet_v2_x0_5": 64, "regnet_y_400mf": 64, "mnasnet0_5": 64, "vgg11_bn": 64, "vit_b_16": 224,
     "maxvit_t": 224,  # packed q/k/v, einsum attention, relative position bias table (about 6 min on one thread)
     "swin_t": 224,  # an fx-wrapped window attention: captured with torch.export (pad, roll, indexed q/k/v, mask)
+    "swin_v2_t": 224,  # and a patched qkv bias, cosine attention, an MLP position bias gathered by index
 }
 
 
@@ -33,14 +34,15 @@ def test_torchvision_groups_prune_exactly(name):
 
 
 @pytest.mark.slow
-def test_swin_heads_are_prunable():
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_swin_heads_are_prunable(name):
     """fx records torchvision's shifted_window_attention as one call; auto capture falls back to
     torch.export, where every block's heads and every stage's width are groups."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = multinet.trace(tvm.swin_t(weights=None).eval(), torch.randn(1, 3, 224, 224))
+        graph = multinet.trace(tvm.get_model(name, weights=None).eval(), torch.randn(1, 3, 224, 224))
     heads = [g for g in graph.groups if g.attention_heads]
     assert len(heads) == 12 and all(g.prunable for g in heads)
     assert [g.size for g in heads] == [3, 3, 6, 6, 12, 12, 12, 12, 12, 12, 24, 24]

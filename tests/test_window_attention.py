@@ -8,6 +8,7 @@ back to torch.export for it, where the heads become channel groups.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -177,3 +178,67 @@ def test_roll_along_the_channel_dim_fails_closed():
     graph = multinet.trace(RollChannels(), torch.randn(2, 4), capture="fx")
     group = _group(graph, "a")
     assert not group.prunable and "roll along the channel dim" in " ".join(group.reasons)
+
+
+def cosine_window_attention(x, qkv_w, qkv_b, proj_w, proj_b, logit_scale, bias, heads: int):
+    """Swin V2's form on (windows, n, C): the k third of the qkv bias zeroed in place on a copy,
+    cosine attention scaled per head by a clamped, exponentiated logit scale, and an additive
+    per-head bias."""
+    windows, n, C = x.shape
+    qkv_b = qkv_b.clone()
+    qkv_b[C:2 * C].zero_()
+    qkv = F.linear(x, qkv_w, qkv_b).reshape(windows, n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    scores = scores * torch.clamp(logit_scale, max=math.log(100.0)).exp() + 16 * torch.sigmoid(bias)
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(windows, n, C)
+    return F.linear(out, proj_w, proj_b)
+
+
+torch.fx.wrap("cosine_window_attention")
+
+
+class CosineWindowBlock(nn.Module):
+    """Tokens already in windows (windows, n, 3); the per-head bias table is an MLP's output over
+    relative offsets, gathered by index (Swin V2's continuous position bias)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, window: int = 2):
+        super().__init__()
+        self.heads, self.n = heads, window * window
+        self.embed, self.norm = nn.Linear(3, dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(heads, 1, 1) + 1))
+        self.cpb = nn.Sequential(nn.Linear(2, 16), nn.ReLU(inplace=True), nn.Linear(16, heads, bias=False))
+        offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), -1))
+        self.register_buffer("index", relative_index(window))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        table = self.cpb(self.coords).view(-1, self.heads)
+        bias = table[self.index].view(self.n, self.n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        h = h + self.norm(cosine_window_attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                                  self.proj.bias, self.logit_scale, bias, self.heads))
+        return self.head(h.mean(1))
+
+
+def test_swin_v2_style_attention_heads_include_the_bias_mlp_and_logit_scale(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_norm_stats(CosineWindowBlock())
+    x = torch.randn(3, 4, 3)
+    with pytest.warns(UserWarning, match="cosine_window_attention .*captured with torch.export"):
+        graph = multinet.trace(model, x)
+    heads = _group(graph, "qkv")
+    assert heads.prunable and heads.attention_heads and heads.size == 2 and heads.consumer_names == ["proj"]
+    assert set(heads.producers) == {"qkv", "cpb.2"} and "logit_scale" in heads.passthrough
+    # the copied-and-patched bias became the layer's own parameter: k's third is zero in it
+    assert torch.equal(graph.module.qkv.bias[8:16], torch.zeros(8)) and torch.equal(graph.module.qkv.bias[:8], model.qkv.bias[:8])
+    pruned = multinet.prune(graph, {heads.id: [1]})
+    assert pruned.logit_scale.shape == (1, 1, 1) and pruned.get_submodule("cpb.2").out_features == 1 and pruned.proj.in_features == 4
+    with torch.no_grad():
+        model.proj.weight[:, :4] = 0
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
+    multinet.save(pruned, tmp_path / "v2.mnet", example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(multinet.load(tmp_path / "v2.mnet")(x), pruned(x))

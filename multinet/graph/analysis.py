@@ -527,8 +527,8 @@ class ChannelAnalysis:
             if xs is None or ts is None:
                 return None
             chain.append(t)
-            if rule == "unary" and t.target in _COPIES and len(xs) == len(ts):
-                pass
+            if rule == "unary" and len(xs) == len(ts) and xs == ts:
+                pass  # elementwise (a copy, clamp, exp: Swin V2's logit scale): slicing commutes with it
             elif rule == "unsqueeze":
                 d = _norm(_arg(t, 1, "dim"), len(ts))
                 if d == dim:
@@ -861,6 +861,34 @@ class ChannelAnalysis:
         if ax.dim in padded_dims:
             return self._fail([ax], "padding along the channel dim", node)
         return ax
+
+    def _rule_vector_norm(self, node):
+        """``linalg_vector_norm(x, ord, dims, keepdim)`` (F.normalize in an ATen graph): a reduction."""
+        x = node.args[0]
+        ax, shape = self._axis(x), _shape(x)
+        if ax is None:
+            return None
+        dims = _arg(node, 2, "dim", None)
+        keepdim = bool(_arg(node, 3, "keepdim", False))
+        if dims is None or dims == () or dims == []:
+            return self._fail([ax], "norm over every dim", node)
+        dims = {_norm(d, len(shape)) for d in ([dims] if isinstance(dims, int) else dims)}
+        if ax.dim in dims:
+            return self._fail([ax], "norm over the channel dim", node)
+        return ax if keepdim else ax.at(ax.dim - sum(1 for d in dims if d < ax.dim))
+
+    def _rule_aten_index(self, node):
+        """``aten.index.Tensor(x, [index])``: rows of the leading dim gathered (a bias table computed by
+        an MLP, looked up by relative position); channels on another dim pass through."""
+        x = node.args[0]
+        ax, shape, out = self._axis(x), _shape(x), _shape(node)
+        if ax is None:
+            return None
+        if not _is_aten_index(node) or out is None:
+            return self._fail([ax], "indexing with several or boolean index tensors", node)
+        if ax.dim == 0:
+            return self._fail([ax], "indexing the channel dim", node)
+        return ax.at(ax.dim + len(out) - len(shape))
 
     def _rule_fresh(self, node):
         """A new tensor that takes only dtype and device from its input (``x.new_zeros(size)``):

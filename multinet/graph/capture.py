@@ -103,7 +103,11 @@ def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target in _DUNDER_OPS:
             node.target = _DUNDER_OPS[node.target]  # same op; a model file names no dunders
+        elif node.op == "call_function" and node.target in _IN_PLACE and isinstance(node.args[0], fx.Node) \
+                and len(node.args[0].users) == 1:
+            node.target = _IN_PLACE[node.target]  # nothing else reads the input: the same values, no mutation
     _plain_inputs_outputs(gm)
+    _fold_patched_parameters(gm)
     uses = _attr_uses(gm)
     for node in list(gm.graph.nodes):
         lift = _LIFTS.get(node.target) if node.op == "call_function" else None
@@ -118,6 +122,10 @@ def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
 
 _INPUT_CHECKS = (_aten._assert_tensor_metadata.default, _aten._assert_scalar.default,
                  _aten.sym_constrain_range_for_size.default)  # export-time input checks, like the guards
+
+
+_IN_PLACE = {_aten.relu_.default: _aten.relu.default, _aten.silu_.default: _aten.silu.default,
+             _aten.sigmoid_.default: _aten.sigmoid.default, _aten.hardtanh_.default: _aten.hardtanh.default}
 
 
 _DUNDER_OPS = {_aten.__and__.Tensor: _aten.bitwise_and.Tensor, _aten.__or__.Tensor: _aten.bitwise_or.Tensor}
@@ -146,6 +154,44 @@ def _containers(value):
     if isinstance(value, (tuple, list)):
         return tuple(_containers(v) for v in value)
     return value
+
+
+_SLICES = (_aten.slice.Tensor, _aten.select.int)
+
+
+def _fold_patched_parameters(gm: fx.GraphModule) -> None:
+    """A layer's weight or bias that the code copies and patches in place before each call (Swin V2:
+    ``bias = qkv.bias.clone(); bias[C:2C].zero_()``) becomes a parameter holding the patched values,
+    so the call reads a plain parameter and is raised into a layer like any other. Only a copy of
+    one parameter read nowhere else, written through slices with values known at capture, is folded."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.clone.default or not node.args:
+            continue
+        param = node.args[0]
+        if not (isinstance(param, fx.Node) and param.op == "get_attr" and len(param.users) == 1):
+            continue
+        owner_path, _, attr = param.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr not in owner._parameters:
+            continue
+        readers = [u for u in node.users if u.target not in _SLICES]
+        writes = [(s, w) for s in node.users if s.target in _SLICES for w in s.users]
+        if len(readers) != 1 or readers[0].target not in _LIFTS or not writes:
+            continue
+        if any(len(s.users) != 1 or w.users or not isinstance(w.target, torch._ops.OpOverload)
+               or not w.target._schema.is_mutable or s.args[0] is not node
+               or any(isinstance(a, fx.Node) for a in (*s.args[1:], *w.args[1:])) for s, w in writes):
+            continue
+        value = owner._parameters[attr].detach().clone()
+        for s, w in writes:  # in graph order, as the code ran them
+            w.target(s.target(value, *s.args[1:]), *w.args[1:])
+        original = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=original.requires_grad)  # a new tensor
+        readers[0].replace_input_with(node, param)
+        for s, w in writes:
+            gm.graph.erase_node(w)
+            gm.graph.erase_node(s)
+        gm.graph.erase_node(node)
 
 
 def _attr_uses(gm: fx.GraphModule) -> dict[str, int]:

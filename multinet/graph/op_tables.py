@@ -85,7 +85,7 @@ _add("unary", *_aten(
     "relu", "relu_", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "abs", "neg", "exp", "sqrt", "rsqrt", "erf", "clamp", "clamp.Tensor", "dropout",
     "clone", "contiguous", "alias", "detach", "_to_copy", "to.dtype", "to.device", "to.dtype_layout",
-    "type_as", "relu6", "softplus", "log", "sin", "cos", "square", "lift_fresh_copy",
+    "type_as", "relu6", "softplus", "log", "sin", "cos", "square", "lift_fresh_copy", "clamp_min", "clamp_max",
 ))
 _add("binary", *_aten(
     "add.Tensor", "add.Scalar", "add_.Tensor", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "mul.Tensor",
@@ -122,6 +122,9 @@ _add("spatial", *_aten(
 _add("sym_size", *_aten("sym_size.int"))
 _add("pad", *_aten("pad", "constant_pad_nd"))
 _add("roll", *_aten("roll"))
+_add("vector_norm", *_aten("linalg_vector_norm"))
+_add("aten_index", *_aten("index.Tensor"))
+_add("binary", *_aten("expand_as"))
 _add("fresh", *_aten("new_zeros", "new_ones", "new_full", "new_empty"))
 _add("meta", *_aten("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"))
 
