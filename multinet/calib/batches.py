@@ -97,9 +97,19 @@ def input_names(model) -> list[str]:
     return [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
 
 
-def as_args(batch: Batch, names: Sequence[str]) -> tuple:
+def input_defaults(model) -> dict[str, object]:
+    """The forward's positional arguments that have a default (a graph's placeholders have none)."""
+    if isinstance(_graph_of(model), fx.GraphModule):
+        return {}
+    return {p.name: p.default for p in inspect.signature(model.forward).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def as_args(batch: Batch, names: Sequence[str], defaults: Mapping[str, object] | None = None) -> tuple:
     """The batch as positional inputs for inputs called ``names``: a dict is ordered by name and must
-    fill the first ones (a model's later, optional arguments keep their defaults)."""
+    fill the first ones (a model's later, optional arguments keep their defaults); an argument before
+    them that is not in the batch takes its value from ``defaults`` (GPT-2's ``past_key_values``
+    between ``input_ids`` and ``attention_mask``)."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
     if not isinstance(batch, Mapping):
@@ -108,11 +118,17 @@ def as_args(batch: Batch, names: Sequence[str]) -> tuple:
     if unknown:
         raise InputShapeError(f"the batch has inputs {unknown} that the model does not take (it takes {list(names)})")
     count = max(names.index(k) for k in batch) + 1
-    missing = [n for n in names[:count] if n not in batch]
+    defaults = defaults or {}
+    missing = [n for n in names[:count] if n not in batch and n not in defaults]
     if missing:
         raise InputShapeError(f"the batch lacks inputs {missing}, which come before {list(batch)} in the model's "
                               f"arguments {list(names)}")
-    return tuple(batch[n] for n in names[:count])
+    return tuple(batch[n] if n in batch else defaults[n] for n in names[:count])
+
+
+def model_args(model, batch: Batch) -> tuple:
+    """``batch`` as ``model``'s positional arguments, defaults filling gaps between given inputs."""
+    return as_args(batch, input_names(model), input_defaults(model))
 
 
 def call(model, batch: Batch):

@@ -1051,7 +1051,9 @@ class ChannelAnalysis:
                 self._request_units(q, ratio)
                 return self._fail(tracked, "grouped-query heads not yet one block per k/v head", node)
             q = Axis(q.dim, blocked)
-        self._tie_heads(q.segments, k.segments, node)
+        # k/v repeated to q's head count beforehand (Llama's repeat_kv: expand + reshape) arrive as
+        # blocks of several positions per k/v head: q's heads are coarsened to match
+        self._tie_coarsening(q, k, node)
         return axes[0]
 
     def _rule_matmul(self, node):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 
@@ -65,16 +66,28 @@ def _quiet_torch_logs():
 def _export(model: nn.Module, example_inputs: tuple):
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None
                     for t in example_inputs)
+    kwargs = _without_cache(model)
     with _quiet_torch_logs():
         try:
-            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic)
+            # a flat tuple, arguments then keyword arguments (constants: None)
+            return torch.export.export(model, example_inputs, kwargs, dynamic_shapes=(*dynamic, *[None] * len(kwargs)))
         except Exception:
             pass
         try:
-            return torch.export.export(model, example_inputs)
+            return torch.export.export(model, example_inputs, kwargs)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first}") from exc
+
+
+def _without_cache(model: nn.Module) -> dict:
+    """``use_cache=False`` for a forward that takes it: a decoder (Llama, GPT-2) otherwise returns its
+    key/value cache, an object torch.export cannot return and compression has no use for."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 def from_exported(program) -> fx.GraphModule:
@@ -115,9 +128,22 @@ def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
             lift(gm, node, uses)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    _drop_unread_buffers(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _drop_unread_buffers(gm: fx.GraphModule) -> None:
+    """Buffers the exported graph never reads (Llama's ``rotary_emb.original_inv_freq``, kept by the
+    model for re-scaling) are no state of the captured graph: a model file holds what the graph reads."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        if name in read or any(owner == c or owner.startswith(f"{c}.") for c in called):
+            continue
+        del (gm.get_submodule(owner) if owner else gm)._buffers[attr]
 
 
 _INPUT_CHECKS = (_aten._assert_tensor_metadata.default, _aten._assert_scalar.default,
@@ -145,6 +171,10 @@ def _plain_inputs_outputs(gm: fx.GraphModule) -> None:
     structure = pytree.tree_unflatten(leaves, info.out_spec) if info.out_spec is not None else tuple(leaves)
     gm.graph._codegen = fx.graph.CodeGen()
     output.args = (_containers(structure),)
+    for node in list(gm.graph.nodes):  # a constant argument export was given (use_cache=False, None): no input
+        if node.op == "placeholder" and not node.users and "val" in node.meta \
+                and (node.meta["val"] is None or isinstance(node.meta["val"], (bool, int, float, str))):
+            gm.graph.erase_node(node)
 
 
 def _containers(value):
@@ -244,6 +274,24 @@ def _lift_linear(gm, node, uses) -> None:
         _replace(gm, node, path, nn.Linear(inp, out, bias=bias is not None), (node.args[0],))
 
 
+def _lift_addmm(gm, node, uses) -> None:
+    """``addmm(bias, x, weight)`` with weight (in, out): Hugging Face's ``Conv1D`` (GPT-2), a Linear with
+    its weight stored transposed. Raised into an ``nn.Linear`` holding the transposed weight."""
+    if node.kwargs or len(node.args) != 3:
+        return  # beta/alpha scaling: stays functional
+    bias, x, weight = node.args
+    path = _owner(gm, node, weight, bias, uses)
+    if path is None:
+        return
+    owner = gm.get_submodule(path)
+    inp, out = owner.weight.shape
+    if owner.bias.shape != (out,):
+        return
+    owner._parameters["weight"] = nn.Parameter(owner.weight.detach().t().contiguous(),
+                                               requires_grad=owner.weight.requires_grad)
+    _replace(gm, node, path, nn.Linear(inp, out), (x,))
+
+
 def _lift_conv(gm, node, uses) -> None:
     weight, bias = node.args[1], _arg(node, 2)
     path = _owner(gm, node, weight, bias, uses)
@@ -282,6 +330,7 @@ def _lift_embedding(gm, node, uses) -> None:
 
 _LIFTS = {
     _aten.linear.default: _lift_linear,
+    _aten.addmm.default: _lift_addmm,
     _aten.conv1d.default: _lift_conv,
     _aten.conv2d.default: _lift_conv,
     _aten.conv3d.default: _lift_conv,

@@ -94,6 +94,24 @@ def _local_keep(graph: ChannelGraph, keep: Mapping[int, object]) -> dict[int, to
     return out
 
 
+def kept_output_rows(graph: ChannelGraph, group_id: int, keep) -> dict[str, torch.Tensor]:
+    """For each layer producing group ``group_id``, the rows of its weight (output features) that
+    keeping channels ``keep`` leaves: a head is head_dim rows, a packed q/k/v projection has a part of
+    the group at each third."""
+    group = graph.group(group_id)
+    keep_local = _local_keep(graph, {group_id: keep})
+    table = graph.analysis.table
+    owners = {table.spaces[s].owner for s, _ in group.members if table.spaces[s].kind == "producer"}
+    rows: dict[str, torch.Tensor] = {}
+    for edit in graph.analysis.edits:
+        if not (isinstance(edit, SliceTensor) and edit.dim == 0 and edit.attr.endswith(".weight")):
+            continue
+        owner = edit.attr[: -len(".weight")]
+        if owner in owners and any(seg.space in keep_local for seg in edit.segments):
+            rows[owner] = kept_positions(edit.segments, keep_local)
+    return rows
+
+
 def _resolve(gm: nn.Module, path: str) -> tuple[nn.Module, str]:
     owner, _, attr = path.rpartition(".")
     return (gm.get_submodule(owner) if owner else gm), attr

@@ -37,6 +37,7 @@ def trace(
     """
     inputs = positional_inputs(model, example_inputs)
     gm = capture_graph(model, inputs, leaf_modules, autowrap_functions, capture)
+    inputs = graph_inputs(gm, inputs)
     groups, analysis = build_groups(gm)
     if capture == "auto" and not leaf_modules and not autowrap_functions and _opaque_calls_block(model, gm, groups):
         exported = _exported_if_more_prunable(model, inputs, groups)
@@ -55,10 +56,19 @@ def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable
         raise TraceError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
     inputs = as_tuple(example_inputs)
     gm = _capture(model, inputs, capture, leaf_modules, autowrap_functions)
+    inputs = graph_inputs(gm, inputs)
     propagate_shapes(gm, inputs)
     if unpack_selected_qkv(gm) + fold_constant_masks(gm, inputs):  # new nodes: their shapes too
         propagate_shapes(gm, inputs)
     return gm
+
+
+def graph_inputs(gm: fx.GraphModule, inputs: tuple) -> tuple:
+    """The captured graph's own inputs: an argument left at its default None (filled in between two
+    given ones) is no input of an exported graph, which takes only the tensors."""
+    placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    given = tuple(x for x in inputs if x is not None)
+    return given if len(inputs) != placeholders and len(given) == placeholders else inputs
 
 
 def _capture(model, inputs: tuple, capture: str, leaf_modules, autowrap_functions) -> fx.GraphModule:

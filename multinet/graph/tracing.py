@@ -101,7 +101,7 @@ def positional_inputs(model, example_inputs: Any) -> tuple:
     if isinstance(example_inputs, Mapping):
         from ..calib import batches  # calib builds on graph: imported when first needed
 
-        return batches.as_args(example_inputs, batches.input_names(model))
+        return batches.model_args(model, example_inputs)
     return as_tuple(example_inputs)
 
 

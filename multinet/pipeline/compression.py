@@ -212,7 +212,7 @@ def _evaluation(plan, ctx, data, opts: RunOptions) -> list | None:
 def example_inputs(model: nn.Module, data, batch_size: int) -> tuple:
     """The first calibration sample as the model's positional inputs (a dict batch bound by name)."""
     first = batches.take(next(iter(iterate_batches(data, batch_size))), 0, 1)
-    return batches.as_args(first, batches.input_names(model))
+    return batches.model_args(model, first)
 
 
 def _removes_a_whole_group(original: ChannelGraph, requests) -> bool:

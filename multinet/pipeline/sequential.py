@@ -37,6 +37,7 @@ from ..calib.stats import ConsumerSpec, ConsumerStats, warn_few_rows
 from ..errors import MultinetError
 from ..graph import ChannelGraph, prune, trace
 from ..graph.streams import residual_partners
+from ..graph.surgery import kept_output_rows
 from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..schedule.oneshot import first_samples
@@ -64,15 +65,8 @@ class PipelineStats:
 
 def track_outputs(graph: ChannelGraph, group, keep: list[int], surviving: dict[str, torch.Tensor]) -> None:
     """Which of each producer's original outputs are still there (consumers aim only at those)."""
-    kept = torch.tensor(keep)
-    table = graph.analysis.table
-    for space, offset in group.members:
-        sp = table.spaces[space]
-        if sp.kind != "producer":
-            continue
-        local = kept - offset
-        local = local[(local >= 0) & (local < sp.size)]
-        surviving[sp.owner] = surviving.get(sp.owner, torch.arange(sp.size))[local]
+    for owner, rows in kept_output_rows(graph, group.id, keep).items():
+        surviving[owner] = surviving[owner][rows] if owner in surviving else rows
 
 
 def dead_columns(graph: ChannelGraph, name: str, removed: Mapping[int, list[int]]) -> torch.Tensor:

@@ -88,7 +88,7 @@ def _merge(models: dict[str, nn.Module], example_inputs, leaf_modules, autowrap_
     for name, model in models.items():
         try:
             if isinstance(example_inputs, Mapping):  # bound by the member's argument names
-                args = batches.as_args(example_inputs, batches.input_names(model))
+                args = batches.model_args(model, example_inputs)
                 arg_names = batches.input_names(model)[:len(args)]
             else:
                 args, arg_names = inputs, names
