@@ -455,3 +455,27 @@ class SizeOnOwnTensor(nn.Module):
 def test_channel_count_used_on_its_own_tensor_is_fine():
     graph = check_model(SizeOnOwnTensor(), torch.randn(2, 3, 4))
     assert _group(graph, "a").prunable
+
+
+class PackedGatedMLP(nn.Module):
+    """Phi-3's MLP: one Linear gives gate and up, chunked in two and multiplied (a GLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(6, 2 * 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def test_packed_gate_and_up_are_one_group_cut_in_two_parts():
+    torch.manual_seed(0)
+    model = PackedGatedMLP().eval()
+    x = torch.randn(4, 6)
+    graph = check_model(model, x)  # zeroed channel == pruned channel, keep-all exact
+    group = _group(graph, "gate_up")
+    assert group.prunable and group.size == 5 and group.consumer_names == ["down"]
+    pruned = multinet.prune(graph, {group.id: [0, 2, 3, 4]})
+    # channel 1 is row 1 (gate) and row 6 (up) of the packed weight
+    assert torch.equal(pruned.gate_up.weight, model.gate_up.weight[[0, 2, 3, 4, 5, 7, 8, 9]])

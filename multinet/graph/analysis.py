@@ -485,7 +485,7 @@ class ChannelAnalysis:
         if any(d != dim for d, _, _ in tracked) or any(ax.width != out_shape[dim] for _, _, ax in tracked):
             return self._fail([t[2] for t in tracked], "elementwise op on mismatched channel dims", node)
         if len(tracked) == 2:
-            self.table.tie_segments(ax_a.segments, ax_b.segments, self._where(node))
+            self._tie_parts(ax_a.segments, ax_b.segments, node)
             return ax_a.at(dim)
         ax = tracked[0][2]
         other = b if ax is ax_a else a
@@ -1002,6 +1002,12 @@ class ChannelAnalysis:
         """Tie two head axes. Heads of one producer space tied to other heads of the same space (q
         to k of a packed q/k/v projection) ask the next pass to cut the producer into parts there."""
         self.head_spaces.update(s.space for s in (*a, *b))
+        self._tie_parts(a, b, node)
+
+    def _tie_parts(self, a: tuple[Segment, ...], b: tuple[Segment, ...], node: fx.Node) -> None:
+        """Tie two axes; where they put one producer's channels against other channels of the same
+        producer (q against k of a packed q/k/v; gate against up of a packed gate_up MLP projection,
+        chunked and multiplied), ask the next pass to cut the producer into parts there."""
         for pa, pb in aligned_pieces(a, b) or ():
             if pa.space != pb.space or pa.start == pb.start:
                 continue

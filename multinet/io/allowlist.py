@@ -71,7 +71,8 @@ _BUILTINS = "getattr"
 
 # traced (all-MiniLM-L6-v2, BERT and torchvision's Swin-T captured by torch.export, then compressed;
 # Swin adds pad.default roll.default adaptive_avg_pool2d.default, Swin V2 linalg_vector_norm.default
-# clamp_min.default expand_as.default; Llama, Qwen2 and Mistral cos.default sin.default (rotary positions)): bitwise_and.Tensor
+# clamp_min.default expand_as.default; Llama, Qwen2 and Mistral cos.default sin.default (rotary positions),
+# RoBERTa and OPT cumsum.default (position ids), Gemma type_as.default): bitwise_and.Tensor
 # (capture renames __and__.Tensor) add.Tensor arange.default dropout.default expand.default gather.default ge.Scalar gelu.default
 # index.Tensor new_ones.default reshape.default scaled_dot_product_attention.default slice.Tensor
 # sym_size.int to.device to.dtype_layout transpose.int unsqueeze.default view.default.
@@ -97,7 +98,7 @@ _ATEN = """
     adaptive_avg_pool1d.default adaptive_avg_pool2d.default avg_pool1d.default avg_pool2d.default
     max_pool1d.default max_pool2d.default upsample_nearest2d.vec upsample_bilinear2d.vec hardtanh.default
     leaky_relu.default elu.default relu6.default mean.default sum.default linalg_vector_norm.default
-    clamp_min.default clamp_max.default expand_as.default cos.default sin.default
+    clamp_min.default clamp_max.default expand_as.default cos.default sin.default cumsum.default type_as.default
 """
 
 _SPACES = {"torch": (torch, _TORCH), "torch.nn.functional": (F, _FUNCTIONAL), "operator": (operator, _OPERATOR),
