@@ -825,17 +825,23 @@ class ChannelAnalysis:
         return ax.at(ax.dim - sum(1 for d in removed if d < ax.dim))
 
     def _rule_reduce(self, node):
+        return self._reduced(node, _arg(node, 1, "dim", None), bool(_arg(node, 2, "keepdim", False)), "reduction")
+
+    def _rule_vector_norm(self, node):
+        """``linalg_vector_norm(x, ord, dims, keepdim)`` (F.normalize in an ATen graph): a reduction."""
+        return self._reduced(node, _arg(node, 2, "dim", None), bool(_arg(node, 3, "keepdim", False)), "norm")
+
+    def _reduced(self, node, dim, keepdim: bool, what: str) -> Info:
+        """Channels pass a reduction over other dims (moving down past the dims it removes)."""
         x = node.args[0]
         ax, shape = self._axis(x), _shape(x)
         if ax is None:
             return None
-        dim = _arg(node, 1, "dim", None)
-        keepdim = bool(_arg(node, 2, "keepdim", False))
         if dim is None or dim == () or dim == []:
-            return self._fail([ax], "reduction over every dim", node)
+            return self._fail([ax], f"{what} over every dim", node)
         dims = {_norm(d, len(shape)) for d in ([dim] if isinstance(dim, int) else dim)}
         if ax.dim in dims:
-            return self._fail([ax], "reduction over the channel dim", node)
+            return self._fail([ax], f"{what} over the channel dim", node)
         return ax if keepdim else ax.at(ax.dim - sum(1 for d in dims if d < ax.dim))
 
     def _rule_spatial(self, node):
@@ -852,30 +858,27 @@ class ChannelAnalysis:
         return ax
 
     def _rule_pad(self, node):
-        x = node.args[0]
-        ax, shape = self._axis(x), _shape(x)
-        if ax is None:
-            return None
+        shape = _shape(node.args[0])
         pad = _arg(node, 1, "pad")
-        padded_dims = {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
-        if ax.dim in padded_dims:
-            return self._fail([ax], "padding along the channel dim", node)
-        return ax
+        return self._moves_positions(node, lambda: {len(shape) - 1 - i // 2 for i, p in enumerate(pad) if p}, "padding")
 
-    def _rule_vector_norm(self, node):
-        """``linalg_vector_norm(x, ord, dims, keepdim)`` (F.normalize in an ATen graph): a reduction."""
-        x = node.args[0]
-        ax, shape = self._axis(x), _shape(x)
+    def _rule_roll(self, node):
+        """A cyclic shift along other dims (Swin's shifted windows) moves positions, not channels."""
+        shape = _shape(node.args[0])
+        dims = _arg(node, 2, "dims", ())
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims:  # the flattened tensor rolls: channels move
+            dims = range(len(shape or ()))
+        return self._moves_positions(node, lambda: {_norm(d, len(shape)) for d in dims}, "roll")
+
+    def _moves_positions(self, node, moved_dims, what: str) -> Info:
+        """Channels pass an op that only moves positions along ``moved_dims()``, unless it moves them."""
+        ax = self._axis(node.args[0])
         if ax is None:
             return None
-        dims = _arg(node, 2, "dim", None)
-        keepdim = bool(_arg(node, 3, "keepdim", False))
-        if dims is None or dims == () or dims == []:
-            return self._fail([ax], "norm over every dim", node)
-        dims = {_norm(d, len(shape)) for d in ([dims] if isinstance(dims, int) else dims)}
-        if ax.dim in dims:
-            return self._fail([ax], "norm over the channel dim", node)
-        return ax if keepdim else ax.at(ax.dim - sum(1 for d in dims if d < ax.dim))
+        if ax.dim in moved_dims():
+            return self._fail([ax], f"{what} along the channel dim", node)
+        return ax
 
     def _rule_aten_index(self, node):
         """``aten.index.Tensor(x, [index])``: rows of the leading dim gathered (a bias table computed by
@@ -900,20 +903,6 @@ class ChannelAnalysis:
             return self._fail([ax], "a new tensor sized like the channels", node)
         self._check_shape_args(node, None, None)
         return None
-
-    def _rule_roll(self, node):
-        """A cyclic shift along other dims (Swin's shifted windows) moves positions, not channels."""
-        x = node.args[0]
-        ax, shape = self._axis(x), _shape(x)
-        if ax is None:
-            return None
-        dims = _arg(node, 2, "dims", ())
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if not dims:
-            return self._fail([ax], "roll of the flattened tensor moves channels", node)
-        if ax.dim in {_norm(d, len(shape)) for d in dims}:
-            return self._fail([ax], "roll along the channel dim", node)
-        return ax
 
     def _rule_softmax(self, node):
         x = node.args[0]
