@@ -47,6 +47,8 @@ def architectures(t) -> dict[str, callable]:
         "mistral": lambda: t.MistralModel(t.MistralConfig(**DECODER)),
         "phi3": lambda: t.Phi3Model(t.Phi3Config(**DECODER, pad_token_id=0)),
         "gemma": lambda: t.GemmaModel(t.GemmaConfig(**DECODER, head_dim=16)),
+        "llama-lm": lambda: t.LlamaForCausalLM(t.LlamaConfig(**DECODER)),  # a head on the stream: width prunable
+        "gemma-lm": lambda: t.GemmaForCausalLM(t.GemmaConfig(**DECODER, head_dim=16, tie_word_embeddings=False)),
         "vit": lambda: t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in TEXT.items()
                                                                                if k != "vocab_size"})),
         "deit": lambda: t.DeiTModel(t.DeiTConfig(image_size=32, patch_size=8, **{k: v for k, v in TEXT.items()

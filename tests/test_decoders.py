@@ -46,8 +46,8 @@ def test_grouped_query_heads_and_gated_mlp_are_groups(kind):
     assert heads.consumer_names == ["layers.0.self_attn.o_proj"]
     mlp = graph.group_of_layer("layers.0.mlp.up_proj")
     assert mlp.prunable and set(mlp.producers) == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"}
-    (stream,) = [g for g in graph.groups if not g.prunable]  # the model width: RMSNorm reduces over it
-    assert any("reduction over the channel dim" in r for r in stream.reasons)
+    (stream,) = [g for g in graph.groups if not g.prunable]  # the model width: the base model's output
+    assert stream.reasons == ["reaches the model output"] and not stream.exact and "RMSNorm" in stream.notes[0]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -137,3 +137,26 @@ def test_gpt2_compresses_sequentially_with_its_packed_heads(tmp_path):
     batch = _batch(5, seed=2)
     with torch.no_grad():
         assert result.model(**batch)["last_hidden_state"].shape == (5, 8, 64)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_model_width_under_rmsnorm_is_an_inexact_group_with_a_head_on_top(kind):
+    """RMSNorm's mean over the channels only rescales the stream: the width is prunable (inexact,
+    like LayerNorm) once the stream feeds a head instead of being the output."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)) if kind == "llama" else
+             transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=16))).eval()
+    batch = _batch(2)
+    graph = _trace(model, batch)
+    (width,) = [g for g in graph.groups if g.size == 64]
+    assert width.prunable and not width.exact and any("RMSNorm" in n for n in width.notes)
+    keep_all = multinet.prune(graph, {width.id: list(range(64))})
+    pruned = multinet.prune(graph, {width.id: list(range(0, 64, 2))})
+    with torch.no_grad():
+        assert torch.equal(keep_all(**batch)["logits"], graph.module(**batch)["logits"])
+        assert pruned(**batch)["logits"].shape == (2, 8, 100)
+    assert pruned.get_parameter("model.norm.weight").shape == (32,)  # the RMSNorm weight is cut with it
+    assert pruned.get_submodule("lm_head").in_features == 32
+    assert multinet.count(pruned).flops < 0.6 * multinet.count(graph.module).flops

@@ -479,3 +479,21 @@ def test_packed_gate_and_up_are_one_group_cut_in_two_parts():
     pruned = multinet.prune(graph, {group.id: [0, 2, 3, 4]})
     # channel 1 is row 1 (gate) and row 6 (up) of the packed weight
     assert torch.equal(pruned.gate_up.weight, model.gate_up.weight[[0, 2, 3, 4, 5, 7, 8, 9]])
+
+
+class ChannelMeanAsFeature(nn.Module):
+    """A mean over the channels used as a feature of its own, not to rescale what it was taken of."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + h.mean(-1, keepdim=True)
+
+
+def test_a_channel_mean_that_does_not_normalise_fails_closed():
+    graph = multinet.trace(ChannelMeanAsFeature(), torch.randn(3, 4))
+    group = _group(graph, "a")
+    assert not group.prunable and "reduction over the channel dim" in " ".join(group.reasons)

@@ -8,6 +8,7 @@ Anything not understood fails closed: the spaces that reach it are marked unprun
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -461,7 +462,7 @@ class ChannelAnalysis:
     def _rule_unary(self, node):
         ax = self._axis(node.args[0]) if node.args else None
         others = [a for a in self._tracked_inputs(node) if a is not ax]
-        if others and node.target not in ("type_as", "to"):
+        if others and node.target not in ("type_as", "to", torch.ops.aten.type_as.default):  # dtype only
             self._fail(others, "used as a secondary argument", node)
         return ax
 
@@ -527,8 +528,9 @@ class ChannelAnalysis:
             if xs is None or ts is None:
                 return None
             chain.append(t)
-            if rule == "unary" and len(xs) == len(ts) and xs == ts:
-                pass  # elementwise (a copy, clamp, exp: Swin V2's logit scale): slicing commutes with it
+            if rule == "unary" and xs == ts or rule == "binary" and xs == ts and \
+                    sum(isinstance(a, fx.Node) for a in (*t.args, *t.kwargs.values())) == 1:
+                pass  # elementwise (a copy, clamp, exp: Swin V2's logit scale; 1 + w: Gemma's RMSNorm weight)
             elif rule == "unsqueeze":
                 d = _norm(_arg(t, 1, "dim"), len(ts))
                 if d == dim:
@@ -840,9 +842,48 @@ class ChannelAnalysis:
         if dim is None or dim == () or dim == []:
             return self._fail([ax], f"{what} over every dim", node)
         dims = {_norm(d, len(shape)) for d in ([dim] if isinstance(dim, int) else dim)}
+        if ax.dim in dims and keepdim and dims == {ax.dim} and self._normalises(node):
+            note = (f"`{node.name}` normalises over this channel (RMSNorm): pruning shifts the kept channels' "
+                    f"statistics")
+            for space in ax.spaces():
+                self.inexact[space].append(note)
+            return None  # one value per position, broadcast back over the channels
         if ax.dim in dims:
             return self._fail([ax], f"{what} over the channel dim", node)
         return ax if keepdim else ax.at(ax.dim - sum(1 for d in dims if d < ax.dim))
+
+    def _normalises(self, reduction: fx.Node) -> bool:
+        """A mean over the channels that only rescales the tensor it was taken of, as RMSNorm does:
+        ``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)``. The mean's input and the rescaled tensor
+        come from one tensor through elementwise ops, and the mean reaches the rescaling through
+        elementwise ops alone."""
+        if reduction.target not in (torch.mean, torch.ops.aten.mean.dim, "mean"):
+            return False
+        source = self._elementwise_source(reduction.args[0])
+        node = reduction
+        for _ in range(8):
+            if len(node.users) != 1:
+                return False
+            (user,) = node.users
+            operands = [a for a in user.args if isinstance(a, fx.Node)]
+            rule = ops.function_rule(user.target) if user.op == "call_function" else ops.method_rule(user.target)
+            if rule not in ("unary", "binary"):
+                return False
+            if len(operands) == 2:
+                other = operands[0] if operands[1] is node else operands[1]
+                return user.target in _RESCALES and self._elementwise_source(other) is source
+            node = user
+        return False
+
+    def _elementwise_source(self, t: fx.Node) -> fx.Node:
+        """The tensor ``t`` is computed from by single-input elementwise ops (casts, powers, scalars)."""
+        while isinstance(t, fx.Node) and t.op in ("call_function", "call_method"):
+            rule = ops.function_rule(t.target) if t.op == "call_function" else ops.method_rule(t.target)
+            inputs = [a for a in t.args if isinstance(a, fx.Node)]
+            if rule not in ("unary", "binary") or len(inputs) != 1 or _shape(inputs[0]) != _shape(t):
+                break
+            t = inputs[0]
+        return t
 
     def _rule_spatial(self, node):
         x = node.args[0] if node.args else node.kwargs.get("input")
@@ -1242,6 +1283,10 @@ def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
         return None
     return None
 
+
+# what rescales a tensor by a per-position statistic (x * rsqrt(ms + eps), x / norm)
+_RESCALES = (torch.mul, torch.div, operator.mul, operator.truediv, "mul", "div", torch.ops.aten.mul.Tensor,
+             torch.ops.aten.div.Tensor)
 
 # ops that copy a tensor as it is (a parameter's view chain may pass through them)
 _COPIES = ("contiguous", "clone", "detach", torch.clone, torch.detach, torch.ops.aten.contiguous.default,
