@@ -160,3 +160,27 @@ def test_model_width_under_rmsnorm_is_an_inexact_group_with_a_head_on_top(kind):
     assert pruned.get_parameter("model.norm.weight").shape == (32,)  # the RMSNorm weight is cut with it
     assert pruned.get_submodule("lm_head").in_features == 32
     assert multinet.count(pruned).flops < 0.6 * multinet.count(graph.module).flops
+
+
+def test_phi3_packed_qkv_under_grouped_query_attention_has_head_groups():
+    """Phi-3 packs q (4 heads), k and v (2 heads each) in one Linear and slices it: the q part's channel
+    is two q heads, the k and v parts' one head each (a unit per part)."""
+    torch.manual_seed(0)
+    model = transformers.Phi3Model(transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                           num_attention_heads=4, num_key_value_heads=2,
+                                                           vocab_size=100, pad_token_id=0)).eval()
+    batch = _batch(3)
+    graph = _trace(model, batch)
+    heads = graph.group_of_layer("layers.0.self_attn.qkv_proj")
+    assert heads.prunable and heads.attention_heads and heads.size == 2
+    assert graph.group_of_layer("layers.0.mlp.gate_up_proj").prunable  # gate and up, packed
+    pruned = multinet.prune(graph, {heads.id: [1]})
+    qkv = pruned.get_submodule("layers.0.self_attn.qkv_proj")
+    # k/v head 1 kept: q rows 32:64, k rows 64+16:64+32, v rows 96+16:96+32 of the packed weight
+    assert torch.equal(qkv.weight, model.layers[0].self_attn.qkv_proj.weight[[*range(32, 64), *range(80, 96),
+                                                                              *range(112, 128)]])
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.layers[0].self_attn.o_proj.weight[:, :32] = 0  # q heads 0 and 1, served by k/v head 0
+        torch.testing.assert_close(pruned(**batch)["last_hidden_state"], reference(**batch).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)

@@ -191,13 +191,17 @@ class ChannelAnalysis:
         """The producer's output channels: one space, or one per part when a pass asked for parts."""
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
         if use.out_space is None:
-            unit = self.units.get(name, 1)
-            unit = unit if size % unit == 0 else 1
+            whole = self.units.get(name, 1)
+            whole = whole if size % whole == 0 else 1
             cuts = sorted({0, size} | set(self.parts.get(name, ())))
-            if any(c % unit or not 0 <= c <= size for c in cuts):
-                cuts = [0, size]
+            # a part may ask for its own unit (Phi-3's packed q/k/v under GQA: a channel is two q heads
+            # in the q part, one k or v head in the others)
+            units = [self.units.get((name, lo), whole) for lo in cuts[:-1]]
+            if any(not 0 <= c <= size for c in cuts) or any((hi - lo) % u or lo % whole
+                                                             for lo, hi, u in zip(cuts, cuts[1:], units)):
+                cuts, units = [0, size], [whole]
             segs = []
-            for lo, hi in zip(cuts, cuts[1:]):
+            for lo, hi, unit in zip(cuts, cuts[1:], units):
                 sid = self.table.new((hi - lo) // unit, "producer", name, reason)
                 self._space_unit[sid] = unit
                 self._space_start[sid] = lo
@@ -1025,8 +1029,10 @@ class ChannelAnalysis:
             unit = self._space_unit.get(seg.space, 1)
             new = unit * _gcd_factor(seg.block, div)
             if new != unit and (space.size * unit) % new == 0:
-                old = self.unit_requests.get(space.owner, 1)
-                self.unit_requests[space.owner] = old * new // math.gcd(old, new)
+                # a producer already cut into parts coarsens only the part asked for
+                key = (space.owner, self._space_start[seg.space]) if self.parts.get(space.owner) else space.owner
+                old = self.unit_requests.get(key, self.units.get(key, 1))
+                self.unit_requests[key] = old * new // math.gcd(old, new)
 
     def _tie_heads(self, a: tuple[Segment, ...], b: tuple[Segment, ...], node: fx.Node) -> None:
         """Tie two head axes. Heads of one producer space tied to other heads of the same space (q

@@ -112,6 +112,9 @@ def analyse(gm: fx.GraphModule) -> AnalysisResult:
         result = ChannelAnalysis(gm, units, parts).run()
         new = {k: v for k, v in result.unit_requests.items() if units.get(k) != v}
         new_parts = {k: v for k, v in result.part_requests.items() if parts.get(k) != v}
+        for owner in new_parts:  # cut first: the next pass asks each part for its own unit
+            if owner in new and owner not in parts:
+                del new[owner]
         if not new and not new_parts:
             break
         units.update(new)
