@@ -16,7 +16,6 @@ import torch.fx as fx
 
 _aten = torch.ops.aten
 _FRESH = {_aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default, _aten.new_empty.default}
-_SOURCES = {_aten.lift_fresh_copy.default}  # a constant captured from the code (a Python number as a tensor)
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:
@@ -39,12 +38,8 @@ def _constant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], set[fx.Node]]:
             const.add(node)
             fresh.add(node)
         elif isinstance(node.target, torch._ops.OpOverload) and _inputs(node) \
-                and all(i in const for i in _inputs(node)) and not node.target._schema.is_mutable \
-                or node.target in _SOURCES and all(i in const for i in _inputs(node)):
-            const.add(node)
-        elif isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable \
-                and _inputs(node) and all(i in const for i in _inputs(node)):
-            const.add(node)  # an in-place write into a constant (fill_ of a slice of new_zeros)
+                and all(i in const for i in _inputs(node)):
+            const.add(node)  # pure, or an in-place write into a constant (fill_ of a slice of new_zeros)
     return const, fresh
 
 

@@ -111,9 +111,7 @@ def _match(reshape: fx.Node):
         if picked is None:
             return None
         selects.extend(picked)
-    if not selects or any(not 0 <= i % k < k for _, i in selects):
-        return None
-    return lead, k, permute, selects
+    return (lead, k, permute, selects) if selects else None
 
 
 def unpack_selected_qkv(gm: fx.GraphModule) -> int:
