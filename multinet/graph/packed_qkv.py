@@ -24,6 +24,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from .capture import is_aten_graph
+
 _aten = torch.ops.aten
 _RESHAPES = {torch.reshape, _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
 _PERMUTES = {torch.permute, _aten.permute.default}
@@ -117,7 +119,7 @@ def _match(reshape: fx.Node):
 def unpack_selected_qkv(gm: fx.GraphModule) -> int:
     """Rewrite every matched packed-q/k/v reshape in place; returns how many were rewritten."""
     rewritten = 0
-    aten_graph = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    aten_graph = is_aten_graph(gm)
     for reshape in list(gm.graph.nodes):
         if not _is(reshape, _RESHAPES, ("reshape", "view")):
             continue
