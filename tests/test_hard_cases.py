@@ -442,11 +442,15 @@ def test_channel_count_used_to_shape_another_tensor_fails_closed():
     assert not group.prunable and "channel count shapes another tensor" in " ".join(group.reasons)
 
 
-class SizeOnOwnTensor(nn.Module):
+class TwoLinears(nn.Module):
+    """a: 4 -> 6 channels, b: 6 -> 2; subclasses say what happens to a's channels in between."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
 
+
+class SizeOnOwnTensor(TwoLinears):
     def forward(self, x):
         h = self.a(x)
         return self.b(h.reshape(-1, h.size(-1)))
@@ -481,12 +485,8 @@ def test_packed_gate_and_up_are_one_group_cut_in_two_parts():
     assert torch.equal(pruned.gate_up.weight, model.gate_up.weight[[0, 2, 3, 4, 5, 7, 8, 9]])
 
 
-class ChannelMeanAsFeature(nn.Module):
+class ChannelMeanAsFeature(TwoLinears):
     """A mean over the channels used as a feature of its own, not to rescale what it was taken of."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
 
     def forward(self, x):
         h = self.a(x)
