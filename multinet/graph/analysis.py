@@ -1294,11 +1294,6 @@ def _map_reshape(shape, out, dim: int) -> tuple[int, int, int] | None:
 _RESCALES = (torch.mul, torch.div, operator.mul, operator.truediv, "mul", "div", torch.ops.aten.mul.Tensor,
              torch.ops.aten.div.Tensor)
 
-# ops that copy a tensor as it is (a parameter's view chain may pass through them)
-_COPIES = ("contiguous", "clone", "detach", torch.clone, torch.detach, torch.ops.aten.contiguous.default,
-           torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default)
-
-
 def _is_aten_index(t: fx.Node) -> bool:
     """``aten.index.Tensor(x, [index])``: torch.export's form of ``x[index]`` on the leading dim."""
     if t.op != "call_function" or t.target is not torch.ops.aten.index.Tensor or len(t.args) < 2:

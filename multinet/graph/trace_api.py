@@ -35,9 +35,8 @@ def trace(
     standard fx escape hatches for code with data-dependent control flow. Opaque calls make the
     channels that reach them unprunable, never silently wrong.
     """
-    inputs = positional_inputs(model, example_inputs)
+    inputs = positional_inputs(model, example_inputs)  # the model's arguments, defaults in gaps included
     gm = capture_graph(model, inputs, leaf_modules, autowrap_functions, capture)
-    inputs = graph_inputs(gm, inputs)
     groups, analysis = build_groups(gm)
     if capture == "auto" and not leaf_modules and not autowrap_functions and _opaque_calls_block(model, gm, groups):
         exported = _exported_if_more_prunable(model, inputs, groups)
@@ -45,7 +44,7 @@ def trace(
             gm, groups, analysis = exported
     if not groups:
         raise TraceError(_nothing_found(gm, analysis.unknown_ops))
-    return ChannelGraph(gm, inputs, groups, analysis)
+    return ChannelGraph(gm, graph_inputs(gm, inputs), groups, analysis)
 
 
 def capture_graph(model: torch.nn.Module, example_inputs, leaf_modules: Iterable[type | str] = (),
