@@ -10,6 +10,9 @@
    with the auto schedule: same removed channels, accuracy.
 4. Scale: ResNet-50 (benchmarks/scale.py's model, random weights) compressed on the device, in
    units of one plain forward pass there, with the pipeline's phase breakdown.
+5. MultiNet forms on the device: an ensemble of three zoo ResNets and an MLP pair run as built,
+   fused, and fused with the members' same-shaped layers batched (``net.fused(batched=True)``):
+   outputs equal, ms per batch, and the form ``infer(fuse="auto")`` picks there.
 
 ``--device cpu`` runs the same checks with the CPU as the "device" (a dry run of the script on a
 machine without a GPU). Exits 1 on any mismatch, 0 when all agree (or when there is no device).
@@ -119,6 +122,34 @@ def check_scale(device: str, images: int, size: int) -> None:
               f"(pass {forward:.3f}s){'; ' + phases if phases else ''}")
 
 
+def check_forms(device: str, repeats: int = 50) -> bool:
+    from multinet import MultiNet
+    from multinet.runtime.infer import faster_form
+    from multinet.unification.batching import batched_count
+
+    ok = True
+    split = data.load("digits")
+    x = split.test_x[:256].to(device)
+    for kinds in (("resnet", "resnet", "resnet"), ("mlp", "mlp")):
+        torch.manual_seed(0)
+        net = MultiNet({f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}, split.train_x[:1]).eval()
+        forms = {"as built": net, "fused": net.fused(), "batched": net.fused(batched=True)}
+        forms = {k: f.to(device).eval() for k, f in forms.items()}
+        times = {}
+        with torch.no_grad():
+            ref = forms["as built"](x)
+            for name, form in forms.items():
+                out = form(x)
+                ok &= all(torch.allclose(out[m], ref[m], atol=1e-4, rtol=1e-4) for m in ref)
+                times[name] = sorted(timed(lambda: form(x), device)[1] for _ in range(repeats))[repeats // 2]
+            picked = faster_form(net, split.test_x[:256], torch.device(device))
+        picked_name = ("as built" if not picked.is_fused else
+                       "batched" if batched_count(picked.graph_module) else "fused")
+        print(f"MultiNet {'+'.join(kinds)} on {device}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+              + f"; {batched_count(forms['batched'].graph_module)} batched ops; auto picks {picked_name}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -135,6 +166,7 @@ def main() -> int:
     ok = check_solvers(args.device, args.quick)
     ok &= check_calibration(args.device)
     ok &= check_runs(args.device)
+    ok &= check_forms(args.device)
     if not args.quick:
         check_scale(args.device, args.images, args.size)
     print("ALL OK" if ok else "MISMATCH")

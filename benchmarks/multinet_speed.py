@@ -1,11 +1,13 @@
-"""Per-batch inference time of a MultiNet: members one after another, unfused, fused.
+"""Per-batch inference time of a MultiNet: members one after another, unfused, fused, batched.
 
     python benchmarks/multinet_speed.py [--threads 2] [--batch 256] [--repeats 30]
 
 For each set of zoo models (digits weights) it times one batch of digits test images through
 (1) the member models called one after another, (2) the MultiNet as built (one fx graph, no
-fusion) and (3) its fused form (``net.fused()``: layers that read the same tensor as one wider
-layer), and the same for a unified (compressed) MultiNet of the set. The variants take turns in
+fusion), (3) its fused form (``net.fused()``: layers that read the same tensor as one wider
+layer) and (4) its batched form (``net.fused(batched=True)``: also same-shaped layers of different
+members as one batched matmul / grouped conv), and the same for a unified (compressed) MultiNet of
+the set. The variants take turns in
 ``--repeats`` rounds after warm-up (medians, and paired per-round ratios with 95 % intervals, as
 benchmarks/unify.py times them), torch threads set explicitly. Writes benchmarks/results/multinet_speed.md.
 """
@@ -19,11 +21,14 @@ import torch
 
 import multinet
 from multinet import MultiNet, data, zoo
+from multinet.unification.batching import batched_count
 from unify import interleaved_ms, paired_ratio  # benchmarks/unify.py: the same paired timing
 
 RESULTS = Path(__file__).parent / "results"
 SETS = {"vgg+resnet": ("vgg", "resnet"), "mlp+mlp": ("mlp", "mlp"), "vgg+vgg+mlp": ("vgg", "vgg", "mlp"),
-        "mlp+vgg+resnet+mobilenet+densenet": ("mlp", "vgg", "resnet", "mobilenet", "densenet")}
+        "mlp+vgg+resnet+mobilenet+densenet": ("mlp", "vgg", "resnet", "mobilenet", "densenet"),
+        "resnet x3 (ensemble)": ("resnet", "resnet", "resnet")}
+UNIFIED = ("vgg+resnet", "mlp+mlp", "vgg+vgg+mlp")  # sets also timed unified at 40 % of their FLOPs
 
 
 def one_after_another(models: dict):
@@ -35,20 +40,22 @@ def one_after_another(models: dict):
 def row(name: str, kind: str, members: dict | None, net: MultiNet, x: torch.Tensor, repeats: int) -> dict:
     """The variants timed in interleaved rounds (each round starts one variant later); medians, and the
     paired per-round ratios unfused / one after another and fused / unfused with their 95 % intervals."""
-    fused = net.fused()
+    fused, batched = net.fused(), net.fused(batched=True)
     with torch.no_grad():
-        ref, out = net(x), fused(x)
-    error = max(float((out[k] - ref[k]).abs().max()) for k in ref)
-    fns = {"unfused": lambda: net(x), "fused": lambda: fused(x)}
+        ref, out, out_b = net(x), fused(x), batched(x)
+    error = max(float((o[k] - ref[k]).abs().max()) for o in (out, out_b) for k in ref)
+    fns = {"unfused": lambda: net(x), "fused": lambda: fused(x), "batched": lambda: batched(x)}
     if members is not None:
         fns["separate"] = (lambda run: lambda: run(x))(one_after_another(members))
     medians, rounds = interleaved_ms(fns, repeats)
-    ratios = {"fused_vs_unfused": paired_ratio(rounds["fused"], rounds["unfused"])}
+    ratios = {"fused_vs_unfused": paired_ratio(rounds["fused"], rounds["unfused"]),
+              "batched_vs_fused": paired_ratio(rounds["batched"], rounds["fused"])}
     if members is not None:
         ratios["unfused_vs_separate"] = paired_ratio(rounds["unfused"], rounds["separate"])
     return dict(set=name, kind=kind, separate=medians.get("separate"), unfused=medians["unfused"],
-                fused=medians["fused"], ratios=ratios,
-                fused_layers=sum(1 for n, _ in fused.named_children() if n.startswith("fused_")), error=error)
+                fused=medians["fused"], batched=medians["batched"], ratios=ratios,
+                fused_layers=sum(1 for n, _ in fused.named_children() if n.startswith("fused_")),
+                batched_ops=batched_count(batched.graph_module), error=error)
 
 
 def main() -> None:
@@ -69,7 +76,7 @@ def main() -> None:
         net = MultiNet(models, split.train_x[:1]).eval()
         rows.append(row(name, "original", models, net, x, args.repeats))
         print(rows[-1], flush=True)
-        if not args.no_unified and len(kinds) <= 3:
+        if not args.no_unified and name in UNIFIED:
             unified = multinet.unify(models, split.train_x[:512], budget=0.4, max_positions=16).model.eval()
             rows.append(row(name, "unified 40 %", None, unified, x, args.repeats))
             print(rows[-1], flush=True)
@@ -81,12 +88,14 @@ def write(rows: list[dict], args) -> None:
              f"{args.repeats} interleaved rounds)", "",
              "`python benchmarks/multinet_speed.py`: ms per batch of digits test images. *one after another*: "
              "the member models called in turn; *unfused*: the MultiNet's graph as built; *fused*: "
-             "`net.fused()` (what `multinet.infer` and export use). The variants take turns in every round "
+             "`net.fused()` (what `multinet.infer` and export use); *batched*: `net.fused(batched=True)` (same-shaped "
+             "layers of different members as one batched matmul or grouped conv). The variants take turns in every round "
              "(each round starting one later); a ratio is the median over rounds of the two variants' times in the "
-             "same round, with its 95 % order-statistics interval. Max |fused − unfused| over the outputs.", "",
-             "| set | models | one after another (ms) | unfused MultiNet (ms) | fused (ms) | "
-             "unfused / one after another | fused / unfused | fused layers | max abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "same round, with its 95 % order-statistics interval. Max |fused or batched − unfused| over the outputs.", "",
+             "| set | models | one after another (ms) | unfused MultiNet (ms) | fused (ms) | batched (ms) | "
+             "unfused / one after another | fused / unfused | batched / fused | fused layers | batched ops | "
+             "max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(r, key):
         if key not in r["ratios"]:
@@ -97,8 +106,8 @@ def write(rows: list[dict], args) -> None:
     for r in rows:
         separate = f"{r['separate']:.2f}" if r["separate"] is not None else "—"
         lines.append(f"| {r['set']} | {r['kind']} | {separate} | {r['unfused']:.2f} | {r['fused']:.2f} | "
-                     f"{ratio(r, 'unfused_vs_separate')} | {ratio(r, 'fused_vs_unfused')} | "
-                     f"{r['fused_layers']} | {r['error']:.1e} |")
+                     f"{r['batched']:.2f} | {ratio(r, 'unfused_vs_separate')} | {ratio(r, 'fused_vs_unfused')} | "
+                     f"{ratio(r, 'batched_vs_fused')} | {r['fused_layers']} | {r['batched_ops']} | {r['error']:.1e} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "multinet_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

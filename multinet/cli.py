@@ -373,7 +373,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     x, y, what = inference_data(args)
     check_fits(model, x, f"the {what}")
     start = time.perf_counter()
-    fuse = {"yes": True, "no": False, "auto": "auto"}[args.fuse]
+    fuse = {"yes": True, "no": False, "auto": "auto", "batched": "batched"}[args.fuse]
     outputs = infer(model, x, batch_size=args.batch_size, device=args.device, progress=not args.quiet, fuse=fuse)
     seconds = time.perf_counter() - start
     outputs = outputs if isinstance(outputs, dict) else {"output": outputs}
@@ -492,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dataset", default="digits", help="built-in data whose test split is run (digits, mnist)")
     i.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     i.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    i.add_argument("--fuse", default="yes", choices=["yes", "no", "auto"],
-                   help="a MultiNet's layers that read the same tensor as one wider layer (yes), as built (no), or "
-                        "whichever runs the first batch faster here (auto)")
+    i.add_argument("--fuse", default="yes", choices=["yes", "no", "batched", "auto"],
+                   help="a MultiNet's layers that read the same tensor as one wider layer (yes), as built (no), "
+                        "fused and same-shaped layers of different members as one batched op (batched), or "
+                        "whichever runs the first batch fastest here (auto)")
     i.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")
     i.set_defaults(func=cmd_infer)
     e = sub.add_parser("export", help="export a model or .mnet file to ONNX or torch.export")

@@ -120,30 +120,34 @@ def test_infer_returns_per_member_outputs_through_the_fused_network(split):
             assert torch.equal(plain[name], torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)]))
 
 
-@pytest.mark.parametrize("fused_costs, chosen", [(2.0, False), (0.5, True)], ids=["unfused faster", "fused faster"])
-def test_auto_fusion_takes_the_form_that_runs_the_batch_faster(split, fused_costs, chosen):
-    """The two forms take turns on a clock that charges the unfused form 1 and the fused form
-    ``fused_costs`` per call: the cheaper one is returned, and infer(fuse="auto") gives the members' outputs."""
+@pytest.mark.parametrize("costs, chosen", [((1.0, 2.0, 3.0), "unfused"), ((1.0, 0.5, 0.7), "fused"),
+                                           ((1.0, 0.7, 0.5), "batched")],
+                         ids=["unfused fastest", "fused fastest", "batched fastest"])
+def test_auto_fusion_takes_the_form_that_runs_the_batch_fastest(split, costs, chosen):
+    """The three forms (as built, fused, fused and batched) take turns on a clock that charges each
+    call its form's cost: the cheapest is returned, and infer(fuse="auto") gives the members' outputs."""
     from multinet.runtime.infer import faster_form
+    from multinet.unification.batching import batched_count
 
     models = {"a": zoo.create("mlp"), "b": zoo.create("mlp")}
     net = MultiNet(models, split.train_x[:1])
-    costs = iter([1.0, fused_costs] * 50)
+    charges = iter(list(costs) * 50)
     now = {"t": 0.0, "started": False}
 
     def clock():  # each timed call reads the clock twice: before (start) and after (start + its cost)
         if now["started"]:
-            now["t"] += next(costs)
+            now["t"] += next(charges)
         now["started"] = not now["started"]
         return now["t"]
 
     form = faster_form(net, split.test_x[:64], torch.device("cpu"), trials=3, clock=clock)
-    assert form.is_fused == chosen
+    got = "unfused" if not form.is_fused else "batched" if batched_count(form.graph_module) else "fused"
+    assert got == chosen
     out = multinet.infer(net, split.test_x[:100], fuse="auto")
     with torch.no_grad():
         for name, model in models.items():
             torch.testing.assert_close(out[name], model(split.test_x[:100]), atol=1e-5, rtol=1e-5)
-    with pytest.raises(multinet.MultinetError, match="fuse must be True, False or 'auto'"):
+    with pytest.raises(multinet.MultinetError, match="fuse must be True, False, 'batched' or 'auto'"):
         multinet.infer(net, split.test_x[:10], fuse="yes")
 
 

@@ -16,7 +16,7 @@ from ..schedule.latency import synchronize
 from .progress import Bar
 
 
-FUSE_TRIALS = 5  # timed rounds per form when ``fuse="auto"`` chooses between fused and unfused
+FUSE_TRIALS = 5  # timed rounds per form when ``fuse="auto"`` chooses a MultiNet's form
 
 
 def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", progress: bool = False,
@@ -26,19 +26,21 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     Returns the outputs concatenated along the batch: for a MultiNet {model name: output}, for a
     plain model its output. A MultiNet runs fused (``fuse=False``: as given): layers of its members
     that read the same tensor are one wider layer, so the members run as one wide network.
-    ``fuse="auto"``: whichever of the two forms runs the first batch faster on ``device`` (both timed
-    in turns, ``FUSE_TRIALS`` rounds each): a wider layer is not faster on every device and shape.
+    ``fuse="batched"``: fused, and same-shaped layers of different members run as one batched or
+    grouped op (``MultiNet.fused(batched=True)``). ``fuse="auto"``: whichever of those forms runs the
+    first batch fastest on ``device`` (timed in turns, ``FUSE_TRIALS`` rounds each): a wider layer or a
+    grouped convolution is not faster on every device and shape.
     The network is moved to ``device``; inputs are moved batch by batch.
     With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
     that each rebuild the network once from its model bytes), in order.
     """
-    if fuse not in (True, False, "auto"):
-        raise MultinetError(f"fuse must be True, False or 'auto', got {fuse!r}")
+    if fuse not in (True, False, "auto", "batched"):
+        raise MultinetError(f"fuse must be True, False, 'batched' or 'auto', got {fuse!r}")
     dev = resolve_device(device)
     if fuse == "auto":
         net = faster_form(net, next(iter(iterate_batches(data, batch_size))), dev)
     elif fuse:
-        net = _fused(net)
+        net = _fused(net, batched=fuse == "batched")
     if executor is not None and getattr(executor, "name", "local") == "ray":
         return _infer_ray(net, data, batch_size, executor)
     net = net.to(dev).eval()
@@ -64,14 +66,18 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
 
 def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_TRIALS,
                 clock=time.perf_counter) -> nn.Module:
-    """A MultiNet's fused or unfused form, whichever runs ``batch`` faster on ``device`` (median of
-    ``trials`` rounds, the two forms taking turns after one warm-up call each); other models as given."""
-    fused = _fused(net)
-    if fused is net:
+    """A MultiNet's form (as built, fused, fused and batched) that runs ``batch`` fastest on ``device``
+    (median of ``trials`` rounds, the forms taking turns after one warm-up call each); other models as
+    given. A form that changes nothing is not timed twice."""
+    forms = [net]
+    for form in (_fused(net), _fused(net, batched=True)):
+        if form is not forms[-1] and not _same_graph(form, forms[-1]):
+            forms.append(form)
+    if len(forms) == 1:
         return net
-    forms = [net.to(device).eval(), fused.to(device).eval()]
+    forms = [form.to(device).eval() for form in forms]
     x = batches.to_device(batch, device)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in forms]
     with torch.no_grad():
         for form in forms:
             batches.call(form, x)
@@ -82,14 +88,20 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
                 batches.call(form, x)
                 synchronize(device)
                 spent.append(clock() - start)
-    return forms[int(statistics.median(times[1]) <= statistics.median(times[0]))]
+    medians = [statistics.median(t) for t in times]
+    return forms[min(range(len(forms)), key=lambda i: (medians[i], -i))]  # on a tie, the more fused form
 
 
-def _fused(net: nn.Module) -> nn.Module:
+def _same_graph(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two forms run the same code (e.g. batching found nothing to batch)."""
+    return getattr(a, "graph_module", a).code == getattr(b, "graph_module", b).code
+
+
+def _fused(net: nn.Module, batched: bool = False) -> nn.Module:
     """A MultiNet's fused form (same outputs up to float rounding, fewer and larger ops); others as given."""
     from ..unification.multinet import MultiNet
 
-    return net.fused() if isinstance(net, MultiNet) else net
+    return net.fused(batched=batched) if isinstance(net, MultiNet) else net
 
 
 def predictor_device() -> torch.device:

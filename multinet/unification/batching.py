@@ -1,0 +1,232 @@
+"""Batched members: same-shaped layers of different members run as one batched or grouped op.
+
+Sibling fusion (fusion.py) merges layers that read the *same* tensor. Members of an ensemble
+(several copies of one architecture, or members that share a block design) also hold layers that
+read *different* tensors of the same shape with the same layer settings: member a's ``conv2`` and
+member b's ``conv2``. Those become one op over the members' inputs stacked together:
+
+- ``nn.Linear``: the inputs stacked on a new leading dim, one ``baddbmm`` (2-D inputs) or a
+  broadcast ``matmul`` + bias (token inputs) with the weights stacked, then ``unbind``;
+- ``nn.Conv1d/2d/3d``: the inputs concatenated along channels, one convolution with ``groups``
+  multiplied by the number of members, then a split per member.
+
+Why: N small ops become one (one kernel launch on a GPU instead of N, and a GEMM/conv large enough
+to fill the device), so N members execute as one wide network. On a CPU a batched op is about as
+fast as the ops it replaces and a grouped conv is often slower (measured in
+benchmarks/results/multinet_speed.md), so this form is opt-in: ``net.fused(batched=True)``, or
+``multinet.infer(..., fuse="auto")``, which times every form on the device and keeps the fastest.
+
+Layers are matched by their settings, their input's recorded shape and their rank among a member's
+layers of the same settings (member a's third such conv with member b's third). A set is batched
+only if that leaves the graph acyclic (a member's layer may depend on another member's through a
+link); the graph is then re-ordered topologically. Outputs equal the unfused graph's up to float
+rounding. The batched form is built for the input shape recorded in the graph: two members whose
+tensors have equal shapes there are assumed to keep equal shapes at other input sizes (they read the
+same input); where they do not, the stack or concatenation refuses the batch.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fusion import FUSE_MIN_DEPTH, _CONVS, _refresh_shapes
+
+_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def batch_members(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which same-shaped layers of different members run as one batched op."""
+    gm = copy.deepcopy(gm)
+    sets = _acyclic(gm, parallel_layers(gm))
+    if not sets:
+        return gm
+    for nodes in sets:
+        _batch(gm, nodes)
+    _topological_order(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    _refresh_shapes(gm)
+    return gm
+
+
+def batched_count(gm: fx.GraphModule) -> int:
+    """How many batched ops a graph holds (each stands for two or more members' layers)."""
+    return sum(1 for name, _ in gm.named_parameters() if name.startswith("batched_") and name.endswith("_weight"))
+
+
+def parallel_layers(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Sets of layers of different members with equal settings and input shapes, matched by rank."""
+    ranks: dict[tuple, int] = defaultdict(int)
+    sets: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        key = _batch_key(gm.get_submodule(node.target), node.args[0])
+        if key is None:
+            continue
+        member = str(node.target).split(".")[0]
+        rank = ranks[(member, key)]
+        ranks[(member, key)] += 1
+        sets[(key, rank)].append(node)
+    return [nodes for nodes in sets.values() if len(nodes) > 1]
+
+
+def _batch_key(module: nn.Module, source: fx.Node) -> tuple | None:
+    """What must match for layers to run as one batched op; None for a layer this pass leaves alone
+    (too shallow to pay for stacking its input: FUSE_MIN_DEPTH, as for sibling fusion)."""
+    meta = source.meta.get("tensor_meta")
+    w = getattr(module, "weight", None)
+    if not hasattr(meta, "shape") or not isinstance(w, torch.Tensor) or w.dim() < 2 or w[0].numel() < FUSE_MIN_DEPTH:
+        return None
+    common = (tuple(meta.shape), meta.dtype, w.dtype, w.device, module.bias is not None)
+    if type(module) is nn.Linear and len(meta.shape) >= 2:
+        return ("linear", module.in_features, module.out_features, *common)
+    if type(module) in _CONVS and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.groups, *common)
+    return None
+
+
+def _acyclic(gm: fx.GraphModule, candidates: list[list[fx.Node]]) -> list[list[fx.Node]]:
+    """The candidate sets, in graph order, that can each become one node without a cycle (a member
+    reading another member's layer through a link may make one set depend on another)."""
+    inputs = {n: list(n.all_input_nodes) for n in gm.graph.nodes}
+    leader: dict[fx.Node, fx.Node] = {n: n for n in gm.graph.nodes}
+    kept = []
+    for nodes in candidates:
+        trial = dict(leader)
+        for n in nodes[1:]:
+            trial[n] = nodes[0]
+        if _is_acyclic(inputs, trial):
+            leader = trial
+            kept.append(nodes)
+    return kept
+
+
+def _is_acyclic(inputs: dict[fx.Node, list[fx.Node]], leader: dict[fx.Node, fx.Node]) -> bool:
+    """Whether the graph with every node replaced by its leader (merged nodes) has no cycle."""
+    edges: dict[fx.Node, set[fx.Node]] = defaultdict(set)
+    indegree: dict[fx.Node, int] = {v: 0 for v in set(leader.values())}
+    for node, sources in inputs.items():
+        head = leader[node]
+        for src in sources:
+            tail = leader[src]
+            if tail is not head and head not in edges[tail]:
+                edges[tail].add(head)
+                indegree[head] += 1
+    ready = [v for v, d in indegree.items() if d == 0]
+    seen = 0
+    while ready:
+        v = ready.pop()
+        seen += 1
+        for w in edges[v]:
+            indegree[w] -= 1
+            if indegree[w] == 0:
+                ready.append(w)
+    return seen == len(indegree)
+
+
+def _batch(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Replace ``nodes`` (one layer per member) by one batched op and a split of its output."""
+    modules = [gm.get_submodule(n.target) for n in nodes]
+    name = _free_prefix(gm)
+    xs = [n.args[0] for n in nodes]
+    graph = gm.graph
+    with graph.inserting_before(nodes[0]):  # placed for now; _topological_order moves it after its inputs
+        if isinstance(modules[0], nn.Linear):
+            pieces = _batched_linear(gm, graph, name, modules, xs)
+        else:
+            pieces = _grouped_conv(gm, graph, name, modules, xs)
+    for node, piece in zip(nodes, pieces):
+        node.replace_all_uses_with(piece)
+        graph.erase_node(node)
+
+
+def _free_prefix(gm: fx.GraphModule) -> str:
+    """``batched_<i>`` with no ``batched_<i>_weight`` yet (the op's parameters are named from it)."""
+    i = 0
+    while hasattr(gm, f"batched_{i}_weight"):
+        i += 1
+    return f"batched_{i}"
+
+
+def _parameter(gm: fx.GraphModule, graph: fx.Graph, name: str, value: torch.Tensor, like: torch.Tensor) -> fx.Node:
+    gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad))
+    return graph.get_attr(name)
+
+
+def _batched_linear(gm, graph: fx.Graph, name: str, modules: list[nn.Linear], xs: list[fx.Node]) -> list[fx.Node]:
+    """k linears over same-shaped inputs: one (broadcast) batched matrix product."""
+    k, ndim = len(modules), len(xs[0].meta["tensor_meta"].shape)
+    first = modules[0]
+    ones = [1] * (ndim - 2)  # token dims between the member dim and the features broadcast over
+    weight = torch.stack([m.weight.T for m in modules]).reshape(k, *ones, first.in_features, first.out_features)
+    w = _parameter(gm, graph, f"{name}_weight", weight, first.weight)
+    b = None
+    if first.bias is not None:
+        bias = torch.stack([m.bias for m in modules]).reshape(k, *ones, 1, first.out_features)
+        b = _parameter(gm, graph, f"{name}_bias", bias, first.bias)
+    stacked = graph.call_function(torch.stack, (xs,))
+    if ndim == 2:  # (k, N, in) @ (k, in, out): one baddbmm
+        out = (graph.call_function(torch.baddbmm, (b, stacked, w)) if b is not None
+               else graph.call_function(torch.bmm, (stacked, w)))
+    else:
+        out = graph.call_function(torch.matmul, (stacked, w))
+        if b is not None:
+            out = graph.call_function(operator.add, (out, b))
+    parts = graph.call_function(torch.unbind, (out,))
+    return [graph.call_function(operator.getitem, (parts, i)) for i in range(k)]
+
+
+def _grouped_conv(gm, graph: fx.Graph, name: str, modules: list[nn.Module], xs: list[fx.Node]) -> list[fx.Node]:
+    """k convolutions over same-shaped inputs: one convolution with k times the groups."""
+    first = modules[0]
+    w = _parameter(gm, graph, f"{name}_weight", torch.cat([m.weight for m in modules]), first.weight)
+    b = None
+    if first.bias is not None:
+        b = _parameter(gm, graph, f"{name}_bias", torch.cat([m.bias for m in modules]), first.bias)
+    joined = graph.call_function(torch.cat, (xs, 1))
+    out = graph.call_function(_CONV_FUNCTIONS[type(first)], (joined, w, b, first.stride, first.padding,
+                                                              first.dilation, first.groups * len(modules)))
+    parts = graph.call_function(torch.split, (out, first.out_channels, 1))
+    # a channel slice is strided; the layers after it run faster on a dense copy
+    return [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
+            for i in range(len(modules))]
+
+
+def _topological_order(graph: fx.Graph) -> None:
+    """Re-order ``graph``'s nodes so that every node follows its inputs, otherwise keeping the
+    present order as far as it can (the earliest ready node first)."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(position[n], n.name) for n in nodes if waiting[n] == 0]
+    by_name = {n.name: n for n in nodes}
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, node_name = heapq.heappop(ready)
+        node = by_name[node_name]
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user.name))
+    if len(order) != len(nodes):
+        raise RuntimeError("batching left a cycle in the graph")  # _acyclic rules this out
+    placeholders = [n for n in order if n.op == "placeholder"]
+    output = [n for n in order if n.op == "output"]
+    order = placeholders + [n for n in order if n.op not in ("placeholder", "output")] + output
+    previous = order[0]
+    for node in order[1:]:
+        previous.append(node)
+        previous = node

@@ -1,0 +1,105 @@
+"""Batched members: same-shaped layers of different members run as one batched or grouped op."""
+import pytest
+import torch
+import torch.nn as nn
+
+import multinet
+from multinet import MultiNet, data, zoo
+from multinet.io import load, save
+from multinet.unification.batching import batch_members, batched_count
+
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load("digits")
+
+
+def _members(names):
+    torch.manual_seed(0)
+    return {f"{n}{i}": zoo.create(n).eval() for i, n in enumerate(names)}
+
+
+def _assert_members(net_out, models, x):
+    with torch.no_grad():
+        for name, model in models.items():
+            torch.testing.assert_close(net_out[name], model(x), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("names, batched", [(("mlp", "mlp"), 2), (("vgg", "vgg", "vgg"), 5),
+                                            (("resnet", "resnet"), 14), (("mlp", "vgg", "resnet"), 1)],
+                         ids=["mlp pair", "vgg triple", "resnet pair", "three architectures"])
+def test_batched_form_equals_the_members(split, names, batched):
+    """Every same-shaped layer set of the ensemble becomes one op (counted); the outputs stay the members'."""
+    models = _members(names)
+    net = MultiNet(models, split.train_x[:1]).eval()
+    form = net.fused(batched=True)
+    assert form.is_fused and batched_count(form.graph_module) == batched
+    layers_before = sum(1 for n in net.graph.nodes if n.op == "call_module")
+    layers_after = sum(1 for n in form.graph.nodes if n.op == "call_module")
+    assert layers_after < layers_before
+    x = split.test_x[:64]
+    with torch.no_grad():
+        _assert_members(form(x), models, x)
+
+
+class _Chain(nn.Module):
+    def __init__(self, first_bias: bool, second_bias: bool, tokens: bool = False):
+        super().__init__()
+        self.first = nn.Linear(32, 32, bias=first_bias)
+        self.second = nn.Linear(32, 32, bias=second_bias)
+        self.tokens = tokens
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], 2, 32) if self.tokens else x
+        return self.second(torch.relu(self.first(h)))
+
+
+def test_crossed_sets_that_would_form_a_cycle_are_left_apart():
+    """Member a: biased then unbiased layer; member b: unbiased then biased. Batching both matched
+    sets would make each wait for the other; one is batched, the other left apart, outputs unchanged."""
+    torch.manual_seed(0)
+    models = {"a": _Chain(True, False).eval(), "b": _Chain(False, True).eval()}
+    x = torch.randn(16, 32)
+    net = MultiNet(models, x[:1]).eval()
+    gm = batch_members(net.graph_module)
+    assert batched_count(gm) == 1
+    gm.graph.lint()
+    _assert_members(gm(x), models, x)
+
+
+def test_token_inputs_and_bias_free_layers_batch_through_matmul():
+    torch.manual_seed(0)
+    models = {"a": _Chain(False, True, tokens=True).eval(), "b": _Chain(False, True, tokens=True).eval()}
+    x = torch.randn(8, 64)
+    net = MultiNet(models, x[:1]).eval()
+    form = net.fused(batched=True)
+    assert batched_count(form.graph_module) == 2
+    _assert_members(form(x), models, x)
+
+
+def test_batched_form_of_a_unified_network_saves_and_reloads(split, tmp_path):
+    """Links make members read each other; the batched form keeps the outputs and round-trips a file."""
+    models = _members(("vgg", "vgg"))
+    net = multinet.unify(models, split.train_x[:256], budget=0.6, max_positions=16).model.eval()
+    form = net.fused(batched=True)
+    x = split.test_x[:64]
+    with torch.no_grad():
+        ref, out = net(x), form(x)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], atol=2e-5, rtol=1e-5)
+    save(form, tmp_path / "batched.mnet")
+    loaded = load(tmp_path / "batched.mnet")
+    assert loaded.is_fused and loaded.members == form.members
+    with torch.no_grad():
+        again = loaded(x)
+    for name in ref:
+        assert torch.equal(again[name], out[name])
+
+
+def test_infer_runs_the_batched_form_on_request(split):
+    models = _members(("mlp", "mlp"))
+    net = MultiNet(models, split.train_x[:1]).eval()
+    x = split.test_x[:100]
+    _assert_members(multinet.infer(net, x, batch_size=32, fuse="batched"), models, x)
