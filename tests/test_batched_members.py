@@ -103,3 +103,19 @@ def test_infer_runs_the_batched_form_on_request(split):
     net = MultiNet(models, split.train_x[:1]).eval()
     x = split.test_x[:100]
     _assert_members(multinet.infer(net, x, batch_size=32, fuse="batched"), models, x)
+
+
+def test_batched_form_exports_to_onnx(split, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    models = _members(("resnet", "resnet", "mlp", "mlp"))
+    form = MultiNet(models, split.train_x[:1]).eval().fused(batched=True)
+    assert batched_count(form.graph_module) > 0
+    multinet.export(form, split.train_x[:4], tmp_path / "batched.onnx")
+    session = ort.InferenceSession(str(tmp_path / "batched.onnx"))
+    x = split.test_x[:16]
+    outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert [o.name for o in session.get_outputs()] == list(models)
+    with torch.no_grad():
+        for out, name in zip(outs, models):
+            torch.testing.assert_close(torch.from_numpy(out), models[name](x), atol=1e-4, rtol=1e-4)

@@ -151,12 +151,13 @@ def test_auto_fusion_takes_the_form_that_runs_the_batch_fastest(split, costs, ch
         multinet.infer(net, split.test_x[:10], fuse="yes")
 
 
-def test_cli_infer_chooses_the_form_with_fuse_auto(split, tmp_path, capsys):
+@pytest.mark.parametrize("fuse", ["auto", "batched"])
+def test_cli_infer_runs_the_chosen_form(split, tmp_path, capsys, fuse):
     from multinet.cli import main
 
     net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp")}, split.train_x[:1])
     path = save(net, tmp_path / "pair.mnet", split.train_x[:1])
-    assert main(["infer", str(path), "--fuse", "auto", "--quiet"]) == 0
+    assert main(["infer", str(path), "--fuse", fuse, "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
 
 
