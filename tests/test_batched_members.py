@@ -36,6 +36,7 @@ def test_batched_form_equals_the_members(split, names, batched):
     net = MultiNet(models, split.train_x[:1]).eval()
     form = net.fused(batched=True)
     assert form.is_fused and batched_count(form.graph_module) == batched
+    assert batched_count(net.fused().fused(batched=True).graph_module) == batched  # a fused net batches later
     layers_before = sum(1 for n in net.graph.nodes if n.op == "call_module")
     layers_after = sum(1 for n in form.graph.nodes if n.op == "call_module")
     assert layers_after < layers_before

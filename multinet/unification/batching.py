@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fusion import FUSE_MIN_DEPTH, _CONVS, _refresh_shapes
+from .fusion import FUSE_MIN_DEPTH, _CONVS, finish_rewrite
 
 _CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -50,12 +50,7 @@ def batch_members(gm: fx.GraphModule) -> fx.GraphModule:
     for nodes in sets:
         _batch(gm, nodes)
     _topological_order(gm.graph)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    _refresh_shapes(gm)
-    return gm
+    return finish_rewrite(gm)
 
 
 def batched_count(gm: fx.GraphModule) -> int:

@@ -36,6 +36,12 @@ def fuse_parallel(gm: fx.GraphModule) -> fx.GraphModule:
     merge_repeated_ops(gm)  # each member's flatten(x): one flatten, so their first layers become siblings
     for siblings in sibling_layers(gm):
         _fuse(gm, siblings)
+    return finish_rewrite(gm)
+
+
+def finish_rewrite(gm: fx.GraphModule) -> fx.GraphModule:
+    """After an fx rewrite: drop what is no longer read, check the graph, regenerate its code and
+    record the new nodes' shapes (save records the input shape; counting reads output shapes)."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()

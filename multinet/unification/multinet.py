@@ -221,12 +221,12 @@ class MultiNet(nn.Module):
         for inference and export; compress the unfused one (it keeps every member's own layers).
         ``batched``: also run same-shaped layers of different members as one batched/grouped op
         (see batching.py: fewer, larger ops, a win where launches cost, e.g. on a GPU; on a CPU often
-        not, so it is not the default). A fused MultiNet is returned as it is."""
-        if self.is_fused:
+        not, so it is not the default). A fused MultiNet is returned as it is, or batched where asked."""
+        if self.is_fused and not batched:
             return self
         from .fusion import fuse_parallel
 
-        gm = fuse_parallel(self._graph_module)
+        gm = self._graph_module if self.is_fused else fuse_parallel(self._graph_module)
         if batched:
             from .batching import batch_members
 
