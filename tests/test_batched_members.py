@@ -120,3 +120,74 @@ def test_batched_form_exports_to_onnx(split, tmp_path):
     with torch.no_grad():
         for out, name in zip(outs, models):
             torch.testing.assert_close(torch.from_numpy(out), models[name](x), atol=1e-4, rtol=1e-4)
+
+
+class _Reads(nn.Module):
+    """A member whose layer reads another member's layer output directly (as a bridge can after compression)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_set_whose_layers_feed_each_other_is_left_apart():
+    torch.manual_seed(0)
+    a, b = _Reads().eval(), _Reads().eval()
+
+    class Stacked(nn.Module):  # b's layer reads a's layer: batching them would make the op its own input
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            h = self.a(x)
+            return {"a": h, "b": self.b(h)}
+
+    x = torch.randn(8, 64)
+    net = MultiNet.from_graph(multinet.trace(Stacked(), x[:1]).module, ["a", "b"]).eval()
+    gm = batch_members(net.graph_module)
+    assert batched_count(gm) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)["b"], b(a(x)))
+
+
+def test_batched_form_counts_the_same_flops(split):
+    for names in (("mlp", "mlp"), ("resnet", "resnet")):
+        net = MultiNet(_members(names), split.train_x[:1]).eval()
+        assert net.fused(batched=True).costs()["total"]["flops"] == net.costs()["total"]["flops"]
+
+
+class _Rows(nn.Module):
+    """(2N, 32) rows from an (N, 64) input: the same shape as _Fixed's at N = 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, 32))
+
+
+class _Fixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(x.reshape(2, -1)[:, :32])
+
+
+def test_auto_form_skips_a_batched_form_that_does_not_run_the_batch():
+    """Shapes that match only at the recorded input size: the batched form fails on a larger batch;
+    fuse="auto" warns, leaves it out and still gives the members' outputs."""
+    torch.manual_seed(0)
+    models = {"a": _Rows().eval(), "b": _Fixed().eval()}
+    x = torch.randn(6, 64)
+    net = MultiNet(models, x[:1]).eval()
+    assert batched_count(net.fused(batched=True).graph_module) == 1
+    with pytest.warns(UserWarning, match="batched form does not run this batch"):
+        out = multinet.infer(net, x, batch_size=6, fuse="auto")
+    _assert_members(out, models, x)

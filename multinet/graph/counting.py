@@ -44,6 +44,7 @@ def _in_shape(arg) -> tuple[int, ...] | None:
 
 _SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _MATMUL = (torch.matmul, torch.bmm, operator.matmul, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+_ADD_MATMUL = (torch.baddbmm, torch.addmm, torch.ops.aten.baddbmm.default, torch.ops.aten.addmm.default)  # bias first
 
 
 def _attention_flops(node: fx.Node) -> int:
@@ -84,6 +85,10 @@ def count(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Counts:
             node.target in _MATMUL or node.target in ("matmul", "bmm")
         ):
             a = _in_shape(node.args[0])
+            if a is not None:
+                layers.append(LayerCount(node.name, "matmul", _out_numel(node) * a[-1], 0))
+        elif node.op == "call_function" and node.target in _ADD_MATMUL:
+            a = _in_shape(node.args[1])
             if a is not None:
                 layers.append(LayerCount(node.name, "matmul", _out_numel(node) * a[-1], 0))
     params = sum(p.numel() for p in gm.parameters())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -68,19 +69,36 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
                 clock=time.perf_counter) -> nn.Module:
     """A MultiNet's form (as built, fused, fused and batched) that runs ``batch`` fastest on ``device``
     (median of ``trials`` rounds, the forms taking turns after one warm-up call each); other models as
-    given. A form that changes nothing is not timed twice."""
+    given. A form that changes nothing is not timed twice; a batched form that cannot be built or does
+    not run this batch (shapes that matched only at the recorded input size) is left out, with a warning."""
     forms = [net]
-    for form in (_fused(net), _fused(net, batched=True)):
-        if form is not forms[-1] and not _same_graph(form, forms[-1]):
-            forms.append(form)
+    fused = _fused(net)
+    if fused is not net:
+        forms.append(fused)
+    batched = _batched(forms[-1])
+    if batched is not None and not _same_graph(batched, forms[-1]):
+        forms.append(batched)
+    else:
+        batched = None
     if len(forms) == 1:
         return net
     forms = [form.to(device).eval() for form in forms]
+    optional = forms[-1] if batched is not None else None
     x = batches.to_device(batch, device)
-    times: list[list[float]] = [[] for _ in forms]
     with torch.no_grad():
+        runnable = []
         for form in forms:
-            batches.call(form, x)
+            try:
+                batches.call(form, x)
+            except Exception as exc:  # noqa: BLE001 - only the optional batched form may fail here
+                if form is not optional:
+                    raise
+                warnings.warn(f"the batched form does not run this batch ({type(exc).__name__}: {exc}); "
+                              f"choosing between the other forms")
+                continue
+            runnable.append(form)
+        forms = runnable
+        times: list[list[float]] = [[] for _ in forms]
         for _ in range(trials):
             for form, spent in zip(forms, times):
                 synchronize(device)
@@ -90,6 +108,19 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
                 spent.append(clock() - start)
     medians = [statistics.median(t) for t in times]
     return forms[min(range(len(forms)), key=lambda i: (medians[i], -i))]  # on a tie, the more fused form
+
+
+def _batched(net: nn.Module) -> nn.Module | None:
+    """A fused MultiNet's batched form; None for other models, or (with a warning) if it cannot be built."""
+    from ..unification.multinet import MultiNet
+
+    if not isinstance(net, MultiNet):
+        return None
+    try:
+        return net.fused(batched=True)
+    except Exception as exc:  # noqa: BLE001 - an optional form: the fused one still runs
+        warnings.warn(f"could not build the batched form ({type(exc).__name__}: {exc}); choosing between the others")
+        return None
 
 
 def _same_graph(a: nn.Module, b: nn.Module) -> bool:

@@ -5,8 +5,8 @@ Sibling fusion (fusion.py) merges layers that read the *same* tensor. Members of
 read *different* tensors of the same shape with the same layer settings: member a's ``conv2`` and
 member b's ``conv2``. Those become one op over the members' inputs stacked together:
 
-- ``nn.Linear``: the inputs stacked on a new leading dim, one ``baddbmm`` (2-D inputs) or a
-  broadcast ``matmul`` + bias (token inputs) with the weights stacked, then ``unbind``;
+- ``nn.Linear``: the inputs stacked on a new leading dim (token inputs flattened to rows first), one
+  ``baddbmm`` with the weights stacked, then ``unbind`` (and the token dims restored);
 - ``nn.Conv1d/2d/3d``: the inputs concatenated along channels, one convolution with ``groups``
   multiplied by the number of members, then a split per member.
 
@@ -55,7 +55,8 @@ def batch_members(gm: fx.GraphModule) -> fx.GraphModule:
 
 def batched_count(gm: fx.GraphModule) -> int:
     """How many batched ops a graph holds (each stands for two or more members' layers)."""
-    return sum(1 for name, _ in gm.named_parameters() if name.startswith("batched_") and name.endswith("_weight"))
+    return sum(1 for name, _ in gm.named_parameters()
+               if "." not in name and name.startswith("batched_") and name.endswith("_weight"))
 
 
 def parallel_layers(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -115,7 +116,9 @@ def _is_acyclic(inputs: dict[fx.Node, list[fx.Node]], leader: dict[fx.Node, fx.N
         head = leader[node]
         for src in sources:
             tail = leader[src]
-            if tail is not head and head not in edges[tail]:
+            if tail is head:  # one layer of the set reads another (a node never reads itself): a cycle
+                return False
+            if head not in edges[tail]:
                 edges[tail].add(head)
                 indegree[head] += 1
     ready = [v for v, d in indegree.items() if d == 0]
@@ -147,9 +150,9 @@ def _batch(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 
 
 def _free_prefix(gm: fx.GraphModule) -> str:
-    """``batched_<i>`` with no ``batched_<i>_weight`` yet (the op's parameters are named from it)."""
+    """``batched_<i>`` with neither ``batched_<i>_weight`` nor ``_bias`` yet (the op's parameters)."""
     i = 0
-    while hasattr(gm, f"batched_{i}_weight"):
+    while hasattr(gm, f"batched_{i}_weight") or hasattr(gm, f"batched_{i}_bias"):
         i += 1
     return f"batched_{i}"
 
@@ -160,26 +163,26 @@ def _parameter(gm: fx.GraphModule, graph: fx.Graph, name: str, value: torch.Tens
 
 
 def _batched_linear(gm, graph: fx.Graph, name: str, modules: list[nn.Linear], xs: list[fx.Node]) -> list[fx.Node]:
-    """k linears over same-shaped inputs: one (broadcast) batched matrix product."""
+    """k linears over same-shaped inputs: one batched matrix product, (k, rows, in) @ (k, in, out).
+    Token inputs (N, T, in) are flattened to rows first and unflattened after: a broadcast matmul over
+    (k, N, T, in) would copy the weight for every row block."""
     k, ndim = len(modules), len(xs[0].meta["tensor_meta"].shape)
     first = modules[0]
-    ones = [1] * (ndim - 2)  # token dims between the member dim and the features broadcast over
-    weight = torch.stack([m.weight.T for m in modules]).reshape(k, *ones, first.in_features, first.out_features)
-    w = _parameter(gm, graph, f"{name}_weight", weight, first.weight)
-    b = None
+    w = _parameter(gm, graph, f"{name}_weight", torch.stack([m.weight.T for m in modules]), first.weight)
+    rows = xs if ndim == 2 else [graph.call_method("flatten", (x, 0, -2)) for x in xs]
+    stacked = graph.call_function(torch.stack, (rows,))
     if first.bias is not None:
-        bias = torch.stack([m.bias for m in modules]).reshape(k, *ones, 1, first.out_features)
-        b = _parameter(gm, graph, f"{name}_bias", bias, first.bias)
-    stacked = graph.call_function(torch.stack, (xs,))
-    if ndim == 2:  # (k, N, in) @ (k, in, out): one baddbmm
-        out = (graph.call_function(torch.baddbmm, (b, stacked, w)) if b is not None
-               else graph.call_function(torch.bmm, (stacked, w)))
+        bias = torch.stack([m.bias for m in modules]).unsqueeze(1)  # (k, 1, out)
+        out = graph.call_function(torch.baddbmm, (_parameter(gm, graph, f"{name}_bias", bias, first.bias), stacked, w))
     else:
-        out = graph.call_function(torch.matmul, (stacked, w))
-        if b is not None:
-            out = graph.call_function(operator.add, (out, b))
+        out = graph.call_function(torch.bmm, (stacked, w))
     parts = graph.call_function(torch.unbind, (out,))
-    return [graph.call_function(operator.getitem, (parts, i)) for i in range(k)]
+    pieces = [graph.call_function(operator.getitem, (parts, i)) for i in range(k)]
+    if ndim == 2:
+        return pieces
+    leading = [graph.call_function(operator.getitem, (graph.call_function(getattr, (x, "shape")), slice(None, -1)))
+               for x in xs]
+    return [graph.call_method("unflatten", (piece, 0, lead)) for piece, lead in zip(pieces, leading)]
 
 
 def _grouped_conv(gm, graph: fx.Graph, name: str, modules: list[nn.Module], xs: list[fx.Node]) -> list[fx.Node]:
