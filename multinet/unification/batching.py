@@ -16,10 +16,12 @@ fast as the ops it replaces and a grouped conv is often slower (measured in
 benchmarks/results/multinet_speed.md), so this form is opt-in: ``net.fused(batched=True)``, or
 ``multinet.infer(..., fuse="auto")``, which times every form on the device and keeps the fastest.
 
-Layers are matched by their settings, their input's recorded shape and their rank among a member's
-layers of the same settings (member a's third such conv with member b's third). A set is batched
-only if that leaves the graph acyclic (a member's layer may depend on another member's through a
-link); the graph is then re-ordered topologically. Outputs equal the unfused graph's up to float
+Layers are matched by their settings, their input's recorded shape and their depth in the graph
+(the longest path from the inputs: member a's third conv and member b's third conv in an ensemble;
+depth rather than a per-member rank, so layers that sibling fusion already merged across a member's
+q/k/v still line up). Depth grows along every edge, so a set's layers never depend on each other and
+merged sets cannot wait on each other (links between members included); the graph is then re-ordered
+topologically, each batched op after all of its inputs. Outputs equal the unfused graph's up to float
 rounding. The batched form is built for the input shape recorded in the graph: two members whose
 tensors have equal shapes there are assumed to keep equal shapes at other input sizes (they read the
 same input); where they do not, the stack or concatenation refuses the batch.
@@ -44,7 +46,7 @@ _CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d
 def batch_members(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` in which same-shaped layers of different members run as one batched op."""
     gm = copy.deepcopy(gm)
-    sets = _acyclic(gm, parallel_layers(gm))
+    sets = parallel_layers(gm)
     if not sets:
         return gm
     for nodes in sets:
@@ -60,28 +62,30 @@ def batched_count(gm: fx.GraphModule) -> int:
 
 
 def parallel_layers(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """Sets of layers of different members with equal settings and input shapes, matched by rank."""
-    ranks: dict[tuple, int] = defaultdict(int)
+    """Sets of layers with equal settings and input shapes at the same depth of the graph (the longest
+    path from the inputs): in members of one architecture, the layers at the same place. Depth grows
+    along every edge, so layers at one depth never depend on each other, and merging each set into one
+    node cannot make a cycle (a set at depth d only waits for nodes at depths below d)."""
+    depth: dict[fx.Node, int] = {}
     sets: dict[tuple, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
+        depth[node] = 1 + max((depth[i] for i in node.all_input_nodes), default=-1)
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             continue
         key = _batch_key(gm.get_submodule(node.target), node.args[0])
-        if key is None:
-            continue
-        member = str(node.target).split(".")[0]
-        rank = ranks[(member, key)]
-        ranks[(member, key)] += 1
-        sets[(key, rank)].append(node)
+        if key is not None:
+            sets[(key, depth[node])].append(node)
     return [nodes for nodes in sets.values() if len(nodes) > 1]
 
 
 def _batch_key(module: nn.Module, source: fx.Node) -> tuple | None:
     """What must match for layers to run as one batched op; None for a layer this pass leaves alone
     (too shallow to pay for stacking its input: FUSE_MIN_DEPTH, as for sibling fusion)."""
+    if type(module) is not nn.Linear and type(module) not in _CONVS:
+        return None
     meta = source.meta.get("tensor_meta")
-    w = getattr(module, "weight", None)
-    if not hasattr(meta, "shape") or not isinstance(w, torch.Tensor) or w.dim() < 2 or w[0].numel() < FUSE_MIN_DEPTH:
+    w = module.weight
+    if not hasattr(meta, "shape") or w[0].numel() < FUSE_MIN_DEPTH:
         return None
     common = (tuple(meta.shape), meta.dtype, w.dtype, w.device, module.bias is not None)
     if type(module) is nn.Linear and len(meta.shape) >= 2:
@@ -90,47 +94,6 @@ def _batch_key(module: nn.Module, source: fx.Node) -> tuple | None:
         return (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size, module.stride,
                 module.padding, module.dilation, module.groups, *common)
     return None
-
-
-def _acyclic(gm: fx.GraphModule, candidates: list[list[fx.Node]]) -> list[list[fx.Node]]:
-    """The candidate sets, in graph order, that can each become one node without a cycle (a member
-    reading another member's layer through a link may make one set depend on another)."""
-    inputs = {n: list(n.all_input_nodes) for n in gm.graph.nodes}
-    leader: dict[fx.Node, fx.Node] = {n: n for n in gm.graph.nodes}
-    kept = []
-    for nodes in candidates:
-        trial = dict(leader)
-        for n in nodes[1:]:
-            trial[n] = nodes[0]
-        if _is_acyclic(inputs, trial):
-            leader = trial
-            kept.append(nodes)
-    return kept
-
-
-def _is_acyclic(inputs: dict[fx.Node, list[fx.Node]], leader: dict[fx.Node, fx.Node]) -> bool:
-    """Whether the graph with every node replaced by its leader (merged nodes) has no cycle."""
-    edges: dict[fx.Node, set[fx.Node]] = defaultdict(set)
-    indegree: dict[fx.Node, int] = {v: 0 for v in set(leader.values())}
-    for node, sources in inputs.items():
-        head = leader[node]
-        for src in sources:
-            tail = leader[src]
-            if tail is head:  # one layer of the set reads another (a node never reads itself): a cycle
-                return False
-            if head not in edges[tail]:
-                edges[tail].add(head)
-                indegree[head] += 1
-    ready = [v for v, d in indegree.items() if d == 0]
-    seen = 0
-    while ready:
-        v = ready.pop()
-        seen += 1
-        for w in edges[v]:
-            indegree[w] -= 1
-            if indegree[w] == 0:
-                ready.append(w)
-    return seen == len(indegree)
 
 
 def _batch(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -220,7 +183,7 @@ def _topological_order(graph: fx.Graph) -> None:
             if waiting[user] == 0:
                 heapq.heappush(ready, (position[user], user.name))
     if len(order) != len(nodes):
-        raise RuntimeError("batching left a cycle in the graph")  # _acyclic rules this out
+        raise RuntimeError("batching left a cycle in the graph")  # depth grouping rules this out
     placeholders = [n for n in order if n.op == "placeholder"]
     output = [n for n in order if n.op == "output"]
     order = placeholders + [n for n in order if n.op not in ("placeholder", "output")] + output
