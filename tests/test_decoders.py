@@ -162,6 +162,28 @@ def test_model_width_under_rmsnorm_is_an_inexact_group_with_a_head_on_top(kind):
     assert multinet.count(pruned).flops < 0.6 * multinet.count(graph.module).flops
 
 
+def test_a_width_tied_to_the_embedding_is_whole_with_the_reason_and_prunable_once_untied():
+    """Tied embeddings (Llama-3.2, Qwen2, Gemma): one parameter is the embedding table and the head's
+    weight, and a re-solved head would rewrite the table. The width group says so and what to do;
+    given its own copy, the head is re-solved and the width is prunable, logits unchanged before pruning."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, tie_word_embeddings=True)).eval()
+    batch = _batch(2)
+    (width,) = [g for g in _trace(model, batch).groups if g.size == 64]
+    assert not width.prunable and "tied between layers" in width.reasons[0]
+    with torch.no_grad():
+        before = model(**batch).logits
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    graph = _trace(model, batch)
+    (width,) = [g for g in graph.groups if g.size == 64]
+    assert width.prunable
+    with torch.no_grad():
+        assert torch.equal(graph.module(**batch)["logits"], before)
+
+
 def test_phi3_packed_qkv_under_grouped_query_attention_has_head_groups():
     """Phi-3 packs q (4 heads), k and v (2 heads each) in one Linear and slices it: the q part's channel
     is two q heads, the k and v parts' one head each (a unit per part)."""

@@ -273,7 +273,9 @@ class ChannelAnalysis:
         for (target, _), sid in self._param_space.items():
             extra = users[target] - self._param_binders[target]
             if extra:
-                self.table.mark([sid], f"parameter `{target}` is also used by `{sorted(extra)[0]}`")
+                self.table.mark([sid], f"parameter `{target}` is also used by `{sorted(extra)[0]}` (weights "
+                                       f"tied between layers, e.g. an embedding table and an output layer: give "
+                                       f"each layer its own copy to prune this group)")
 
     # ------------------------------------------------------------------ modules
     def _visit_module(self, node: fx.Node, m: nn.Module) -> Info:
