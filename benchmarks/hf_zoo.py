@@ -49,6 +49,9 @@ def architectures(t) -> dict[str, callable]:
         "gemma": lambda: t.GemmaModel(t.GemmaConfig(**DECODER, head_dim=16)),
         "llama-lm": lambda: t.LlamaForCausalLM(t.LlamaConfig(**DECODER)),  # a head on the stream: width prunable
         "gemma-lm": lambda: t.GemmaForCausalLM(t.GemmaConfig(**DECODER, head_dim=16, tie_word_embeddings=False)),
+        # Gemma's default: the head reads the stream with the embedding table (bound to it, cut with it)
+        "gemma-lm-tied": lambda: t.GemmaForCausalLM(t.GemmaConfig(**DECODER, head_dim=16, tie_word_embeddings=True)),
+        "qwen2-lm-tied": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**DECODER, tie_word_embeddings=True)),
         "vit": lambda: t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in TEXT.items()
                                                                                if k != "vocab_size"})),
         "deit": lambda: t.DeiTModel(t.DeiTConfig(image_size=32, patch_size=8, **{k: v for k, v in TEXT.items()

@@ -162,26 +162,37 @@ def test_model_width_under_rmsnorm_is_an_inexact_group_with_a_head_on_top(kind):
     assert multinet.count(pruned).flops < 0.6 * multinet.count(graph.module).flops
 
 
-def test_a_width_tied_to_the_embedding_is_whole_with_the_reason_and_prunable_once_untied():
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_a_width_tied_to_the_embedding_is_prunable_and_the_head_shares_the_cut_table(tmp_path, kind):
     """Tied embeddings (Llama-3.2, Qwen2, Gemma): one parameter is the embedding table and the head's
-    weight, and a re-solved head would rewrite the table. The width group says so and what to do;
-    given its own copy, the head is re-solved and the width is prunable, logits unchanged before pruning."""
+    weight. The head is bound to the table (its columns cut once, with the table) instead of being a
+    re-solved consumer, so the width is prunable and the pruned model keeps one shared table. (Gemma's
+    exported graph holds the table under two names: it is read under one.)"""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, tie_word_embeddings=True)).eval()
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)) if kind == "llama" else
+             transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=16))).eval()
     batch = _batch(2)
-    (width,) = [g for g in _trace(model, batch).groups if g.size == 64]
-    assert not width.prunable and "tied between layers" in width.reasons[0]
-    with torch.no_grad():
-        before = model(**batch).logits
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.config.tie_word_embeddings = False
     graph = _trace(model, batch)
     (width,) = [g for g in graph.groups if g.size == 64]
-    assert width.prunable
+    assert width.prunable and "lm_head" not in " ".join(width.consumer_names)
+    keep_all = multinet.prune(graph, {width.id: list(range(64))})
+    pruned = multinet.prune(graph, {width.id: list(range(0, 64, 2))})
     with torch.no_grad():
-        assert torch.equal(graph.module(**batch)["logits"], before)
+        assert torch.equal(keep_all(**batch)["logits"], model(**batch).logits)
+        assert pruned(**batch)["logits"].shape == (2, 8, 100)
+    tables = [p for _, p in pruned.named_parameters(remove_duplicate=False) if p.shape[0] == 100]
+    assert len(tables) == 1 and tables[0].shape == (100, 32)  # one table, read by the embedding and the head
+    assert multinet.count(pruned).flops < 0.6 * multinet.count(graph.module).flops
+    calib = _batch(48, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = multinet.compress(model, calib, budget=multinet.Budget(flops=0.7))
+    assert result.flops_after <= 0.7 * result.flops_before
+    path = multinet.save(result.model, tmp_path / "tied.mnet")
+    with torch.no_grad():
+        assert torch.equal(multinet.load(path)(**batch)["logits"], result.model(**batch)["logits"])
 
 
 def test_phi3_packed_qkv_under_grouped_query_attention_has_head_groups():

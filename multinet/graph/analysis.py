@@ -273,9 +273,8 @@ class ChannelAnalysis:
         for (target, _), sid in self._param_space.items():
             extra = users[target] - self._param_binders[target]
             if extra:
-                self.table.mark([sid], f"parameter `{target}` is also used by `{sorted(extra)[0]}` (weights "
-                                       f"tied between layers, e.g. an embedding table and an output layer: give "
-                                       f"each layer its own copy to prune this group)")
+                self.table.mark([sid], f"parameter `{target}` is also used by `{sorted(extra)[0]}` (a weight "
+                                       f"shared with another op: give each its own copy to prune this group)")
 
     # ------------------------------------------------------------------ modules
     def _visit_module(self, node: fx.Node, m: nn.Module) -> Info:
@@ -1018,7 +1017,23 @@ class ChannelAnalysis:
             return self._unknown(node, "functional linear with computed weights")
         weight, bias = refs
         w = _shape(_arg(node, 1, "weight"))
+        if self._reads_with_a_table(node, x, weight, w):
+            return None
         return self._linear(node, self._axis(x), _shape(x), weight, w[0], weight, bias, module=None)
+
+    def _reads_with_a_table(self, node, x, weight: str, w: tuple[int, ...] | None) -> bool:
+        """A layer whose weight is an embedding table (tied embeddings: a language model's head reads
+        the stream with the table that wrote it). Its input channels are the table's columns, which
+        the table's slice already cuts: it is bound to the table like a channel-wise parameter, not a
+        consumer (a re-solved weight would rewrite the table). Its output (the vocabulary) is untracked."""
+        sid = self._param_space.get((weight, 1))
+        ax, shape = self._axis(x), _shape(x)
+        if sid is None or ax is None or shape is None or ax.dim != len(shape) - 1 or w is None:
+            return False
+        if ax.width != self.table.spaces[sid].size or w[1] != ax.width:
+            return False
+        self._bind_param(_arg(node, 1, "weight"), 1, ax, node)
+        return True
 
     # ------------------------------------------------------------------ attention heads
     def _request_units(self, ax: Axis, div: int) -> None:
@@ -1207,6 +1222,7 @@ class ChannelAnalysis:
         if sid is None:
             sid = self.table.new(m.embedding_dim, "param", f"{name}.weight")
             self._module_space[name] = sid
+            self._param_space[(f"{name}.weight", 1)] = sid  # a layer reading with the table binds to it
             seg = (Segment(sid, 0, m.embedding_dim),)
             self.edits += [SliceTensor(f"{name}.weight", 1, seg), SetCount(name, "embedding_dim", seg)]
             self.passthrough[sid].add(name)

@@ -126,12 +126,29 @@ def normalise(gm: fx.GraphModule, copy_first: bool = True) -> fx.GraphModule:
         lift = _LIFTS.get(node.target) if node.op == "call_function" else None
         if lift is not None:
             lift(gm, node, uses)
+    _one_name_per_parameter(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     _drop_unread_buffers(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _one_name_per_parameter(gm: fx.GraphModule) -> None:
+    """A parameter held under two names (tied embeddings: Gemma's exported graph keeps
+    ``model.embed_tokens.weight`` and reads it as ``lm_head.weight``) is read under its first name,
+    so that pruning cuts the one tensor every reader sees and a model file holds it once (the alias's
+    container, now unread, is dropped with the unused submodules)."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name:
+            alias[name] = canonical
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in alias:
+            node.target = alias[node.target]
 
 
 def _drop_unread_buffers(gm: fx.GraphModule) -> None:

@@ -75,10 +75,12 @@ def count(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Counts:
                 kind = type(m).__name__
             if kind:
                 layers.append(LayerCount(node.target, kind, flops, own))
-        elif node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+        elif node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear,
+                                                              torch.ops.aten.linear.default):
             w = _in_shape(node.args[1])
             flops = _out_numel(node) * math.prod(w[1:])
-            layers.append(LayerCount(node.name, "conv" if node.target is not F.linear else "linear", flops, 0))
+            linear = node.target in (F.linear, torch.ops.aten.linear.default)
+            layers.append(LayerCount(node.name, "linear" if linear else "conv", flops, 0))
         elif node.op == "call_function" and node.target in _SDPA:
             layers.append(LayerCount(node.name, "attention", _attention_flops(node), 0))
         elif node.op in ("call_function", "call_method") and (

@@ -36,7 +36,7 @@ _TORCH = """
     matmul mm bmm addmm baddbmm einsum outer softmax log_softmax
     cat concat concatenate stack split chunk tensor_split unbind flatten unflatten reshape permute
     transpose swapaxes swapdims movedim squeeze unsqueeze narrow select index_select gather flip roll
-    t tril triu broadcast_to repeat_interleave tile
+    t tril triu broadcast_to repeat_interleave tile diff
     mean sum amax amin max min argmax argmin std var norm prod cumsum cumprod logsumexp all any
     zeros ones full arange eye linspace zeros_like ones_like full_like detach
     conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm
@@ -97,7 +97,7 @@ _ATEN = """
     lift_fresh_copy.default sym_size.int pad.default constant_pad_nd.default roll.default
     adaptive_avg_pool1d.default adaptive_avg_pool2d.default avg_pool1d.default avg_pool2d.default
     max_pool1d.default max_pool2d.default upsample_nearest2d.vec upsample_bilinear2d.vec hardtanh.default
-    leaky_relu.default elu.default relu6.default mean.default sum.default linalg_vector_norm.default
+    leaky_relu.default elu.default relu6.default mean.default sum.default linalg_vector_norm.default diff.default
     clamp_min.default clamp_max.default expand_as.default cos.default sin.default cumsum.default type_as.default
 """
 
