@@ -139,15 +139,20 @@ def test_gpt2_compresses_sequentially_with_its_packed_heads(tmp_path):
         assert result.model(**batch)["last_hidden_state"].shape == (5, 8, 64)
 
 
+def _language_model(kind: str, tied: bool):
+    """A tiny Llama or Gemma with a language-model head, its weight tied to the embedding or not."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied)
+    return (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)) if kind == "llama" else
+            transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=16))).eval()
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_model_width_under_rmsnorm_is_an_inexact_group_with_a_head_on_top(kind):
     """RMSNorm's mean over the channels only rescales the stream: the width is prunable (inexact,
     like LayerNorm) once the stream feeds a head instead of being the output."""
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
-    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)) if kind == "llama" else
-             transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=16))).eval()
+    model = _language_model(kind, tied=False)
     batch = _batch(2)
     graph = _trace(model, batch)
     (width,) = [g for g in graph.groups if g.size == 64]
@@ -168,11 +173,7 @@ def test_a_width_tied_to_the_embedding_is_prunable_and_the_head_shares_the_cut_t
     weight. The head is bound to the table (its columns cut once, with the table) instead of being a
     re-solved consumer, so the width is prunable and the pruned model keeps one shared table. (Gemma's
     exported graph holds the table under two names: it is read under one.)"""
-    torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
-    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)) if kind == "llama" else
-             transformers.GemmaForCausalLM(transformers.GemmaConfig(**common, head_dim=16))).eval()
+    model = _language_model(kind, tied=True)
     batch = _batch(2)
     graph = _trace(model, batch)
     (width,) = [g for g in graph.groups if g.size == 64]
