@@ -117,7 +117,7 @@ def _batched(net: nn.Module) -> nn.Module | None:
     if not isinstance(net, MultiNet):
         return None
     try:
-        return net.fused(batched=True)
+        return _fused(net, batched=True)
     except Exception as exc:  # noqa: BLE001 - an optional form: the fused one still runs
         warnings.warn(f"could not build the batched form ({type(exc).__name__}: {exc}); choosing between the others")
         return None

@@ -29,7 +29,6 @@ same input); where they do not, the stack or concatenation refuses the batch.
 from __future__ import annotations
 
 import copy
-import heapq
 import operator
 from collections import defaultdict
 
@@ -37,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.tools_common import stable_topological_sort
 
 from .fusion import FUSE_MIN_DEPTH, _CONVS, finish_rewrite
 
@@ -51,7 +51,7 @@ def batch_members(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     for nodes in sets:
         _batch(gm, nodes)
-    _topological_order(gm.graph)
+    stable_topological_sort(gm)  # each batched op after all of its inputs, the order kept otherwise
     return finish_rewrite(gm)
 
 
@@ -102,7 +102,7 @@ def _batch(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     name = _free_prefix(gm)
     xs = [n.args[0] for n in nodes]
     graph = gm.graph
-    with graph.inserting_before(nodes[0]):  # placed for now; _topological_order moves it after its inputs
+    with graph.inserting_before(nodes[0]):  # placed for now; the sort moves it after its inputs
         if isinstance(modules[0], nn.Linear):
             pieces = _batched_linear(gm, graph, name, modules, xs)
         else:
@@ -162,32 +162,3 @@ def _grouped_conv(gm, graph: fx.Graph, name: str, modules: list[nn.Module], xs: 
     # a channel slice is strided; the layers after it run faster on a dense copy
     return [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
             for i in range(len(modules))]
-
-
-def _topological_order(graph: fx.Graph) -> None:
-    """Re-order ``graph``'s nodes so that every node follows its inputs, otherwise keeping the
-    present order as far as it can (the earliest ready node first)."""
-    nodes = list(graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(position[n], n.name) for n in nodes if waiting[n] == 0]
-    by_name = {n.name: n for n in nodes}
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, node_name = heapq.heappop(ready)
-        node = by_name[node_name]
-        order.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (position[user], user.name))
-    if len(order) != len(nodes):
-        raise RuntimeError("batching left a cycle in the graph")  # depth grouping rules this out
-    placeholders = [n for n in order if n.op == "placeholder"]
-    output = [n for n in order if n.op == "output"]
-    order = placeholders + [n for n in order if n.op not in ("placeholder", "output")] + output
-    previous = order[0]
-    for node in order[1:]:
-        previous.append(node)
-        previous = node
