@@ -156,12 +156,19 @@ def test_a_model_that_shares_nothing_keeps_exactly_its_separate_result(split):
     a = zoo.create("mlp")
     models = {"a": a, "b": copy.deepcopy(a), "odd": odd}
     calib = split.train_x[:512]
-    unified = multinet.unify(models, calib, budget=0.3, min_r2=0.9, damp=1e-9)
+    unified = multinet.unify(models, calib, budget=0.3, min_r2=0.9, damp=1e-9, skip_links=False)
     assert not any("odd" in (lk.model, lk.source) for lk in unified.model.links)
     assert unified.chosen["odd"] == "separate"
     alone = multinet.compress(odd, calib, budget=multinet.Budget(flops=0.3), damp=1e-9)
     with torch.no_grad():
         assert torch.equal(unified.model(split.test_x)["odd"], alone.model(split.test_x))
+    # with skip links (its own layers reading its earlier ones) it gets exactly what it gets unified alone
+    unified = multinet.unify(models, calib, budget=0.3, min_r2=0.9, damp=1e-9)
+    assert not any(lk.model != lk.source and "odd" in (lk.model, lk.source) for lk in unified.model.links)
+    alone = multinet.unify({"odd": odd}, calib, budget=0.3, min_r2=0.9, damp=1e-9)
+    assert alone.chosen["odd"] == "unified"  # its skip links help it: the case this part checks
+    with torch.no_grad():
+        assert torch.equal(unified.model(split.test_x)["odd"], alone.model(split.test_x)["odd"])
 
 
 def test_unified_is_never_worse_than_separate_on_the_evaluation_samples(split):
@@ -213,7 +220,7 @@ def test_links_go_both_ways_and_a_member_a_link_leaves_worse_off_is_weighted_up(
     only one tried; here it is the one that helps, and at equal weights it leaves the parity model worse
     than alone: the retry with more weight on parity makes both better than separately compressed."""
     models = {"digit": zoo.create("mlp"), "parity": _parity_mlp(split)}
-    unified = multinet.unify(models, split.train_x[:1024], budget=0.04)
+    unified = multinet.unify(models, split.train_x[:1024], budget=0.04, skip_links=False)  # links between the two
     assert unified.chosen == {"digit": "unified", "parity": "unified"}
     assert any(lk.model == "parity" and lk.source == "digit" for lk in unified.model.links)
     by_r2 = sorted(unified.candidates, key=lambda c: -c.r2)[0]

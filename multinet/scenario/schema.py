@@ -79,6 +79,7 @@ class UnifyStep(_Strict):
     schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
     max_positions: int | None = Field(RunOptions.max_positions, ge=1)
     member_weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    skip_links: bool = True  # a member's layer may read its own earlier tensors (whole layers can go)
 
 
 class EvaluateStep(_Strict):

@@ -4,13 +4,14 @@ The search, in four steps (each member's own output error stays in the objective
 
 1. Members are put in a canonical order (a digest of their weights), so the list order the user
    gives changes nothing but the names and the order of the outputs.
-2. Every linkable layer of every member is scored against every other member's layer inputs by
-   least-squares R² on the calibration data (see similarity.py); each layer keeps its best source
-   above ``min_r2``, in both directions between members, without cycles (bridges.py).
+2. Every linkable layer of every member is scored against every other member's layer inputs, and
+   against its own member's earlier tensors (skip links, which let the layers in between be removed
+   whole), by least-squares R² on the calibration data (see similarity.py); each layer keeps its best
+   source above ``min_r2``, in both directions between members, without cycles (bridges.py).
 3. Separate compression of each member at the budget's fraction of its own FLOPs is computed first:
    it is where the search starts (no links).
 4. Links are then added a direction at a time (all the links by which one member reads another;
-   both directions of every pair are tried), best R² first. The members a direction's links join,
+   both directions of every pair are tried, and each member's own skip links), best R² first. The members a direction's links join,
    with the links kept so far, are unified (one MultiNet, REAP under one schedule, each member's
    output error weighted by ``member_weights``) at the budget's fraction of *their* FLOPs; the links
    are kept only if every one of those members ends no worse than separately compressed (on the
@@ -122,7 +123,8 @@ class _Part:
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
           batch_size: int = 128, min_r2: float = MIN_R2, tolerance: float = 0.0, eval_samples: int = 1024,
-          member_weights: Mapping[str, float] | None = None, **compress_options) -> Unified:
+          member_weights: Mapping[str, float] | None = None, skip_links: bool = True,
+          **compress_options) -> Unified:
     """Merge models that read the same input into one MultiNet and compress it to ``budget``.
 
     ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget (FLOPs or
@@ -133,24 +135,27 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     separate result when unification would give it a larger final-output error (relative slack
     ``tolerance``): links are added only where they help every member they join (see
     ``_unified_parts``). ``member_weights``: each member's weight in the unified schedule's
-    final-output error (default 1: all count equally). The result does not depend on the order of ``models``. ``compress_options`` are passed
+    final-output error (default 1: all count equally). ``skip_links``: a member's layer may also read an
+    earlier tensor of its own (another channel group) that explains its input, so that the layers in
+    between can be removed whole where that beats narrowing them (at small budgets); like every link, a
+    member keeps its skip links only when they lower its error. The result does not depend on the order of ``models``. ``compress_options`` are passed
     to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
     model alone, then every link trial: which member reads which, kept or dropped).
     """
     given = compress_options.get("executor")
     if not isinstance(given, str):
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, **compress_options)
+                      eval_samples, member_weights, skip_links, **compress_options)
     executor = resolve_executor(given)  # one executor for every compression: its Ray actors are reused
     try:
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, **{**compress_options, "executor": executor})
+                      eval_samples, member_weights, skip_links, **{**compress_options, "executor": executor})
     finally:
         executor.release()
 
 
 def _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance, eval_samples,
-           member_weights, **compress_options) -> Unified:
+           member_weights, skip_links, **compress_options) -> Unified:
     named = named_models(models)
     budget = _checked(budget)
     weights = _checked_weights(member_weights, list(named))
@@ -165,7 +170,9 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
         ok, why = linkable_layers(graph, net.graph_module, member)
         targets[member] = list(ok)
         unlinkable.update(why)
-    candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size)
+    same_group = {(a, b) for g in graph.groups for a in g.consumer_names for b in g.consumer_names}
+    candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size,
+                                  same_group=same_group if skip_links else None)
     rank = {m: i for i, m in enumerate(order)}
 
     def links_among(members: list[str], ways: set[tuple[str, str]]) -> list[Candidate]:
@@ -187,7 +194,7 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
               for m, s in separate.items()}
     trials = _Trials(named, order, calibration_data, budget, example, options, inputs, reference, errors, tolerance,
                      weights)
-    parts = _unified_parts(trials, links_among, progress)
+    parts = _unified_parts(trials, links_among, progress, skip_links)
     together = {m for p in parts for m in p.members}
     alone = [m for m in order if m not in together]
     for m in alone:
@@ -303,21 +310,23 @@ class _Trials:
 REWEIGHTS = 2  # times a promising trial is retried with more weight on the members it leaves worse off
 
 
-def _unified_parts(trials: _Trials, links_among, progress: bool = False) -> list[_Part]:
+def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_links: bool = True) -> list[_Part]:
     """Forward selection of links, starting from separate compression (no links). The links are taken
     a direction at a time (every link by which one member reads another; both directions of every
     pair are tried, the second on top of the first where that was kept), best R² first. A direction's
     links are kept only if unifying the members they join, with the links kept so far, leaves every
     one of those members no worse than separately compressed (relative slack ``tolerance``) and their
-    summed error lower than before (see ``_Trials.attempt``). A link that would make any member pay
+    summed error lower than before (see ``_Trials.attempt``). A member's skip links (reading its own
+    earlier tensors, ``skip_links``) are one more direction, (member, member). A link that would make any member pay
     for another's gain is never added, so no member needs to fall back, and the others keep the links
     that help them."""
     order, errors = trials.order, trials.errors
-    ways = [(a, b) for a in order for b in order if a != b]
+    ways = [(a, b) for a in order for b in order if a != b or skip_links]
     alone = {way: links_among(order, {way}) for way in ways}
     rank = {m: i for i, m in enumerate(order)}  # ties: the later member in canonical order reads first
+    # links between members first (sharing is the point); skip links then collapse what each member keeps
     queue = sorted((w for w in ways if alone[w]),
-                   key=lambda w: (-max(round(lk.r2, 9) for lk in alone[w]), -rank[w[0]], rank[w[1]]))
+                   key=lambda w: (w[0] == w[1], -max(round(lk.r2, 9) for lk in alone[w]), -rank[w[0]], rank[w[1]]))
     kept: list[Candidate] = []
     kept_ways: set[tuple[str, str]] = set()
     parts: dict[frozenset, _Part] = {}  # unified components, by their members
@@ -325,16 +334,16 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False) -> list
     bar = Bar(progress, len(queue), "unify: link trials")
     outcome = ""
     for way in queue:
-        bar.note(f"{outcome}{way[0]} reading {way[1]}")
+        bar.note(f"{outcome}{_named(way)}")
         trial = links_among(order, kept_ways | {way})
         bar.advance()
         if not set(map(_key, kept)) <= set(map(_key, trial)) or not any(
                 (lk.model, lk.source) == way for lk in trial):
-            outcome = f"{way[0]} reading {way[1]}: no link left; "
+            outcome = f"{_named(way)}: no link left; "
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
         got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
-        outcome = f"{way[0]} reading {way[1]}: {'kept' if got else 'dropped'}; "
+        outcome = f"{_named(way)}: {'kept' if got else 'dropped'}; "
         if got is None:
             continue
         part, member_error, used = got
@@ -347,6 +356,10 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False) -> list
     bar.note(outcome.rstrip("; "))
     bar.close()
     return list(parts.values())
+
+
+def _named(way: tuple[str, str]) -> str:
+    return f"{way[0]} skipping its own layers" if way[0] == way[1] else f"{way[0]} reading {way[1]}"
 
 
 def _key(link: Candidate) -> tuple[str, str]:

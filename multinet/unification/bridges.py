@@ -75,6 +75,7 @@ def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict
 def directions(candidates: list[Candidate], rank: dict[str, int]) -> set[tuple[str, str]]:
     """Per pair of members, the one direction (reader, source) whose layers the other explains best
     in total (sum over layers of their best R²); ties: the later member in canonical order reads.
+    A member's skip links (reader = source) are always allowed.
     Links both ways between two members would widen layers on both sides for the same redundancy."""
     best: dict[tuple[str, str], dict[str, float]] = {}
     for c in candidates:
@@ -82,7 +83,7 @@ def directions(candidates: list[Candidate], rank: dict[str, int]) -> set[tuple[s
         layers[c.layer] = max(layers.get(c.layer, 0.0), c.r2)
     score = {pair: round(sum(layers.values()), 9) for pair, layers in best.items()}
     return {(a, b) for (a, b), s in score.items()
-            if (s, rank[a]) > (score.get((b, a), float("-inf")), rank[b])}
+            if a == b or (s, rank[a]) > (score.get((b, a), float("-inf")), rank[b])}
 
 
 def _reach(edges: dict[str, set[str]], start: str) -> set[str]:

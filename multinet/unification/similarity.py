@@ -113,11 +113,16 @@ def pooled(x: torch.Tensor, pool: tuple[int, ...] | None) -> torch.Tensor:
 
 
 def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, batch_size: int = 128,
-                     samples: int = 512, damp: float = 1e-3) -> list[Candidate]:
-    """R² of every (target layer, other member's layer input) pair that a resampling can align.
+                     samples: int = 512, damp: float = 1e-3, same_group: set[tuple[str, str]] | None = None
+                     ) -> list[Candidate]:
+    """R² of every (target layer, source layer input) pair that a resampling can align.
 
     ``targets``: per member, its linkable layers. Sources are the inputs of every member's
-    linkable layers. One pass of the network over the first ``samples`` calibration samples."""
+    linkable layers: another member's, and, when ``same_group`` is given (skip links), the member's
+    own *earlier* tensors in another channel group: reading one, a layer can stand in for the whole
+    layer between them (REAP may then remove that layer's channels entirely). ``same_group``: the
+    (layer, layer) pairs whose inputs share a channel group (a residual stream), never linked.
+    One pass of the network over the first ``samples`` calibration samples."""
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     layers = {layer: member for member, names in targets.items() for layer in names}
     wanted = {calls[layer].args[0].name for layer in layers}
@@ -126,8 +131,12 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
     for layer, member in layers.items():
         xt = values[calls[layer].args[0].name]
         last = channels_last(gm, layer)
+        earlier = _ancestors(calls[layer].args[0]) if same_group is not None else set()
         for source_layer, source in layers.items():
-            if source == member or channels_last(gm, source_layer) != last:
+            if source == member and (calls[source_layer].args[0] not in earlier
+                                     or (layer, source_layer) in same_group):
+                continue  # a skip link reads an earlier tensor of another group
+            if channels_last(gm, source_layer) != last:
                 continue  # a Linear's tokens and a conv's pixels are not the same rows
             xs = values[calls[source_layer].args[0].name]
             pool = resampling(tuple(xs.shape), tuple(xt.shape), last)
@@ -135,6 +144,18 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
                 out.append(Candidate(member, layer, source, source_layer, pool,
                                      held_out_r2(_rows(xt, None, last), _rows(xs, pool, last), damp)))
     return out
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` depends on (itself excluded)."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _capture(gm: fx.GraphModule, wanted: set[str], data, batch_size: int, samples: int) -> dict[str, torch.Tensor]:
