@@ -79,3 +79,26 @@ def test_skip_links_keep_the_order_of_the_models_irrelevant(split):
         assert _accuracy(fo[name], split.test_y) == _accuracy(bo[name], split.test_y)
     full = count(trace(forward.model.graph_module, split.train_x[:1]).module).flops
     assert full <= 0.02 * forward.costs_before["total"]["flops"]
+
+
+def test_a_link_to_a_tensor_whose_layer_a_skip_link_removed_is_still_listed(split):
+    """Two digit MLPs (seeds 0 and 1) at 2 %: one hidden layer computed once, both heads reading it.
+    The layer whose input the links name is gone (collapsed), the tensor is not: the links stay in
+    ``net.links``, and survive a further compression of the MultiNet."""
+    models = {"a": zoo.create("mlp"), "b": _digit_mlp(split, seed=1)}
+    unified = multinet.unify(models, split.train_x[:1024], budget=0.02)
+    net = unified.model
+    layers = {n.target for n in net.graph_module.graph.nodes if n.op == "call_module"}
+    assert not {"a.hidden.2", "b.hidden.2"} & layers  # both second hidden layers are gone
+    assert any(lk.model != lk.source for lk in net.links)  # one head reads the other model's hidden layer
+    assert all(lk.layer in layers and lk.source_layer not in layers for lk in net.links)
+    again = multinet.unification.compress_multinet(net, split.train_x[:256], ratio=0.2)
+    assert again.model.links == net.links
+
+
+def _digit_mlp(split, seed: int):
+    from multinet.zoo.models import MODELS
+    from multinet.zoo.train import fit
+
+    torch.manual_seed(seed)
+    return fit(MODELS["mlp"](in_channels=1, image_size=8, num_classes=10), split.train_x, split.train_y, 40, seed).eval()

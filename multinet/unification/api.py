@@ -39,8 +39,8 @@ from ..runtime.executors import resolve_executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
-from .bridges import Bridge, add_bridges, choose_links, links_of
-from .multinet import MultiNet, combine, model_costs, named_models, surviving_links
+from .bridges import Bridge, add_bridges, choose_links, live_links
+from .multinet import MultiNet, combine, model_costs, named_models
 from .similarity import Candidate, canonical_order, linkable_layers, score_candidates
 
 MIN_R2 = 0.5  # a layer reads another member only where that member explains at least half its input
@@ -388,7 +388,7 @@ def _unify_part(named, members: list[str], links: list[Candidate], data, budget:
     net = MultiNet({m: named[m] for m in members}, example)
     bridged, bridges = add_bridges(net, example, links)
     result = compress(bridged, data, budget=_relative_to(budget, net.graph_module, bridged), **options)
-    model = MultiNet.from_graph(result.model, members, surviving_links(links_of(bridges), result.model))
+    model = MultiNet.from_graph(result.model, members, live_links(bridges, result.model))
     return _Part(members, model, bridged, bridges, result)
 
 

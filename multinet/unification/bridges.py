@@ -31,6 +31,7 @@ class Bridge:
     own: int  # the layer's own input channels
     r2: float = 0.0  # how much of the layer's own input the sources explain (least squares, calibration data)
     pool: tuple[int, ...] | None = None  # average pooling applied to the source first
+    tensors: tuple[str, ...] = ()  # per source, the graph node it reads (the source layer's input)
 
 
 def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict[str, int],
@@ -142,7 +143,7 @@ def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) 
         width = _shape(source)[dim]
         set_submodule(gm, link.layer, _widen(gm.get_submodule(link.layer), width))
         bridges.append(Bridge(link.layer, link.model, [(link.source, link.source_layer, width)], _shape(own)[dim],
-                              link.r2, link.pool))
+                              link.r2, link.pool, (source.name,)))
     gm = _topologically_sorted(gm)
     propagate_shapes(gm, example)
     gm.meta["multinet_bridges"] = [b.consumer for b in bridges]
@@ -175,6 +176,28 @@ def _topologically_sorted(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def links_of(bridges: list[Bridge]) -> list[Link]:
-    """One link per (bridged layer, other member's layer whose input it reads)."""
-    return [Link(b.model, b.consumer, source, layer) for b in bridges for source, layer, _ in b.sources]
+def live_links(bridges: list[Bridge], gm: fx.GraphModule) -> list[Link]:
+    """The links of ``bridges`` that ``gm`` (the compressed bridged graph) still computes: the layer is
+    there and still depends on the tensor it was linked to. The source *layer* may be gone — a skip
+    link can remove the layer whose input another member reads — while the tensor lives on."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    out = []
+    for b in bridges:
+        call = calls.get(b.consumer)
+        for (source, layer, _), tensor in zip(b.sources, b.tensors):
+            if call is not None and tensor in nodes and _depends_on(call, nodes[tensor]):
+                out.append(Link(b.model, b.consumer, source, layer))
+    return out
+
+
+def _depends_on(node: fx.Node, other: fx.Node) -> bool:
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n is other:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False

@@ -236,7 +236,7 @@ class MultiNet(nn.Module):
     def with_graph(self, gm: fx.GraphModule) -> "MultiNet":
         """This MultiNet's members around another graph of it (a compressed one); links to layers
         that no longer exist are dropped."""
-        return MultiNet.from_graph(gm, self.members, surviving_links(self.links, gm), self.is_fused)
+        return MultiNet.from_graph(gm, self.members, surviving_links(self.links, gm, self.graph_module), self.is_fused)
 
     def extra_repr(self) -> str:
         return f"members={self.members}, links={len(self.links)}, fused={self.is_fused}"
@@ -252,10 +252,17 @@ class MultiNet(nn.Module):
         self.train(state["training"])
 
 
-def surviving_links(links: list[Link], gm: fx.GraphModule) -> list[Link]:
-    """The links whose two layers are still in ``gm`` (compression may remove either)."""
-    layers = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    return [lk for lk in links if lk.layer in layers and lk.source_layer in layers]
+def surviving_links(links: list[Link], gm: fx.GraphModule, before: fx.GraphModule | None = None) -> list[Link]:
+    """The links whose two layers are still in ``gm`` (compression may remove either). A link whose
+    source layer was already gone in ``before`` (a skip link collapsed it; the tensor it read lives on)
+    stays while its reading layer does."""
+    layers = _layers(gm)
+    gone = set() if before is None else {lk.source_layer for lk in links} - _layers(before)
+    return [lk for lk in links if lk.layer in layers and (lk.source_layer in layers or lk.source_layer in gone)]
+
+
+def _layers(gm: fx.GraphModule) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
 
 
 def _output_dict(gm: fx.GraphModule) -> dict | None:
