@@ -41,7 +41,7 @@ from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
 from .bridges import Bridge, add_bridges, choose_links, live_links
 from .multinet import MultiNet, combine, model_costs, named_models
-from .similarity import Candidate, canonical_order, linkable_layers, score_candidates
+from .similarity import Candidate, canonical_order, linkable_layers, score_candidates, skip_conflicts
 
 MIN_R2 = 0.5  # a layer reads another member only where that member explains at least half its input
 
@@ -170,9 +170,8 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
         ok, why = linkable_layers(graph, net.graph_module, member)
         targets[member] = list(ok)
         unlinkable.update(why)
-    same_group = {(a, b) for g in graph.groups for a in g.consumer_names for b in g.consumer_names}
     candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size,
-                                  same_group=same_group if skip_links else None)
+                                  conflicts=skip_conflicts(graph) if skip_links else None)
     rank = {m: i for i, m in enumerate(order)}
 
     def links_among(members: list[str], ways: set[tuple[str, str]]) -> list[Candidate]:

@@ -112,17 +112,32 @@ def pooled(x: torch.Tensor, pool: tuple[int, ...] | None) -> torch.Tensor:
     return x if pool is None else _POOLS[x.dim() - 2](x, pool)
 
 
+def skip_conflicts(graph: ChannelGraph) -> set[tuple[str, str]]:
+    """(layer, source layer) pairs of one member that a skip link must not join: the source layer's
+    input is in a channel group the layer already reads (a residual stream: nothing could be removed)
+    or writes (the layer would read its own output channels: cutting them would change its input and
+    its output at once)."""
+    reads: dict[str, set[int]] = {}
+    writes: dict[str, set[int]] = {}
+    for g in graph.groups:
+        for name in g.consumer_names:
+            reads.setdefault(name, set()).add(g.id)
+        for name in g.producers:
+            writes.setdefault(name, set()).add(g.id)
+    return {(layer, source) for layer in reads for source in reads
+            if reads[source] & (reads[layer] | writes.get(layer, set()))}
+
+
 def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, batch_size: int = 128,
-                     samples: int = 512, damp: float = 1e-3, same_group: set[tuple[str, str]] | None = None
+                     samples: int = 512, damp: float = 1e-3, conflicts: set[tuple[str, str]] | None = None
                      ) -> list[Candidate]:
     """R² of every (target layer, source layer input) pair that a resampling can align.
 
     ``targets``: per member, its linkable layers. Sources are the inputs of every member's
-    linkable layers: another member's, and, when ``same_group`` is given (skip links), the member's
-    own *earlier* tensors in another channel group: reading one, a layer can stand in for the whole
-    layer between them (REAP may then remove that layer's channels entirely). ``same_group``: the
-    (layer, layer) pairs whose inputs share a channel group (a residual stream), never linked.
-    One pass of the network over the first ``samples`` calibration samples."""
+    linkable layers: another member's, and, when ``conflicts`` is given (skip links), the member's
+    own *earlier* tensors: reading one, a layer can stand in for the whole layer between them (REAP may
+    then remove that layer's channels entirely). ``conflicts``: the pairs never skip-linked
+    (:func:`skip_conflicts`). One pass of the network over the first ``samples`` calibration samples."""
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     layers = {layer: member for member, names in targets.items() for layer in names}
     wanted = {calls[layer].args[0].name for layer in layers}
@@ -131,11 +146,11 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
     for layer, member in layers.items():
         xt = values[calls[layer].args[0].name]
         last = channels_last(gm, layer)
-        earlier = _ancestors(calls[layer].args[0]) if same_group is not None else set()
+        earlier = _ancestors(calls[layer].args[0]) if conflicts is not None else set()
         for source_layer, source in layers.items():
             if source == member and (calls[source_layer].args[0] not in earlier
-                                     or (layer, source_layer) in same_group):
-                continue  # a skip link reads an earlier tensor of another group
+                                     or (layer, source_layer) in conflicts):
+                continue  # a skip link reads an earlier tensor of a group the layer neither reads nor writes
             if channels_last(gm, source_layer) != last:
                 continue  # a Linear's tokens and a conv's pixels are not the same rows
             xs = values[calls[source_layer].args[0].name]
