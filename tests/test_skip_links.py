@@ -6,7 +6,7 @@ import multinet
 from multinet import MultiNet, data, zoo
 from multinet.graph import count, trace
 from multinet.unification import score_candidates
-from multinet.unification.similarity import _ancestors, linkable_layers, skip_conflicts
+from multinet.unification.similarity import ancestors, linkable_layers, skip_conflicts
 
 
 pytestmark = pytest.mark.usefixtures("quiet_calibration")
@@ -65,7 +65,7 @@ def test_skip_link_sources_are_earlier_tensors_of_groups_the_layer_neither_reads
     reads = {name: {g.id for g in graph.groups if name in g.consumer_names} for name in calls}
     writes = {name: {g.id for g in graph.groups if name in g.producers} for name in calls}
     for c in skips:
-        assert calls[c.source_layer].args[0] in _ancestors(calls[c.layer].args[0])
+        assert calls[c.source_layer].args[0] in ancestors(calls[c.layer].args[0])
         assert not reads[c.source_layer] & (reads[c.layer] | writes[c.layer])
     without = score_candidates(net.graph_module, targets, split.train_x[:128])
     assert all(c.model != c.source for c in without)

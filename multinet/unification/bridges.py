@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..graph import trace
 from ..graph.tracing import propagate_shapes
 from .multinet import Link, MultiNet
-from .similarity import _POOLS, Candidate
+from .similarity import _POOLS, Candidate, ancestors
 
 
 @dataclass
@@ -186,18 +186,7 @@ def live_links(bridges: list[Bridge], gm: fx.GraphModule) -> list[Link]:
     for b in bridges:
         call = calls.get(b.consumer)
         for (source, layer, _), tensor in zip(b.sources, b.tensors):
-            if call is not None and tensor in nodes and _depends_on(call, nodes[tensor]):
+            if call is not None and tensor in nodes and nodes[tensor] in ancestors(call):
                 out.append(Link(b.model, b.consumer, source, layer))
     return out
 
-
-def _depends_on(node: fx.Node, other: fx.Node) -> bool:
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n is other:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False

@@ -20,6 +20,7 @@ from ..errors import InputShapeError, MultinetError, TraceError
 from ..graph import count, trace
 from ..graph.tracing import as_tuple, positional_inputs, propagate_shapes
 from .direct_call import direct_forward
+from .similarity import ancestors
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -302,17 +303,6 @@ def model_names(net) -> list[str]:
     return list(net.members)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
 def model_costs(net: MultiNet, example_inputs=None) -> dict[str, dict[str, int]]:
     """FLOPs (MACs) and params each model needs, and what is shared by several models.
 
@@ -347,7 +337,7 @@ def _ancestors_of_output(out_node: fx.Node, name: str) -> set[fx.Node]:
     fx.node.map_arg(outputs[name], lambda n: roots.append(n) or n)
     found = set(roots)
     for r in roots:
-        found |= _ancestors(r)
+        found |= ancestors(r)
     return found
 
 

@@ -146,7 +146,7 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
     for layer, member in layers.items():
         xt = values[calls[layer].args[0].name]
         last = channels_last(gm, layer)
-        earlier = _ancestors(calls[layer].args[0]) if conflicts is not None else set()
+        earlier = ancestors(calls[layer].args[0]) if conflicts is not None else set()
         for source_layer, source in layers.items():
             if source == member and (calls[source_layer].args[0] not in earlier
                                      or (layer, source_layer) in conflicts):
@@ -161,7 +161,7 @@ def score_candidates(gm: fx.GraphModule, targets: dict[str, list[str]], data, ba
     return out
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def ancestors(node: fx.Node) -> set[fx.Node]:
     """Every node ``node`` depends on (itself excluded)."""
     seen: set[fx.Node] = set()
     stack = list(node.all_input_nodes)
