@@ -5,6 +5,12 @@ channels go). Savings come from the exact cost model and are recomputed at every
 a channel of one group saves less once its neighbours have shrunk (a conv's cost is the product
 of its input and output widths). ``lookahead`` lets a group bid with several moves at once, so a
 group whose error curve is flat after a bump is not starved.
+
+The last move can save far more than the budget still needed: the last channel of a group that a
+whole branch depends on takes the branch with it (a MultiNet member whose layers another member now
+stands in for, a layer made dead by a skip link). ``refill`` then gives that slack back, moving
+groups back towards fewer removals where it lowers the error most per unit of cost, as long as the
+budget holds.
 """
 from __future__ import annotations
 
@@ -62,6 +68,39 @@ def greedy(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, 
         path.append(Step(g, counts[g], cost, error))
         if progress is not None:
             progress(cost)
+    return path
+
+
+def refill(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, int], int, int], float],
+           cost: float, target: float, errors_of: ErrorsOf, lookahead: Mapping[int, int],
+           counts: Mapping[int, int], error: float) -> list[Step]:
+    """Moves back (channels kept again) from ``counts`` at ``cost`` and ``error`` while the cost stays
+    at most ``target``: each step takes the move that lowers the error most per unit of cost added
+    (a group goes back up to ``lookahead[g]`` allowed counts), until no move that fits lowers it.
+
+    Only an undershoot is refilled, so a plan that lands at its target (the usual case) is unchanged;
+    every step lowers the error, so it ends."""
+    counts = {g: counts.get(g, 0) for g in allowed}
+    position = {g: list(allowed[g]).index(counts[g]) for g in allowed}
+    path: list[Step] = []
+    while cost <= target:
+        candidates: list[tuple[int, int, float]] = []  # (group, index into allowed, cost after)
+        for g, options in allowed.items():
+            for j in range(position[g] - 1, max(position[g] - lookahead[g], 0) - 1, -1):
+                after = cost - saving(counts, g, options[j])
+                if after <= target:
+                    candidates.append((g, j, after))
+        if not candidates:
+            break
+        errors = errors_of(counts, [(g, allowed[g][j]) for g, j, _ in candidates])
+        better = [i for i in range(len(candidates)) if errors[i] < error]
+        if not better:
+            break
+        best = max(better, key=lambda i: ((error - errors[i]) / max(candidates[i][2] - cost, 1e-12), -candidates[i][2]))
+        g, j, cost = candidates[best]
+        error = errors[best]
+        position[g], counts[g] = j, allowed[g][j]
+        path.append(Step(g, counts[g], cost, error))
     return path
 
 

@@ -5,10 +5,15 @@ surviving size is its full size times, per sliced dimension, the fraction of pos
 Conv/Linear layer's MACs are proportional to its weight's size (positions x weight numel), so the
 same fractions give its FLOPs. The scheduler evaluates this thousands of times; building a pruned
 model for each would cost a trace each time.
+
+A group that loses every channel (possible where MultiNet bridges or skip links let other channels
+stand in for it) leaves the layers that wrote it computing for nothing: surgery's dead-code
+elimination removes them, and with them every group that only such layers read. The cost model
+follows the same chain (``dead``), so a plan is costed as the network surgery will build.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +81,36 @@ class CostModel:
         for i, (_, t) in enumerate(self.terms):
             for gid in {r.group for d in t.dims for r in d.ranges} | set(t.needs or ()):
                 self.terms_of.setdefault(gid, []).append(i)
+        self.sizes = {g.id: g.size for g in graph.groups}
+        self._readers = {g.id: list(g.consumer_names) for g in graph.groups if g.prunable and g.consumers}
+        self._writes: dict[str, set[int]] = {}  # layer -> the groups it writes
+        for g in graph.groups:
+            for layer in g.producers:
+                self._writes.setdefault(layer, set()).add(g.id)
+        self._dead: dict[frozenset, frozenset] = {}
+
+    def dead(self, gone: Iterable[int]) -> frozenset[int]:
+        """The groups ``gone`` (every channel removed) and those nothing live reads any more, as
+        dead-code elimination finds them: a layer lives when it writes a group that lives (or one no
+        removal can kill: unprunable, unread, the outputs), and a group lives when a live layer reads
+        it. Liveness spreads back from the outputs, so a residual stage whose stream is gone dies with
+        its blocks although each block reads the stream the next one writes."""
+        gone = frozenset(gone)
+        if not gone:
+            return gone
+        if gone not in self._dead:
+            mortal = set(self._readers) - gone
+            live_layers = {layer for layer, writes in self._writes.items() if writes - mortal - gone}
+            live, changed = set(), True
+            while changed:
+                changed = False
+                for g in mortal - live:
+                    if any(r not in self._writes or r in live_layers for r in self._readers[g]):
+                        live.add(g)
+                        live_layers.update(self.groups[g].producers)
+                        changed = True
+            self._dead[gone] = frozenset(gone | (mortal - live))
+        return self._dead[gone]
 
     def _dims(self, edits: list[SliceTensor]) -> list[_Dim]:
         dims = []
@@ -121,7 +156,14 @@ class CostModel:
         return t.full * frac
 
     def evaluate(self, removed_in: Callable[[int, int, int], int], pruned: set[int]) -> tuple[float, float]:
-        """(flops, params) given ``removed_in(group, lo, hi)``: how many removed channels lie in [lo, hi)."""
+        """(flops, params) given ``removed_in(group, lo, hi)``: how many removed channels lie in [lo, hi)
+        (``pruned``: the groups that lose any), dead groups (see ``dead``) counted as gone."""
+        dead = self.dead(g for g in pruned if removed_in(g, 0, self.sizes[g]) >= self.sizes[g])
+        if dead:
+            removed_in, pruned = _all_of(dead, removed_in), set(pruned) | dead
+        return self._evaluate(removed_in, pruned)
+
+    def _evaluate(self, removed_in: Callable[[int, int, int], int], pruned: set[int]) -> tuple[float, float]:
         out = [self.fixed_flops, self.fixed_params]
         for metric, t in self.terms:
             out[metric] += self.term_size(t, removed_in, pruned)
@@ -171,11 +213,15 @@ class PrefixCosts:
             self._cum[key] = np.concatenate([[0], np.cumsum(inside)])
         return self._cum[key]
 
-    def _removed_in(self, counts: Mapping[int, int]):
+    def _removed_in(self, counts: Mapping[int, int], dead: frozenset = frozenset()):
         def removed_in(g, lo, hi):
             k = counts.get(g, 0)
             return int(self._prefix(g, lo, hi)[k]) if k else 0
-        return removed_in
+        return _all_of(dead, removed_in) if dead else removed_in
+
+    def _dead(self, counts: Mapping[int, int]) -> frozenset[int]:
+        sizes = self.model.sizes
+        return self.model.dead(g for g, k in counts.items() if k and k >= sizes[g])
 
     def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
         return self.model.evaluate(self._removed_in(counts), {g for g, k in counts.items() if k})
@@ -194,22 +240,32 @@ class PrefixCosts:
         """(flops, params) saved when group ``gid`` goes from counts[gid] to k removals: only the
         terms that group touches are re-evaluated, and only when a group they depend on has moved
         since (the greedy asks again for every other group's moves after each step)."""
-        key = (gid, k, tuple(counts.get(g, 0) for g in self._neighbours(gid)))
+        size = self.model.sizes[gid]
+        if counts.get(gid, 0) >= size or k >= size:  # the group dies or revives: so may others, anywhere
+            before, after = self(counts), self({**counts, gid: k})
+            return before[0] - after[0], before[1] - after[1]
+        dead = self._dead(counts)
+        key = (gid, k, tuple(counts.get(g, 0) for g in self._neighbours(gid)), dead)
         saved = self._saved.get(key)
         if saved is None:
-            saved = self._saved[key] = self._change(counts, gid, k)
+            saved = self._saved[key] = self._change(counts, gid, k, dead)
         return saved
 
-    def _change(self, counts: Mapping[int, int], gid: int, k: int) -> tuple[float, float]:
+    def _change(self, counts: Mapping[int, int], gid: int, k: int, dead: frozenset) -> tuple[float, float]:
         new = {**counts, gid: k}
-        before, after = self._removed_in(counts), self._removed_in(new)
-        pruned_before = {g for g, n in counts.items() if n}
-        pruned_after = {g for g, n in new.items() if n}
+        before, after = self._removed_in(counts, dead), self._removed_in(new, dead)
+        pruned_before = {g for g, n in counts.items() if n} | dead
+        pruned_after = {g for g, n in new.items() if n} | dead
         saved = [0.0, 0.0]
         for i in self.model.terms_of.get(gid, ()):
             metric, t = self.model.terms[i]
             saved[metric] += self.model.term_size(t, before, pruned_before) - self.model.term_size(t, after, pruned_after)
         return saved[0], saved[1]
+
+
+def _all_of(groups: frozenset, removed_in: Callable[[int, int, int], int]) -> Callable[[int, int, int], int]:
+    """``removed_in`` with every channel of ``groups`` removed."""
+    return lambda g, lo, hi: hi - lo if g in groups else removed_in(g, lo, hi)
 
 
 def _weight_name(gm: fx.GraphModule, layer: str) -> str:

@@ -36,7 +36,7 @@ from ..options import RunOptions
 from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
 from ..runtime.progress import Bar
-from .allocate import Step, counts_at, greedy
+from .allocate import Step, counts_at, greedy, refill
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts
 from .latency import latency_input, measure_ms
@@ -297,15 +297,20 @@ def _evaluated(ctx: Scheduling, counts: Mapping[int, int]) -> float:
 
 def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
           predict: dict[int, Callable[[int], float]] | None = None) -> list[Step]:
-    """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k)."""
+    """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k); then the
+    slack its last move left, if any, given back (``refill``)."""
     predict = predict or _predictor(ctx)
 
     def errors_of(counts, moves):
         now = sum(predict[g](k) for g, k in counts.items())
         return [now - predict[g](counts[g]) + predict[g](k) for g, k in moves]
 
-    return greedy(ctx.allowed, saving, start_cost, target, errors_of, {g: AUTO_LOOKAHEAD for g in ctx.allowed}, True,
-                  progress=report)
+    lookahead = {g: AUTO_LOOKAHEAD for g in ctx.allowed}
+    path = greedy(ctx.allowed, saving, start_cost, target, errors_of, lookahead, True, progress=report)
+    if not path:
+        return path
+    return path + refill(ctx.allowed, saving, path[-1].cost, target, errors_of, lookahead, counts_at(path, len(path)),
+                         path[-1].error)
 
 
 def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None, plan_error: float = 0.0
