@@ -20,6 +20,10 @@ The search, in four steps (each member's own output error stays in the objective
    So no member pays for another's gain: never worse than separate, by construction, and a link that
    hurts one member never costs the other members the links that help them (a member with no kept
    link stays exactly separate).
+5. A direction whose links the kept ones displaced (a layer reads one source: a head reading the other
+   member's features cannot also take its own skip link) is tried once more in place of each kept
+   direction among the same members, under the same rule: the swap is kept only if it lowers the
+   summed error further.
 """
 from __future__ import annotations
 
@@ -318,7 +322,7 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
     summed error lower than before (see ``_Trials.attempt``). A member's skip links (reading its own
     earlier tensors, ``skip_links``) are one more direction, (member, member). A link that would make any member pay
     for another's gain is never added, so no member needs to fall back, and the others keep the links
-    that help them."""
+    that help them. Directions blocked by kept ones get a second chance in their place (``_swaps``)."""
     order, errors = trials.order, trials.errors
     ways = [(a, b) for a in order for b in order if a != b or skip_links]
     alone = {way: links_among(order, {way}) for way in ways}
@@ -332,6 +336,18 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
     current = {m: errors[m]["separate"] for m in order}  # None: cannot reach the budget alone
     bar = Bar(progress, len(queue), "unify: link trials")
     outcome = ""
+    blocked = []  # directions whose links the kept ones displaced: tried again in place of one of those
+
+    def keep(trial, ways, members, got):
+        nonlocal kept, kept_ways, parts
+        part, member_error, used = got
+        kept, kept_ways = trial, ways
+        for m in members:
+            current[m] = errors[m]["unified"] = member_error[m]
+            errors[m]["weight"] = used[m]
+        parts = {k: v for k, v in parts.items() if not k & set(members)}
+        parts[frozenset(members)] = part
+
     for way in queue:
         bar.note(f"{outcome}{_named(way)}")
         trial = links_among(order, kept_ways | {way})
@@ -339,22 +355,47 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
         if not set(map(_key, kept)) <= set(map(_key, trial)) or not any(
                 (lk.model, lk.source) == way for lk in trial):
             outcome = f"{_named(way)}: no link left; "
+            if any((lk.model, lk.source) == way for lk in links_among(order, {way})):
+                blocked.append(way)
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
         got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
         outcome = f"{_named(way)}: {'kept' if got else 'dropped'}; "
-        if got is None:
+        if got is not None:
+            keep(trial, kept_ways | {way}, members, got)
+    for way, instead in _swaps(blocked, kept_ways, parts):
+        if way in kept_ways or instead not in kept_ways:
             continue
-        part, member_error, used = got
-        kept, kept_ways = trial, kept_ways | {way}
-        for m in members:
-            current[m] = errors[m]["unified"] = member_error[m]
-            errors[m]["weight"] = used[m]
-        parts = {k: v for k, v in parts.items() if not k & set(members)}
-        parts[frozenset(members)] = part
+        ways = (kept_ways - {instead}) | {way}
+        trial = links_among(order, ways)
+        rest = links_among(order, kept_ways - {instead})
+        members = next(c for c in _components(order, trial) if way[0] in c)
+        same = next((k for k in parts if way[0] in k), frozenset({way[0]}))
+        if (not set(map(_key, rest)) <= set(map(_key, trial)) or not any((lk.model, lk.source) == way for lk in trial)
+                or frozenset(members) != same):
+            continue  # still displaced, or the swap would split the members it joins
+        bar.note(f"{outcome}{_named(way)} instead of {_named(instead)}")
+        got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
+        outcome = f"{_named(way)} instead of {_named(instead)}: {'kept' if got else 'dropped'}; "
+        if got is not None:
+            keep(trial, ways, members, got)
     bar.note(outcome.rstrip("; "))
     bar.close()
     return list(parts.values())
+
+
+def _swaps(blocked: list[tuple[str, str]], kept_ways: set[tuple[str, str]], parts: dict[frozenset, _Part]
+           ) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """(blocked direction, kept direction it might replace): the kept directions among the members the
+    blocked one would join, so that a swap never splits a unified part. Greedy forward selection keeps
+    the first direction that helps at all; one that helps more but reads the same layers (a member's
+    skip links and the other member's features, both for its head) is blocked by it, and the swap is
+    its second chance."""
+    pairs = []
+    for way in blocked:
+        members = next((k for k in parts if way[0] in k), frozenset({way[0]}))
+        pairs += [(way, v) for v in sorted(kept_ways) if v[0] in members and v[1] in members]
+    return pairs
 
 
 def _named(way: tuple[str, str]) -> str:
