@@ -201,6 +201,8 @@ class PrefixCosts:
     def __init__(self, model: CostModel, orders: Mapping[int, Sequence[int]]):
         self.model = model
         self.orders = {g: np.asarray(list(o), dtype=np.int64) for g, o in orders.items()}
+        # the groups whose order reaches every channel: only they can go whole (and kill others with them)
+        self._wholes = [g for g, o in self.orders.items() if len(o) >= model.sizes[g]]
         self._cum: dict[tuple[int, int, int], np.ndarray] = {}
         self._near: dict[int, tuple[int, ...]] = {}
         self._saved: dict[tuple, tuple[float, float]] = {}
@@ -221,7 +223,7 @@ class PrefixCosts:
 
     def _dead(self, counts: Mapping[int, int]) -> frozenset[int]:
         sizes = self.model.sizes
-        return self.model.dead(g for g, k in counts.items() if k and k >= sizes[g])
+        return self.model.dead(g for g in self._wholes if counts.get(g, 0) >= sizes[g])
 
     def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
         return self.model.evaluate(self._removed_in(counts), {g for g, k in counts.items() if k})
