@@ -355,8 +355,7 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
         if not set(map(_key, kept)) <= set(map(_key, trial)) or not any(
                 (lk.model, lk.source) == way for lk in trial):
             outcome = f"{_named(way)}: no link left; "
-            if any((lk.model, lk.source) == way for lk in links_among(order, {way})):
-                blocked.append(way)
+            blocked.append(way)
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
         got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
