@@ -67,10 +67,11 @@ def input_names(inputs: tuple) -> list[str]:
 
 
 def _deployable(model: nn.Module) -> nn.Module:
-    """What is exported: a MultiNet's fused graph (one wide network, same outputs), else the model."""
+    """What is exported: a MultiNet's fused graph (one wide network, same outputs; pools kept as pools for
+    the runtime's own kernels), else the model."""
     from ..unification.multinet import MultiNet
 
-    return model.fused().graph_module if isinstance(model, MultiNet) else model
+    return model.fused(export=True).graph_module if isinstance(model, MultiNet) else model
 
 
 def output_names(model: nn.Module, inputs: tuple) -> list[str]:

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..graph.tracing import propagate_shapes
+from .pooling import halve_pools
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # multiply-adds per output element below which siblings stay apart: a fused layer's output is split
@@ -30,12 +31,15 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FUSE_MIN_DEPTH = 32
 
 
-def fuse_parallel(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` in which every set of sibling Conv/Linear layers is one wider layer."""
+def fuse_parallel(gm: fx.GraphModule, halve: bool = True) -> fx.GraphModule:
+    """A copy of ``gm`` in which every set of sibling Conv/Linear layers is one wider layer (and, with
+    ``halve``, the links' average pools are strided sums on a CPU: pooling.py)."""
     gm = copy.deepcopy(gm)
     merge_repeated_ops(gm)  # each member's flatten(x): one flatten, so their first layers become siblings
     for siblings in sibling_layers(gm):
         _fuse(gm, siblings)
+    if halve:
+        halve_pools(gm, _device_of(gm))
     return finish_rewrite(gm)
 
 

@@ -217,17 +217,19 @@ class MultiNet(nn.Module):
         """FLOPs and params per member, shared by several members, and in total (see :func:`model_costs`)."""
         return model_costs(self, example_inputs)
 
-    def fused(self, batched: bool = False) -> "MultiNet":
+    def fused(self, batched: bool = False, export: bool = False) -> "MultiNet":
         """The same MultiNet with structurally parallel layers fused (one wider layer per shared input):
         for inference and export; compress the unfused one (it keeps every member's own layers).
         ``batched``: also run same-shaped layers of different members as one batched/grouped op
         (see batching.py: fewer, larger ops, a win where launches cost, e.g. on a GPU; on a CPU often
-        not, so it is not the default). A fused MultiNet is returned as it is, or batched where asked."""
+        not, so it is not the default). ``export``: keep the links' average pools as pools (a deployment
+        runtime has its own pooling kernels; their strided sums, pooling.py, pay off in eager CPU
+        inference only). A fused MultiNet is returned as it is, or batched where asked."""
         if self.is_fused and not batched:
             return self
         from .fusion import fuse_parallel
 
-        gm = self._graph_module if self.is_fused else fuse_parallel(self._graph_module)
+        gm = self._graph_module if self.is_fused else fuse_parallel(self._graph_module, halve=not export)
         if batched:
             from .batching import batch_members
 
