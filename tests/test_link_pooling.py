@@ -66,11 +66,12 @@ def test_a_fused_multinet_with_a_pooled_link_equals_the_unfused_one_and_round_tr
     fused = net.fused()
     assert not any(n.target is F.avg_pool2d for n in fused.graph_module.graph.nodes)
     with torch.no_grad():
-        ref, fast = net(x), fused(x)
+        ref, fast, batched = net(x), fused(x), net.fused(batched=True)(x)
         loaded = from_bytes(to_bytes(fused))
         again = loaded(x)
     for name in ref:
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[name], ref[name], rtol=1e-5, atol=1e-5)
         assert torch.equal(again[name], fast[name])
 
 
