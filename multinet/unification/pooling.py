@@ -17,9 +17,10 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+from .similarity import _POOLS as _POOL_OF_DIMS
+
+_DIMS_OF_POOL = {pool: dims for dims, pool in _POOL_OF_DIMS.items()}  # the pools links insert -> spatial dims
 _ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
@@ -56,9 +57,9 @@ def _every_other(gm: fx.GraphModule, value: fx.Node, dim: int, start: int) -> fx
 def _halvable_kernel(node: fx.Node) -> tuple[int, ...] | None:
     """The pool's window when it tiles its input exactly (window = stride, no padding, no ceil mode,
     no divisor override, every input size a multiple of the window) and every side is a power of two."""
-    if node.op != "call_function" or node.target not in _POOLS:
+    if node.op != "call_function" or node.target not in _DIMS_OF_POOL:
         return None
-    spatial = _POOLS[node.target]
+    spatial = _DIMS_OF_POOL[node.target]
     given = dict(zip(_ARGS, node.args)) | dict(node.kwargs)
     kernel = _sizes(given.get("kernel_size"), spatial)
     stride = _sizes(given.get("stride"), spatial) or kernel
