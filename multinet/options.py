@@ -75,11 +75,17 @@ class RunOptions:
     @classmethod
     def of(cls, options: "RunOptions | None", **settings) -> "RunOptions":
         """``options`` as given, or one built from keyword settings; both at once is ambiguous unless the
-        keywords only repeat the defaults."""
+        keywords only repeat the defaults or the options' own values (a caller that read its settings from
+        ``options`` and passes them on)."""
         if options is None:
             return cls(**settings)
         defaults = {f.name: f.default for f in fields(cls)}
-        clash = sorted(k for k, v in settings.items() if v is not defaults[k] and v != defaults[k])
+        clash = sorted(k for k, v in settings.items()
+                       if not _same(v, defaults[k]) and not _same(v, getattr(options, k)))
         if clash:
             raise MultinetError(f"give these settings inside options= or as keywords, not both: {', '.join(clash)}")
         return options
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)

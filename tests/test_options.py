@@ -45,3 +45,11 @@ def test_every_front_end_shares_the_library_default_for_sampled_positions():
     assert UnifyStep(budget={"flops": 0.5}).max_positions == RunOptions.max_positions
     args = build_parser().parse_args(["compress", "zoo:mlp", "--ratio", "0.5"])
     assert args.max_positions == RunOptions.max_positions
+
+
+def test_a_keyword_that_repeats_the_options_own_value_is_not_ambiguous():
+    """A caller that read its settings from ``options`` may pass them on beside it (unify does)."""
+    opts = RunOptions(batch_size=64, eval_samples=128)
+    assert RunOptions.of(opts, batch_size=64, eval_samples=128) is opts
+    with pytest.raises(MultinetError, match="batch_size"):
+        RunOptions.of(opts, batch_size=32)

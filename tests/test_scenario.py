@@ -110,6 +110,12 @@ def _case(tmp_path, extra="", calib="64", budget_key="budget", flops="0.5"):
     (lambda t: t / "missing.yaml", "no scenario file"),
     (lambda t: _write(t, UNIFY.format(weights="{a: -1}")), "`steps.0.unify.member_weights.a`: Input should be greater than 0"),
     (lambda t: _write(t, UNIFY.format(weights="{c: 2}")), "member_weights names unknown models ['c']"),
+    (lambda t: _write(t, BASE.format(extra="", calib="64", budget_key="budget", flops="0.5").replace(
+        "compress:\n", "compress:\n      skip_links: true\n").replace("budget: {flops: 0.5}", "ratio: 0.5")),
+     "skip_links need a flops or params budget"),
+    (lambda t: _write(t, UNIFY.format(weights="{a: 1}") + "  - compress:\n      budget: {flops: 0.5}\n"
+                                                          "      skip_links: true\n"),
+     "compress.skip_links after a unify step"),
 ])
 def test_bad_scenarios_exit_2_with_one_line(make, message, tmp_path, capsys):
     path = make(tmp_path)
@@ -143,3 +149,14 @@ def test_bad_checkpoint_model_file_output_dir_and_override(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_compress_step_with_skip_links_reports_them(tmp_path, capsys):
+    text = BASE.format(extra="", calib="512", budget_key="budget", flops="0.04").replace(
+        "compress:\n", "compress:\n      skip_links: true\n")
+    out = tmp_path / "out"
+    assert main(["run", str(_write(tmp_path, text)), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    step = report["steps"][0]
+    assert step["models"]["m"]["skip_links"] == [["head", "hidden.2"]]
+    assert step["models"]["m"]["flops_after"] <= 0.04 * step["models"]["m"]["flops_before"]

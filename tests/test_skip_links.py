@@ -127,3 +127,75 @@ def test_a_direction_kept_first_gives_way_to_a_blocked_one_that_helps_more(split
     for name in digit_pair:
         assert swapped.errors[name]["unified"] < 0.9 * forward_only.errors[name]["unified"]
         assert swapped.errors[name]["unified"] < swapped.errors[name]["separate"]
+
+
+# --- compress(..., skip_links=True): one model, its own skip links, a plain model back --------------------
+
+def test_compress_with_skip_links_returns_the_model_with_its_own_names_and_a_lower_error(split, tmp_path):
+    """The digit MLP at 4 % of its FLOPs: the search keeps the head reading the first hidden layer (the
+    second goes whole), and compress hands back a plain GraphModule: the model's own layer names and
+    output, the same network unify builds for the model alone, saved and reloaded like any other."""
+    mlp, calib = zoo.create("mlp"), split.train_x[:1024]
+    budget = multinet.Budget(flops=0.04)
+    skipped = multinet.compress(mlp, calib, budget=budget, skip_links=True)
+    plain = multinet.compress(mlp, calib, budget=budget)
+    assert skipped.skip_links == [("head", "hidden.2")] and plain.skip_links == []
+    assert not isinstance(skipped.model, MultiNet)
+    layers = {n.target for n in skipped.model.graph.nodes if n.op == "call_module"}
+    assert "hidden.2" not in layers and {"hidden.0", "head"} <= layers
+    assert skipped.flops_before == plain.flops_before and skipped.flops_after <= 0.04 * skipped.flops_before
+    assert skipped.flops_after == count(skipped.model).flops
+    assert skipped.plan.original == skipped.flops_before and skipped.plan.measured_cost == skipped.flops_after
+    assert all(not p.startswith("model.") for g in skipped.plan.groups for p in g.producers)
+    alone = multinet.unify({"model": mlp}, calib, budget=budget)
+    with torch.no_grad():
+        out = skipped.model(split.test_x)
+        torch.testing.assert_close(out, alone.model(split.test_x)["model"])
+        assert _accuracy(out, split.test_y) > _accuracy(plain.model(split.test_x), split.test_y) + 0.01
+    multinet.save(skipped.model, tmp_path / "m.mnet", example_inputs=calib[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(multinet.load(tmp_path / "m.mnet")(split.test_x), out)
+
+
+def test_compress_with_skip_links_and_nothing_to_skip_is_plain_compress(split):
+    """A one-hidden-layer MLP has no earlier tensor of another group for its head to read: the result is
+    exactly compress without skip links."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    calib = split.train_x[:256]
+    skipped = multinet.compress(net, calib, budget=multinet.Budget(flops=0.5), skip_links=True)
+    plain = multinet.compress(net, calib, budget=multinet.Budget(flops=0.5))
+    assert skipped.skip_links == []
+    assert [g.removed for g in skipped.groups] == [g.removed for g in plain.groups]
+    with torch.no_grad():
+        torch.testing.assert_close(skipped.model(split.test_x), plain.model(split.test_x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ratio=0.5), "skip_links need a budget="),
+    (dict(budget=multinet.Budget(latency_ms=1.0)), "FLOPs or parameter budget"),
+    (dict(budget=multinet.Budget(flops=0.5), plan_path="p.json"), "cannot be saved for plan="),
+    (dict(budget=multinet.Budget(flops=0.5), run_dir="run"), "one run_dir cannot hold"),
+    (dict(budget=multinet.Budget(flops=0.5), method="magnitude"), "takes ratio= only"),
+])
+def test_compress_with_skip_links_refuses_what_it_cannot_do(split, kwargs, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(multinet.MultinetError, match=message):
+        multinet.compress(zoo.create("mlp"), split.train_x[:64], skip_links=True, **kwargs)
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_a_multinet_is_not_compressed_with_skip_links(split):
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp")}, split.train_x[:1])
+    with pytest.raises(multinet.MultinetError, match="chosen by unify"):
+        multinet.unification.compress_multinet(net, split.train_x[:64], budget=multinet.Budget(flops=0.5),
+                                               skip_links=True)
+
+
+def test_skip_links_from_the_cli_and_their_refusals(capsys):
+    from multinet.cli import main
+
+    assert main(["compress", "zoo:mlp", "--flops", "0.04", "--skip-links", "--quiet", "--calibration", "512"]) == 0
+    assert "skip link: head reads the input of hidden.2" in capsys.readouterr().out
+    assert main(["compress", "zoo:mlp", "--ratio", "0.3", "--skip-links", "--quiet"]) == 2
+    assert "--skip-links needs a --flops or --params budget" in capsys.readouterr().err

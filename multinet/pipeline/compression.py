@@ -67,6 +67,8 @@ class CompressResult:
     method: str
     plan: Plan | None = None
     cost: PipelineStats | None = None  # the cached-input pipeline's forward work and phase times
+    # with skip_links=True: (layer, the layer whose input it reads instead of its own) for every skip kept
+    skip_links: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -87,6 +89,8 @@ class CompressResult:
     def __repr__(self) -> str:
         """A summary: printing a result in a notebook must not dump the whole model's code."""
         budget = f", {self.plan.schedule} schedule to a {self.plan.metric} budget" if self.plan is not None else ""
+        if self.skip_links:
+            budget += f", {len(self.skip_links)} skip link{'s' * (len(self.skip_links) > 1)}"
         return (f"CompressResult(method={self.method!r}{budget}: FLOPs {self.flops_before:,} -> {self.flops_after:,} "
                 f"({self.flops_after / max(self.flops_before, 1):.1%}), params {self.params_before:,} -> "
                 f"{self.params_after:,}, {len(self.groups)} groups compressed, {self.seconds:.1f} s)")
@@ -99,7 +103,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
              autowrap_functions=(), progress: bool = False, run_dir=None, mode: str = "sequential",
              frontier_memory: int | str | None = "auto", frontier_dtype: str = "float32",
-             options: RunOptions | None = None) -> CompressResult:
+             options: RunOptions | None = None, skip_links: bool = False) -> CompressResult:
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
@@ -129,6 +133,12 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
     ``options``: a :class:`multinet.RunOptions` holding the run settings (batch_size, max_positions,
     damp, device, seed, eval_samples, executor, frontier_memory, frontier_dtype) instead of keywords.
+
+    ``skip_links`` (with a FLOPs or parameter ``budget``): a layer may also read an earlier tensor of the
+    model that explains its input (least-squares R², as unification's links), so that the layers in
+    between are removed whole where that beats narrowing them (small budgets); the model compressed
+    without them is computed too, and the skip links are kept only where they lower the final-output
+    error (``result.skip_links`` lists them). Costs about two to four compressions.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -142,6 +152,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         raise MultinetError(f"budgets are scheduled with REAP's error curves; method {method!r} takes ratio= only")
     if budget is not None and not isinstance(budget, Budget):
         raise MultinetError(f"budget must be a multinet.Budget, got {type(budget).__name__}")
+    _check_skip_links(skip_links, budget, plan_path, run_dir)
     opts = RunOptions.of(options, batch_size=batch_size, max_positions=max_positions, damp=damp, device=device,
                          seed=seed, eval_samples=eval_samples, executor=executor, frontier_memory=frontier_memory,
                          frontier_dtype=frontier_dtype).resolved()  # checked before any work
@@ -149,6 +160,13 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     owned = opts.executor is not executor and (options is None or opts.executor is not options.executor)
     device, executor = opts.device, opts.executor
     try:
+        if skip_links:
+            from ..unification.skipping import compress_with_skip_links
+
+            return compress_with_skip_links(model, calibration_data, budget, schedule=schedule,
+                                            batch_size=opts.batch_size, eval_samples=opts.eval_samples,
+                                            options=opts, leaf_modules=leaf_modules,
+                                            autowrap_functions=autowrap_functions, progress=progress, mode=mode)
         if budget is not None and budget.device is None:
             budget = replace(budget, device=device)  # latency is measured where the run is, unless the budget says
         if budget is not None:
@@ -200,6 +218,23 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     finally:
         if owned:  # made here from a name: nothing else will free what its actors hold
             executor.release()
+
+
+def _check_skip_links(skip_links: bool, budget: Budget | None, plan_path, run_dir) -> None:
+    """What a run with skip links needs, checked before any work."""
+    if not isinstance(skip_links, bool):
+        raise MultinetError(f"skip_links must be True or False, got {skip_links!r}")
+    if not skip_links:
+        return
+    if budget is None:
+        raise MultinetError("skip_links need a budget= (FLOPs or parameters): the search compares the model with "
+                            "and without them at the same cost, which a per-group ratio does not fix")
+    if plan_path is not None:
+        raise MultinetError("skip_links: a plan applies to the graph with the skip links, not to the model as "
+                            "given, so it cannot be saved for plan=; save the compressed model instead")
+    if run_dir is not None:
+        raise MultinetError("skip_links run several compressions, which one run_dir cannot hold; run without "
+                            "run_dir, or without skip_links to make the run resumable")
 
 
 def _evaluation(plan, ctx, data, opts: RunOptions) -> list | None:

@@ -162,7 +162,8 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
                                   budget=_budget(spec.budget, scenario.runtime.device) if spec.budget else None,
                                   schedule=spec.schedule, batch_size=scenario.data.batch_size,
                                   max_positions=spec.max_positions, device=scenario.runtime.device,
-                                  seed=scenario.runtime.seed, progress=progress, executor=executor)
+                                  seed=scenario.runtime.seed, progress=progress, executor=executor,
+                                  **({"skip_links": True} if spec.skip_links else {}))
                 entry["models"][name] = result.as_dict()
                 if net is not None:
                     net = result.model  # a MultiNet again (compress_multinet)

@@ -66,11 +66,14 @@ class CompressStep(_Strict):
     schedule: Literal["auto", "exhaustive", "uniform"] = "auto"
     method: Literal["reap", "unify", "magnitude", "magnitude+ls", "random"] = "reap"
     max_positions: int | None = Field(RunOptions.max_positions, ge=1)
+    skip_links: bool = False  # a layer may read an earlier tensor of the model (whole layers can go); needs a budget
 
     @model_validator(mode="after")
     def _either(self):
         if (self.budget is None) == (self.ratio is None):
             raise ValueError("give exactly one of budget and ratio")
+        if self.skip_links and (self.budget is None or self.budget.latency_ms is not None):
+            raise ValueError("skip_links need a flops or params budget")
         return self
 
 
@@ -146,6 +149,12 @@ class Scenario(_Strict):
     def _unify_needs_models(self):
         if any(s.kind == "unify" for s in self.steps) and len(self.models) < 2:
             raise ValueError("a unify step needs at least two models")
+        unified = False
+        for i, step in enumerate(self.steps):
+            unified = unified or step.kind == "unify"
+            if unified and step.kind == "compress" and step.spec.skip_links:
+                raise ValueError(f"step {i + 1}: compress.skip_links after a unify step: the MultiNet's skip links "
+                                 f"are unify's (unify.skip_links)")
         return self
 
 

@@ -167,7 +167,7 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     if example is None:
         example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
     order = canonical_order(named)
-    net = MultiNet({n: named[n] for n in order}, example)
+    net = MultiNet({n: named[n] for n in order}, example, *_tracing(compress_options))
     graph = trace(net.graph_module, example)
     targets, unlinkable = {}, {}
     for member in order:
@@ -215,6 +215,11 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
                    _channels_after(net, model, example, list(named)),
                    {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
                    candidates, unlinkable, {m: s[1] for m, s in separate.items() if s})
+
+
+def _tracing(compress_options: Mapping) -> tuple:
+    """The members' tracing settings (compress's ``leaf_modules`` and ``autowrap_functions``)."""
+    return compress_options.get("leaf_modules", ()), compress_options.get("autowrap_functions", ())
 
 
 def _checked_weights(member_weights, names: list[str]) -> dict[str, float]:
@@ -424,7 +429,7 @@ def _components(members: list[str], links: list[Candidate]) -> list[list[str]]:
 
 
 def _unify_part(named, members: list[str], links: list[Candidate], data, budget: Budget, example, options) -> _Part:
-    net = MultiNet({m: named[m] for m in members}, example)
+    net = MultiNet({m: named[m] for m in members}, example, *_tracing(options))
     bridged, bridges = add_bridges(net, example, links)
     result = compress(bridged, data, budget=_relative_to(budget, net.graph_module, bridged), **options)
     model = MultiNet.from_graph(result.model, members, live_links(bridges, result.model))
@@ -469,6 +474,9 @@ def compress_multinet(net: MultiNet, calibration_data, **options) -> CompressRes
         raise MultinetError(f"compress_multinet takes a MultiNet, got {type(net).__name__}")
     if net.is_fused:
         raise MultinetError("this MultiNet is fused (for inference); compress the unfused one it came from")
+    if options.get("skip_links"):
+        raise MultinetError("a MultiNet's skip links are chosen by unify (unify(..., skip_links=True)), not by "
+                            "compressing it again")
     result = compress(net.graph_module, calibration_data, **options)
     return replace(result, model=net.with_graph(result.model))
 

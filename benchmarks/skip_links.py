@@ -1,0 +1,94 @@
+"""One model compressed with and without skip links, at FLOPs budgets (no fine-tuning).
+
+    python benchmarks/skip_links.py [--models mlp vgg resnet mobilenet densenet] [--budgets 0.25 0.08 0.04 0.02]
+
+``multinet.compress(model, data, budget=Budget(flops=f))`` (REAP, auto schedule, sequential mode)
+against the same call with ``skip_links=True``: a layer may also read an earlier tensor of the model
+that explains its input, so the layers in between can go whole where that beats narrowing them,
+and the skip links are kept only where they lower the final-output error on the calibration set.
+Per model and budget: held-out test accuracy of both, FLOPs kept, the skip links kept, and the
+run time of the skip-link search in units of the plain compression's (both timed in this process,
+one after another, on the same torch thread count). Writes benchmarks/results/skip_links.md.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import multinet
+from multinet import Budget, BudgetError, data, zoo
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def accuracy(model, split) -> float:
+    with torch.no_grad():
+        return float((model(split.test_x).argmax(1) == split.test_y).float().mean())
+
+
+def run(name: str, split, calib, budget: float) -> dict:
+    model = zoo.create(name).eval()
+    row = dict(model=name, budget=budget, original=accuracy(model, split))
+    try:
+        start = time.perf_counter()
+        plain = multinet.compress(model, calib, budget=Budget(flops=budget))
+        row["plain_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        skipped = multinet.compress(model, calib, budget=Budget(flops=budget), skip_links=True)
+        row["skip_s"] = time.perf_counter() - start
+    except BudgetError as exc:
+        row["note"] = str(exc)
+        return row
+    row.update(plain=accuracy(plain.model, split), plain_flops=plain.flops_after / plain.flops_before,
+               skip=accuracy(skipped.model, split), skip_flops=skipped.flops_after / skipped.flops_before,
+               links=[f"{a} ← {b}" for a, b in skipped.skip_links])
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | FLOPs budget | original | compress | with skip links | difference (pts) | FLOPs kept "
+             "(plain / skip) | skip links kept (layer ← the layer whose input it reads) | run time × plain |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        if "note" in r:
+            lines.append(f"| {r['model']} | {r['budget']:.0%} | {r['original']:.3f} | – | – | – | – | {r['note']} | – |")
+            continue
+        lines.append(f"| {r['model']} | {r['budget']:.0%} | {r['original']:.3f} | {r['plain']:.3f} | {r['skip']:.3f} | "
+                     f"{100 * (r['skip'] - r['plain']):+.1f} | {r['plain_flops']:.1%} / {r['skip_flops']:.1%} | "
+                     f"{', '.join(r['links']) or 'none (plain result)'} | {r['skip_s'] / r['plain_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=zoo.names())
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.08, 0.04, 0.02])
+    parser.add_argument("--calibration", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS / "skip_links.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    split = data.load("digits")
+    calib = split.train_x[:args.calibration]
+    rows, start = [], time.perf_counter()
+    for name in args.models:
+        for budget in args.budgets:
+            rows.append(run(name, split, calib, budget))
+            print(rows[-1], flush=True)
+    command = (f"python benchmarks/skip_links.py --models {' '.join(args.models)} --budgets "
+               f"{' '.join(map(str, args.budgets))} --threads {args.threads}")
+    text = (f"# Skip links in `compress` (digits, no fine-tuning)\n\n`{command}` "
+            f"({(time.perf_counter() - start) / 60:.0f} min, torch {torch.__version__}, {args.threads} torch thread, "
+            f"{args.calibration} calibration images, accuracy on the {len(split.test_x)} held-out images; one image = "
+            f"{100 / len(split.test_x):.2f} pt).\n\n" + table(rows) + "\n")
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

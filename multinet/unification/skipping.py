@@ -1,0 +1,92 @@
+"""One model compressed with skip links: its layers may read its own earlier tensors, so that the layers
+in between can go whole where that beats narrowing them (``compress(..., skip_links=True)``).
+
+This is unification's search with one member: the model compressed on its own (what ``compress``
+returns without skip links) is computed first, then its skip links are tried, and they are kept only
+where they lower its final-output error at the same budget (see ``api._unified_parts``). The result
+is handed back as an ordinary :class:`CompressResult` whose model is a plain GraphModule with the
+model's own layer names and output structure, not a one-member MultiNet.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import MultinetError
+from ..graph import count
+from ..pipeline.compression import CompressResult
+from ..schedule import Budget, Plan
+from .api import unify
+from .multinet import MultiNet
+
+MEMBER = "model"  # the one member's name inside the search (stripped again from every layer name)
+
+
+def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget, **options) -> CompressResult:
+    """``model`` compressed to ``budget``, with skip links where they lower its final-output error
+    (``options``: the keywords of :func:`multinet.compress`, already checked there)."""
+    if budget.metric == "latency":
+        raise MultinetError("skip_links take a FLOPs or parameter budget: the search compares errors at the same "
+                            "FLOPs or parameters, and a latency budget is measured on the compressed graph")
+    schedule = options.pop("schedule", "auto")
+    batch_size = options.pop("batch_size", 128)
+    eval_samples = options.pop("eval_samples", 1024)
+    unified = unify({MEMBER: model}, calibration_data, budget=budget, schedule=schedule, batch_size=batch_size,
+                    eval_samples=eval_samples, skip_links=True, **options)
+    alone = unified.separate[MEMBER]
+    if unified.chosen[MEMBER] != "unified":
+        return replace(alone, skip_links=[])
+    net = unified.model
+    gm = member_graph(net, MEMBER)
+    after = count(gm)
+    links = [(_strip(lk.layer), _strip(lk.source_layer)) for lk in net.links]
+    reports = [replace(g, producers=[_strip(p) for p in g.producers]) for g in unified.result.groups]
+    return CompressResult(gm, reports, alone.flops_before, after.flops, alone.params_before, after.params,
+                          "reap", _as_model_plan(unified.plan, budget, alone, after), unified.result.cost,
+                          skip_links=links)
+
+
+def _as_model_plan(plan: Plan, budget: Budget, alone: CompressResult, after) -> Plan:
+    """The schedule of the graph with the skip links, stated against the model as given: its budget, its
+    original cost and layer names (the target and costs are absolute, the same in both)."""
+    original = {"flops": alone.flops_before, "params": alone.params_before}[plan.metric]
+    groups = [replace(g, producers=[_strip(p) for p in g.producers]) for g in plan.groups]
+    return replace(plan, budget=budget.as_dict(), original=original, groups=groups,
+                   measured_cost=getattr(after, plan.metric))
+
+
+def member_graph(net: MultiNet, name: str) -> fx.GraphModule:
+    """One member of a MultiNet as a plain GraphModule: its layers under their own names (the
+    ``name.`` prefix removed) and its own output structure instead of the {member: output} mapping.
+    Layers another member owns are kept under their full names (a member may read them)."""
+    source = net.graph_module
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    owned: dict[str, object] = {}
+    prefix = f"{name}."
+    for node in source.graph.nodes:
+        if node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0][name], lambda n: env[n]))
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        if node.op in ("call_module", "get_attr"):
+            new.target = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
+            owned[new.target] = _fetch(source, node.target)
+        env[node] = new
+    gm = fx.GraphModule(owned, graph, "GraphModule")
+    gm.graph.eliminate_dead_code()  # other members' work that this member does not read
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.meta.update(source.meta)
+    return gm
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _strip(layer: str) -> str:
+    return layer[len(MEMBER) + 1:] if layer.startswith(f"{MEMBER}.") else layer
