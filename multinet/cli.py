@@ -245,6 +245,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(evaluation)
     for layer, source in result.skip_links:
         print(f"skip link: {layer} reads the input of {source}")
+    if not result.skip_links:
+        for producers in result.removed_whole:
+            print(f"removed whole: {', '.join(producers)} (no channel of its group is left)")
     if result.plan is not None:
         p = result.plan
         unit = "ms" if p.metric == "latency" else p.metric
@@ -309,15 +312,17 @@ def _write_removed(result, args: argparse.Namespace) -> None:
 def _budget(args: argparse.Namespace):
     """A Budget from the command line flags, or None when none is given."""
     if args.flops is None and args.params is None and args.latency_ms is None:
-        if args.round_to != 1 or args.ignore or args.min_channels is not None or args.plan_out:
-            raise MultinetError("--round-to, --ignore, --min-channels and --plan-out need a budget "
-                                "(--flops, --params or --latency-ms)")
+        if (args.round_to != 1 or args.ignore or args.min_channels is not None or args.plan_out
+                or args.residual_branches):
+            raise MultinetError("--round-to, --ignore, --min-channels, --residual-branches and --plan-out need a "
+                                "budget (--flops, --params or --latency-ms)")
         return None
     from .schedule import Budget
 
     return Budget(flops=args.flops, params=args.params, latency_ms=args.latency_ms, device=args.device,
                   latency_batch=args.latency_batch, round_to=args.round_to, ignore=tuple(args.ignore),
-                  min_channels=args.min_channels, residual_streams=not args.keep_residual)
+                  min_channels=args.min_channels, residual_streams=not args.keep_residual,
+                  residual_branches=args.residual_branches)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -465,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ignore", action="append", default=[], help="layer name or glob whose outputs stay (repeatable)")
     c.add_argument("--min-channels", type=int, help="channels every group keeps at least (default 1)")
     c.add_argument("--keep-residual", action="store_true", help="leave residual streams whole")
+    c.add_argument("--residual-branches", action="store_true", help="a residual block's branch may lose all its "
+                   "channels and collapse into its skip connection (x + f(x) -> x + constant)")
     c.add_argument("--skip-links", action="store_true", help="with a --flops or --params budget: a layer may read "
                    "an earlier tensor of the model, so that the layers in between can go whole where that beats "
                    "narrowing them (kept only where it lowers the output error; about 2-4x the run time)")

@@ -199,3 +199,26 @@ def test_skip_links_from_the_cli_and_their_refusals(capsys):
     assert "skip link: head reads the input of hidden.2" in capsys.readouterr().out
     assert main(["compress", "zoo:mlp", "--ratio", "0.3", "--skip-links", "--quiet"]) == 2
     assert "--skip-links needs a --flops or --params budget" in capsys.readouterr().err
+
+
+def test_a_trial_whose_surgery_misses_the_budget_is_not_kept(split, monkeypatch):
+    """The ResNet's skip-link trial at 4 %: the schedule lets two bridged groups vanish, surgery keeps a
+    channel of the second (its readers read only it once the first is gone) and the part measures
+    66,812 FLOPs against a 65,930 target. However good its error looked, it is no result at this budget."""
+    import multinet.unification.api as api
+
+    trials = []
+    real = api._unify_part
+
+    def recording(*args, **kwargs):
+        trials.append(real(*args, **kwargs))
+        return trials[-1]
+
+    monkeypatch.setattr(api, "_unify_part", recording)
+    # every trial (a network with links) looks perfect, the model alone does not: only the budget stops it
+    monkeypatch.setattr(api, "member_errors",
+                        lambda net, inputs, reference: {m: 0.0 if net.links else 1.0 for m in net.members})
+    unified = multinet.unify({"r": zoo.create("resnet")}, split.train_x[:512], budget=0.04, max_positions=16)
+    assert any(api._over_budget(t.result.plan) for t in trials)
+    assert unified.chosen == {"r": "separate"}
+    assert unified.costs_after["total"]["flops"] <= 0.04 * unified.costs_before["total"]["flops"]

@@ -1,10 +1,16 @@
-"""Removing a group entirely, when every layer that reads it also reads other channels.
+"""Removing a group entirely: its channels, its producer chain, and what only it fed.
 
-A group of one model that a MultiNet bridge lets another model's channels stand in for can lose
-all its channels: each consumer reads the group through a concatenation with other inputs, so
-dropping the group's inputs from those concatenations (and giving the consumers their
-re-solved weights) leaves the group's producer chain unused, and dead-code elimination removes
-it — the computation is gone, not just narrowed to one channel.
+Two cases, where nothing is lost that least squares cannot stand in for:
+
+* **Bridged readers.** A group of one model that a MultiNet bridge lets another model's channels stand
+  in for: each consumer reads the group through a concatenation with other inputs, so dropping the
+  group's inputs from those concatenations (and giving the consumers their re-solved weights) leaves
+  the group's producer chain unused, and dead-code elimination removes it — the computation is gone,
+  not just narrowed to one channel.
+* **A residual branch** (``branches=True``): every reader reads only this group and adds its output to
+  a residual stream (``x + bn(conv2(relu(bn(conv1(x)))))``). With no channels left, each reader's
+  least-squares fit is its bias alone — the mean of what it wrote — so the branch becomes a constant
+  added to the stream (the BatchNorm after the reader folded in), and the block is its skip connection.
 """
 from __future__ import annotations
 
@@ -64,21 +70,62 @@ def _span(cat: fx.Node, index: int) -> tuple[int, int]:
     return start, start + widths[index]
 
 
-def droppable(graph: ChannelGraph, group: ChannelGroup) -> bool:
+def droppable(graph: ChannelGraph, group: ChannelGroup, branches: bool = False) -> bool:
     """True when the group can lose all its channels: every reader is a MultiNet bridge (a module
-    layer whose concatenated input also holds another model's channels; see the module doc)."""
-    bridged = set(graph.module.meta.get("multinet_bridges", ()))
-    if not group.prunable or group.pieces or not group.consumers or not set(group.consumer_names) <= bridged:
+    layer whose concatenated input also holds another model's channels), or, with ``branches``, the
+    group is a residual branch (see the module doc)."""
+    if not group.prunable or group.pieces or not group.consumers:
         return False
-    return all(_owned_args(graph, group, c) is not None for c in group.consumer_names)
+    bridged = set(graph.module.meta.get("multinet_bridges", ()))
+    if set(group.consumer_names) <= bridged:
+        return all(_owned_args(graph, group, c) is not None for c in group.consumer_names)
+    return branches and residual_branch(graph, group)
+
+
+def residual_branch(graph: ChannelGraph, group: ChannelGroup) -> bool:
+    """Every reader of the group is a Conv/Linear module called once, with no conv groups, that reads
+    only the group's channels, and whose output reaches a same-shaped ``+`` (a residual stream) through
+    eval-mode identities or the BatchNorm right after it; the group itself is no stream."""
+    from .streams import stream_operand
+
+    if group.grouped_conv or group.attention_heads or group.unit != 1 or _is_stream(graph, group):
+        return False
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    for name in group.consumer_names:
+        use = graph.analysis.layers[name]
+        module = graph.module.get_submodule(name)
+        if len(use.nodes) != 1 or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            return False
+        if isinstance(module, nn.Linear):
+            width = module.in_features
+        elif module.groups == 1:
+            width = module.in_channels
+        else:
+            return False
+        mine = {p + i for s in group.consumers if s.consumer == name for p in s.positions.tolist()
+                for i in range(s.block)}
+        if mine != set(range(width)) or stream_operand(graph.module, nodes[use.nodes[0]]) is None:
+            return False
+    return True
+
+
+def _is_stream(graph: ChannelGraph, group: ChannelGroup) -> bool:
+    """Two producers writing the same channels: an addition ties them (a residual stream)."""
+    table = graph.analysis.table
+    spans = [(off, off + table.spaces[s].size) for s, off in group.members if table.spaces[s].kind == "producer"]
+    return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
 def drop_group(graph: ChannelGraph, gid: int, consumer_weights: Mapping[str, object]) -> fx.GraphModule:
     """A new GraphModule without group ``gid``: its consumers get ``consumer_weights`` (weight or
-    (weight, bias), without the group's columns) and its producer chain is eliminated."""
+    (weight, bias), without the group's columns) — or, for a residual branch, become their bias — and
+    its producer chain is eliminated."""
     group = graph.group(gid)
-    if not droppable(graph, group):
+    if not droppable(graph, group, branches=True):
         raise PruneError(f"group {gid} cannot be removed entirely: some layer reads only its channels")
+    bridged = set(graph.module.meta.get("multinet_bridges", ()))
+    if not set(group.consumer_names) <= bridged:
+        return _drop_branch(graph, group, consumer_weights)
     plans = {c: _owned_args(graph, group, c) for c in group.consumer_names}
     gm = copy.deepcopy(graph.module)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -105,3 +152,48 @@ def drop_group(graph: ChannelGraph, gid: int, consumer_weights: Mapping[str, obj
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm
+
+
+def _drop_branch(graph: ChannelGraph, group: ChannelGroup, consumer_weights: Mapping[str, object]) -> fx.GraphModule:
+    """Each reader's output, up to the ``+`` of its residual stream, replaced by a constant: its re-solved
+    bias (the mean of what it wrote) passed through what lies between (a BatchNorm, identities), as a
+    buffer broadcast over the batch and positions."""
+    from .streams import _is_batchnorm, _is_identity
+
+    gm = copy.deepcopy(graph.module)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in group.consumer_names:
+        spec = consumer_weights[name]
+        weight, bias = (spec, None) if isinstance(spec, torch.Tensor) else spec
+        node = nodes[graph.analysis.layers[name].nodes[0]]
+        shape = node.meta["tensor_meta"].shape
+        module = gm.get_submodule(name)
+        value = bias if bias is not None else module.bias if module.bias is not None else torch.zeros(shape[1])
+        value = value.detach().to(module.weight).reshape(1, -1, *([1] * (len(shape) - 2)))
+        if isinstance(module, nn.Linear):  # features last: (1, ..., 1, out_features)
+            value = value.reshape(*([1] * (len(shape) - 1)), -1)
+        chain = [node]
+        with torch.no_grad():  # fold what lies between the reader and the addition (eval mode)
+            while _is_batchnorm(gm, next(iter(chain[-1].users))) or _is_identity(gm, next(iter(chain[-1].users))):
+                chain.append(next(iter(chain[-1].users)))
+                if chain[-1].op == "call_module":
+                    value = gm.get_submodule(chain[-1].target).eval()(value)
+        target = _free_buffer(gm, f"{name.replace('.', '_')}_constant")
+        gm.register_buffer(target, value.detach().clone())
+        with gm.graph.inserting_before(next(iter(chain[-1].users))):
+            constant = gm.graph.get_attr(target)
+        chain[-1].replace_all_uses_with(constant)
+        for dead in reversed(chain):  # erased by hand: dead-code elimination keeps a dropout (a random op)
+            gm.graph.erase_node(dead)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _free_buffer(gm: fx.GraphModule, stem: str) -> str:
+    name, i = stem, 1
+    while hasattr(gm, name):
+        name, i = f"{stem}_{i}", i + 1
+    return name

@@ -81,6 +81,12 @@ class CompressResult:
                  "channels_before": g.channels_before, "kept": g.channels_after} for g in self.groups]
 
     @property
+    def removed_whole(self) -> list[list[str]]:
+        """The producers of every group that lost all its channels (a residual branch collapsed into its
+        skip connection, or a MultiNet group other channels stand in for)."""
+        return [list(g.producers) for g in self.groups if g.channels_after == 0]
+
+    @property
     def seconds(self) -> float:
         """Time spent: the groups' solves plus, for a budget, the scheduling."""
         scheduling = sum(self.plan.seconds.values()) if self.plan is not None else 0.0
@@ -136,9 +142,11 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
 
     ``skip_links`` (with a FLOPs or parameter ``budget``): a layer may also read an earlier tensor of the
     model that explains its input (least-squares R², as unification's links), so that the layers in
-    between are removed whole where that beats narrowing them (small budgets); the model compressed
-    without them is computed too, and the skip links are kept only where they lower the final-output
-    error (``result.skip_links`` lists them). Costs about two to four compressions.
+    between are removed whole where that beats narrowing them (small budgets), and a residual branch
+    may collapse into its skip connection (``Budget(residual_branches=True)``); the model compressed
+    without either is computed too, and of the three the one with the least final-output error on the
+    evaluation samples is kept (``result.skip_links`` lists the skip links, ``result.removed_whole``
+    the groups gone whole). Costs about two to five compressions.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -346,7 +354,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             continue
         n_remove = request if isinstance(request, int) else len(request)
         preset = None if isinstance(request, int) else list(request)
-        if preset is not None and len(preset) == group.size and not droppable(current, group):
+        if preset is not None and len(preset) == group.size and not droppable(current, group, branches=True):
             preset = preset[:-1]  # an earlier removal took away the other channels its readers had
             n_remove -= 1
         bar.note(f"group {gid}: calibrating and solving {', '.join(group.consumer_names[:3])}")

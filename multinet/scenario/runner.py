@@ -36,7 +36,7 @@ from .schema import BudgetSpec, Scenario, ScenarioError
 def _budget(spec: BudgetSpec, device: str) -> Budget:
     return Budget(flops=spec.flops, params=spec.params, latency_ms=spec.latency_ms, round_to=spec.round_to,
                   ignore=tuple(spec.ignore), min_channels=spec.min_channels, residual_streams=spec.residual_streams,
-                  device=device)
+                  residual_branches=spec.residual_branches, device=device)
 
 
 RUN_MARKER = ".multinet-run"  # written first into every run directory: what --out may overwrite

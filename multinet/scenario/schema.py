@@ -52,6 +52,7 @@ class BudgetSpec(_Strict):
     ignore: list[str] = []
     min_channels: int | None = Field(None, ge=0)
     residual_streams: bool = True
+    residual_branches: bool = False  # a block's branch may lose all its channels (x + f(x) -> x + constant)
 
     @model_validator(mode="after")
     def _one(self):

@@ -30,7 +30,9 @@ class Budget:
     ``residual_streams=False`` leaves groups tied by residual additions whole. ``output_weights``: one
     positive weight per model output (a MultiNet: per member output, in member order) in the final-output
     error the schedule minimises; by default every output counts equally. Raising one output's weight
-    moves the removals away from what it depends on.
+    moves the removals away from what it depends on. ``residual_branches=True``: a group whose every
+    reader adds its output to a residual stream may lose all its channels, and the branch then goes
+    whole (its readers become constants; the block is its skip connection; see graph/dropping.py).
     """
 
     flops: float | None = None
@@ -44,6 +46,7 @@ class Budget:
     min_channels: int | Mapping[int, int] | None = None
     residual_streams: bool = True
     output_weights: tuple[float, ...] | None = None
+    residual_branches: bool = False
 
     def __post_init__(self):
         given = [k for k in ("flops", "params", "latency_ms") if getattr(self, k) is not None]
@@ -72,6 +75,8 @@ class Budget:
                 raise BudgetError(f"output_weights must be positive numbers, one per model output, got "
                                   f"{self.output_weights!r}")
             object.__setattr__(self, "output_weights", tuple(float(w) for w in weights))
+        if not isinstance(self.residual_branches, bool):
+            raise BudgetError(f"residual_branches must be True or False, got {self.residual_branches!r}")
         if not 0 < self.latency_tolerance < 1:
             raise BudgetError(f"latency_tolerance must lie in (0, 1), got {self.latency_tolerance!r}")
 
@@ -117,7 +122,8 @@ def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[in
         if step is None:
             continue
         mins = budget.min_channels
-        can_vanish = droppable(graph, group) and budget.metric != "latency"  # timing needs surgery
+        can_vanish = (droppable(graph, group, branches=budget.residual_branches)
+                      and budget.metric != "latency")  # timing needs surgery
         default = 0 if can_vanish else 1
         floor = mins.get(group.id, default) if isinstance(mins, Mapping) else default if mins is None else mins
         if not can_vanish:

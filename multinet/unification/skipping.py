@@ -1,11 +1,18 @@
-"""One model compressed with skip links: its layers may read its own earlier tensors, so that the layers
-in between can go whole where that beats narrowing them (``compress(..., skip_links=True)``).
+"""One model compressed with skip links: whole layers go where that beats narrowing them
+(``compress(..., skip_links=True)``).
 
-This is unification's search with one member: the model compressed on its own (what ``compress``
-returns without skip links) is computed first, then its skip links are tried, and they are kept only
-where they lower its final-output error at the same budget (see ``api._unified_parts``). The result
-is handed back as an ordinary :class:`CompressResult` whose model is a plain GraphModule with the
-model's own layer names and output structure, not a one-member MultiNet.
+Three structures at the same budget, and the one with the least final-output error on the evaluation
+samples is kept:
+
+1. the model narrowed group by group (what ``compress`` returns without skip links);
+2. skip links: a layer reads an earlier tensor of the model that explains its input (least-squares
+   R²), so the layers in between can be removed whole — unification's search with one member, which
+   keeps the links only where they lower the error (see ``api._unified_parts``);
+3. residual branches (only for a model that has them): a branch ``x + f(x)`` may lose all its channels
+   and collapse into its skip connection (``Budget(residual_branches=True)``, graph/dropping.py).
+
+The result is an ordinary :class:`CompressResult` whose model is a plain GraphModule with the model's
+own layer names and output structure, not a one-member MultiNet.
 """
 from __future__ import annotations
 
@@ -14,19 +21,22 @@ from dataclasses import replace
 import torch.fx as fx
 import torch.nn as nn
 
+from ..calib import batches, iterate_batches
 from ..errors import MultinetError
-from ..graph import count
-from ..pipeline.compression import CompressResult
+from ..graph import count, trace
+from ..graph.dropping import residual_branch
+from ..pipeline.compression import CompressResult, compress
 from ..schedule import Budget, Plan
-from .api import unify
+from ..schedule.oneshot import evaluation_inputs
+from .api import member_errors, member_outputs, unify
 from .multinet import MultiNet
 
 MEMBER = "model"  # the one member's name inside the search (stripped again from every layer name)
 
 
 def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget, **options) -> CompressResult:
-    """``model`` compressed to ``budget``, with skip links where they lower its final-output error
-    (``options``: the keywords of :func:`multinet.compress`, already checked there)."""
+    """``model`` compressed to ``budget``, whole layers removed where that lowers its final-output
+    error (``options``: the keywords of :func:`multinet.compress`, already checked there)."""
     if budget.metric == "latency":
         raise MultinetError("skip_links take a FLOPs or parameter budget: the search compares errors at the same "
                             "FLOPs or parameters, and a latency budget is measured on the compressed graph")
@@ -36,8 +46,31 @@ def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget,
     unified = unify({MEMBER: model}, calibration_data, budget=budget, schedule=schedule, batch_size=batch_size,
                     eval_samples=eval_samples, skip_links=True, **options)
     alone = unified.separate[MEMBER]
-    if unified.chosen[MEMBER] != "unified":
-        return replace(alone, skip_links=[])
+    errors = unified.errors[MEMBER]
+    best, error = replace(alone, skip_links=[]), errors["separate"]
+    if unified.chosen[MEMBER] == "unified":
+        best, error = _as_model_result(unified, budget), errors["unified"]
+    example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
+    if _has_residual_branches(model, example, options):
+        branches = compress(model, calibration_data, budget=replace(budget, residual_branches=True),
+                            schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **options)
+        inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+        reference = member_outputs(MultiNet({MEMBER: model}, example), inputs)
+        branch_error = member_errors(MultiNet({MEMBER: branches.model}, example), inputs, reference)[MEMBER]
+        if branch_error < error:
+            best = branches
+    return best
+
+
+def _has_residual_branches(model: nn.Module, example, options: dict) -> bool:
+    graph = trace(model, batches.model_args(model, example), options.get("leaf_modules", ()),
+                  options.get("autowrap_functions", ()))
+    return any(residual_branch(graph, g) for g in graph.prunable_groups)
+
+
+def _as_model_result(unified, budget: Budget) -> CompressResult:
+    """The one-member MultiNet with its skip links as a compression result of the model itself."""
+    alone = unified.separate[MEMBER]
     net = unified.model
     gm = member_graph(net, MEMBER)
     after = count(gm)
