@@ -4,9 +4,10 @@
 
 ``multinet.compress(model, data, budget=Budget(flops=f))`` (REAP, auto schedule, sequential mode)
 against the same call with ``skip_links=True``: a layer may also read an earlier tensor of the model
-that explains its input, so the layers in between can go whole where that beats narrowing them,
-and the skip links are kept only where they lower the final-output error on the calibration set.
-Per model and budget: held-out test accuracy of both, FLOPs kept, the skip links kept, and the
+that explains its input, so the layers in between can go whole where that beats narrowing them, and a
+residual branch may collapse into its skip connection; of the three structures (narrowed, skip links,
+branches allowed) the one with the least final-output error on the calibration set is kept.
+Per model and budget: held-out test accuracy of both, FLOPs kept, the structure kept, and the
 run time of the skip-link search in units of the plain compression's (both timed in this process,
 one after another, on the same torch thread count). Writes benchmarks/results/skip_links.md.
 """
@@ -45,13 +46,24 @@ def run(name: str, split, calib, budget: float) -> dict:
         return row
     row.update(plain=accuracy(plain.model, split), plain_flops=plain.flops_after / plain.flops_before,
                skip=accuracy(skipped.model, split), skip_flops=skipped.flops_after / skipped.flops_before,
-               links=[f"{a} ← {b}" for a, b in skipped.skip_links])
+               links=[f"{a} ← {b}" for a, b in skipped.skip_links], chosen=_chosen(skipped))
     return row
+
+
+def _chosen(result) -> str:
+    """Which of compress's three structures the search kept."""
+    if result.skip_links:
+        return "skip links: " + ", ".join(f"{a} ← {b}" for a, b in result.skip_links)
+    if result.plan is not None and result.plan.budget.get("residual_branches"):
+        gone = [p[0].rsplit(".", 2)[0] for p in result.removed_whole]
+        return ("branches allowed: " + (", ".join(gone) + " removed whole" if gone else
+                                        "none removed, a different plan (its curves reach zero)"))
+    return "narrowed (the plain result)"
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | FLOPs budget | original | compress | with skip links | difference (pts) | FLOPs kept "
-             "(plain / skip) | skip links kept (layer ← the layer whose input it reads) | run time × plain |",
+             "(plain / skip) | kept structure (skip link: layer ← the layer whose input it reads) | run time × plain |",
              "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         if "note" in r:
@@ -59,7 +71,7 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['model']} | {r['budget']:.0%} | {r['original']:.3f} | {r['plain']:.3f} | {r['skip']:.3f} | "
                      f"{100 * (r['skip'] - r['plain']):+.1f} | {r['plain_flops']:.1%} / {r['skip_flops']:.1%} | "
-                     f"{', '.join(r['links']) or 'none (plain result)'} | {r['skip_s'] / r['plain_s']:.1f} |")
+                     f"{r['chosen']} | {r['skip_s'] / r['plain_s']:.1f} |")
     return "\n".join(lines)
 
 
