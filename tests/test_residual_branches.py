@@ -76,7 +76,7 @@ def test_a_plan_that_empties_a_branch_is_applied_with_reconstruction(split):
     graph = trace(model, split.train_x[:1])
     group = _group_of(graph, "blocks.5.conv1.0")
     full = float(count(graph.module).flops)
-    plan = Plan("manual", {}, "flops", full, full, full, 0.0,
+    plan = Plan("manual", {"residual_branches": True}, "flops", full, full, full, 0.0,
                 [GroupPlan(group.id, group.producers, group.size, list(range(group.size)), 0.0)], [])
     result = multinet.compress(model, split.train_x[:512], plan=plan, max_positions=16)
     assert result.removed_whole == [group.producers]

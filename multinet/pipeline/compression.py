@@ -214,7 +214,9 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             current, reports, cost, outputs = _apply_pipeline(original, requests, method, calibration_data, example,
                                                               progress, state, opts, inputs)
         else:
-            current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state)
+            branches = plan is not None and bool(plan.budget.get("residual_branches"))
+            current, reports = _apply(original, requests, method, calibration_data, example, progress, opts, state=state,
+                                      branches=branches)
         before, after = count(original.module), count(current.module)
         if plan is not None:
             _measure(plan, original.module, current.module, after, inputs,
@@ -322,9 +324,10 @@ def _apply_pipeline(original: ChannelGraph, requests, method: str, data, example
 
 
 def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], method: str, data, example,
-           progress: bool, opts: RunOptions, state=None):
+           progress: bool, opts: RunOptions, state=None, branches: bool = False):
     """Compress group by group in graph order; a request is a channel count (the method selects)
-    or the channels themselves (a schedule selected them; the consumers are re-solved)."""
+    or the channels themselves (a schedule selected them; the consumers are re-solved). ``branches``:
+    the plan's budget let residual branches go whole (a request for every channel of one is honoured)."""
     batch_size, max_positions, damp, device, seed, executor = (opts.batch_size, opts.max_positions, opts.damp,
                                                                opts.device, opts.seed, opts.executor)
     current = original
@@ -354,7 +357,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             continue
         n_remove = request if isinstance(request, int) else len(request)
         preset = None if isinstance(request, int) else list(request)
-        if preset is not None and len(preset) == group.size and not droppable(current, group, branches=True):
+        if preset is not None and len(preset) == group.size and not droppable(current, group, branches=branches):
             preset = preset[:-1]  # an earlier removal took away the other channels its readers had
             n_remove -= 1
         bar.note(f"group {gid}: calibrating and solving {', '.join(group.consumer_names[:3])}")
