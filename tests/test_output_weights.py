@@ -94,3 +94,30 @@ def test_the_auto_plans_prediction_is_checked_against_its_evaluation(calib):
     counts = scheduler.counts_at(additive, len(additive))
     assert ctx.errors([ctx.removals(counts)])[0] > AUTO_TRUST * additive[-1].error
     assert evaluated <= ctx.errors([ctx.removals(counts)])[0] + 1e-12  # and the kept plan is no worse
+
+
+class _Regressor(torch.nn.Module):
+    """One number per sample: a 1-D output (N,), as a regression head with ``squeeze(1)`` gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x.flatten(1)))))).squeeze(1)
+
+
+def test_a_one_number_per_sample_output_is_scheduled_and_unified():
+    """Final-output errors read every output as a matrix with a row per sample: a 1-D output used to fail
+    there (flatten(1) of an N-vector)."""
+    from multinet.schedule.oneshot import output_parts
+
+    assert [p.shape for p in output_parts({"y": torch.randn(5), "loss": torch.tensor(1.0)})] == [(5, 1), (1, 1)]
+    x = multinet.data.load("digits").train_x[:256]
+    torch.manual_seed(0)
+    model = _Regressor().eval()
+    result = multinet.compress(model, x, budget=multinet.Budget(flops=0.3))
+    assert result.flops_after <= 0.3 * result.flops_before and result.plan.measured_error < 0.2
+    unified = multinet.unify({"a": model, "b": _Regressor().eval()}, x, budget=0.3)
+    with torch.no_grad():
+        assert unified.model(x[:4])["a"].shape == (4,)

@@ -129,3 +129,11 @@ def test_a_transformer_ffn_is_a_residual_branch_and_goes_whole_dropout_included(
     handle.remove()
     with torch.no_grad():
         torch.testing.assert_close(batches.call(dropped, inputs)["last_hidden_state"], expected)
+
+
+def test_a_functional_reader_is_no_residual_branch():
+    """A functional layer's reader is named by its weight parameter, not a module: no branch, no error."""
+    from test_hard_cases import FunctionalLayers
+
+    graph = trace(FunctionalLayers(), torch.randn(2, 3, 4, 4))
+    assert not any(residual_branch(graph, g) for g in graph.prunable_groups)

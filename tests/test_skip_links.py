@@ -222,3 +222,12 @@ def test_a_trial_whose_surgery_misses_the_budget_is_not_kept(split, monkeypatch)
     assert any(api._over_budget(t.result.plan) for t in trials)
     assert unified.chosen == {"r": "separate"}
     assert unified.costs_after["total"]["flops"] <= 0.04 * unified.costs_before["total"]["flops"]
+
+
+def test_compress_with_skip_links_that_cannot_reach_the_budget_says_what_plain_compress_says(split):
+    budget = multinet.Budget(flops=0.01, min_channels=32)
+    with pytest.raises(multinet.BudgetError) as plain:
+        multinet.compress(zoo.create("mlp"), split.train_x[:128], budget=budget)
+    with pytest.raises(multinet.BudgetError) as skipped:
+        multinet.compress(zoo.create("mlp"), split.train_x[:128], budget=budget, skip_links=True)
+    assert str(skipped.value) == str(plain.value) and "another model" not in str(skipped.value)

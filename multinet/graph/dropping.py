@@ -91,9 +91,10 @@ def residual_branch(graph: ChannelGraph, group: ChannelGroup) -> bool:
     if group.grouped_conv or group.attention_heads or group.unit != 1 or _is_stream(graph, group):
         return False
     nodes = {n.name: n for n in graph.module.graph.nodes}
+    modules = dict(graph.module.named_modules())
     for name in group.consumer_names:
         use = graph.analysis.layers[name]
-        module = graph.module.get_submodule(name)
+        module = modules.get(name)  # a functional layer's reader is named by its weight: not a module
         if len(use.nodes) != 1 or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             return False
         if isinstance(module, nn.Linear):

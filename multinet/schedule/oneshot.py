@@ -129,9 +129,11 @@ def check_output_weights(weights: Sequence[float] | None, n_outputs: int) -> Non
 
 
 def output_parts(out) -> list[torch.Tensor]:
-    """A model's outputs (tensor, tuple, list or dict of tensors) as float64 matrices, one per output."""
+    """A model's outputs (tensor, tuple, list or dict of tensors) as float64 matrices, one per output: a
+    row per sample (a 1-D output, one number per sample, is a column; a 0-D one a 1 x 1 matrix)."""
     if isinstance(out, torch.Tensor):
-        return [out.detach().double().flatten(1)]
+        value = out.detach().double()
+        return [value.reshape(len(value), -1) if value.ndim else value.reshape(1, 1)]
     if isinstance(out, Mapping):
         out = list(out.values())
     return [part for o in out for part in output_parts(o)]

@@ -26,7 +26,7 @@ from ..errors import MultinetError
 from ..graph import count, trace
 from ..graph.dropping import residual_branch
 from ..pipeline.compression import CompressResult, compress
-from ..schedule import Budget, Plan
+from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs
 from .api import member_errors, member_outputs, unify
 from .multinet import MultiNet
@@ -43,22 +43,32 @@ def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget,
     schedule = options.pop("schedule", "auto")
     batch_size = options.pop("batch_size", 128)
     eval_samples = options.pop("eval_samples", 1024)
-    unified = unify({MEMBER: model}, calibration_data, budget=budget, schedule=schedule, batch_size=batch_size,
-                    eval_samples=eval_samples, skip_links=True, **options)
-    alone = unified.separate[MEMBER]
-    errors = unified.errors[MEMBER]
-    best, error = replace(alone, skip_links=[]), errors["separate"]
-    if unified.chosen[MEMBER] == "unified":
-        best, error = _as_model_result(unified, budget), errors["unified"]
+    settings = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **options)
+    best, error = None, float("inf")
+    try:
+        unified = unify({MEMBER: model}, calibration_data, budget=budget, skip_links=True, **settings)
+    except BudgetError:
+        unified = None  # not even with skip links; residual branches may still reach it
+    if unified is not None:
+        alone, errors = unified.separate.get(MEMBER), unified.errors[MEMBER]
+        if unified.chosen[MEMBER] == "unified":
+            best, error = _as_model_result(unified, budget), errors["unified"]
+        else:
+            best, error = replace(alone, skip_links=[]), errors["separate"]
     example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
     if _has_residual_branches(model, example, options):
-        branches = compress(model, calibration_data, budget=replace(budget, residual_branches=True),
-                            schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **options)
-        inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
-        reference = member_outputs(MultiNet({MEMBER: model}, example), inputs)
-        branch_error = member_errors(MultiNet({MEMBER: branches.model}, example), inputs, reference)[MEMBER]
-        if branch_error < error:
-            best = branches
+        try:
+            branches = compress(model, calibration_data, budget=replace(budget, residual_branches=True), **settings)
+        except BudgetError:
+            branches = None
+        if branches is not None:
+            inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+            reference = member_outputs(MultiNet({MEMBER: model}, example), inputs)
+            branch_error = member_errors(MultiNet({MEMBER: branches.model}, example), inputs, reference)[MEMBER]
+            if branch_error < error:
+                best = branches
+    if best is None:  # no structure reaches the budget: the plain compression says why
+        return compress(model, calibration_data, budget=budget, **settings)
     return best
 
 
