@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "channels and collapse into its skip connection (x + f(x) -> x + constant)")
     c.add_argument("--skip-links", action="store_true", help="with a --flops or --params budget: a layer may read "
                    "an earlier tensor of the model, so that the layers in between can go whole where that beats "
-                   "narrowing them (kept only where it lowers the output error; about 2-4x the run time)")
+                   "narrowing them, or a residual branch collapse into its skip connection (kept only where it lowers the "
+                   "output error; about 2.5-6x the run time)")
     c.add_argument("--plan-out", help="write the schedule's plan (JSON) here")
     c.add_argument("--plan", help="apply a plan written earlier by --plan-out")
     c.add_argument("--save", help="write the compressed model here: .mnet (tensors and a graph manifest, no pickle), "

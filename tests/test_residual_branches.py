@@ -137,3 +137,53 @@ def test_a_functional_reader_is_no_residual_branch():
 
     graph = trace(FunctionalLayers(), torch.randn(2, 3, 4, 4))
     assert not any(residual_branch(graph, g) for g in graph.prunable_groups)
+
+
+class _TwoBranches(torch.nn.Module):
+    """``a(h) + b(h)``: two terms, no stream; once one is a constant the other is added to no stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Linear(64, 16)
+        self.a1, self.a2 = torch.nn.Linear(16, 12), torch.nn.Linear(12, 16)
+        self.b1, self.b2 = torch.nn.Linear(16, 12), torch.nn.Linear(12, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x.flatten(1)))
+        return self.head(self.a2(torch.relu(self.a1(h))) + self.b2(torch.relu(self.b1(h))))
+
+
+class _DropoutBranch(torch.nn.Module):
+    """``h + fc2(dropout(relu(fc1(h))))``: a dropout between the branch's producer and its reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc2 = torch.nn.Linear(64, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x.flatten(1)))
+        branch = torch.nn.functional.dropout(torch.relu(self.fc1(h)), 0.1, self.training)
+        return self.head(h + self.fc2(branch))
+
+
+def test_two_terms_of_one_sum_are_no_residual_branches(split):
+    graph = trace(_TwoBranches().eval(), split.train_x[:1])
+    assert not any(residual_branch(graph, g) for g in graph.prunable_groups)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_dropout_inside_a_dropped_branch_does_not_keep_its_layers_alive(split, capture):
+    """Captured by torch.export the dropout is ``aten.dropout``, a random op dead-code elimination keeps
+    (and with it fc1) once fc2 no longer reads it."""
+    model = _DropoutBranch().eval()
+    graph = trace(model, split.train_x[:1], capture=capture)
+    group = _group_of(graph, "fc1")
+    assert residual_branch(graph, group)
+    bias = torch.randn(16)
+    dropped = drop_group(graph, group.id, {"fc2": (model.fc2.weight[:, :0].detach(), bias)})
+    assert {n.target for n in dropped.graph.nodes if n.op == "call_module"} == {"stem", "head"}
+    with torch.no_grad():
+        h = torch.relu(model.stem(split.test_x.flatten(1)))
+        torch.testing.assert_close(dropped(split.test_x), model.head(h + bias))

@@ -231,3 +231,31 @@ def test_compress_with_skip_links_that_cannot_reach_the_budget_says_what_plain_c
     with pytest.raises(multinet.BudgetError) as skipped:
         multinet.compress(zoo.create("mlp"), split.train_x[:128], budget=budget, skip_links=True)
     assert str(skipped.value) == str(plain.value) and "another model" not in str(skipped.value)
+
+
+def test_skip_links_reach_a_budget_that_narrowing_cannot(split):
+    """The digit MLP keeps at least one channel per group when narrowed: 64 + 1 + 10 = 75 FLOPs. With the
+    head reading the first hidden layer, the second goes whole and 74 FLOPs are within reach."""
+    budget = multinet.Budget(flops=74.5 / 17024)
+    with pytest.raises(multinet.BudgetError):
+        multinet.compress(zoo.create("mlp"), split.train_x[:256], budget=budget)
+    result = multinet.compress(zoo.create("mlp"), split.train_x[:256], budget=budget, skip_links=True)
+    assert result.skip_links == [("head", "hidden.2")] and result.flops_after <= 74
+    assert result.plan.original == result.flops_before == 17024
+    assert all(not n.startswith("model.") for n in result.model.meta.get("multinet_bridges", ()))
+
+
+def test_ignore_patterns_name_the_models_own_layers_with_skip_links(split):
+    """The first hidden layer ignored (its outputs stay): the head may still read it and the second hidden
+    layer go whole; inside the search the layers carry the member's prefix, the patterns too."""
+    budget = multinet.Budget(flops=0.6, ignore=("hidden.0",))
+    result = multinet.compress(zoo.create("mlp"), split.train_x[:512], budget=budget, skip_links=True)
+    assert result.skip_links == [("head", "hidden.2")]
+    assert result.model.get_submodule("hidden.0").out_features == 128
+
+
+@pytest.mark.parametrize("budget", [multinet.Budget(flops=0.5, min_channels={0: 2}),
+                                    multinet.Budget(flops=0.5, output_weights=(2.0,))])
+def test_skip_links_refuse_per_group_minimums_and_output_weights(split, budget):
+    with pytest.raises(multinet.MultinetError, match="min_channels as one number and no output_weights"):
+        multinet.compress(zoo.create("mlp"), split.train_x[:64], budget=budget, skip_links=True)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import PruneError
 from .groups import ChannelGraph, ChannelGroup
+from .streams import _is_batchnorm, _is_identity, stream_operand
 
 
 def _cat_inputs(node: fx.Node) -> fx.Node | None:
@@ -85,29 +86,67 @@ def droppable(graph: ChannelGraph, group: ChannelGroup, branches: bool = False) 
 def residual_branch(graph: ChannelGraph, group: ChannelGroup) -> bool:
     """Every reader of the group is a Conv/Linear module called once, with no conv groups, that reads
     only the group's channels, and whose output reaches a same-shaped ``+`` (a residual stream) through
-    eval-mode identities or the BatchNorm right after it; the group itself is no stream."""
-    from .streams import stream_operand
-
+    eval-mode identities or the BatchNorm right after it (one with running statistics); the group
+    itself is no stream, and what the reader is added to is no such reader's output either (in
+    ``a(h) + b(h)`` neither term may go: once one is a constant, the other is added to no stream)."""
     if group.grouped_conv or group.attention_heads or group.unit != 1 or _is_stream(graph, group):
         return False
     nodes = {n.name: n for n in graph.module.graph.nodes}
     modules = dict(graph.module.named_modules())
     for name in group.consumer_names:
-        use = graph.analysis.layers[name]
-        module = modules.get(name)  # a functional layer's reader is named by its weight: not a module
-        if len(use.nodes) != 1 or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if not _reads_only_group(graph, group, name, modules, nodes):
             return False
-        if isinstance(module, nn.Linear):
-            width = module.in_features
-        elif module.groups == 1:
-            width = module.in_channels
-        else:
-            return False
-        mine = {p + i for s in group.consumers if s.consumer == name for p in s.positions.tolist()
-                for i in range(s.block)}
-        if mine != set(range(width)) or stream_operand(graph.module, nodes[use.nodes[0]]) is None:
-            return False
+        reader = nodes[graph.analysis.layers[name].nodes[0]]
+        other = _through_identities(graph.module, stream_operand(graph.module, reader))
+        if other.op == "call_module" and isinstance(modules.get(other.target), _READERS) and any(
+                other.target in g.consumer_names for g in graph.prunable_groups if not _is_stream(graph, g)):
+            return False  # the other term is a layer's output that a group of its own could empty too
     return True
+
+
+_READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Back from ``node`` through eval-mode identities and BatchNorms to the op that computed it."""
+    while (_is_identity(gm, node) or _is_batchnorm(gm, node)) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _reads_only_group(graph: ChannelGraph, group: ChannelGroup, name: str, modules: dict, nodes: dict) -> bool:
+    """Reader ``name`` of the group: a Conv/Linear module called once, reading the group's channels and
+    nothing else, whose output is added to a residual stream (BatchNorms on the way keep running stats)."""
+    use = graph.analysis.layers[name]
+    module = modules.get(name)  # a functional layer's reader is named by its weight: not a module
+    if len(use.nodes) != 1 or not isinstance(module, _READERS):
+        return False
+    if isinstance(module, nn.Linear):
+        width = module.in_features
+    elif module.groups == 1:
+        width = module.in_channels
+    else:
+        return False
+    mine = {p + i for s in group.consumers if s.consumer == name for p in s.positions.tolist() for i in range(s.block)}
+    node = nodes[use.nodes[0]]
+    if mine != set(range(width)) or stream_operand(graph.module, node) is None:
+        return False
+    user = next(iter(node.users))
+    return not _is_batchnorm(graph.module, user) or modules[user.target].running_mean is not None
+
+
+def _unused_branch_residue(gm: fx.GraphModule) -> None:
+    """Dead-code elimination keeps a dropout (a random op) that nothing reads any more, and with it the
+    layers in front: erase unread eval-mode identities until none is left."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and node.op != "output" and _is_identity(gm, node):
+                gm.graph.erase_node(node)
+                changed = True
+        gm.graph.eliminate_dead_code()
+
 
 
 def _is_stream(graph: ChannelGraph, group: ChannelGroup) -> bool:
@@ -159,8 +198,6 @@ def _drop_branch(graph: ChannelGraph, group: ChannelGroup, consumer_weights: Map
     """Each reader's output, up to the ``+`` of its residual stream, replaced by a constant: its re-solved
     bias (the mean of what it wrote) passed through what lies between (a BatchNorm, identities), as a
     buffer broadcast over the batch and positions."""
-    from .streams import _is_batchnorm, _is_identity
-
     gm = copy.deepcopy(graph.module)
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in group.consumer_names:
@@ -169,7 +206,8 @@ def _drop_branch(graph: ChannelGraph, group: ChannelGroup, consumer_weights: Map
         node = nodes[graph.analysis.layers[name].nodes[0]]
         shape = node.meta["tensor_meta"].shape
         module = gm.get_submodule(name)
-        value = bias if bias is not None else module.bias if module.bias is not None else torch.zeros(shape[1])
+        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        value = bias if bias is not None else module.bias if module.bias is not None else torch.zeros(width)
         value = value.detach().to(module.weight).reshape(1, -1, *([1] * (len(shape) - 2)))
         if isinstance(module, nn.Linear):  # features last: (1, ..., 1, out_features)
             value = value.reshape(*([1] * (len(shape) - 1)), -1)
@@ -186,7 +224,7 @@ def _drop_branch(graph: ChannelGraph, group: ChannelGroup, consumer_weights: Map
         chain[-1].replace_all_uses_with(constant)
         for dead in reversed(chain):  # erased by hand: dead-code elimination keeps a dropout (a random op)
             gm.graph.erase_node(dead)
-    gm.graph.eliminate_dead_code()
+    _unused_branch_residue(gm)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

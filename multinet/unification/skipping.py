@@ -28,7 +28,7 @@ from ..graph.dropping import residual_branch
 from ..pipeline.compression import CompressResult, compress
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs
-from .api import member_errors, member_outputs, unify
+from .api import _over_budget, member_errors, member_outputs, unify
 from .multinet import MultiNet
 
 MEMBER = "model"  # the one member's name inside the search (stripped again from every layer name)
@@ -44,57 +44,57 @@ def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget,
     batch_size = options.pop("batch_size", 128)
     eval_samples = options.pop("eval_samples", 1024)
     settings = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **options)
-    best, error = None, float("inf")
-    try:
-        unified = unify({MEMBER: model}, calibration_data, budget=budget, skip_links=True, **settings)
+    tracing = options.get("leaf_modules", ()), options.get("autowrap_functions", ())
+    example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
+    graph = trace(model, batches.model_args(model, example), *tracing)
+    found: list[CompressResult] = []  # in order of preference on equal errors: the simplest first
+    try:  # the layer names inside the search carry the member's prefix, and so must the ignore patterns
+        unified = unify({MEMBER: model}, calibration_data, budget=_prefixed(budget), skip_links=True, **settings)
     except BudgetError:
         unified = None  # not even with skip links; residual branches may still reach it
     if unified is not None:
-        alone, errors = unified.separate.get(MEMBER), unified.errors[MEMBER]
+        if MEMBER in unified.separate:
+            found.append(replace(unified.separate[MEMBER], skip_links=[]))
         if unified.chosen[MEMBER] == "unified":
-            best, error = _as_model_result(unified, budget), errors["unified"]
-        else:
-            best, error = replace(alone, skip_links=[]), errors["separate"]
-    example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
-    if _has_residual_branches(model, example, options):
+            found.append(_as_model_result(unified, budget, count(graph.module)))
+    if any(residual_branch(graph, g) for g in graph.prunable_groups):
         try:
             branches = compress(model, calibration_data, budget=replace(budget, residual_branches=True), **settings)
         except BudgetError:
             branches = None
-        if branches is not None:
-            inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
-            reference = member_outputs(MultiNet({MEMBER: model}, example), inputs)
-            branch_error = member_errors(MultiNet({MEMBER: branches.model}, example), inputs, reference)[MEMBER]
-            if branch_error < error:
-                best = branches
-    if best is None:  # no structure reaches the budget: the plain compression says why
+        if branches is not None and not _over_budget(branches.plan):
+            found.append(branches)
+    if not found:  # no structure reaches the budget: the plain compression says why
         return compress(model, calibration_data, budget=budget, **settings)
-    return best
+    if len(found) == 1:
+        return found[0]
+    # every structure measured on the same samples (read once: a shuffling loader differs each time)
+    inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+    reference = member_outputs(MultiNet({MEMBER: model}, example, *tracing), inputs)
+    errors = [member_errors(MultiNet({MEMBER: r.model}, example, *tracing), inputs, reference)[MEMBER] for r in found]
+    return found[errors.index(min(errors))]
 
 
-def _has_residual_branches(model: nn.Module, example, options: dict) -> bool:
-    graph = trace(model, batches.model_args(model, example), options.get("leaf_modules", ()),
-                  options.get("autowrap_functions", ()))
-    return any(residual_branch(graph, g) for g in graph.prunable_groups)
+def _prefixed(budget: Budget) -> Budget:
+    return replace(budget, ignore=tuple(f"{MEMBER}.{pattern}" for pattern in budget.ignore))
 
 
-def _as_model_result(unified, budget: Budget) -> CompressResult:
-    """The one-member MultiNet with its skip links as a compression result of the model itself."""
-    alone = unified.separate[MEMBER]
+def _as_model_result(unified, budget: Budget, before) -> CompressResult:
+    """The one-member MultiNet with its skip links as a compression result of the model itself
+    (``before``: the model's own counts)."""
     net = unified.model
     gm = member_graph(net, MEMBER)
     after = count(gm)
     links = [(_strip(lk.layer), _strip(lk.source_layer)) for lk in net.links]
     reports = [replace(g, producers=[_strip(p) for p in g.producers]) for g in unified.result.groups]
-    return CompressResult(gm, reports, alone.flops_before, after.flops, alone.params_before, after.params,
-                          "reap", _as_model_plan(unified.plan, budget, alone, after), unified.result.cost,
-                          skip_links=links)
+    return CompressResult(gm, reports, before.flops, after.flops, before.params, after.params, "reap",
+                          _as_model_plan(unified.plan, budget, before, after), unified.result.cost, skip_links=links)
 
 
-def _as_model_plan(plan: Plan, budget: Budget, alone: CompressResult, after) -> Plan:
+def _as_model_plan(plan: Plan, budget: Budget, before, after) -> Plan:
     """The schedule of the graph with the skip links, stated against the model as given: its budget, its
     original cost and layer names (the target and costs are absolute, the same in both)."""
-    original = {"flops": alone.flops_before, "params": alone.params_before}[plan.metric]
+    original = getattr(before, plan.metric)
     groups = [replace(g, producers=[_strip(p) for p in g.producers]) for g in plan.groups]
     return replace(plan, budget=budget.as_dict(), original=original, groups=groups,
                    measured_cost=getattr(after, plan.metric))
@@ -123,6 +123,9 @@ def member_graph(net: MultiNet, name: str) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.meta.update(source.meta)
+    if "multinet_bridges" in gm.meta:  # the layers that read a concatenation with another source: own names
+        gm.meta["multinet_bridges"] = [n[len(prefix):] if n.startswith(prefix) else n
+                                       for n in gm.meta["multinet_bridges"]]
     return gm
 
 
