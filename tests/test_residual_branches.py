@@ -32,9 +32,10 @@ def test_residual_branches_are_the_groups_inside_blocks_and_never_streams(split)
     vgg = trace(zoo.create("vgg"), split.train_x[:1])
     assert not any(residual_branch(vgg, g) for g in vgg.prunable_groups)  # no residual additions
     mobilenet = trace(zoo.create("mobilenet"), split.train_x[:1])
-    for g in mobilenet.prunable_groups:  # a block with squeeze-excite: its SE layer reads the group too
-        if any(".se." in name for name in g.consumer_names):
-            assert not residual_branch(mobilenet, g)
+    # the blocks with a residual and no squeeze-excite (an SE layer reads the group too); blocks.2 is added
+    # to the previous block's projection, which stays whatever happens to the branch
+    assert {g.producers[0] for g in mobilenet.prunable_groups if residual_branch(mobilenet, g)} == {
+        "blocks.0.expand.0", "blocks.2.expand.0"}
 
 
 def test_only_a_budget_that_allows_it_may_empty_a_branch(split):

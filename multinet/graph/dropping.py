@@ -87,21 +87,27 @@ def residual_branch(graph: ChannelGraph, group: ChannelGroup) -> bool:
     """Every reader of the group is a Conv/Linear module called once, with no conv groups, that reads
     only the group's channels, and whose output reaches a same-shaped ``+`` (a residual stream) through
     eval-mode identities or the BatchNorm right after it (one with running statistics); the group
-    itself is no stream, and what the reader is added to is no such reader's output either (in
-    ``a(h) + b(h)`` neither term may go: once one is a constant, the other is added to no stream)."""
+    itself is no stream. And what a reader is added to is not the output of another such branch: in
+    ``a(h) + b(h)`` neither term may go (once one is a constant, the other is added to no stream), while
+    in ``x + f(x)`` or ``ds(x) + f(x)`` the other term stays whatever happens to ``f``."""
+    modules, nodes = dict(graph.module.named_modules()), {n.name: n for n in graph.module.graph.nodes}
+    if not _branch_shaped(graph, group, modules, nodes):
+        return False
+    for name in group.consumer_names:
+        other = _through_identities(graph.module, stream_operand(graph.module, nodes[graph.analysis.layers[name].nodes[0]]))
+        if other.op == "call_module" and any(other.target in g.consumer_names and g.id != group.id
+                                             and _branch_shaped(graph, g, modules, nodes) for g in graph.prunable_groups):
+            return False
+    return True
+
+
+def _branch_shaped(graph: ChannelGraph, group: ChannelGroup, modules: dict, nodes: dict) -> bool:
+    """The group-level and per-reader conditions of a residual branch (see residual_branch)."""
+    if not group.prunable or group.pieces or not group.consumers:
+        return False
     if group.grouped_conv or group.attention_heads or group.unit != 1 or _is_stream(graph, group):
         return False
-    nodes = {n.name: n for n in graph.module.graph.nodes}
-    modules = dict(graph.module.named_modules())
-    for name in group.consumer_names:
-        if not _reads_only_group(graph, group, name, modules, nodes):
-            return False
-        reader = nodes[graph.analysis.layers[name].nodes[0]]
-        other = _through_identities(graph.module, stream_operand(graph.module, reader))
-        if other.op == "call_module" and isinstance(modules.get(other.target), _READERS) and any(
-                other.target in g.consumer_names for g in graph.prunable_groups if not _is_stream(graph, g)):
-            return False  # the other term is a layer's output that a group of its own could empty too
-    return True
+    return all(_reads_only_group(graph, group, name, modules, nodes) for name in group.consumer_names)
 
 
 _READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
