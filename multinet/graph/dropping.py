@@ -94,9 +94,11 @@ def residual_branch(graph: ChannelGraph, group: ChannelGroup) -> bool:
     if not _branch_shaped(graph, group, modules, nodes):
         return False
     for name in group.consumer_names:
-        other = _through_identities(graph.module, stream_operand(graph.module, nodes[graph.analysis.layers[name].nodes[0]]))
+        reader = nodes[graph.analysis.layers[name].nodes[0]]
+        other = _through_identities(graph.module, stream_operand(graph.module, reader))
         if other.op == "call_module" and any(other.target in g.consumer_names and g.id != group.id
-                                             and _branch_shaped(graph, g, modules, nodes) for g in graph.prunable_groups):
+                                             and _branch_shaped(graph, g, modules, nodes)
+                                             for g in graph.prunable_groups):
             return False
     return True
 
@@ -105,7 +107,7 @@ def _branch_shaped(graph: ChannelGraph, group: ChannelGroup, modules: dict, node
     """The group-level and per-reader conditions of a residual branch (see residual_branch)."""
     if not group.prunable or group.pieces or not group.consumers:
         return False
-    if group.grouped_conv or group.attention_heads or group.unit != 1 or _is_stream(graph, group):
+    if group.grouped_conv or group.attention_heads or group.unit != 1 or is_residual_stream(graph, group):
         return False
     return all(_reads_only_group(graph, group, name, modules, nodes) for name in group.consumer_names)
 
@@ -154,8 +156,7 @@ def _unused_branch_residue(gm: fx.GraphModule) -> None:
         gm.graph.eliminate_dead_code()
 
 
-
-def _is_stream(graph: ChannelGraph, group: ChannelGroup) -> bool:
+def is_residual_stream(graph: ChannelGraph, group: ChannelGroup) -> bool:
     """Two producers writing the same channels: an addition ties them (a residual stream)."""
     table = graph.analysis.table
     spans = [(off, off + table.spaces[s].size) for s, off in group.members if table.spaces[s].kind == "producer"]

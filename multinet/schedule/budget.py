@@ -9,7 +9,7 @@ import torch
 
 from ..errors import MultinetError
 from ..graph import ChannelGraph
-from ..graph.dropping import droppable
+from ..graph.dropping import droppable, is_residual_stream
 from ..pipeline.grouped_conv import removal_step
 
 
@@ -102,13 +102,6 @@ class Budget:
             raise BudgetError(f"latency budget on {self.device!r}, but only {torch.cuda.device_count()} CUDA devices")
         if dev.type not in ("cpu", "cuda"):
             raise BudgetError(f"latency budgets are measured on 'cpu' or 'cuda', got {self.device!r}")
-
-
-def is_residual_stream(graph: ChannelGraph, group) -> bool:
-    """Two producers writing the same channels: an addition ties them (a residual stream)."""
-    table = graph.analysis.table
-    spans = [(off, off + table.spaces[s].size) for s, off in group.members if table.spaces[s].kind == "producer"]
-    return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
 def schedulable_groups(graph: ChannelGraph, budget: Budget) -> dict[int, list[int]]:

@@ -303,8 +303,8 @@ class _Trials:
                 part = _unify_part(self.named, members, links, self.data, budget, self.example, self.options)
             except BudgetError:
                 return None
-            if _over_budget(part.result.plan):
-                return None  # surgery kept what the cost model let go (see _over_budget): not a result at this budget
+            if over_budget(part.result.plan):
+                return None  # surgery kept what the cost model let go (see over_budget): not a result at this budget
             got = member_errors(part.model, self.inputs, self.reference)
             alone = {m: self.errors[m]["separate"] for m in members}
             worse = [m for m in members if alone[m] is not None and got[m] > alone[m] * (1 + self.tolerance) + 1e-12]
@@ -320,7 +320,7 @@ class _Trials:
 REWEIGHTS = 2  # times a promising trial is retried with more weight on the members it leaves worse off
 
 
-def _over_budget(plan: Plan | None) -> bool:
+def over_budget(plan: Plan | None) -> bool:
     """The compressed part costs more than its budget. The schedule's cost model can let two bridged groups
     vanish that surgery cannot both remove (once one is gone, the other's readers read only it, and it
     keeps a channel): a ResNet's skip-link trial at 4 % measured 66,812 FLOPs against a 65,930 target."""

@@ -28,7 +28,7 @@ from ..graph.dropping import residual_branch
 from ..pipeline.compression import CompressResult, compress
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs
-from .api import _over_budget, member_errors, member_outputs, unify
+from .api import over_budget, member_errors, member_outputs, unify
 from .multinet import MultiNet
 
 MEMBER = "model"  # the one member's name inside the search (stripped again from every layer name)
@@ -62,7 +62,7 @@ def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget,
             branches = compress(model, calibration_data, budget=replace(budget, residual_branches=True), **settings)
         except BudgetError:
             branches = None
-        if branches is not None and not _over_budget(branches.plan):
+        if branches is not None and not over_budget(branches.plan):
             found.append(branches)
     if not found:  # no structure reaches the budget: the plain compression says why
         return compress(model, calibration_data, budget=budget, **settings)
