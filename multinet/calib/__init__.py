@@ -1,4 +1,4 @@
 """Calibration statistics for reconstruction solvers."""
-from .stats import ConsumerSpec, ConsumerStats, collect, consumer_specs, iterate_batches
+from .stats import ConsumerSpec, ConsumerStats, collect, consumer_specs, first_sample, iterate_batches
 
-__all__ = ["ConsumerSpec", "ConsumerStats", "collect", "consumer_specs", "iterate_batches"]
+__all__ = ["ConsumerSpec", "ConsumerStats", "collect", "consumer_specs", "first_sample", "iterate_batches"]

@@ -262,6 +262,11 @@ def iterate_batches(data, batch_size: int = 128) -> Iterable[Batch]:
         raise MultinetError("no calibration data: the iterable yielded no batch")
 
 
+def first_sample(data, batch_size: int = 128) -> Batch:
+    """The first calibration sample as a batch of one (what tracing and shape checks run on)."""
+    return batches.take(next(iter(iterate_batches(data, batch_size))), 0, 1)
+
+
 def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: fx.GraphModule | None = None,
             reference_specs: list[ConsumerSpec] | None = None, batch_size: int = 128,
             max_positions: int | None = None, device: str | torch.device = "cpu", seed: int = 0,

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..calib import batches, consumer_specs, iterate_batches
+from ..calib import batches, consumer_specs, first_sample
 from ..calib.sharded import collect_on
 from ..errors import MultinetError
 from ..options import RunOptions
@@ -259,7 +259,7 @@ def _evaluation(plan, ctx, data, opts: RunOptions) -> list | None:
 
 def example_inputs(model: nn.Module, data, batch_size: int) -> tuple:
     """The first calibration sample as the model's positional inputs (a dict batch bound by name)."""
-    first = batches.take(next(iter(iterate_batches(data, batch_size))), 0, 1)
+    first = first_sample(data, batch_size)
     return batches.model_args(model, first)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..calib import batches, collect, consumer_specs, iterate_batches
+from ..calib import batches, collect, consumer_specs, first_sample
 from ..errors import MultinetError
 from ..pipeline.compression import CompressResult, compress
 from ..graph import count, trace
@@ -165,7 +165,7 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     weights = _checked_weights(member_weights, list(named))
     example = example_inputs
     if example is None:
-        example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
+        example = first_sample(calibration_data, batch_size)
     order = canonical_order(named)
     net = MultiNet({n: named[n] for n in order}, example, *_tracing(compress_options))
     graph = trace(net.graph_module, example)

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch.fx as fx
 import torch.nn as nn
 
-from ..calib import batches, iterate_batches
+from ..calib import batches, first_sample
 from ..errors import MultinetError
 from ..graph import count, trace
 from ..graph.dropping import residual_branch
@@ -45,7 +45,7 @@ def compress_with_skip_links(model: nn.Module, calibration_data, budget: Budget,
     eval_samples = options.pop("eval_samples", 1024)
     settings = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **options)
     tracing = options.get("leaf_modules", ()), options.get("autowrap_functions", ())
-    example = batches.take(next(iter(iterate_batches(calibration_data, batch_size))), 0, 1)
+    example = first_sample(calibration_data, batch_size)
     graph = trace(model, batches.model_args(model, example), *tracing)
     found: list[CompressResult] = []  # in order of preference on equal errors: the simplest first
     try:  # the layer names inside the search carry the member's prefix, and so must the ignore patterns
