@@ -254,6 +254,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"budget: {p.metric} <= {p.target:,.3f} {unit} (original {p.original:,.3f}); achieved "
               f"{p.measured_cost:,.3f}; final-output error predicted {p.predicted_error:.5f}, measured "
               f"{p.measured_error:.5f}; scheduling took {sum(p.seconds.values()):.1f} s")
+        if p.compared:
+            errors = ", ".join(f"{k} {v:.5f}" for k, v in p.compared.items())
+            print(f"the predicted error was too large to rank plans by: the {' and '.join(p.compared)} plans were both applied "
+                  f"(measured errors {errors}); the {p.schedule} plan kept")
         if args.plan_out:
             print(f"plan written to {args.plan_out}")
     _write_removed(result, args)

@@ -37,6 +37,10 @@ def markdown(report: dict) -> str:
                     lines.append(f"**{name}**: {plan['schedule']} schedule, {plan['metric']} budget "
                                  f"{plan['target']:,.3f} of {plan['original']:,.3f}; final-output error predicted "
                                  f"{plan['predicted_error']:.5f}, measured {plan['measured_error']:.5f}")
+                    if plan.get("compared"):
+                        errors = ", ".join(f"{k} {v:.5f}" for k, v in plan["compared"].items())
+                        lines.append(f"(predicted error too large to rank plans by: applied and measured {errors}; "
+                                     f"the {plan['schedule']} plan kept)")
                 lines += ["", "| group | producers | channels | layer error | seconds |", "|---|---|---|---|---|"]
                 for g in res["groups"]:
                     lines.append(f"| {g['group']} | {', '.join(g['producers'][:3])} | {g['channels_before']} → "

@@ -41,6 +41,9 @@ class Plan:
     evaluations: float = 0  # forward passes over all evaluation samples the search needed (probes on a subset count as a fraction)
     measured_cost: float | None = None
     measured_error: float | None = None  # after applying the plan with sequential reconstruction
+    # where the scheduled plan's error was too large for the scheduler to rank plans by (see compress):
+    # each schedule's plan applied, {schedule: measured error}; this plan is the one with the least
+    compared: dict[str, float] = field(default_factory=dict)
 
     def removals(self) -> dict[int, list[int]]:
         return {g.group: list(g.removed) for g in self.groups if g.removed}

@@ -1,0 +1,122 @@
+"""Where the scheduled plan's predicted error is too large to rank plans by, compress applies the
+uniform plan too and keeps the one whose applied model has the least final-output error."""
+import importlib
+
+import pytest
+import torch
+
+import multinet
+from multinet import Budget, Plan, data, zoo
+from multinet.runtime.checkpoint import RunState
+
+compression = importlib.import_module("multinet.pipeline.compression")
+pytestmark = pytest.mark.usefixtures("quiet_calibration")
+SETTINGS = dict(max_positions=16, eval_samples=256)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return data.load("digits").train_x[:256]
+
+
+def _compress(monkeypatch, calib, threshold: float, budget: float, **kwargs):
+    monkeypatch.setattr(compression, "SATURATED_ERROR", threshold)
+    return multinet.compress(zoo.create("resnet"), calib, budget=Budget(flops=budget), **SETTINGS, **kwargs)
+
+
+def _outputs(result, calib):
+    with torch.no_grad():
+        return result.model(calib[:64])
+
+
+@pytest.mark.parametrize("budget", [0.04, 0.3])
+def test_the_kept_plan_is_the_one_with_the_least_measured_error(monkeypatch, calib, budget):
+    alone = _compress(monkeypatch, calib, float("inf"), budget)  # the scheduled plan alone
+    uniform = _compress(monkeypatch, calib, float("inf"), budget, schedule="uniform")
+    compared = _compress(monkeypatch, calib, 0.0, budget)
+    assert alone.plan.compared == {} and uniform.plan.compared == {}
+    assert compared.plan.compared == pytest.approx({"auto": alone.plan.measured_error,
+                                                    "uniform": uniform.plan.measured_error}, rel=1e-6)
+    winner = min((alone, uniform), key=lambda r: r.plan.measured_error)
+    assert compared.plan.schedule == winner.plan.schedule
+    assert compared.plan.measured_error == pytest.approx(winner.plan.measured_error, rel=1e-6)
+    assert compared.plan.removals() == winner.plan.removals()
+    torch.testing.assert_close(_outputs(compared, calib), _outputs(winner, calib))
+    assert compared.flops_after == winner.flops_after
+
+
+def test_both_winners_occur_on_the_zoo_resnet(monkeypatch, calib):
+    """The comparison is not decorative: at 4 % of FLOPs the uniform plan applies better, at 30 % auto's."""
+    winners = {b: _compress(monkeypatch, calib, 0.0, b).plan.schedule for b in (0.04, 0.3)}
+    assert winners == {0.04: "uniform", 0.3: "auto"}
+
+
+def test_when_plans_are_compared():
+    plan = Plan("auto", {}, "flops", 1.0, 2.0, 1.0, 0.6, [], [])
+    assert compression._compares_uniform(plan, "sequential")
+    assert compression._compares_uniform(plan, "reference")
+    assert not compression._compares_uniform(plan, "oneshot")  # applies what the scheduler measured
+    for changed in (dict(schedule="uniform"), dict(metric="latency"), dict(predicted_error=0.49)):
+        assert not compression._compares_uniform(Plan(**{**plan.__dict__, **changed}), "sequential")
+
+
+def test_one_shot_runs_are_not_compared(monkeypatch, calib):
+    result = _compress(monkeypatch, calib, 0.0, 0.04, mode="oneshot")
+    assert result.plan.compared == {} and result.plan.schedule == "auto"
+
+
+def test_the_kept_plan_is_saved_with_what_it_was_compared_with(monkeypatch, calib, tmp_path):
+    result = _compress(monkeypatch, calib, 0.0, 0.04, plan_path=tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.compared == result.plan.compared and set(loaded.compared) == {"auto", "uniform"}
+    assert loaded.removals() == result.plan.removals()
+
+
+def test_a_compared_run_killed_in_its_second_application_resumes(monkeypatch, calib, tmp_path):
+    fresh = _compress(monkeypatch, calib, 0.0, 0.04)
+    record = RunState.record
+
+    def record_then_fail(self, *args, **kwargs):
+        record(self, *args, **kwargs)
+        if self.dir.name == compression.UNIFORM_RUN and len(args[2]) == 2:
+            raise KeyboardInterrupt  # killed after the uniform plan's second group
+
+    monkeypatch.setattr(RunState, "record", record_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(monkeypatch, calib, 0.0, 0.04, run_dir=tmp_path / "run")
+    monkeypatch.setattr(RunState, "record", record)
+    assert (tmp_path / "run" / "plan.json").exists() and (tmp_path / "run" / "uniform" / "plan.json").exists()
+
+    solves = []
+    sequential = importlib.import_module("multinet.pipeline.sequential")
+    solve_group = sequential.solve_group
+    monkeypatch.setattr(sequential, "solve_group", lambda *a, **k: solves.append(a[2].id) or solve_group(*a, **k))
+    monkeypatch.setattr(compression, "prepare", _never)  # the plans are loaded, not scheduled again
+    resumed = _compress(monkeypatch, calib, 0.0, 0.04, run_dir=tmp_path / "run")
+    uniform_groups = len(Plan.load(tmp_path / "run" / "uniform" / "plan.json").removals())
+    assert len(solves) == uniform_groups - 2  # the first plan finished, the uniform one resumed
+    assert resumed.plan.compared == pytest.approx(fresh.plan.compared, rel=1e-6)
+    torch.testing.assert_close(_outputs(resumed, calib), _outputs(fresh, calib))
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("scheduled again")
+
+
+def test_the_cli_reports_the_comparison(monkeypatch, capsys):
+    monkeypatch.setattr(compression, "SATURATED_ERROR", 0.0)
+    from multinet.cli import main
+
+    assert main(["compress", "zoo:resnet", "--flops", "0.04", "--calibration", "256", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "auto and uniform plans were both applied" in out and "plan kept" in out
+
+
+def test_a_scenario_report_says_which_plans_were_compared():
+    from multinet.scenario.report import markdown
+
+    plan = dict(schedule="uniform", metric="flops", target=4.0, original=100.0, predicted_error=0.96,
+                measured_error=0.65, compared={"auto": 0.82, "uniform": 0.65})
+    report = dict(scenario="s", steps=[dict(kind="compress", seconds=1.0, models={"m": dict(plan=plan, groups=[])})])
+    text = markdown(report)
+    assert "applied and measured auto 0.82000, uniform 0.65000; the uniform plan kept" in text
