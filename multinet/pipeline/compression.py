@@ -122,7 +122,10 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     its conv groups, the same number from each) or ``budget`` (a :class:`Budget`: FLOPs, parameters or latency)
     with a ``schedule`` ("auto", "exhaustive" or "uniform") that decides per-group amounts. The
     plan is returned in ``result.plan`` and written to ``plan_path`` when given; ``plan=`` applies a
-    plan made earlier (``Plan.load(path)``) to the same model without scheduling again.
+    plan made earlier (``Plan.load(path)``) to the same model without scheduling again. Where the
+    scheduled plan's predicted error is at least SATURATED_ERROR (small budgets), the uniform plan is
+    applied too and the one with the lower measured error kept (``result.plan.compared``; see
+    ``_compares_uniform``).
 
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
     batches (a list or a DataLoader). ``max_positions`` sub-samples conv output positions per
