@@ -40,14 +40,13 @@ from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
 from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
 from .oneshot import compress_oneshot
-from ..runtime.checkpoint import RunState
+from ..runtime.checkpoint import UNIFORM_RUN, RunState
 from .sequential import PipelineStats, SequentialPipeline, track_outputs
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
 MODES = ("sequential", "oneshot", "reference")
 # a scheduled plan's predicted (one-shot) error from which the uniform plan is applied and measured too
 SATURATED_ERROR = 0.5
-UNIFORM_RUN = "uniform"  # run_dir's sub-folder for that second application
 
 
 @dataclass
@@ -189,7 +188,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             check_schedule(schedule)
         example = example_inputs(model, calibration_data, opts.batch_size)  # FLOPs per example
         original = trace(model, example, leaf_modules, autowrap_functions)
-        state, resumed = None, False
+        state, alternative = None, None
         if run_dir is not None:
             from ..runtime.checkpoint import fingerprint
 
@@ -198,10 +197,11 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
                               plan=plan.removals() if plan else None, max_positions=opts.max_positions, damp=opts.damp,
                               seed=opts.seed, mode=mode, compensate_residuals=opts.compensate_residuals)
             state = RunState(run_dir, key)
-            if budget is not None and (state.dir / "plan.json").exists():
-                plan, budget = Plan.load(state.dir / "plan.json"), None  # scheduled before the run was stopped
-                resumed = True
-        ctx, alternative = None, None
+            _check_plan_path(plan_path, state)
+            saved = state.load_plans() if budget is not None else None
+            if saved is not None:
+                (plan, alternative), budget = saved, None  # scheduled before the run was stopped
+        ctx = None
         if budget is not None:
             ctx = prepare(original, calibration_data, budget, options=opts)
             try:
@@ -211,20 +211,19 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             finally:
                 executor.release()  # the search's worker pool must not keep the resources the next jobs need
             if state is not None:
-                if alternative is not None:  # saved first: plan.json says the scheduling is finished
-                    alternative.save(_mkdir(state.dir / UNIFORM_RUN) / "plan.json")
-                plan.save(state.dir / "plan.json")
-        elif resumed and (state.dir / UNIFORM_RUN / "plan.json").exists():
-            alternative = Plan.load(state.dir / UNIFORM_RUN / "plan.json")  # a compared run, resumed
+                state.save_plans(plan, alternative)
+        elif plan is not None:
+            plan.compared = {}  # a plan applied again: what it was once compared with is not this run's comparison
         inputs = _evaluation(plan, ctx, calibration_data, opts)  # read once: a shuffling loader differs each time
         candidates = [(plan, state)]
         if alternative is not None:
             candidates.append((alternative, None if state is None else RunState(state.dir / UNIFORM_RUN, state.key)))
-        results = [_applied(original, candidate, ratio, method, calibration_data, example, ctx, progress, run_state,
-                            opts, inputs, mode) for candidate, run_state in candidates]
-        result = min(results, key=lambda r: r.plan.measured_error) if len(results) > 1 else results[0]
-        if len(results) > 1:
-            result.plan.compared = {r.plan.schedule: r.plan.measured_error for r in results}
+        if len(candidates) == 1:
+            result = _applied(original, plan, ratio, method, calibration_data, example, ctx, progress, state, opts,
+                              inputs, mode)
+        else:
+            result = _least_error(original, candidates, method, calibration_data, example, ctx, progress, opts, inputs,
+                                  mode)
         if plan_path is not None and result.plan is not None:
             result.plan.save(plan_path)
         return result
@@ -260,6 +259,41 @@ def _applied(original: ChannelGraph, plan: Plan | None, ratio, method: str, data
                           plan, cost)
 
 
+def _least_error(original: ChannelGraph, candidates, method: str, data, example, ctx, progress: bool,
+                 opts: RunOptions, inputs, mode: str) -> CompressResult:
+    """Each (plan, run state) applied; the result with the least measured error among those within
+    their budget (all, where none is) kept, with the others' errors in ``plan.compared`` and their
+    search and application time in ``plan.seconds["other plans"]``. Warnings (an overshoot, a group
+    left whole) are those of the kept application only."""
+    applied = []
+    for plan, state in candidates:
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = _applied(original, plan, None, method, data, example, ctx, progress, state, opts, inputs, mode)
+        applied.append((result, caught, time.perf_counter() - start))
+    fitting = [a for a in applied if not a[0].plan.over_target()] or applied
+    kept, caught, _ = min(fitting, key=lambda a: _sortable(a[0].plan.measured_error))
+    others = [(r, s) for r, _, s in applied if r is not kept]
+    kept.plan.compared = {r.plan.schedule: r.plan.measured_error for r, _, _ in applied}
+    kept.plan.seconds["other plans"] = sum(r.plan.seconds.get("search", 0.0) + s for r, s in others)
+    kept.plan.evaluations += sum(r.plan.evaluations for r, _ in others)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return kept
+
+
+def _sortable(error: float | None) -> float:
+    return float("inf") if error is None or error != error else error  # NaN and None last
+
+
+def _check_plan_path(plan_path, state) -> None:
+    """plan_path must not be the run directory's own plan: a compared run keeps the uniform plan there
+    when it wins, and a resume would then read it as the scheduled one."""
+    if plan_path is not None and Path(plan_path).resolve() == (state.dir / "plan.json").resolve():
+        raise MultinetError(f"plan_path {plan_path} is the run directory's own plan file; write the plan elsewhere")
+
+
 def _compares_uniform(plan: Plan, mode: str) -> bool:
     """Whether the uniform plan is applied too and the one with the least measured error kept.
 
@@ -272,11 +306,6 @@ def _compares_uniform(plan: Plan, mode: str) -> bool:
     runs apply what the scheduler measured; a latency schedule walks its own path."""
     return (mode != "oneshot" and plan.schedule != "uniform" and plan.metric != "latency"
             and plan.predicted_error >= SATURATED_ERROR)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _check_skip_links(skip_links: bool, budget: Budget | None, plan_path, run_dir) -> None:
@@ -405,7 +434,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
         if group is None:
             if not _layers_gone(current, original.group(gid)):
                 warnings.warn(f"group {gid} ({', '.join(original.group(gid).producers)}) was not found after earlier "
-                              f"groups were cut; it is left as it is", stacklevel=3)
+                              f"groups were cut; it is left as it is", stacklevel=4)
             continue
         n_remove = request if isinstance(request, int) else len(request)
         preset = None if isinstance(request, int) else list(request)
@@ -467,12 +496,12 @@ def _measure(plan: Plan, original: nn.Module, compressed: nn.Module, counts, inp
         if plan.measured_cost > plan.target * (1 + tolerance):
             warnings.warn(f"the compressed model measures {plan.measured_cost:.3f} ms, over the {plan.target:.3f} ms "
                           f"budget by more than the {tolerance:.0%} tolerance (noisy timings?)",
-                          stacklevel=3)
+                          stacklevel=4)
     else:
         plan.measured_cost = float(counts.flops if plan.metric == "flops" else counts.params)
         if plan.measured_cost > plan.target:
             warnings.warn(f"the compressed model has {plan.measured_cost:,.0f} {plan.metric}, over the plan's target "
-                          f"{plan.target:,.0f}", stacklevel=3)
+                          f"{plan.target:,.0f}", stacklevel=4)
 
 
 def _layers_gone(graph: ChannelGraph, group) -> bool:
@@ -508,7 +537,7 @@ def _ratios(graph: ChannelGraph, ratio, method: str = "reap") -> dict[int, float
         if grouped:
             warnings.warn(f"{len(grouped)} group(s) go through grouped convolutions, which compress cannot "
                           f"reconstruct {'with unify ' if method == 'unify' else ''}yet; they stay whole "
-                          f"(groups {', '.join(str(g.id) for g in grouped)})", stacklevel=3)
+                          f"(groups {', '.join(str(g.id) for g in grouped)})", stacklevel=4)
         ratios = {g.id: ratio for g in graph.prunable_groups if not whole(g)}
     for gid, r in ratios.items():
         if not isinstance(r, (int, float)) or not 0 <= r < 1:

@@ -21,6 +21,9 @@ from ..io.files import write_atomic
 from ..io import load, save, to_bytes
 
 
+UNIFORM_RUN = "uniform"  # the sub-folder where the uniform plan applied beside the scheduled one checkpoints
+
+
 def fingerprint(model, data, batch_size: int, **settings) -> str:
     """What makes two runs the same run: the model's bytes, the data, and every setting."""
     h = hashlib.sha256(to_bytes(model))
@@ -57,6 +60,30 @@ class RunState:
         model = load(self.dir / record["model"])
         surviving = {k: torch.tensor(v, dtype=torch.long) for k, v in record["surviving"].items()}
         return model, record["finished"], record["reports"], surviving
+
+    def save_plans(self, plan, alternative=None) -> None:
+        """The scheduled plan (and the uniform plan applied beside it, if any), with this run's key:
+        plan.json is written last, so its presence says the scheduling finished."""
+        write_atomic(self.dir / "plans.json", json.dumps({"key": self.key, "compared": alternative is not None}))
+        if alternative is not None:
+            (self.dir / UNIFORM_RUN).mkdir(exist_ok=True)
+            alternative.save(self.dir / UNIFORM_RUN / "plan.json")
+        plan.save(self.dir / "plan.json")
+
+    def load_plans(self):
+        """(plan, alternative or None) a stopped run scheduled, or None where it had not finished scheduling.
+        Plans another run's arguments made are refused (a run directory from before plans.json: trusted)."""
+        from ..schedule import Plan
+
+        if not (self.dir / "plan.json").exists():
+            return None
+        marker = self.dir / "plans.json"
+        record = json.loads(marker.read_text()) if marker.exists() else {"key": self.key, "compared": False}
+        if record.get("key") != self.key:
+            raise MultinetError(f"{self.dir} holds a run with other arguments, model or data; use another "
+                                f"run_dir (or delete it) to start afresh")
+        alternative = Plan.load(self.dir / UNIFORM_RUN / "plan.json") if record.get("compared") else None
+        return Plan.load(self.dir / "plan.json"), alternative
 
     def record(self, model, example, finished: list[int], reports: list[dict], surviving: dict) -> None:
         name = f"model-{len(finished)}.mnet"
