@@ -14,24 +14,13 @@ run without the comparison. Writes benchmarks/results/saturated_plans.md.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import time
-import warnings
-from pathlib import Path
-
-import torch
 
 import multinet
-from multinet import Budget, data, zoo
-
-RESULTS = Path(__file__).parent / "results"
+from multinet import Budget, zoo
+from zoo_sweep import accuracy, sweep
 compression = importlib.import_module("multinet.pipeline.compression")
-
-
-def accuracy(model, split) -> float:
-    with torch.no_grad():
-        return float((model(split.test_x).argmax(1) == split.test_y).float().mean())
 
 
 def timed_compress(name: str, calib, budget: float, threshold: float):
@@ -67,35 +56,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=zoo.names())
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.15, 0.08, 0.04, 0.02])
-    parser.add_argument("--calibration", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS / "saturated_plans.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    split = data.load("digits")
-    calib = split.train_x[:args.calibration]
-    rows, start = [], time.perf_counter()
-    for name in args.models:
-        for budget in args.budgets:
-            rows.append(run(name, split, calib, budget))
-            print(rows[-1], flush=True)
-    command = (f"python benchmarks/saturated_plans.py --models {' '.join(args.models)} --budgets "
-               f"{' '.join(map(str, args.budgets))} --threads {args.threads}")
+def render(rows: list[dict], preamble: str) -> str:
     switched = [r for r in rows if r["kept"] == "uniform"]
-    text = (f"# Small budgets: the scheduled plan alone and compared with the uniform plan (digits, no fine-tuning)"
-            f"\n\n`{command}` ({(time.perf_counter() - start) / 60:.0f} min, torch {torch.__version__}, "
-            f"{args.threads} torch thread, {args.calibration} calibration images, accuracy on the "
-            f"{len(split.test_x)} held-out images; one image = {100 / len(split.test_x):.2f} pt). The comparison "
-            f"runs where the scheduled plan's one-shot error is at least {compression.SATURATED_ERROR}; errors are "
-            f"relative squared errors at the final outputs on the calibration set's evaluation samples.\n\n"
-            + table(rows) + f"\n\nThe uniform plan was kept at {len(switched)} of {len(rows)} points.\n")
-    Path(args.out).write_text(text)
-    print(text)
+    return (f"# Small budgets: the scheduled plan alone and compared with the uniform plan (digits, no fine-tuning)"
+            f"\n\n{preamble}. The comparison runs where the scheduled plan's one-shot error is at least "
+            f"{compression.SATURATED_ERROR}; errors are relative squared errors at the final outputs on the calibration "
+            f"set's evaluation samples.\n\n" + table(rows) + f"\n\nThe uniform plan was kept at {len(switched)} of "
+            f"{len(rows)} points.\n")
+
+
+def main() -> None:
+    sweep(__doc__, "saturated_plans", [0.25, 0.15, 0.08, 0.04, 0.02], run, render)
 
 
 if __name__ == "__main__":

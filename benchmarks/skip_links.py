@@ -13,22 +13,11 @@ one after another, on the same torch thread count). Writes benchmarks/results/sk
 """
 from __future__ import annotations
 
-import argparse
 import time
-import warnings
-from pathlib import Path
-
-import torch
 
 import multinet
-from multinet import Budget, BudgetError, data, zoo
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def accuracy(model, split) -> float:
-    with torch.no_grad():
-        return float((model(split.test_x).argmax(1) == split.test_y).float().mean())
+from multinet import Budget, BudgetError, zoo
+from zoo_sweep import accuracy, sweep
 
 
 def run(name: str, split, calib, budget: float) -> dict:
@@ -75,31 +64,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(rows: list[dict], preamble: str) -> str:
+    return f"# Skip links in `compress` (digits, no fine-tuning)\n\n{preamble}.\n\n" + table(rows) + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=zoo.names())
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.08, 0.04, 0.02])
-    parser.add_argument("--calibration", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS / "skip_links.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    split = data.load("digits")
-    calib = split.train_x[:args.calibration]
-    rows, start = [], time.perf_counter()
-    for name in args.models:
-        for budget in args.budgets:
-            rows.append(run(name, split, calib, budget))
-            print(rows[-1], flush=True)
-    command = (f"python benchmarks/skip_links.py --models {' '.join(args.models)} --budgets "
-               f"{' '.join(map(str, args.budgets))} --threads {args.threads}")
-    text = (f"# Skip links in `compress` (digits, no fine-tuning)\n\n`{command}` "
-            f"({(time.perf_counter() - start) / 60:.0f} min, torch {torch.__version__}, {args.threads} torch thread, "
-            f"{args.calibration} calibration images, accuracy on the {len(split.test_x)} held-out images; one image = "
-            f"{100 / len(split.test_x):.2f} pt).\n\n" + table(rows) + "\n")
-    Path(args.out).write_text(text)
-    print(text)
+    sweep(__doc__, "skip_links", [0.25, 0.08, 0.04, 0.02], run, render)
 
 
 if __name__ == "__main__":
