@@ -27,6 +27,7 @@ from ..calib import batches, consumer_specs, first_sample
 from ..calib.sharded import collect_on
 from ..errors import MultinetError
 from ..options import RunOptions
+from ..runtime.checkpoint import UNIFORM_RUN, RunState
 from ..runtime.executors import Executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, Plan, make_plan, prepare
@@ -40,7 +41,6 @@ from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
 from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
 from .oneshot import compress_oneshot
-from ..runtime.checkpoint import UNIFORM_RUN, RunState
 from .sequential import PipelineStats, SequentialPipeline, track_outputs
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
@@ -215,15 +215,13 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
         elif plan is not None:
             plan.compared = {}  # a plan applied again: what it was once compared with is not this run's comparison
         inputs = _evaluation(plan, ctx, calibration_data, opts)  # read once: a shuffling loader differs each time
-        candidates = [(plan, state)]
-        if alternative is not None:
-            candidates.append((alternative, None if state is None else RunState(state.dir / UNIFORM_RUN, state.key)))
-        if len(candidates) == 1:
+        if alternative is None:
             result = _applied(original, plan, ratio, method, calibration_data, example, ctx, progress, state, opts,
                               inputs, mode)
         else:
-            result = _least_error(original, candidates, method, calibration_data, example, ctx, progress, opts, inputs,
-                                  mode)
+            uniform_state = None if state is None else RunState(state.dir / UNIFORM_RUN, state.key)
+            result = _least_error(original, [(plan, state), (alternative, uniform_state)], method, calibration_data,
+                                  example, ctx, progress, opts, inputs, mode)
         if plan_path is not None and result.plan is not None:
             result.plan.save(plan_path)
         return result
