@@ -391,7 +391,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     check_fits(model, x, f"the {what}")
     start = time.perf_counter()
     fuse = {"yes": True, "no": False, "auto": "auto", "batched": "batched"}[args.fuse]
-    outputs = infer(model, x, batch_size=args.batch_size, device=args.device, progress=not args.quiet, fuse=fuse)
+    overlap = {"yes": True, "no": False, "auto": "auto"}[args.overlap]
+    outputs = infer(model, x, batch_size=args.batch_size, device=args.device, progress=not args.quiet, fuse=fuse,
+                    overlap=overlap)
     seconds = time.perf_counter() - start
     outputs = outputs if isinstance(outputs, dict) else {"output": outputs}
     for name, out in outputs.items():
@@ -519,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a MultiNet's layers that read the same tensor as one wider layer (yes), as built (no), "
                         "fused and same-shaped layers of different members as one batched op (batched), or "
                         "whichever runs the first batch fastest here (auto)")
+    i.add_argument("--overlap", default="auto", choices=["auto", "yes", "no"],
+                   help="run what a MultiNet's members compute apart at the same time (CUDA streams on a GPU, "
+                        "threads on a CPU): where it runs the first batch faster here (auto), always, or never")
     i.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal, lines in a log)")
     i.set_defaults(func=cmd_infer)
     e = sub.add_parser("export", help="export a model or .mnet file to ONNX or torch.export")

@@ -236,10 +236,12 @@ def test_batch_inference_of_a_multinet_with_ray_data(cluster, calib):
     pytest.importorskip("ray.data")
     net = multinet.MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, calib[:1])
     here = multinet.infer(net, calib[:300], batch_size=64)
-    there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor())
-    assert set(there) == {"a", "b"}
-    for key in here:  # every image, in order
+    there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor(), overlap=False)
+    overlapped = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor(), overlap=True)
+    assert set(there) == set(overlapped) == {"a", "b"}
+    for key in here:  # every image, in order; the actors rebuild the overlapped form where it was chosen
         torch.testing.assert_close(there[key], here[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(overlapped[key], here[key], atol=1e-5, rtol=1e-5)
 
 
 def test_gpu_jobs_go_to_the_gpu_node_when_the_cluster_has_gpus(cluster, calib):

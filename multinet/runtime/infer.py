@@ -21,7 +21,7 @@ FUSE_TRIALS = 5  # timed rounds per form when ``fuse="auto"`` chooses a MultiNet
 
 
 def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", progress: bool = False,
-          executor=None, fuse: bool | str = True):
+          executor=None, fuse: bool | str = True, overlap: bool | str = "auto"):
     """Run ``net`` over ``data`` (a tensor, a list of batches or a DataLoader) in batches.
 
     Returns the outputs concatenated along the batch: for a MultiNet {model name: output}, for a
@@ -31,17 +31,27 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     grouped op (``MultiNet.fused(batched=True)``). ``fuse="auto"``: whichever of those forms runs the
     first batch fastest on ``device`` (timed in turns, ``FUSE_TRIALS`` rounds each): a wider layer or a
     grouped convolution is not faster on every device and shape.
+    ``overlap``: what the members compute apart runs at the same time (``MultiNet.overlapped``: CUDA
+    streams on a GPU, worker threads on a CPU). ``"auto"`` (the default) times the form chosen above
+    with and without it on the first batch and keeps the faster, where two members have work of their
+    own (otherwise nothing is timed); ``True`` overlaps, ``False`` runs the network as given.
     The network is moved to ``device``; inputs are moved batch by batch.
     With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
-    that each rebuild the network once from its model bytes), in order.
+    that each rebuild the network once from its model bytes, overlapped where chosen here), in order.
     """
     if fuse not in (True, False, "auto", "batched"):
         raise MultinetError(f"fuse must be True, False, 'batched' or 'auto', got {fuse!r}")
+    if overlap not in (True, False, "auto"):
+        raise MultinetError(f"overlap must be True, False or 'auto', got {overlap!r}")
     dev = resolve_device(device)
     if fuse == "auto":
         net = faster_form(net, next(iter(iterate_batches(data, batch_size))), dev)
     elif fuse:
         net = _fused(net, batched=fuse == "batched")
+    if overlap == "auto":
+        net = faster_overlap(net, next(iter(iterate_batches(data, batch_size))), dev)
+    elif overlap and _is_multinet(net):
+        net = net.overlapped()
     if executor is not None and getattr(executor, "name", "local") == "ray":
         return _infer_ray(net, data, batch_size, executor)
     net = net.to(dev).eval()
@@ -82,8 +92,25 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
         batched = None
     if len(forms) == 1:
         return net
+    return fastest(forms, batch, device, trials, clock, optional=forms[-1] if batched is not None else None)
+
+
+def faster_overlap(net: nn.Module, batch, device: torch.device, trials: int = FUSE_TRIALS,
+                   clock=time.perf_counter) -> nn.Module:
+    """``net`` or ``net.overlapped()``, whichever runs ``batch`` faster on ``device``; as given (nothing
+    timed) for a model that is not a MultiNet, one already overlapped, or one whose members have no
+    work of their own to overlap."""
+    if not _is_multinet(net) or net.is_overlapped or not net.can_overlap():
+        return net
+    return fastest([net, net.overlapped()], batch, device, trials, clock)
+
+
+def fastest(forms: list[nn.Module], batch, device: torch.device, trials: int, clock,
+            optional: nn.Module | None = None) -> nn.Module:
+    """The form with the least median time over ``trials`` rounds (the forms taking turns after one
+    warm-up call each; on a tie, the later form). ``optional``: a form that may fail on this batch and
+    is then left out, with a warning."""
     forms = [form.to(device).eval() for form in forms]
-    optional = forms[-1] if batched is not None else None
     x = batches.to_device(batch, device)
     with torch.no_grad():
         runnable = []
@@ -108,6 +135,12 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
                 spent.append(clock() - start)
     medians = [statistics.median(t) for t in times]
     return forms[min(range(len(forms)), key=lambda i: (medians[i], -i))]  # on a tie, the more fused form
+
+
+def _is_multinet(net: nn.Module) -> bool:
+    from ..unification.multinet import MultiNet
+
+    return isinstance(net, MultiNet)
 
 
 def _batched(net: nn.Module) -> nn.Module | None:
@@ -149,12 +182,14 @@ def predictor_device() -> torch.device:
 class _Predictor:
     """A Ray Data actor: rebuilds the network once on its device, then maps batches to outputs."""
 
-    def __init__(self, blob_ref):
+    def __init__(self, blob_ref, overlapped: bool = False):
         from .executors import fetch
         from ..io import from_bytes
 
         self.device = predictor_device()
         self.net = from_bytes(fetch(blob_ref)).to(self.device).eval()
+        if overlapped:  # a run-time choice the model bytes do not hold
+            self.net = self.net.overlapped()
 
     def __call__(self, batch: dict) -> dict:
         with torch.no_grad():
@@ -182,7 +217,8 @@ def _infer_ray(net: nn.Module, data, batch_size: int, executor):
     context.execution_options.preserve_order = True
     blocks = [c.numpy() for c in torch.chunk(x, max(1, executor.workers))]  # one block per actor to start with
     dataset = ray.data.from_numpy(blocks).map_batches(
-        _Predictor, fn_constructor_args=(blob,), batch_size=batch_size, batch_format="numpy",
+        _Predictor, fn_constructor_args=(blob, bool(getattr(net, "is_overlapped", False))), batch_size=batch_size,
+        batch_format="numpy",
         concurrency=max(1, executor.workers), num_cpus=executor.options["num_cpus"],
         num_gpus=executor.options["num_gpus"] or None)
     columns: dict[str, list] = {}

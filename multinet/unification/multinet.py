@@ -158,11 +158,14 @@ class MultiNet(nn.Module):
         self._attach(gm, list(named), [], False)
 
     @classmethod
-    def from_graph(cls, gm: fx.GraphModule, members, links=(), fused: bool = False) -> "MultiNet":
+    def from_graph(cls, gm: fx.GraphModule, members, links=(), fused: bool = False,
+                   overlapped: bool = False) -> "MultiNet":
         """A MultiNet around a graph that already returns {member: output} (compressed, fused, loaded)."""
         net = cls.__new__(cls)
         nn.Module.__init__(net)
         net._attach(gm, list(members), [lk if isinstance(lk, Link) else Link(*lk) for lk in links], fused)
+        net.__dict__["is_overlapped"] = bool(overlapped)
+        net.training = gm.training  # its layers' mode, which a copy's train(training) would otherwise reset
         return net
 
     def _attach(self, gm: fx.GraphModule, members: list[str], links: list[Link], fused: bool) -> None:
@@ -180,15 +183,35 @@ class MultiNet(nn.Module):
         self.__dict__["members"] = list(members)
         self.__dict__["links"] = list(links)
         self.__dict__["is_fused"] = bool(fused)
+        self.__dict__["is_overlapped"] = False
 
     def forward(self, *inputs, **named_inputs):
         gm = self._graph_module
+        if self.is_overlapped:
+            return self._overlapped_run()(gm, *inputs, **named_inputs)
         cached = self.__dict__.get("_direct")
         if cached is None or cached[0] is not getattr(gm, "_code", None):  # built again after a recompile
             cached = self.__dict__["_direct"] = (getattr(gm, "_code", None), direct_forward(gm))
         if cached[1] is None:
             return gm.forward(*inputs, **named_inputs)
         return cached[1](gm, *inputs, **named_inputs)
+
+    def train(self, mode: bool = True) -> "MultiNet":
+        """Sets the layers' mode (the dicts are the graph's) and the graph's own flag, which MultiNets
+        made from this graph (fused, overlapped, compressed, copied) take theirs from."""
+        super().train(mode)
+        self._graph_module.training = mode
+        return self
+
+    def _overlapped_run(self):
+        """The pieces and their runner, cut again after the graph was recompiled."""
+        from .overlap import OverlappedRun, OverlapPlan
+
+        code = getattr(self._graph_module, "_code", None)
+        cached = self.__dict__.get("_overlap")
+        if cached is None or cached[0] is not code:
+            cached = self.__dict__["_overlap"] = (code, OverlappedRun(OverlapPlan(self._graph_module)))
+        return cached[1]
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -234,24 +257,39 @@ class MultiNet(nn.Module):
             from .batching import batch_members
 
             gm = batch_members(gm)
-        return MultiNet.from_graph(gm, self.members, self.links, fused=True)
+        return MultiNet.from_graph(gm, self.members, self.links, fused=True, overlapped=self.is_overlapped)
+
+    def overlapped(self, enabled: bool = True) -> "MultiNet":
+        """The same MultiNet (same graph and layers) run with the parts that different members compute
+        alone at the same time: each on its own CUDA stream on a GPU, on worker threads on a CPU
+        (overlap.py). Outputs are unchanged, bit for bit; whether it is faster depends on the device
+        and the members (``multinet.infer(..., overlap="auto")`` times it). ``enabled=False``: run
+        in one thread again. Composes with :meth:`fused` in either order."""
+        return MultiNet.from_graph(self._graph_module, self.members, self.links, self.is_fused, enabled)
+
+    def can_overlap(self) -> bool:
+        """Whether two parts of the graph could run at the same time (two members with work of their own)."""
+        return self._overlapped_run().plan.concurrent()
 
     def with_graph(self, gm: fx.GraphModule) -> "MultiNet":
         """This MultiNet's members around another graph of it (a compressed one); links to layers
         that no longer exist are dropped."""
-        return MultiNet.from_graph(gm, self.members, surviving_links(self.links, gm, self.graph_module), self.is_fused)
+        return MultiNet.from_graph(gm, self.members, surviving_links(self.links, gm, self.graph_module), self.is_fused,
+                                   self.is_overlapped)
 
     def extra_repr(self) -> str:
-        return f"members={self.members}, links={len(self.links)}, fused={self.is_fused}"
+        return (f"members={self.members}, links={len(self.links)}, fused={self.is_fused}"
+                + (", overlapped=True" if self.is_overlapped else ""))
 
     def __getstate__(self) -> dict:
         return {"graph_module": self._graph_module, "members": self.members, "links": self.links,
-                "fused": self.is_fused, "training": self.training}
+                "fused": self.is_fused, "overlapped": self.is_overlapped, "training": self.training}
 
     def __setstate__(self, state: dict) -> None:
         """Pickle and deepcopy: rebuild the shared dicts around the (copied) graph."""
         nn.Module.__init__(self)
         self._attach(state["graph_module"], state["members"], state["links"], state["fused"])
+        self.__dict__["is_overlapped"] = bool(state.get("overlapped", False))
         self.train(state["training"])
 
 

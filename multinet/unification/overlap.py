@@ -1,0 +1,257 @@
+"""Overlapped members: the parts of a MultiNet that different members compute alone run at the same time.
+
+Fusion (fusion.py, batching.py) turns structurally parallel layers into one op; what it cannot merge
+(different architectures, layers of different shapes) still runs one layer after another. Yet once
+the graph is cut by *which members' outputs a node's value reaches*, the pieces form a small DAG:
+a node's inputs reach every member it reaches (and maybe more), so a piece only reads pieces whose
+member set contains its own. A trunk two members share comes before each member's own branch, and
+the branches of different members never read each other: they can run at the same time.
+
+- On a GPU each piece runs on its own CUDA stream, ordered by events where one reads another, so the
+  small kernels of several members fill the device together (the members' work is queued from one
+  thread; nothing waits for the host).
+- On a CPU each piece runs on a worker thread (torch releases the GIL inside its kernels): members'
+  small layers, which do not keep every core busy on their own, share the cores. The caller's grad
+  mode, inference mode and CPU autocast are carried to the workers (torch keeps them per thread).
+
+Outputs equal the graph run in one thread, bit for bit: every piece runs the same ops in the same order.
+Whether overlap pays depends on the device and the members' sizes (two tiny MLPs lose to the thread
+hand-off), so ``multinet.infer`` times it (``overlap="auto"``).
+
+Each piece is the original graph's nodes copied into a graph of its own and compiled into code that
+reaches the layers through the MultiNet's module dicts at every call (direct_call.py), so a layer
+replaced after the pieces were cut is the one that runs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..errors import MultinetError
+from .direct_call import direct_forward
+
+
+def members_reached(gm: fx.GraphModule) -> dict[fx.Node, frozenset[str]]:
+    """Per node, the members whose outputs its value reaches (empty for dead nodes)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if not isinstance(output.args[0], dict):
+        raise MultinetError("overlap needs a MultiNet's graph: one that returns {member: output}")
+    reached: dict[fx.Node, set[str]] = {n: set() for n in gm.graph.nodes}
+    for member, value in output.args[0].items():
+        stack = list(_nodes_in(value))
+        while stack:
+            node = stack.pop()
+            if member not in reached[node]:
+                reached[node].add(member)
+                stack.extend(node.all_input_nodes)
+    return {n: frozenset(m) for n, m in reached.items()}
+
+
+def _nodes_in(value) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: found.append(n) or n)
+    return found
+
+
+# where a piece's argument comes from: ("input", placeholder index) or ("piece", piece index, output index)
+Source = tuple
+
+
+@dataclass
+class Piece:
+    """The nodes whose values reach exactly ``members``, as one compiled function of (gm, *args)."""
+
+    members: frozenset[str]
+    forward: Callable
+    sources: list[Source]   # one per argument
+    needs: list[int]        # the pieces it reads (earlier in the list)
+
+
+class OverlapPlan:
+    """A MultiNet graph cut into pieces by the members they reach, in an order that respects reads."""
+
+    def __init__(self, gm: fx.GraphModule):
+        reached = members_reached(gm)
+        nodes = list(gm.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        output = nodes[-1]
+        keys: list[frozenset[str]] = []
+        for node in nodes:
+            if node.op not in ("placeholder", "output") and reached[node] and reached[node] not in keys:
+                keys.append(reached[node])
+        members = {k: [n for n in nodes if n.op not in ("placeholder", "output") and reached[n] == k] for k in keys}
+        keys.sort(key=len, reverse=True)  # a piece reads only pieces whose member sets strictly contain its own
+        where: dict[fx.Node, Source] = {p: ("input", i) for i, p in enumerate(self.placeholders)}
+        exported = {k: _exported(members[k], reached, output) for k in keys}
+        for i, k in enumerate(keys):
+            where.update({n: ("piece", i, j) for j, n in enumerate(exported[k])})
+        self.pieces = [self._piece(gm, k, members[k], exported[k], where) for k in keys]
+        self.output = output.args[0]
+        self.where = where
+
+    @staticmethod
+    def _piece(gm: fx.GraphModule, key: frozenset[str], nodes: list[fx.Node], exported: list[fx.Node],
+               where: dict[fx.Node, Source]) -> Piece:
+        inside = set(nodes)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        sources: list[Source] = []
+        for node in nodes:
+            for used in node.all_input_nodes:
+                if used not in inside and used not in env:
+                    env[used] = graph.placeholder(used.name)
+                    sources.append(where[used])
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        graph.output(tuple(env[n] for n in exported))
+        code = fx.GraphModule(gm, graph, "MultiNetPiece")
+        forward = direct_forward(code)
+        if forward is None:  # not expected for a graph built here; fall back to the piece's own module
+            forward = type(code).forward.__get__(code)
+            run = lambda _gm, *args: forward(*args)  # noqa: E731
+        else:
+            run = forward
+        needs = sorted({s[1] for s in sources if s[0] == "piece"})
+        return Piece(key, run, sources, needs)
+
+    def concurrent(self) -> bool:
+        """Whether two pieces can run at the same time (neither reads the other, however indirectly)."""
+        before: list[set[int]] = []
+        for piece in self.pieces:
+            before.append(set(piece.needs).union(*(before[j] for j in piece.needs)))
+        return any(j not in before[i] for i in range(len(self.pieces)) for j in range(i))
+
+
+def _exported(nodes: list[fx.Node], reached: dict, output: fx.Node) -> list[fx.Node]:
+    """A piece's nodes that another piece or the output reads."""
+    key = reached[nodes[0]]
+    return [n for n in nodes if any(u is output or reached[u] != key for u in n.users)]
+
+
+class OverlappedRun:
+    """Runs an OverlapPlan's pieces at the same time: CUDA streams on a GPU, worker threads on a CPU."""
+
+    def __init__(self, plan: OverlapPlan, workers: int | None = None):
+        self.plan = plan
+        self.concurrent = plan.concurrent()
+        self.workers = workers or max(1, min(len(plan.pieces) - 1, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+        self._streams: dict[torch.device, list] = {}
+
+    def __call__(self, gm: fx.GraphModule, *inputs, **named_inputs):
+        values = self._bind(inputs, named_inputs)
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        if not self.concurrent:  # one member's work, or a chain: nothing to overlap
+            results: list = []
+            for piece in self.plan.pieces:
+                results.append(piece.forward(gm, *(_value(s, values, results) for s in piece.sources)))
+        elif device.type == "cuda":
+            results = self._on_streams(gm, values, device)
+        else:
+            results = self._on_threads(gm, values)
+        return fx.node.map_arg(self.plan.output, lambda n: _value(self.plan.where[n], values, results))
+
+    def _bind(self, inputs: tuple, named: dict) -> list:
+        """The placeholders' values, as the graph's own forward binds them (positions, names, defaults)."""
+        placeholders = self.plan.placeholders
+        if len(inputs) > len(placeholders):
+            raise TypeError(f"forward() takes {len(placeholders)} inputs but {len(inputs)} were given")
+        values = list(inputs)
+        for node in placeholders[len(inputs):]:
+            if node.target in named:
+                values.append(named.pop(node.target))
+            elif node.args:
+                values.append(node.args[0])
+            else:
+                raise TypeError(f"forward() missing input {node.target!r}")
+        if named:
+            raise TypeError(f"forward() got unexpected inputs {sorted(named)}")
+        return values
+
+    def _on_threads(self, gm: fx.GraphModule, values: list) -> list:
+        """Every piece but the last on the pool, in read order, the last on the calling thread. The pool's
+        queue is first-in first-out, so a piece starts only after every piece it reads has started: the
+        wait cannot deadlock, whatever the number of workers."""
+        if self._pool is None or self._pid != os.getpid():  # a forked child has the pool but not its threads
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="multinet-overlap")
+            self._pid = os.getpid()
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        results: list = [None] * len(self.plan.pieces)
+
+        def run(i: int):
+            piece = self.plan.pieces[i]
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                    torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+                args = [_value(s, values, results) for s in piece.sources]
+                return piece.forward(gm, *args)
+
+        last = len(self.plan.pieces) - 1
+        for i in range(last):
+            results[i] = self._pool.submit(run, i)
+        try:
+            results[last] = run(last)
+            for i in range(last):
+                results[i] = results[i].result()
+        except BaseException:
+            for f in results[:last]:
+                if isinstance(f, Future):
+                    f.cancel()
+            raise
+        return results
+
+    def _on_streams(self, gm: fx.GraphModule, values: list, device: torch.device) -> list:
+        """Every piece queued on its own stream after the events of the pieces it reads; the caller's
+        stream then waits for all of them. A tensor read on a stream other than the one that made it
+        is recorded on the reading stream, so the caching allocator does not hand its memory out early."""
+        streams = self._streams.get(device)
+        if streams is None:
+            streams = self._streams[device] = [torch.cuda.Stream(device) for _ in self.plan.pieces]
+        caller = torch.cuda.current_stream(device)
+        results: list = [None] * len(self.plan.pieces)
+        done: list = [None] * len(self.plan.pieces)
+        for i, piece in enumerate(self.plan.pieces):
+            stream = streams[i]
+            stream.wait_stream(caller)
+            for j in piece.needs:
+                stream.wait_event(done[j])
+            with torch.cuda.stream(stream):
+                args = [_value(s, values, results) for s in piece.sources]
+                _record_on(args, stream)
+                results[i] = piece.forward(gm, *args)
+                done[i] = torch.cuda.Event()
+                done[i].record(stream)
+        for event in done:
+            caller.wait_event(event)
+        _record_on(results, caller)
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        self.close()
+
+
+def _value(source: Source, values: list, results: list):
+    """An argument's value: a placeholder's, or one output of an earlier piece (waited for on a CPU)."""
+    if source[0] == "input":
+        return values[source[1]]
+    result = results[source[1]]
+    if isinstance(result, Future):
+        result = result.result()
+    return result[source[2]]
+
+
+def _record_on(tree, stream) -> None:
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)

@@ -1,0 +1,192 @@
+"""Overlapped MultiNets: the members' own parts run at the same time (worker threads on a CPU) and give
+the outputs of the graph run in one thread, bit for bit."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import multinet
+from multinet import MultiNet, data, zoo
+from multinet.io import load, save
+from multinet.unification.overlap import OverlapPlan, members_reached
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load("digits")
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_pieces_follow_the_members_each_node_reaches(split):
+    """Fused, two MLPs share their first layer: a piece reaching both, then one piece per member that
+    reads only it; every node of a piece reaches exactly its members."""
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp")}, split.train_x[:1]).fused()
+    plan = OverlapPlan(net.graph_module)
+    assert [set(p.members) for p in plan.pieces] == [{"a", "b"}, {"a"}, {"b"}]
+    assert plan.pieces[0].needs == [] and plan.pieces[1].needs == [0] and plan.pieces[2].needs == [0]
+    assert plan.concurrent()
+    reached = members_reached(net.graph_module)
+    shared = [n.target for n, m in reached.items() if m == frozenset("ab") and n.op == "call_module"]
+    assert any(t.startswith("fused_") for t in shared)  # the two first layers, one wider layer
+    gm = net.graph_module
+    assert not any(isinstance(gm.get_submodule(t), nn.Linear) for t in shared if not t.startswith("fused_"))
+
+
+@pytest.mark.parametrize("kinds", [("mlp", "vgg"), ("vgg", "resnet", "mlp")], ids=["mlp+vgg", "vgg+resnet+mlp"])
+def test_overlapped_outputs_equal_the_graph_run_in_one_thread(split, kinds):
+    models = {f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}
+    net = MultiNet(models, split.train_x[:1]).eval()
+    x = split.test_x[:40]
+    with torch.no_grad():
+        plain = net(x)
+        _equal(net.overlapped()(x), plain)
+        _equal(net.fused().overlapped()(x), net.fused()(x))
+        _equal(net.overlapped().fused()(x), net.fused()(x))  # either order of the two forms
+        for name, model in models.items():
+            torch.testing.assert_close(plain[name], model(x))
+    assert net.overlapped().is_overlapped and not net.is_overlapped
+    assert net.overlapped().fused().is_overlapped and not net.overlapped().overlapped(False).is_overlapped
+
+
+def test_the_callers_grad_mode_reaches_the_worker_threads(split):
+    """torch keeps grad and inference mode per thread: under no_grad no member builds an autograd graph,
+    and with gradients on, backward through the overlapped net gives the one-thread gradients."""
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval()
+    fast = net.overlapped()
+    x = split.test_x[:16]
+    with torch.no_grad():
+        assert not any(t.requires_grad for t in fast(x).values())
+    with torch.inference_mode():
+        assert all(t.is_inference() for t in fast(x).values())
+    grads = []
+    for form in (net, fast):
+        form.zero_grad()
+        sum(o.square().sum() for o in form(x).values()).backward()
+        grads.append({n: p.grad.clone() for n, p in form.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
+
+
+def test_one_member_or_a_chain_has_nothing_to_overlap(split):
+    net = MultiNet({"a": zoo.create("mlp")}, split.train_x[:1]).eval()
+    assert not net.can_overlap()
+    with torch.no_grad():
+        _equal(net.overlapped()(split.test_x[:8]), net(split.test_x[:8]))
+
+
+def test_a_layer_replaced_after_the_cut_is_the_one_that_runs(split):
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval()
+    fast = net.overlapped()
+    x = split.test_x[:8]
+    with torch.no_grad():
+        before = fast(x)  # the pieces are cut now
+        net.graph_module.a.head = nn.Linear(64, 10)
+        after = fast(x)
+        assert not torch.equal(after["a"], before["a"]) and torch.equal(after["b"], before["b"])
+        _equal(after, net(x))
+
+
+class _Scaled(nn.Module):
+    """A member with two named inputs (the second optional in the merged graph's binding)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.scale = scale
+
+    def forward(self, x, mask):
+        return self.fc(x * mask) * self.scale
+
+
+def test_named_inputs_bind_as_in_the_graphs_own_forward():
+    torch.manual_seed(0)
+    x, mask = torch.randn(5, 8), (torch.rand(5, 8) > 0.3).float()
+    net = MultiNet({"a": _Scaled(1.0), "b": _Scaled(2.0)}, {"x": x[:1], "mask": mask[:1]}).eval()
+    fast = net.overlapped()
+    with torch.no_grad():
+        want = net(x=x, mask=mask)
+        _equal(fast(x=x, mask=mask), want)
+        _equal(fast(x, mask), want)
+        _equal(fast(x, mask=mask), want)
+        with pytest.raises(TypeError, match="missing input 'mask'"):
+            fast(x)
+        with pytest.raises(TypeError, match="unexpected inputs"):
+            fast(x, mask, extra=mask)
+
+
+def test_an_error_in_a_member_reaches_the_caller_and_the_net_still_runs(split):
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval().overlapped()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        net(torch.zeros(4, 1, 5, 5))  # neither member takes 5x5 images
+    with torch.no_grad():
+        assert net(split.test_x[:4])["a"].shape == (4, 10)
+
+
+def test_copies_keep_the_overlap_and_a_saved_file_holds_the_same_graph(split, tmp_path):
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval()
+    fast = net.overlapped()
+    x = split.test_x[:8]
+    with torch.no_grad():
+        want = net(x)
+        for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert copied.is_overlapped and not any(m.training for m in copied.modules())  # still in eval mode
+            _equal(copied(x), want)
+        path = save(fast, tmp_path / "pair.mnet", split.train_x[:1])
+        loaded = load(path)  # overlap is a run-time choice: the file holds the graph
+        assert isinstance(loaded, MultiNet) and not loaded.is_overlapped
+        _equal(loaded.overlapped()(x), want)
+
+
+def test_infer_overlaps_where_asked_and_where_it_is_faster(split):
+    from multinet.runtime.infer import faster_overlap
+
+    models = {"a": zoo.create("mlp"), "b": zoo.create("vgg")}
+    net = MultiNet(models, split.train_x[:1])
+    x = split.test_x[:100]
+    with torch.no_grad():
+        want = {name: torch.cat([m.eval()(x[i:i + 32]) for i in range(0, 100, 32)]) for name, m in models.items()}
+    for overlap in (True, False, "auto"):
+        out = multinet.infer(net, x, batch_size=32, fuse=False, overlap=overlap)
+        _equal(out, want)
+    with pytest.raises(multinet.MultinetError, match="overlap must be True, False or 'auto'"):
+        multinet.infer(net, x, overlap="yes")
+
+    for costs, chosen in (((1.0, 0.5), True), ((0.5, 1.0), False)):
+        charges = iter(list(costs) * 50)
+        now = {"t": 0.0, "started": False}
+
+        def clock():  # each timed call reads the clock twice: before, and after (+ its form's cost)
+            if now["started"]:
+                now["t"] += next(charges)
+            now["started"] = not now["started"]
+            return now["t"]
+
+        form = faster_overlap(net, x[:32], torch.device("cpu"), trials=3, clock=clock)
+        assert form.is_overlapped == chosen
+    plain = zoo.create("mlp")
+    assert faster_overlap(plain, x[:32], torch.device("cpu")) is plain  # not a MultiNet: nothing timed
+    single = MultiNet({"a": zoo.create("mlp")}, split.train_x[:1])
+    assert faster_overlap(single, x[:32], torch.device("cpu"), clock=_no_clock) is single
+
+
+def _no_clock():
+    raise AssertionError("nothing should be timed")
+
+
+def test_cli_infer_overlaps(split, tmp_path, capsys):
+    from multinet.cli import main
+
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1])
+    path = save(net, tmp_path / "pair.mnet", split.train_x[:1])
+    assert main(["infer", str(path), "--overlap", "yes", "--quiet"]) == 0
+    assert "a: accuracy" in capsys.readouterr().out
