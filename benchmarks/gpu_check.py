@@ -10,9 +10,11 @@
    with the auto schedule: same removed channels, accuracy.
 4. Scale: ResNet-50 (benchmarks/scale.py's model, random weights) compressed on the device, in
    units of one plain forward pass there, with the pipeline's phase breakdown.
-5. MultiNet forms on the device: an ensemble of three zoo ResNets and an MLP pair run as built,
-   fused, and fused with the members' same-shaped layers batched (``net.fused(batched=True)``):
-   outputs equal, ms per batch, and the form ``infer(fuse="auto")`` picks there.
+5. MultiNet forms on the device: an ensemble of three zoo ResNets, an MLP pair and VGG+ResNet+MLP run
+   as built, fused, fused with the members' same-shaped layers batched (``net.fused(batched=True)``),
+   and fused with the members' own parts overlapped on CUDA streams (``net.fused().overlapped()``),
+   against the members run one after another: outputs equal, ms per batch, and the forms
+   ``infer(fuse="auto")`` and ``infer(overlap="auto")`` pick there.
 
 ``--device cpu`` runs the same checks with the CPU as the "device" (a dry run of the script on a
 machine without a GPU). Exits 1 on any mismatch, 0 when all agree (or when there is no device).
@@ -124,16 +126,17 @@ def check_scale(device: str, images: int, size: int) -> None:
 
 def check_forms(device: str, repeats: int = 50) -> bool:
     from multinet import MultiNet
-    from multinet.runtime.infer import faster_form
+    from multinet.runtime.infer import faster_form, faster_overlap
     from multinet.unification.batching import batched_count
 
     ok = True
     split = data.load("digits")
     x = split.test_x[:256].to(device)
-    for kinds in (("resnet", "resnet", "resnet"), ("mlp", "mlp")):
+    for kinds in (("resnet", "resnet", "resnet"), ("mlp", "mlp"), ("vgg", "resnet", "mlp")):
         torch.manual_seed(0)
         net = MultiNet({f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}, split.train_x[:1]).eval()
-        forms = {"as built": net, "fused": net.fused(), "batched": net.fused(batched=True)}
+        forms = {"as built": net, "fused": net.fused(), "batched": net.fused(batched=True),
+                 "fused, overlapped": net.fused().overlapped()}
         forms = {k: f.to(device).eval() for k, f in forms.items()}
         times = {}
         with torch.no_grad():
@@ -143,10 +146,15 @@ def check_forms(device: str, repeats: int = 50) -> bool:
                 ok &= all(torch.allclose(out[m], ref[m], atol=1e-4, rtol=1e-4) for m in ref)
                 times[name] = sorted(timed(lambda: form(x), device)[1] for _ in range(repeats))[repeats // 2]
             picked = faster_form(net, split.test_x[:256], torch.device(device))
+            overlap = faster_overlap(picked, split.test_x[:256], torch.device(device)).is_overlapped
+            members = {m: net.graph_module.get_submodule(m) for m in net.members}
+            times["one after another"] = sorted(timed(lambda: {m: f(x) for m, f in members.items()}, device)[1]
+                                                for _ in range(repeats))[repeats // 2]
         picked_name = ("as built" if not picked.is_fused else
                        "batched" if batched_count(picked.graph_module) else "fused")
         print(f"MultiNet {'+'.join(kinds)} on {device}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
-              + f"; {batched_count(forms['batched'].graph_module)} batched ops; auto picks {picked_name}")
+              + f"; {batched_count(forms['batched'].graph_module)} batched ops; auto picks {picked_name}"
+              + (", overlapped" if overlap else ", not overlapped"))
     return ok
 
 

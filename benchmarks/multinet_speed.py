@@ -1,13 +1,14 @@
 """Per-batch inference time of a MultiNet: members one after another, unfused, fused, batched.
 
-    python benchmarks/multinet_speed.py [--threads 2] [--batch 256] [--repeats 30]
+    python benchmarks/multinet_speed.py [--threads 2] [--batch 256] [--repeats 30] [--out FILE]
 
 For each set of zoo models (digits weights) it times one batch of digits test images through
 (1) the member models called one after another, (2) the MultiNet as built (one fx graph, no
 fusion), (3) its fused form (``net.fused()``: layers that read the same tensor as one wider
-layer) and (4) its batched form (``net.fused(batched=True)``: also same-shaped layers of different
-members as one batched matmul / grouped conv), and the same for a unified (compressed) MultiNet of
-the set. The variants take turns in
+layer), (4) its batched form (``net.fused(batched=True)``: also same-shaped layers of different
+members as one batched matmul / grouped conv) and (5) the fused form overlapped
+(``net.fused().overlapped()``: what the members compute apart runs at the same time, on worker
+threads on a CPU), and the same for a unified (compressed) MultiNet of the set. The variants take turns in
 ``--repeats`` rounds after warm-up (medians, and paired per-round ratios with 95 % intervals, as
 benchmarks/unify.py times them), torch threads set explicitly. Writes benchmarks/results/multinet_speed.md.
 """
@@ -41,19 +42,23 @@ def row(name: str, kind: str, members: dict | None, net: MultiNet, x: torch.Tens
     """The variants timed in interleaved rounds (each round starts one variant later); medians, and the
     paired per-round ratios unfused / one after another and fused / unfused with their 95 % intervals."""
     fused, batched = net.fused(), net.fused(batched=True)
+    overlapped = fused.overlapped()
     with torch.no_grad():
-        ref, out, out_b = net(x), fused(x), batched(x)
-    error = max(float((o[k] - ref[k]).abs().max()) for o in (out, out_b) for k in ref)
-    fns = {"unfused": lambda: net(x), "fused": lambda: fused(x), "batched": lambda: batched(x)}
+        ref, out, out_b, out_o = net(x), fused(x), batched(x), overlapped(x)
+    error = max(float((o[k] - ref[k]).abs().max()) for o in (out, out_b, out_o) for k in ref)
+    fns = {"unfused": lambda: net(x), "fused": lambda: fused(x), "batched": lambda: batched(x),
+           "overlapped": lambda: overlapped(x)}
     if members is not None:
         fns["separate"] = (lambda run: lambda: run(x))(one_after_another(members))
     medians, rounds = interleaved_ms(fns, repeats)
     ratios = {"fused_vs_unfused": paired_ratio(rounds["fused"], rounds["unfused"]),
-              "batched_vs_fused": paired_ratio(rounds["batched"], rounds["fused"])}
+              "batched_vs_fused": paired_ratio(rounds["batched"], rounds["fused"]),
+              "overlapped_vs_fused": paired_ratio(rounds["overlapped"], rounds["fused"])}
     if members is not None:
         ratios["unfused_vs_separate"] = paired_ratio(rounds["unfused"], rounds["separate"])
+        ratios["overlapped_vs_separate"] = paired_ratio(rounds["overlapped"], rounds["separate"])
     return dict(set=name, kind=kind, separate=medians.get("separate"), unfused=medians["unfused"],
-                fused=medians["fused"], batched=medians["batched"], ratios=ratios,
+                fused=medians["fused"], batched=medians["batched"], overlapped=medians["overlapped"], ratios=ratios,
                 fused_layers=sum(1 for n, _ in fused.named_children() if n.startswith("fused_")),
                 batched_ops=batched_count(batched.graph_module), error=error)
 
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-unified", action="store_true", help="skip the unified (compressed) MultiNets")
+    parser.add_argument("--out", type=Path, default=RESULTS / "multinet_speed.md", help="the results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -89,13 +95,15 @@ def write(rows: list[dict], args) -> None:
              "`python benchmarks/multinet_speed.py`: ms per batch of digits test images. *one after another*: "
              "the member models called in turn; *unfused*: the MultiNet's graph as built; *fused*: "
              "`net.fused()` (what `multinet.infer` and export use); *batched*: `net.fused(batched=True)` (same-shaped "
-             "layers of different members as one batched matmul or grouped conv). The variants take turns in every round "
-             "(each round starting one later); a ratio is the median over rounds of the two variants' times in the "
-             "same round, with its 95 % order-statistics interval. Max |fused or batched − unfused| over the outputs.", "",
+             "layers of different members as one batched matmul or grouped conv); *overlapped*: `net.fused().overlapped()` "
+             "(what the members compute apart runs at the same time, here on worker threads). The variants take turns "
+             "in every round (each round starting one later); a ratio is the median over rounds of the two variants' "
+             "times in the same round, with its 95 % order-statistics interval. Max |fused, batched or overlapped − "
+             "unfused| over the outputs.", "",
              "| set | models | one after another (ms) | unfused MultiNet (ms) | fused (ms) | batched (ms) | "
-             "unfused / one after another | fused / unfused | batched / fused | fused layers | batched ops | "
-             "max abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "overlapped (ms) | unfused / one after another | fused / unfused | batched / fused | overlapped / fused | "
+             "overlapped / one after another | fused layers | batched ops | max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(r, key):
         if key not in r["ratios"]:
@@ -106,10 +114,12 @@ def write(rows: list[dict], args) -> None:
     for r in rows:
         separate = f"{r['separate']:.2f}" if r["separate"] is not None else "—"
         lines.append(f"| {r['set']} | {r['kind']} | {separate} | {r['unfused']:.2f} | {r['fused']:.2f} | "
-                     f"{r['batched']:.2f} | {ratio(r, 'unfused_vs_separate')} | {ratio(r, 'fused_vs_unfused')} | "
-                     f"{ratio(r, 'batched_vs_fused')} | {r['fused_layers']} | {r['batched_ops']} | {r['error']:.1e} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "multinet_speed.md").write_text("\n".join(lines) + "\n")
+                     f"{r['batched']:.2f} | {r['overlapped']:.2f} | {ratio(r, 'unfused_vs_separate')} | "
+                     f"{ratio(r, 'fused_vs_unfused')} | {ratio(r, 'batched_vs_fused')} | "
+                     f"{ratio(r, 'overlapped_vs_fused')} | {ratio(r, 'overlapped_vs_separate')} | "
+                     f"{r['fused_layers']} | {r['batched_ops']} | {r['error']:.1e} |")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -190,3 +190,26 @@ def test_cli_infer_overlaps(split, tmp_path, capsys):
     path = save(net, tmp_path / "pair.mnet", split.train_x[:1])
     assert main(["infer", str(path), "--overlap", "yes", "--quiet"]) == 0
     assert "a: accuracy" in capsys.readouterr().out
+
+
+def test_the_caller_runs_the_trunk_and_the_heaviest_piece_it_can_run_beside_others():
+    from types import SimpleNamespace
+
+    from multinet.unification.overlap import _thread_order
+
+    # a trunk every member reads, then three member pieces that can run at the same time; the second is heaviest
+    plan = SimpleNamespace(pieces=[None] * 4, work=[10, 50, 200, 5], partnered=lambda: [False, True, True, True])
+    assert _thread_order(plan) == [(0, True), (1, False), (3, False), (2, True)]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_no_number_of_workers_deadlocks(split, workers):
+    """With one worker, pieces handed to the pool wait for the caller's piece and for each other in turn."""
+    from multinet.unification.overlap import OverlappedRun
+
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp"), "c": zoo.create("vgg")}, split.train_x[:1])
+    fused = net.eval().fused()
+    run = OverlappedRun(OverlapPlan(fused.graph_module), workers=workers)
+    assert any(not inline for _, inline in run.order)
+    with torch.no_grad():
+        _equal(run(fused.graph_module, split.test_x[:16]), fused(split.test_x[:16]))

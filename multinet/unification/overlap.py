@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..errors import MultinetError
+from ..graph.counting import count
 from .direct_call import direct_forward
 
 
@@ -92,6 +93,10 @@ class OverlapPlan:
         for i, k in enumerate(keys):
             where.update({n: ("piece", i, j) for j, n in enumerate(exported[k])})
         self.pieces = [self._piece(gm, k, members[k], exported[k], where) for k in keys]
+        flops = {layer.name: layer.flops for layer in count(gm).layers}  # from the shapes recorded in the graph
+        self.work = [_work(gm, members[k], flops) for k in keys]
+        if not all(self.work):  # a graph without recorded shapes (rebuilt from code): parameters instead
+            self.work = [_work(gm, members[k], None) for k in keys]
         self.output = output.args[0]
         self.where = where
 
@@ -119,12 +124,18 @@ class OverlapPlan:
         needs = sorted({s[1] for s in sources if s[0] == "piece"})
         return Piece(key, run, sources, needs)
 
-    def concurrent(self) -> bool:
-        """Whether two pieces can run at the same time (neither reads the other, however indirectly)."""
+    def partnered(self) -> list[bool]:
+        """Per piece, whether another piece can run at the same time (neither reads the other, however
+        indirectly)."""
         before: list[set[int]] = []
         for piece in self.pieces:
             before.append(set(piece.needs).union(*(before[j] for j in piece.needs)))
-        return any(j not in before[i] for i in range(len(self.pieces)) for j in range(i))
+        n = len(self.pieces)
+        return [any(j != i and j not in before[i] and i not in before[j] for j in range(n)) for i in range(n)]
+
+    def concurrent(self) -> bool:
+        """Whether two pieces can run at the same time."""
+        return any(self.partnered())
 
 
 def _exported(nodes: list[fx.Node], reached: dict, output: fx.Node) -> list[fx.Node]:
@@ -138,7 +149,8 @@ class OverlappedRun:
 
     def __init__(self, plan: OverlapPlan, workers: int | None = None):
         self.plan = plan
-        self.concurrent = plan.concurrent()
+        self.concurrent = any(plan.partnered())
+        self.order = _thread_order(plan)
         self.workers = workers or max(1, min(len(plan.pieces) - 1, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
@@ -175,9 +187,8 @@ class OverlappedRun:
         return values
 
     def _on_threads(self, gm: fx.GraphModule, values: list) -> list:
-        """Every piece but the last on the pool, in read order, the last on the calling thread. The pool's
-        queue is first-in first-out, so a piece starts only after every piece it reads has started: the
-        wait cannot deadlock, whatever the number of workers."""
+        """The pieces in ``self.order``, each submitted to the pool or run on the calling thread (see
+        ``_thread_order``); a piece waits for the results of those it reads, the caller's as futures too."""
         if self._pool is None or self._pid != os.getpid():  # a forked child has the pool but not its threads
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="multinet-overlap")
             self._pid = os.getpid()
@@ -192,17 +203,26 @@ class OverlappedRun:
                 args = [_value(s, values, results) for s in piece.sources]
                 return piece.forward(gm, *args)
 
-        last = len(self.plan.pieces) - 1
-        for i in range(last):
-            results[i] = self._pool.submit(run, i)
+        for i, inline in self.order:
+            if inline:
+                results[i] = Future()
         try:
-            results[last] = run(last)
-            for i in range(last):
-                results[i] = results[i].result()
+            for i, inline in self.order:
+                if not inline:
+                    results[i] = self._pool.submit(run, i)
+                    continue
+                try:
+                    results[i].set_result(run(i))
+                except BaseException as exc:
+                    results[i].set_exception(exc)  # pieces waiting for it on the pool fail too
+                    raise
+            for i, result in enumerate(results):
+                if isinstance(result, Future):
+                    results[i] = result.result()
         except BaseException:
-            for f in results[:last]:
-                if isinstance(f, Future):
-                    f.cancel()
+            for result in results:
+                if isinstance(result, Future):
+                    result.cancel()
             raise
         return results
 
@@ -239,6 +259,38 @@ class OverlappedRun:
 
     def __del__(self):
         self.close()
+
+
+def _work(gm: fx.GraphModule, nodes: list[fx.Node], flops: dict[str, int] | None) -> int:
+    """A piece's FLOPs (``flops``: per layer, as counting.count names them), or without them its
+    layers' parameter count."""
+    if flops is None:
+        return sum(p.numel() for n in nodes if n.op == "call_module" for p in gm.get_submodule(n.target).parameters())
+    return sum(flops.get(n.target if n.op == "call_module" else n.name, 0) for n in nodes)
+
+
+def _thread_order(plan: OverlapPlan) -> list[tuple[int, bool]]:
+    """(piece, runs on the calling thread) in the order the caller starts them. A piece nothing can
+    run beside (a trunk the members share) runs on the caller; of a run of pieces that can run at the
+    same time, the caller runs the one with the most work (FLOPs) after handing the others to the pool: a
+    hand-off costs, and work the caller's thread does meets its own warm intra-op threads.
+
+    No wait can deadlock, whatever the number of workers: the pool takes pieces first in, first out;
+    a piece reads only pieces before it in the plan; the pieces the caller's piece reads are handed
+    out before any piece after it, so they start first and never wait for a later one."""
+    partnered, order, i, n = plan.partnered(), [], 0, len(plan.pieces)
+    while i < n:
+        if not partnered[i]:
+            order.append((i, True))
+            i += 1
+            continue
+        j = i
+        while j < n and partnered[j]:
+            j += 1
+        heaviest = max(range(i, j), key=lambda k: (plan.work[k], k))
+        order += [(k, False) for k in range(i, j) if k != heaviest] + [(heaviest, True)]
+        i = j
+    return order
 
 
 def _value(source: Source, values: list, results: list):
