@@ -134,7 +134,8 @@ def check_forms(device: str, repeats: int = 50) -> bool:
     x = split.test_x[:256].to(device)
     for kinds in (("resnet", "resnet", "resnet"), ("mlp", "mlp"), ("vgg", "resnet", "mlp")):
         torch.manual_seed(0)
-        net = MultiNet({f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}, split.train_x[:1]).eval()
+        members = {f"{k}{i}": zoo.create(k).eval() for i, k in enumerate(kinds)}
+        net = MultiNet(members, split.train_x[:1]).eval()
         forms = {"as built": net, "fused": net.fused(), "batched": net.fused(batched=True),
                  "fused, overlapped": net.fused().overlapped()}
         forms = {k: f.to(device).eval() for k, f in forms.items()}
@@ -147,7 +148,7 @@ def check_forms(device: str, repeats: int = 50) -> bool:
                 times[name] = sorted(timed(lambda: form(x), device)[1] for _ in range(repeats))[repeats // 2]
             picked = faster_form(net, split.test_x[:256], torch.device(device))
             overlap = faster_overlap(picked, split.test_x[:256], torch.device(device)).is_overlapped
-            members = {m: net.graph_module.get_submodule(m) for m in net.members}
+            members = {m: f.to(device) for m, f in members.items()}
             times["one after another"] = sorted(timed(lambda: {m: f(x) for m, f in members.items()}, device)[1]
                                                 for _ in range(repeats))[repeats // 2]
         picked_name = ("as built" if not picked.is_fused else
