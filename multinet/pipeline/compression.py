@@ -122,8 +122,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     with a ``schedule`` ("auto", "exhaustive" or "uniform") that decides per-group amounts. The
     plan is returned in ``result.plan`` and written to ``plan_path`` when given; ``plan=`` applies a
     plan made earlier (``Plan.load(path)``) to the same model without scheduling again. Where the
-    scheduled plan's predicted error is at least SATURATED_ERROR (small budgets), the uniform plan is
-    applied too and the one with the lower measured error kept (``result.plan.compared``; see
+    scheduled plan's predicted error is at least SATURATED_ERROR (small budgets), the uniform plan (its
+    unspent budget given back) is applied too and the one with the lower measured error kept (``result.plan.compared``; see
     ``_compares_uniform``).
 
     ``calibration_data``: a tensor of inputs, or a re-iterable of tensors or (inputs, targets)
@@ -207,7 +207,7 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
             try:
                 plan = make_plan(ctx, schedule, progress)
                 if _compares_uniform(plan, mode):
-                    alternative = make_plan(ctx, "uniform", progress)
+                    alternative = make_plan(ctx, "uniform", progress, fill=True)
             finally:
                 executor.release()  # the search's worker pool must not keep the resources the next jobs need
             if state is not None:
@@ -300,7 +300,8 @@ def _compares_uniform(plan: Plan, mode: str) -> bool:
     half of the outputs' energy lost the two rank plans alike; beyond it (a few % of FLOPs) the
     one-shot error saturates and a plan it prefers can come out far worse once applied (the zoo's
     ResNet at 4 %: 0.82 against the uniform plan's 0.65, 20 % against 86 % accuracy; see
-    benchmarks/results/saturated_plans.md). There the two plans are applied and measured. One-shot
+    benchmarks/results/saturated_plans.md). There the two plans are applied and measured (the uniform
+    one with the budget its common fraction leaves unspent given back: scheduler._filled). One-shot
     runs apply what the scheduler measured; a latency schedule walks its own path."""
     return (mode != "oneshot" and plan.schedule != "uniform" and plan.metric != "latency"
             and plan.predicted_error >= SATURATED_ERROR)

@@ -197,9 +197,11 @@ def _refuse_below(budget: Budget, original: float, floor: float) -> None:
                           f"minimum channels) cost")
 
 
-def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, budget: Budget | None = None) -> Plan:
+def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, budget: Budget | None = None,
+              fill: bool = False) -> Plan:
     """Per-group removals meeting ``budget`` (default: the one ``ctx`` was prepared for); candidate
-    evaluations run where ``prepare`` was told to run jobs."""
+    evaluations run where ``prepare`` was told to run jobs. ``fill`` (uniform schedule, FLOPs or
+    parameters): the budget the common fraction leaves unspent given back (``_filled``)."""
     check_schedule(schedule)
     budget = budget or ctx.budget
     fixed = ("round_to", "ignore", "min_channels", "residual_streams", "device")
@@ -216,7 +218,7 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, b
         original = ctx.original[metric]
         target = (budget.flops if metric == 0 else budget.params) * original
         _refuse_below(budget, original, ctx.cost({g: o[-1] for g, o in ctx.allowed.items()}, metric))
-        counts, steps, predicted = _search(ctx, schedule, metric, target, progress)
+        counts, steps, predicted = _search(ctx, schedule, metric, target, progress, fill)
         cost = ctx.cost(counts, metric)
     if predicted is None:
         predicted = ctx.errors([ctx.removals(counts)])[0]
@@ -233,11 +235,13 @@ def make_plan(ctx: Scheduling, schedule: str = "auto", progress: bool = False, b
                 float(predicted), groups, steps, seconds, ctx.evaluations - evaluations)
 
 
-def _search(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool,
+def _search(ctx: Scheduling, schedule: str, metric: int, target: float, progress: bool, fill: bool = False,
             ) -> tuple[dict[int, int], list[tuple[int, int]], float | None]:
     """(counts, moves, predicted final-output error or None when it must be measured)."""
     if schedule == "uniform":
         counts = _uniform(ctx, lambda c: ctx.cost(c, metric) <= target)
+        if fill:
+            counts = _filled(ctx, metric, target, counts)
         return counts, [(g, k) for g, k in counts.items() if k], None
     path = _greedy(ctx, schedule, metric, target, progress)
     return counts_at(path, len(path)), [(s.group, s.count) for s in path], (path[-1].error if path else 0.0)
@@ -299,18 +303,40 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
           predict: dict[int, Callable[[int], float]] | None = None) -> list[Step]:
     """The greedy on predicted errors: moving group g from k to k' adds D_g(k') - D_g(k); then the
     slack its last move left, if any, given back (``refill``)."""
-    predict = predict or _predictor(ctx)
-
-    def errors_of(counts, moves):
-        now = sum(predict[g](k) for g, k in counts.items())
-        return [now - predict[g](counts[g]) + predict[g](k) for g, k in moves]
-
+    errors_of = _additive(predict or _predictor(ctx))
     lookahead = {g: AUTO_LOOKAHEAD for g in ctx.allowed}
     path = greedy(ctx.allowed, saving, start_cost, target, errors_of, lookahead, True, progress=report)
     if not path:
         return path
     return path + refill(ctx.allowed, saving, path[-1].cost, target, errors_of, lookahead, counts_at(path, len(path)),
                          path[-1].error)
+
+
+def _additive(predict: dict[int, Callable[[int], float]]):
+    """errors_of(counts, moves) for the allocators: the plan's error as the sum of its groups' D_g(k),
+    each move changing one term."""
+    def errors_of(counts, moves):
+        now = sum(predict[g](k) for g, k in counts.items())
+        return [now - predict[g](counts[g]) + predict[g](k) for g, k in moves]
+    return errors_of
+
+
+def _filled(ctx: Scheduling, metric: int, target: float, counts: dict[int, int]) -> dict[int, int]:
+    """The uniform plan with the budget its common fraction leaves unspent given back, channels going
+    where the additive prediction (auto's probes) gains most per unit of cost (``refill``).
+
+    The common fraction moves in jumps (every group's count is rounded down to an allowed one), so
+    the cheapest fraction that fits can land well under the budget: the zoo DenseNet at 2 % of its
+    FLOPs kept 1.0 %. Refilled it keeps 2.0 % and measures a lower error after sequential
+    reconstruction (0.644 against 0.711; the same at five other small-budget points)."""
+    predict = _predictor(ctx)
+
+    def saving(c, g, k):
+        return ctx.costs.change(c, g, k)[metric]
+
+    path = refill(ctx.allowed, saving, ctx.cost(counts, metric), target, _additive(predict),
+                  {g: AUTO_LOOKAHEAD for g in ctx.allowed}, counts, sum(predict[g](k) for g, k in counts.items()))
+    return {**counts, **{step.group: step.count for step in path}}
 
 
 def _predictor(ctx: Scheduling, context: Mapping[int, int] | None = None, plan_error: float = 0.0
