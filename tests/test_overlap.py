@@ -213,3 +213,107 @@ def test_no_number_of_workers_deadlocks(split, workers):
     assert any(not inline for _, inline in run.order)
     with torch.no_grad():
         _equal(run(fused.graph_module, split.test_x[:16]), fused(split.test_x[:16]))
+
+
+class _InPlace(nn.Module):
+    """Statement-form in-place ops: their nodes have no users, so no member's output 'reaches' them."""
+
+    def __init__(self, shared_input: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.shared_input = shared_input
+
+    def forward(self, x):
+        if self.shared_input:
+            torch.relu_(x)  # writes the tensor every member reads
+        h = self.fc(x.flatten(1))
+        h.relu_()
+        h.masked_fill_(h > 1.0, 1.0)
+        return h
+
+
+@pytest.mark.parametrize("shared_input", [False, True], ids=["own tensors", "the shared input"])
+def test_a_graph_that_writes_in_place_runs_in_graph_order(split, shared_input):
+    models = {"a": _InPlace(shared_input), "b": zoo.create("mlp")}
+    net = MultiNet(models, split.train_x[:1]).eval()
+    assert not net.can_overlap()
+    x = split.test_x[:16] - 0.5
+    with torch.no_grad():
+        want = {"a": models["a"](x.clone()), "b": models["b"](torch.relu(x) if shared_input else x)}
+        for form in (net, net.overlapped()):
+            got = form(x.clone())
+            torch.testing.assert_close(got["a"], want["a"])
+            torch.testing.assert_close(got["b"], want["b"])
+
+
+def test_training_mode_and_per_thread_torch_state_run_in_one_thread(split):
+    """Overlap is for inference: in training mode, and under modes torch keeps per thread (a flop
+    counter, saved-tensor hooks), the overlapped net runs its graph as written."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval()
+    fast = net.overlapped()
+    run, gm, x = fast._overlapped_run(), fast.graph_module, split.test_x[:8]
+    assert run.where_to_run(gm, (x,), {}) == "threads"
+    counted = []
+    for form in (net, fast):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            form(x)
+        counted.append(counter.get_total_flops())
+    assert counted[0] == counted[1] > 0  # every member's ops seen by the counter
+    with torch.autograd.graph.save_on_cpu():
+        assert run.where_to_run(gm, (x,), {}) is None
+    fast.train()
+    assert net.graph_module.training and run.where_to_run(gm, (x,), {}) is None
+    fast.eval()
+
+
+def test_unify_results_keep_their_layers_mode_when_copied(split):
+    from multinet.unification.multinet import combine
+
+    parts = [MultiNet({name: zoo.create("mlp")}, split.train_x[:1]).eval() for name in "ab"]
+    joined = combine(parts, ["a", "b"])
+    assert not joined.training and not any(m.training for m in copy.deepcopy(joined).modules())
+
+
+def test_infer_reads_a_one_shot_iterable_once(split):
+    """A generator of batches loses none to the overlap timing (nor to fuse="auto"), for a MultiNet and
+    for a plain model, which is not timed at all."""
+    x = split.test_x[:90]
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1]).eval()
+    for model in (net, zoo.create("mlp").eval()):
+        for fuse in (True, "auto"):
+            out = multinet.infer(model, (x[i:i + 32] for i in range(0, 90, 32)), batch_size=32, fuse=fuse)
+            rows = {k: len(v) for k, v in out.items()} if isinstance(out, dict) else len(out)
+            assert rows == ({"a": 90, "b": 90} if model is net else 90)
+    with pytest.raises(multinet.MultinetError, match="overlap must be True, False or 'auto'"):
+        multinet.infer(net, x, overlap=1)
+    with pytest.raises(multinet.MultinetError, match="no batch"):
+        multinet.infer(net, iter([]), fuse="auto")
+
+
+@pytest.mark.parametrize("failing, order", [(0, None), (1, None), (2, None), (3, None),
+                                            (0, [(1, False), (2, False), (0, True), (3, False)])],
+                         ids=["trunk", "member a", "member b", "the caller's", "the caller's, read by workers"])
+def test_an_error_in_any_piece_returns_and_leaves_nothing_running(split, failing, order):
+    """Whichever piece fails (the caller's or a worker's, before or after others were handed out, one
+    that workers wait for), the error reaches the caller without hanging, and the next call runs."""
+    from multinet.unification.overlap import OverlappedRun
+
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("mlp"), "c": zoo.create("vgg")}, split.train_x[:1])
+    fused = net.eval().fused()
+    run = OverlappedRun(OverlapPlan(fused.graph_module), workers=1)
+    if order is not None:  # the trunk {a, b} on the caller after its readers were handed out
+        run.order = order
+    piece = run.plan.pieces[failing]
+    healthy = piece.forward
+
+    def broken(gm, *args):
+        raise ValueError(f"piece {failing} failed")
+
+    piece.forward = broken
+    with torch.no_grad(), pytest.raises(ValueError, match=f"piece {failing} failed"):
+        run(fused.graph_module, split.test_x[:8])
+    piece.forward = healthy
+    with torch.no_grad():
+        _equal(run(fused.graph_module, split.test_x[:8]), fused(split.test_x[:8]))

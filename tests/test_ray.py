@@ -236,7 +236,7 @@ def test_batch_inference_of_a_multinet_with_ray_data(cluster, calib):
     pytest.importorskip("ray.data")
     net = multinet.MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, calib[:1])
     here = multinet.infer(net, calib[:300], batch_size=64)
-    there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor(), overlap=False)
+    there = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor())  # each actor times overlap
     overlapped = multinet.infer(net, calib[:300], batch_size=64, executor=RayExecutor(), overlap=True)
     assert set(there) == set(overlapped) == {"a", "b"}
     for key in here:  # every image, in order; the actors rebuild the overlapped form where it was chosen

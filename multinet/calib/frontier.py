@@ -9,7 +9,6 @@ memory-mapped files beyond it; they can be stored in half precision to halve tha
 """
 from __future__ import annotations
 
-import operator
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, MultinetError
+from ..graph.in_place import writes_in_place
 from .batches import as_args
 
 Env = dict[str, Any]  # node name -> value
@@ -135,24 +135,12 @@ def _nbytes(env: Env) -> int:
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(env) if isinstance(t, torch.Tensor))
 
 
-def _mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that write into their first argument: a cached value must not be changed under us."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        in_place_ops = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
-        return bool(node.kwargs.get("inplace", False)) or node.target in in_place_ops
-    return False
-
-
 class _Stepper(fx.Interpreter):
     """Runs single nodes of a GraphModule against an environment the caller holds."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.mutating = {n.name for n in gm.graph.nodes if _mutates_input(gm, n)}
+        self.mutating = {n.name for n in gm.graph.nodes if writes_in_place(gm, n)}
 
     def step(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         self.env = env

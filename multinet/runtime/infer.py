@@ -34,33 +34,37 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     ``overlap``: what the members compute apart runs at the same time (``MultiNet.overlapped``: CUDA
     streams on a GPU, worker threads on a CPU). ``"auto"`` (the default) times the form chosen above
     with and without it on the first batch and keeps the faster, where two members have work of their
-    own (otherwise nothing is timed); ``True`` overlaps, ``False`` runs the network as given.
+    own (otherwise nothing is timed, and no batch is read early); ``True`` overlaps, ``False`` runs
+    the network as given. The data is read once through (a batch timed on is not lost).
     The network is moved to ``device``; inputs are moved batch by batch.
     With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
-    that each rebuild the network once from its model bytes, overlapped where chosen here), in order.
+    that each rebuild the network once from its model bytes; with ``overlap="auto"`` each actor
+    times the overlap on its first batch, on its own device), in order.
     """
-    if fuse not in (True, False, "auto", "batched"):
+    if not (isinstance(fuse, bool) or fuse in ("auto", "batched")):
         raise MultinetError(f"fuse must be True, False, 'batched' or 'auto', got {fuse!r}")
-    if overlap not in (True, False, "auto"):
+    if not (isinstance(overlap, bool) or overlap == "auto"):
         raise MultinetError(f"overlap must be True, False or 'auto', got {overlap!r}")
     dev = resolve_device(device)
+    stream = BatchStream(data, batch_size)
     if fuse == "auto":
-        net = faster_form(net, next(iter(iterate_batches(data, batch_size))), dev)
+        net = faster_form(net, stream.first(), dev)
     elif fuse:
         net = _fused(net, batched=fuse == "batched")
-    if overlap == "auto":
-        net = faster_overlap(net, next(iter(iterate_batches(data, batch_size))), dev)
-    elif overlap and _is_multinet(net):
+    on_ray = executor is not None and getattr(executor, "name", "local") == "ray"
+    if overlap is True and _is_multinet(net):
         net = net.overlapped()
-    if executor is not None and getattr(executor, "name", "local") == "ray":
-        return _infer_ray(net, data, batch_size, executor)
+    elif overlap == "auto" and not on_ray and _may_overlap(net):
+        net = faster_overlap(net, stream.first(), dev)
+    if on_ray:  # the actors time the overlap on their own device and CPUs
+        return _infer_ray(net, stream, batch_size, executor, overlap == "auto" and _may_overlap(net))
     net = net.to(dev).eval()
     total = batches.size(data) if isinstance(data, (torch.Tensor, Mapping)) else None
     bar = Bar(progress, total or 0, "inference")
     parts, spec = [], None
     try:
         with torch.no_grad():
-            for batch in iterate_batches(data, batch_size):
+            for batch in stream:
                 out = batches.call(net, batches.to_device(batch, dev))
                 leaves, tree = pytree.tree_flatten(out)
                 if spec is None:
@@ -100,9 +104,35 @@ def faster_overlap(net: nn.Module, batch, device: torch.device, trials: int = FU
     """``net`` or ``net.overlapped()``, whichever runs ``batch`` faster on ``device``; as given (nothing
     timed) for a model that is not a MultiNet, one already overlapped, or one whose members have no
     work of their own to overlap."""
-    if not _is_multinet(net) or net.is_overlapped or not net.can_overlap():
+    if not _may_overlap(net):
         return net
     return fastest([net, net.overlapped()], batch, device, trials, clock)
+
+
+def _may_overlap(net: nn.Module) -> bool:
+    return _is_multinet(net) and not net.is_overlapped and net.can_overlap()
+
+
+class BatchStream:
+    """The data's batches, read once through: a batch looked at early (to time forms on) comes first
+    again, so a one-shot iterable (a generator) loses nothing, and a DataLoader is not read twice."""
+
+    def __init__(self, data, batch_size: int):
+        self._batches = iter(iterate_batches(data, batch_size))
+        self._head: list = []
+
+    def first(self):
+        if not self._head:
+            try:
+                self._head.append(next(self._batches))
+            except StopIteration:
+                raise MultinetError("the data holds no batch to run") from None
+        return self._head[0]
+
+    def __iter__(self):
+        while self._head:
+            yield self._head.pop(0)
+        yield from self._batches
 
 
 def fastest(forms: list[nn.Module], batch, device: torch.device, trials: int, clock,
@@ -182,23 +212,27 @@ def predictor_device() -> torch.device:
 class _Predictor:
     """A Ray Data actor: rebuilds the network once on its device, then maps batches to outputs."""
 
-    def __init__(self, blob_ref, overlapped: bool = False):
+    def __init__(self, blob_ref, overlap: bool | str = False):
         from .executors import fetch
         from ..io import from_bytes
 
         self.device = predictor_device()
         self.net = from_bytes(fetch(blob_ref)).to(self.device).eval()
-        if overlapped:  # a run-time choice the model bytes do not hold
+        self.overlap = overlap  # a run-time choice the model bytes do not hold
+        if overlap is True:
             self.net = self.net.overlapped()
 
     def __call__(self, batch: dict) -> dict:
+        x = torch.from_numpy(batch["data"]).to(self.device)
+        if self.overlap == "auto":  # timed here: this actor's device and CPUs, not the driver's
+            self.net, self.overlap = faster_overlap(self.net, x, self.device), None
         with torch.no_grad():
-            out = self.net(torch.from_numpy(batch["data"]).to(self.device))
+            out = self.net(x)
         leaves, _ = pytree.tree_flatten(out)
         return {f"out{i}": t.cpu().numpy() for i, t in enumerate(leaves)}
 
 
-def _infer_ray(net: nn.Module, data, batch_size: int, executor):
+def _infer_ray(net: nn.Module, stream: BatchStream, batch_size: int, executor, time_overlap: bool):
     import ray
 
     try:
@@ -207,7 +241,7 @@ def _infer_ray(net: nn.Module, data, batch_size: int, executor):
         raise MultinetError(f"batch inference on Ray uses Ray Data: pip install 'ray[data]' ({exc})") from None
     from ..io import to_bytes
 
-    x = batches.concat(list(iterate_batches(data, batch_size)))
+    x = batches.concat(list(stream))
     if not isinstance(x, torch.Tensor):
         raise MultinetError("batch inference on Ray takes single-tensor inputs; run locally for tuples or dicts")
     with torch.no_grad():
@@ -217,8 +251,8 @@ def _infer_ray(net: nn.Module, data, batch_size: int, executor):
     context.execution_options.preserve_order = True
     blocks = [c.numpy() for c in torch.chunk(x, max(1, executor.workers))]  # one block per actor to start with
     dataset = ray.data.from_numpy(blocks).map_batches(
-        _Predictor, fn_constructor_args=(blob, bool(getattr(net, "is_overlapped", False))), batch_size=batch_size,
-        batch_format="numpy",
+        _Predictor, fn_constructor_args=(blob, "auto" if time_overlap else bool(getattr(net, "is_overlapped", False))),
+        batch_size=batch_size, batch_format="numpy",
         concurrency=max(1, executor.workers), num_cpus=executor.options["num_cpus"],
         num_gpus=executor.options["num_gpus"] or None)
     columns: dict[str, list] = {}

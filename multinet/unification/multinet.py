@@ -188,7 +188,10 @@ class MultiNet(nn.Module):
     def forward(self, *inputs, **named_inputs):
         gm = self._graph_module
         if self.is_overlapped:
-            return self._overlapped_run()(gm, *inputs, **named_inputs)
+            run = self._overlapped_run()
+            how = run.where_to_run(gm, inputs, named_inputs)
+            if how is not None:
+                return run(gm, *inputs, how=how, **named_inputs)
         cached = self.__dict__.get("_direct")
         if cached is None or cached[0] is not getattr(gm, "_code", None):  # built again after a recompile
             cached = self.__dict__["_direct"] = (getattr(gm, "_code", None), direct_forward(gm))
@@ -264,11 +267,19 @@ class MultiNet(nn.Module):
         alone at the same time: each on its own CUDA stream on a GPU, on worker threads on a CPU
         (overlap.py). Outputs are unchanged, bit for bit; whether it is faster depends on the device
         and the members (``multinet.infer(..., overlap="auto")`` times it). ``enabled=False``: run
-        in one thread again. Composes with :meth:`fused` in either order."""
-        return MultiNet.from_graph(self._graph_module, self.members, self.links, self.is_fused, enabled)
+        in one thread again. Composes with :meth:`fused` in either order. The two MultiNets share
+        their layers (``train()``/``eval()`` on one sets the other's layers too). Where overlap is
+        not safe the graph runs in one thread as written: a graph that writes a tensor in place, a
+        net in training mode, inputs on other devices than the CPU and CUDA, and torch modes kept per
+        thread (see ``OverlappedRun.where_to_run``)."""
+        net = MultiNet.from_graph(self._graph_module, self.members, self.links, self.is_fused, enabled)
+        if "_overlap" in self.__dict__:  # the same graph: its pieces need not be cut again
+            net.__dict__["_overlap"] = self.__dict__["_overlap"]
+        return net
 
     def can_overlap(self) -> bool:
-        """Whether two parts of the graph could run at the same time (two members with work of their own)."""
+        """Whether two parts of the graph could run at the same time (two members with work of their own,
+        and no tensor written in place)."""
         return self._overlapped_run().plan.concurrent()
 
     def with_graph(self, gm: fx.GraphModule) -> "MultiNet":
@@ -408,6 +419,7 @@ def combine(parts: list[MultiNet], members: list[str]) -> MultiNet:
         links += part.links
     graph.output({m: outputs[m] for m in members})
     gm = fx.GraphModule(root, graph, "MultiNetGraph")
+    gm.training = any(part.training for part in parts)  # the flag only: the layers keep their own modes
     if examples and all(hasattr(m, "shape") for m in examples.values()):
         propagate_shapes(gm, tuple(torch.zeros(m.shape, dtype=m.dtype, device=_device(gm)) for m in examples.values()))
     return MultiNet.from_graph(gm, members, links)

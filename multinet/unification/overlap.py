@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import MultinetError
 from ..graph.counting import count
+from ..graph.in_place import writes_in_place
 from .direct_call import direct_forward
 
 
@@ -99,6 +100,9 @@ class OverlapPlan:
             self.work = [_work(gm, members[k], None) for k in keys]
         self.output = output.args[0]
         self.where = where
+        # a node that writes into a tensor (x.relu_(), masked_fill_, +=) needs graph order: unused, it is
+        # in no piece; used, a piece running beside it may read the tensor before or after the write
+        self.in_place = [n.format_node() for n in nodes if writes_in_place(gm, n)]
 
     @staticmethod
     def _piece(gm: fx.GraphModule, key: frozenset[str], nodes: list[fx.Node], exported: list[fx.Node],
@@ -116,17 +120,16 @@ class OverlapPlan:
         graph.output(tuple(env[n] for n in exported))
         code = fx.GraphModule(gm, graph, "MultiNetPiece")
         forward = direct_forward(code)
-        if forward is None:  # not expected for a graph built here; fall back to the piece's own module
-            forward = type(code).forward.__get__(code)
-            run = lambda _gm, *args: forward(*args)  # noqa: E731
-        else:
-            run = forward
+        if forward is None:  # fx's own code generator always gives one; never run the copy's stale attributes
+            raise MultinetError("could not compile a piece of the MultiNet's graph for overlapped runs")
         needs = sorted({s[1] for s in sources if s[0] == "piece"})
-        return Piece(key, run, sources, needs)
+        return Piece(key, forward, sources, needs)
 
     def partnered(self) -> list[bool]:
         """Per piece, whether another piece can run at the same time (neither reads the other, however
-        indirectly)."""
+        indirectly); none can where the graph writes in place."""
+        if self.in_place:
+            return [False] * len(self.pieces)
         before: list[set[int]] = []
         for piece in self.pieces:
             before.append(set(piece.needs).union(*(before[j] for j in piece.needs)))
@@ -151,19 +154,31 @@ class OverlappedRun:
         self.plan = plan
         self.concurrent = any(plan.partnered())
         self.order = _thread_order(plan)
-        self.workers = workers or max(1, min(len(plan.pieces) - 1, os.cpu_count() or 1))
+        self.workers = workers or max(1, min(len(plan.pieces) - 1, _usable_cpus()))
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._streams: dict[torch.device, list] = {}
 
-    def __call__(self, gm: fx.GraphModule, *inputs, **named_inputs):
+    def where_to_run(self, gm: fx.GraphModule, inputs: tuple, named_inputs: dict) -> str | None:
+        """How to run this call: "streams" (an input is on a GPU), "threads" (every input on the CPU)
+        or None: run the graph in one thread, as written. None where there is nothing to overlap, the net is training
+        (dropout would draw from the random generator in thread order, batch norm update its
+        statistics from several threads), or state that torch keeps per thread or per call would not
+        reach the workers or the streams: dispatch and function modes (FlopCounterMode, torch.device
+        as a context), saved-tensor hooks (save_on_cpu), functorch transforms (vmap, grad), tracing
+        and compiling."""
+        if not self.concurrent or gm.training or _per_thread_state():
+            return None
+        devices = {t.device.type for t in pytree.tree_leaves((inputs, named_inputs)) if isinstance(t, torch.Tensor)}
+        if "cuda" in devices:
+            return "streams"
+        return "threads" if devices <= {"cpu"} else None
+
+    def __call__(self, gm: fx.GraphModule, *inputs, how: str = "threads", **named_inputs):
+        """The graph's outputs, its pieces run on ``how`` ("threads" or "streams"; see where_to_run)."""
         values = self._bind(inputs, named_inputs)
-        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        if not self.concurrent:  # one member's work, or a chain: nothing to overlap
-            results: list = []
-            for piece in self.plan.pieces:
-                results.append(piece.forward(gm, *(_value(s, values, results) for s in piece.sources)))
-        elif device.type == "cuda":
+        if how == "streams":
+            device = next(v.device for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor) and v.is_cuda)
             results = self._on_streams(gm, values, device)
         else:
             results = self._on_threads(gm, values)
@@ -206,10 +221,12 @@ class OverlappedRun:
         for i, inline in self.order:
             if inline:
                 results[i] = Future()
+        submitted: list[Future] = []
         try:
             for i, inline in self.order:
                 if not inline:
                     results[i] = self._pool.submit(run, i)
+                    submitted.append(results[i])
                     continue
                 try:
                     results[i].set_result(run(i))
@@ -220,9 +237,12 @@ class OverlappedRun:
                 if isinstance(result, Future):
                     results[i] = result.result()
         except BaseException:
-            for result in results:
-                if isinstance(result, Future):
-                    result.cancel()
+            # nothing of this call keeps running into the next one. A submitted piece reads only pieces
+            # that come earlier in the plan, whose results (or errors) are all set by now, so it ends;
+            # the caller's pieces not reached yet are never waited for
+            for future in submitted:
+                future.cancel()
+            wait(submitted)
             raise
         return results
 
@@ -291,6 +311,22 @@ def _thread_order(plan: OverlapPlan) -> list[tuple[int, bool]]:
         order += [(k, False) for k in range(i, j) if k != heaviest] + [(heaviest, True)]
         i = j
     return order
+
+
+def _per_thread_state() -> bool:
+    """Whether torch state is active that worker threads or a side stream's ops would not see."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+                or torch._C._functorch.maybe_current_level() is not None
+                or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or Ray worker may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _value(source: Source, values: list, results: list):
