@@ -253,8 +253,7 @@ def _greedy(ctx: Scheduling, schedule: str, metric: int, target: float, progress
     bar = Bar(progress, start_cost - target, f"{schedule} schedule")
     strides = {g: max(1, (len(o) - 1) // EXHAUSTIVE_STEPS) for g, o in ctx.allowed.items()}
 
-    def saving(counts, g, k):
-        return ctx.costs.change(counts, g, k)[metric]
+    saving = _saving(ctx, metric)
 
     def report(cost):
         bar.update(min(start_cost - cost, start_cost - target))  # the last step may save more than needed
@@ -312,6 +311,13 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
                          path[-1].error)
 
 
+def _saving(ctx: Scheduling, metric: int):
+    """saving(counts, g, k) for the allocators: the cost (FLOPs or parameters) a move of group g to k saves."""
+    def saving(counts, g, k):
+        return ctx.costs.change(counts, g, k)[metric]
+    return saving
+
+
 def _additive(predict: dict[int, Callable[[int], float]]):
     """errors_of(counts, moves) for the allocators: the plan's error as the sum of its groups' D_g(k),
     each move changing one term."""
@@ -331,10 +337,7 @@ def _filled(ctx: Scheduling, metric: int, target: float, counts: dict[int, int])
     reconstruction (0.644 against 0.711; the same at five other small-budget points)."""
     predict = _predictor(ctx)
 
-    def saving(c, g, k):
-        return ctx.costs.change(c, g, k)[metric]
-
-    path = refill(ctx.allowed, saving, ctx.cost(counts, metric), target, _additive(predict),
+    path = refill(ctx.allowed, _saving(ctx, metric), ctx.cost(counts, metric), target, _additive(predict),
                   {g: AUTO_LOOKAHEAD for g in ctx.allowed}, counts, sum(predict[g](k) for g, k in counts.items()))
     return {**counts, **{step.group: step.count for step in path}}
 

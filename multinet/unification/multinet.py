@@ -280,7 +280,7 @@ class MultiNet(nn.Module):
     def can_overlap(self) -> bool:
         """Whether two parts of the graph could run at the same time (two members with work of their own,
         and no tensor written in place)."""
-        return self._overlapped_run().plan.concurrent()
+        return self._overlapped_run().concurrent
 
     def with_graph(self, gm: fx.GraphModule) -> "MultiNet":
         """This MultiNet's members around another graph of it (a compressed one); links to layers
