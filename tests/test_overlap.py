@@ -317,3 +317,58 @@ def test_an_error_in_any_piece_returns_and_leaves_nothing_running(split, failing
     piece.forward = healthy
     with torch.no_grad():
         _equal(run(fused.graph_module, split.test_x[:8]), fused(split.test_x[:8]))
+
+
+def _charging_clock(per_round: list[tuple[float, ...]]):
+    """A clock that charges the k-th timed call of each round its form's cost in that round; counts calls."""
+    charges = iter([c for round_ in per_round for c in round_])
+    now = {"t": 0.0, "started": False, "calls": 0}
+
+    def clock():
+        if now["started"]:
+            now["t"] += next(charges)
+            now["calls"] += 1
+        now["started"] = not now["started"]
+        return now["t"]
+    return clock, now
+
+
+@pytest.mark.parametrize("rounds, calls, overlapped", [
+    ([(1.0, 0.5)] * 5, 6, True),  # separated after 3 rounds: the last 2 cannot change the medians' order
+    ([(0.5, 1.0)] * 5, 6, False),
+    ([(1.0, 2.0), (3.0, 2.0), (1.0, 2.0), (3.0, 2.0), (1.0, 2.0)], 10, False),  # interleaved: all 5 rounds
+], ids=["overlap clearly faster", "plain clearly faster", "interleaved"])
+def test_timing_stops_once_the_answer_is_certain(split, rounds, calls, overlapped):
+    from multinet.runtime.infer import faster_overlap
+
+    net = MultiNet({"a": zoo.create("mlp"), "b": zoo.create("vgg")}, split.train_x[:1])
+    clock, now = _charging_clock(rounds)
+    form = faster_overlap(net, split.test_x[:32], torch.device("cpu"), trials=5, clock=clock)
+    assert form.is_overlapped == overlapped and now["calls"] == calls
+
+
+def test_an_early_answer_is_the_one_all_rounds_would_give():
+    """Brute force: whenever the rounds stop early, every way the remaining rounds could go gives the same
+    form the least median (ties are measure-zero with continuous times)."""
+    import random
+    import statistics
+
+    from multinet.runtime.infer import _decided
+
+    rng = random.Random(0)
+    stopped = 0
+    for _ in range(2000):
+        trials, n_forms = rng.randint(1, 7), rng.randint(2, 3)
+        spread = rng.choice([0.1, 1.0])
+        full = [[1.0 + 0.2 * f + rng.gauss(0, spread) for _ in range(trials)] for f in range(n_forms)]
+        for r in range(1, trials + 1):
+            prefix = [t[:r] for t in full]
+            if _decided(prefix, trials):
+                stopped += r < trials
+                early = min(range(n_forms), key=lambda i: max(prefix[i]))
+                for _ in range(20):  # any continuation of the remaining rounds
+                    rest = [p + [rng.uniform(-5, 5) for _ in range(trials - r)] for p in prefix]
+                    medians = [statistics.median(t) for t in rest]
+                    assert min(range(n_forms), key=medians.__getitem__) == early
+                break
+    assert stopped > 100  # the early stop does happen
