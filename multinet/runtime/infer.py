@@ -177,8 +177,7 @@ def _decided(times: list[list[float]], trials: int) -> bool:
     has its median below theirs whatever the remaining rounds give (its r times cover the median
     position of ``trials`` values, and the others have at most trials - r values left to go below).
     The early answer is then the one all rounds would give."""
-    rounds = len(times[0])
-    if len(times) < 2 or rounds < trials // 2 + 1:
+    if len(times) < 2 or len(times[0]) < trials // 2 + 1:
         return False
     slowest = [max(t) for t in times]
     best = min(range(len(times)), key=slowest.__getitem__)
