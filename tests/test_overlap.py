@@ -162,15 +162,7 @@ def test_infer_overlaps_where_asked_and_where_it_is_faster(split):
         multinet.infer(net, x, overlap="yes")
 
     for costs, chosen in (((1.0, 0.5), True), ((0.5, 1.0), False)):
-        charges = iter(list(costs) * 50)
-        now = {"t": 0.0, "started": False}
-
-        def clock():  # each timed call reads the clock twice: before, and after (+ its form's cost)
-            if now["started"]:
-                now["t"] += next(charges)
-            now["started"] = not now["started"]
-            return now["t"]
-
+        clock, _ = _charging_clock([costs] * 50)
         form = faster_overlap(net, x[:32], torch.device("cpu"), trials=3, clock=clock)
         assert form.is_overlapped == chosen
     plain = zoo.create("mlp")
@@ -320,7 +312,8 @@ def test_an_error_in_any_piece_returns_and_leaves_nothing_running(split, failing
 
 
 def _charging_clock(per_round: list[tuple[float, ...]]):
-    """A clock that charges the k-th timed call of each round its form's cost in that round; counts calls."""
+    """A clock that charges the k-th timed call of each round its form's cost in that round; counts calls.
+    Each timed call reads it twice: before, and after (+ the cost)."""
     charges = iter([c for round_ in per_round for c in round_])
     now = {"t": 0.0, "started": False, "calls": 0}
 
