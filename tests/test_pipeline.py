@@ -287,3 +287,39 @@ def test_the_frontier_s_outputs_are_used_only_for_the_same_samples(calib):
         assert pipeline.final_outputs([calib[:32], calib[32:64]]) is None  # batched otherwise
     finally:
         pipeline.close()
+
+
+class _Siblings(nn.Module):
+    """Two Linear layers read the same tensor (q/k-style siblings): their statistics are equal."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 32)
+        self.a, self.b = nn.Linear(32, 8), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x.flatten(1)))
+        return self.a(h) + self.b(h)
+
+
+def test_consumers_reading_one_tensor_share_one_inverse(calib, monkeypatch):
+    """The group `body` feeds is read by `a` and `b` with the same Gram: one m^3 factorisation for both,
+    and the same result as factoring each."""
+    from multinet.pipeline import group_problems as gp
+
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    sizes = []
+    invert = gp.invert
+
+    def counted(gram, tolerate):
+        sizes.append(len(gram))
+        return invert(gram, tolerate)
+
+    monkeypatch.setattr(gp, "invert", counted)
+    shared = _compress(model, calib, ratio=0.5)
+    assert sizes == [33]  # one consumer problem of 32 inputs + bias was factored, not two
+    monkeypatch.setattr(gp._SharedInverses, "of", lambda self, g: counted(gp.prepare_gram(g, self.damp)[0], True))
+    alone = _compress(model, calib, ratio=0.5)
+    assert sizes == [33, 33, 33]
+    _same(shared, alone, calib, atol=1e-6)

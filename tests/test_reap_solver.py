@@ -171,3 +171,60 @@ def test_gram_schmidt_on_cuda_matches_inverse_form():
     assert gpu.removed == cpu.removed
     torch.testing.assert_close(gpu.errors, cpu.errors, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-6, atol=1e-8)
+
+
+@pytest.fixture
+def restarts(monkeypatch):
+    """Restart the downdated inverse as often as the size rule allows, counting the restarts."""
+    from multinet.solve import reap
+
+    count = []
+    original = reap.DowndatedInverse._restart
+
+    def counted(self):
+        count.append(len(self.ginv0))
+        original(self)
+
+    monkeypatch.setattr(reap, "RESTART_AFTER", 1)
+    monkeypatch.setattr(reap.DowndatedInverse, "_restart", counted)
+    return count
+
+
+@pytest.mark.parametrize("block, damp, fixed", [(1, 1e-2, 1), (4, 1e-3, 1), (9, 0.0, 0)])
+def test_restarts_match_brute_force(restarts, block, damp, fixed):
+    """Folding the factors into the inverse and dropping removed rows changes nothing: same order,
+    errors and weights as one least-squares solve per candidate per step."""
+    channels = 24
+    x, w = _problem(block + 100, rows=60 * block + 100, channels=channels, block=block, d=5, fixed=fixed)
+    cols = blocked_columns(channels, block).tolist()
+    order, errors, weights = brute_force_greedy([x], [w], [cols], 20, damp)
+    result = reap_greedy(x.T @ x, w, 20, block=block, damp=damp, fixed=fixed)
+    assert len(restarts) >= 2 and restarts[-1] < restarts[0]  # restarted, and the stored rows shrank
+    assert result.removed == order
+    torch.testing.assert_close(result.errors, errors, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(result.weight, weights[0], rtol=1e-6, atol=1e-8)
+
+
+def test_restarts_with_several_consumers_and_channels_in_two_slots(restarts):
+    """Consumers that see the group's channels in another order, one reading them twice
+    (cat([y, y]) then a conv: each channel in two column blocks), through restarts: the same as the
+    brute-force reference."""
+    channels = 16
+    x1, w1 = _problem(7, rows=200, channels=channels, block=1, d=3, fixed=1)
+    x2, w2 = _problem(8, rows=400, channels=2 * channels, block=2, d=4)
+    half = 2 * channels
+    x2[:, half:] = 0.8 * x2[:, :half] + 0.3 * x2[:, half:]  # the second slot: nearly the same values
+    perm = torch.randperm(channels, generator=torch.Generator().manual_seed(3)).tolist()
+    blocks2 = blocked_columns(2 * channels, 2)
+    cols2 = [blocks2[perm.index(c)].tolist() + blocks2[channels + perm.index(c)].tolist() for c in range(channels)]
+    scales = [1 / ((x1 @ w1) ** 2).sum().item(), 1 / ((x2 @ w2) ** 2).sum().item()]
+    order, errors, weights = brute_force_greedy([x1, x2], [w1, w2], [blocked_columns(channels, 1).tolist(), cols2],
+                                                13, 1e-4, scales)
+    problems = [ConsumerProblem(x1.T @ x1, w1, torch.arange(channels), blocked_columns(channels, 1), scales[0]),
+                ConsumerProblem(x2.T @ x2, w2, torch.arange(channels), torch.tensor(cols2), scales[1])]
+    result = reap_greedy_multi(problems, channels, 13, damp=1e-4)
+    assert restarts
+    assert result.removed == order
+    torch.testing.assert_close(result.errors, errors, rtol=1e-6, atol=1e-10)
+    for got, want in zip(result.weights, weights):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

@@ -50,6 +50,7 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
     maps a consumer's full-width input columns to the rows of statistics from which other groups'
     removed columns were taken out (the cached-input pipeline keeps the model at full width)."""
     problems, layout = [], []
+    inverses = _SharedInverses(damp)
     for name in group.consumer_names:
         w_cur, b_cur, is_module = consumer_weight(current.module, name)
         w_ref, b_ref, _ = consumer_weight(original.module, name)
@@ -71,7 +72,7 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
             drift = drift[:-1] if drift is not None else None
         # the full-column least-squares fit of the original outputs is the weight REAP starts from; the
         # solver starts from the same damped inverse (one factorisation, one damping rule)
-        inverse = invert(prepare_gram(gram, damp)[0], damp > 0)
+        inverse = inverses.of(gram)
         scale = _output_scale(current.module, current, name)
         if scale is not None and len(scale) != rhs.shape[1]:
             scale = scale[outputs]  # a full-width model's BatchNorm still has the removed outputs
@@ -88,6 +89,22 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy, inverse))
         layout.append((name, tuple(w_cur.shape), has_bias, scale))
     return problems, layout
+
+
+class _SharedInverses:
+    """The damped inverse of each distinct Gram among a group's consumers: the readers of one tensor (a
+    residual stream's blocks, q/k/v) have equal statistics, and one m^3 factorisation serves them all."""
+
+    def __init__(self, damp: float):
+        self.damp, self.seen = damp, []
+
+    def of(self, gram: torch.Tensor) -> torch.Tensor:
+        for known, inverse in self.seen:
+            if known.shape == gram.shape and torch.equal(known, gram):
+                return inverse
+        inverse = invert(prepare_gram(gram, self.damp)[0], self.damp > 0)
+        self.seen.append((gram, inverse))
+        return inverse
 
 
 def _drift_columns(drift: torch.Tensor | None, outputs: torch.Tensor) -> torch.Tensor | None:
