@@ -8,6 +8,25 @@ from multinet.solve.gram_schmidt import reap_greedy_gs, reap_greedy_gs_multi
 D = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["lazy weight", "weight in place"])
+def weight_form(request, monkeypatch):
+    """Every test runs with both of the solver's weight forms (W0 - Y Z with per-candidate products, used for
+    large weights, and the weight updated in place, for small ones), whatever the problem's size."""
+    from multinet.solve import reap
+
+    lazy = request.param == "lazy weight"
+    monkeypatch.setattr(reap, "LAZY_FROM", 0 if lazy else 1 << 62)
+    monkeypatch.setattr(reap, "LAZY_OUTPUTS_PER_COLUMN", 0 if lazy else 1 << 62)
+    original = reap.DowndatedInverse.__init__
+
+    def checked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        assert self.lazy == lazy
+
+    monkeypatch.setattr(reap.DowndatedInverse, "__init__", checked)
+    return request.param
+
+
 def brute_force_greedy(xs, ws, channel_columns, n_remove, damp, scales=None):
     """Greedy removal, each candidate scored by a fresh lstsq on the remaining columns.
 

@@ -85,6 +85,9 @@ def block_errors(blocks: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
 
 
 RESTART_AFTER = 64  # the fewest columns removed since the last restart before another may pay
+# weights of at least this many entries and at least 32 outputs per candidate column are kept as W0 - Y Z;
+# below, the in-place update's fewer ops per step win (benchmarks/greedy_speed.py, on this CPU)
+LAZY_FROM, LAZY_OUTPUTS_PER_COLUMN = 1 << 18, 32
 
 
 class DowndatedInverse:
@@ -99,7 +102,9 @@ class DowndatedInverse:
     it, a restart folds the factors into Ginv0 and W0 with two GEMMs and drops the removed
     columns' rows, so a full-depth curve reads sum (m - r) r_since_restart instead of sum m r
     entries, and every candidate's blocks and products are recomputed exactly there (no drift
-    across restarts)."""
+    across restarts). A small weight (under ``LAZY_FROM`` entries, or few outputs per candidate
+    column) is updated in place instead and scored from its rows: there the per-step op count, not
+    memory traffic, is the cost."""
 
     def __init__(self, problem: ConsumerProblem, damp: float, capacity: int, scoring: bool = True):
         self.problem = problem
@@ -113,17 +118,19 @@ class DowndatedInverse:
             self.ginv0 = invert(gram, damp > 0)
         m = len(self.ginv0)
         self.m, self.capacity, self.scoring = m, min(capacity, m), scoring
+        d, w = self.weight0.shape[1], problem.columns.shape[1]
+        self.lazy = m * d >= LAZY_FROM and d >= LAZY_OUTPUTS_PER_COLUMN * w
         self.planned, self.removed_columns = capacity, 0  # columns the caller means to remove, and so far
         device = self.ginv0.device
         self.gone = torch.zeros(m, dtype=torch.bool, device=device)  # removed columns, original indices
         self.stored = torch.arange(m, device=device)  # original index of each stored row
         self.row = torch.arange(m, device=device)  # stored row of each original column (0 once dropped)
-        self.present = torch.ones(len(problem.columns), 1, 1, dtype=torch.float64, device=device)
+        self.present: torch.Tensor | None = None  # after a restart: 1 for candidates whose rows are still stored
         self.columns = problem.columns  # the candidates' columns as stored rows
         self._reset_factors()
         cols = self.columns
         self.blocks = self.ginv0[cols[:, :, None], cols[:, None, :]].clone()  # k x w x w
-        if scoring:
+        if scoring and self.lazy:
             rows = self.weight0[cols]  # k x w x d
             self.products = rows @ rows.transpose(1, 2)  # every candidate's W_b W_b^T
 
@@ -132,7 +139,7 @@ class DowndatedInverse:
         room = max(0, min(self.capacity - self.removed_columns, n))  # the columns still planned (it can grow)
         self.u = self.ginv0.new_zeros(n, room)
         self.y = self.ginv0.new_zeros(n, room)
-        self.z = self.ginv0.new_zeros(room, self.weight0.shape[1])
+        self.z = self.ginv0.new_zeros(room if self.lazy else 0, self.weight0.shape[1])
         self.rank = 0
 
     @property
@@ -140,13 +147,16 @@ class DowndatedInverse:
         """The weight re-solved without the removed columns (their rows zero), at full height m."""
         r = self.rank
         out = self.weight0.new_zeros(self.m, self.weight0.shape[1])
-        out[self.stored] = torch.addmm(self.weight0, self.y[:, :r], self.z[:r], alpha=-1)
+        out[self.stored] = torch.addmm(self.weight0, self.y[:, :r], self.z[:r], alpha=-1) if self.lazy else self.weight0
         out[self.gone] = 0
         return out
 
     def errors(self, live: torch.Tensor) -> torch.Tensor:
         """err of removing each live candidate channel (rows of problem.columns where ``live``)."""
-        return block_errors(self.blocks[live], self.products[live])
+        if self.lazy:
+            return block_errors(self.blocks[live], self.products[live])
+        rows = self.weight0[self.columns[live]]  # k x w x d, the current weight
+        return block_errors(self.blocks[live], rows @ rows.transpose(1, 2))
 
     def remove(self, cols: torch.Tensor) -> None:
         """Re-solve the weight without columns ``cols`` (original indices) and downdate the factors."""
@@ -154,19 +164,26 @@ class DowndatedInverse:
         cols = self.row[cols]
         r, s = self.rank, len(cols)
         y_r, z_r = self.y[:, :r], self.z[:r]
-        w_s = self.weight0[cols] - y_r[cols] @ z_r  # the current W_S, s x d
-        # one pass over Y for both the inverse's columns Ginv[:, S] and the weight's W W_S^T
-        both = y_r @ torch.cat([self.u[cols, :r].T, z_r @ w_s.T], 1) if r else None
-        g = self.ginv0[:, cols] - (both[:, :s] if r else 0)  # current Ginv[:, S]
+        if self.lazy:
+            w_s = self.weight0[cols] - y_r[cols] @ z_r  # the current W_S, s x d
+            # one pass over Y for both the inverse's columns Ginv[:, S] and the weight's W W_S^T
+            both = y_r @ torch.cat([self.u[cols, :r].T, z_r @ w_s.T], 1) if r else None
+            g = self.ginv0[:, cols] - (both[:, :s] if r else 0)  # current Ginv[:, S]
+        else:
+            w_s = self.weight0[cols]
+            g = self.ginv0[:, cols] - (y_r @ self.u[cols, :r].T if r else 0)
         y = torch.linalg.solve(g[cols], g.T).T  # Ginv[:, S] (Ginv_SS)^-1, n x s
         columns = self.columns
-        if self.scoring:
+        if not self.lazy:
+            self.weight0.addmm_(y, w_s, alpha=-1)
+            self.weight0[cols] = 0
+        elif self.scoring:
             # W' = W - y W_S: W'_b W'_b^T = P_b - y_b C_b^T - C_b y_b^T + y_b (W_S W_S^T) y_b^T with C = W W_S^T.
             # Scoring reads P_b only against a symmetric (Ginv_bb)^-1, so the two middle terms may be
             # added as one, 2 C_b y_b^T: (y_b W_S W_S^T - 2 C_b) y_b^T, two batched products
             cross = self.weight0 @ w_s.T - (both[:, s:] if r else 0)  # W W_S^T, n x s
             y_b = y[columns]  # k x w x s
-            self.products += (y_b @ cross[cols] - 2 * cross[columns]) @ y_b.transpose(1, 2) * self.present
+            self.products += self._masked((y_b @ cross[cols] - 2 * cross[columns]) @ y_b.transpose(1, 2))
         if r + s > self.u.shape[1]:  # more columns than planned for (a channel in several slots)
             grow = r + s - self.u.shape[1]
             self.u = torch.cat([self.u, self.u.new_zeros(len(self.u), grow)], 1)
@@ -174,9 +191,10 @@ class DowndatedInverse:
             self.z = torch.cat([self.z, self.z.new_zeros(grow, self.z.shape[1])], 0)
         self.u[:, r:r + s] = g
         self.y[:, r:r + s] = y
-        self.z[r:r + s] = w_s
+        if self.lazy:
+            self.z[r:r + s] = w_s
         self.rank = r + s
-        self.blocks -= g[columns] @ y[columns].transpose(1, 2) * self.present  # every candidate's Ginv_bb
+        self.blocks -= self._masked(g[columns] @ y[columns].transpose(1, 2))  # every candidate's Ginv_bb
         self.removed_columns += s
         n = len(self.ginv0)
         steps_left = (self.planned - self.removed_columns) / max(1, self.columns.shape[1])
@@ -185,13 +203,17 @@ class DowndatedInverse:
         if self.rank >= max(RESTART_AFTER, n // 8) and steps_left >= n / 16:
             self._restart()
 
+    def _masked(self, update: torch.Tensor) -> torch.Tensor:
+        """Zero for candidates already removed and dropped (their columns point at row 0)."""
+        return update if self.present is None else update * self.present
+
     def _restart(self) -> None:
         """Fold Y U^T into Ginv0 and Y Z into W0 over the rows not yet removed, and drop the rest."""
         keep = ~self.gone[self.stored]  # stored rows still in play
         r = self.rank
         y, u = self.y[keep, :r], self.u[keep, :r]
         self.ginv0 = torch.addmm(self.ginv0[keep][:, keep], y, u.T, alpha=-1)
-        self.weight0 = torch.addmm(self.weight0[keep], y, self.z[:r], alpha=-1)
+        self.weight0 = torch.addmm(self.weight0[keep], y, self.z[:r], alpha=-1) if self.lazy else self.weight0[keep]
         self.stored = self.stored[keep]
         self.row = torch.zeros_like(self.row)
         self.row[self.stored] = torch.arange(len(self.stored), device=self.row.device)
@@ -199,10 +221,10 @@ class DowndatedInverse:
         self.columns = self.row[self.problem.columns]  # dropped candidates point at row 0; ``present`` masks them
         self._reset_factors()
         cols = self.columns
-        self.blocks = self.ginv0[cols[:, :, None], cols[:, None, :]] * self.present
-        if self.scoring:
+        self.blocks = self._masked(self.ginv0[cols[:, :, None], cols[:, None, :]])
+        if self.scoring and self.lazy:
             rows = self.weight0[cols]
-            self.products = rows @ rows.transpose(1, 2) * self.present
+            self.products = self._masked(rows @ rows.transpose(1, 2))
 
 
 def without_columns(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
