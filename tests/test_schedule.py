@@ -258,3 +258,22 @@ def test_remembered_savings_equal_fresh_ones(calib):
         g = rng.choice(list(orders))
         counts[g] = min(counts[g] + rng.randrange(1, 4), len(orders[g]))
     assert len(remembered._saved) < 20 * len(orders)
+
+
+def test_the_search_reuses_the_curves_inverse_grams(calib, monkeypatch):
+    """The masked evaluator is handed the inverses the REAP curves factored on the same statistics: the
+    search factors no consumer again, and the plan is the one it makes when it factors its own."""
+    from multinet.schedule import oneshot
+
+    factored = []
+    invert = oneshot.invert
+    monkeypatch.setattr(oneshot, "invert", lambda *a, **k: factored.append(1) or invert(*a, **k))
+    graph = trace(zoo.create("resnet"), zoo.example_input())
+    budget = Budget(flops=0.5)
+    shared = make_plan(prepare(graph, calib, budget, max_positions=16), "auto")
+    assert not factored
+    monkeypatch.setattr(oneshot.MaskedModel, "adopt_inverses", lambda self, problems, names: None)
+    alone = make_plan(prepare(graph, calib, budget, max_positions=16), "auto")
+    assert factored  # without them the evaluator factors its own
+    assert shared.removals() == alone.removals() and shared.steps == alone.steps
+    assert shared.predicted_error == alone.predicted_error

@@ -69,8 +69,10 @@ def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
 
 
 def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: float, executor=None,
-                 device: str = "cpu") -> dict[int, GroupCurve]:
-    """Every group's removal order and error curve: independent solves, one job per group."""
+                 device: str = "cpu", masked: "MaskedModel | None" = None) -> dict[int, GroupCurve]:
+    """Every group's removal order and error curve: independent solves, one job per group. ``masked``: an
+    evaluator on the same statistics and damping, handed the inverse Grams factored here (its search
+    would otherwise factor every consumer again)."""
     from ..runtime.executors import resolve_executor
 
     jobs, ids = [], []
@@ -82,7 +84,9 @@ def group_curves(graph: ChannelGraph, max_remove: dict[int, int], stats, damp: f
             jobs.append(curve_job(graph, group, stats, damp, n, device))
             ids.append(gid)
             continue
-        problems, _ = group_problems(graph, graph, group, stats, damp, {})
+        problems, layout = group_problems(graph, graph, group, stats, damp, {})
+        if masked is not None:
+            masked.adopt_inverses(problems, [name for name, *_ in layout])
         jobs.append(dict(problems=[(p.gram, p.weight, p.channels, p.columns, p.scale, p.inverse) for p in problems],
                          size=group.size, n_remove=n, damp=damp, pieces=list(group.pieces), device=device))
         ids.append(gid)

@@ -154,14 +154,16 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
     start = time.perf_counter()
     stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor)
     seconds["statistics"] = time.perf_counter() - start
-    start = time.perf_counter()
-    curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor,
-                          device)
-    seconds["curves"] = time.perf_counter() - start
     inputs = evaluation_inputs(data, batch_size, eval_samples)
     masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device, budget.output_weights)
+    local = executor is None or getattr(executor, "name", "local") == "local"
+    start = time.perf_counter()
+    # the curves' inverse Grams go to the evaluator where it runs here (workers build their own)
+    curves = group_curves(graph, {g: options[-1] for g, options in allowed.items()}, stats, damp, executor,
+                          device, masked if local else None)
+    seconds["curves"] = time.perf_counter() - start
     remote = None
-    if executor is not None and getattr(executor, "name", "local") != "local":
+    if not local:
         from ..io import to_bytes
 
         remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp,
