@@ -277,3 +277,22 @@ def test_the_search_reuses_the_curves_inverse_grams(calib, monkeypatch):
     assert factored  # without them the evaluator factors its own
     assert shared.removals() == alone.removals() and shared.steps == alone.steps
     assert shared.predicted_error == alone.predicted_error
+
+
+def test_deep_removals_are_refit_from_the_kept_columns(calib, monkeypatch):
+    """The masked evaluator refits a consumer that loses most of its columns from the kept ones (cheaper
+    than downdating): the outputs equal the downdated re-solve's."""
+    from multinet.schedule import oneshot
+
+    graph = trace(zoo.create("vgg"), zoo.example_input())
+    ctx = prepare(graph, calib, Budget(flops=0.5), max_positions=16)
+    deep = {g: c.order[: int(0.9 * len(c.order))] for g, c in ctx.curves.items()}
+    used = []
+    fit = oneshot.kept_columns_fit
+    monkeypatch.setattr(oneshot, "kept_columns_fit", lambda *a: used.append(1) or fit(*a))
+    refit = ctx.masked.error(deep)
+    assert used
+    monkeypatch.setattr(oneshot._Consumer, "without", lambda self, cols: oneshot.without_columns(
+        self.inverse, self.fit, cols))
+    ctx.masked._loaded = {name: () for name in ctx.masked.consumers}  # forget what is loaded
+    assert ctx.masked.error(deep) == pytest.approx(refit, rel=1e-9)

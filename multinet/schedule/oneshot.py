@@ -28,7 +28,7 @@ from ..graph import ChannelGraph
 from ..pipeline.group_problems import consumer_weight, group_problems
 from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
-from ..solve.reap import invert, without_columns
+from ..solve.reap import invert, kept_columns_fit, without_columns
 from ..solve.problem import dead_columns, prepare_gram
 
 
@@ -204,6 +204,7 @@ class _Consumer:
     has_bias: bool
     inverse: torch.Tensor | None = None  # the damped gram's inverse, made (or adopted) on the first re-solve
     fit: torch.Tensor | None = None  # the full-column least-squares weight, inverse @ G @ W
+    rhs: torch.Tensor | None = None  # G @ W, what any column subset's least-squares fit solves against
 
     def factor(self, inverse: torch.Tensor | None = None) -> None:
         """The inverse (adopted from a problem built with the same damping, or made here) and the fit.
@@ -212,7 +213,21 @@ class _Consumer:
         if inverse is None:
             inverse = invert(prepare_gram(self.gram, self.damp)[0], tolerate_rounding=True)
         self.inverse = inverse.to(torch.float64)
-        self.fit = self.inverse @ (self.gram.double() @ self.weight)
+        self.rhs = self.gram.double() @ self.weight
+        self.fit = self.inverse @ self.rhs
+
+    def without(self, cols: torch.Tensor) -> torch.Tensor:
+        """The least-squares weight once columns ``cols`` are gone: the inverse downdated by them, or,
+        where most columns go and factoring the few kept ones costs less, a fit from those alone."""
+        m, d, s = len(self.weight), self.weight.shape[1], len(cols)
+        k = m - s
+        if k ** 3 / 3 + 2 * k * k * d < (2 / 3) * s ** 3 + 2 * m * s * d:  # an LU of Ginv_SS and its product
+            kept = torch.ones(m, dtype=torch.bool)
+            kept[cols] = False
+            w = kept_columns_fit(self.gram, self.rhs, kept.nonzero().flatten(), self.damp)
+            if w is not None:
+                return w
+        return without_columns(self.inverse, self.fit, cols)
 
 
 class MaskedModel:
@@ -272,7 +287,7 @@ class MaskedModel:
             return c.weight
         if c.inverse is None:  # factored once per consumer, then every removal set is a small update
             c.factor()
-        w = without_columns(c.inverse, c.fit, cols)
+        w = c.without(cols)
         kept = torch.ones(len(c.weight), dtype=torch.bool)
         kept[cols] = False
         restore = c.dead & kept  # zero on calibration data is not zero elsewhere
