@@ -117,10 +117,10 @@ class DowndatedInverse:
             gram, self.dead, self.weight0 = start(problem, damp)
             self.ginv0 = invert(gram, damp > 0)
         m = len(self.ginv0)
-        self.m, self.capacity, self.scoring = m, min(capacity, m), scoring
+        self.m, self.scoring = m, scoring
         d, w = self.weight0.shape[1], problem.columns.shape[1]
         self.lazy = m * d >= LAZY_FROM and d >= LAZY_OUTPUTS_PER_COLUMN * w
-        self.planned, self.removed_columns = capacity, 0  # columns the caller means to remove, and so far
+        self.planned, self.columns_gone = capacity, 0  # columns the caller means to remove, and so far
         device = self.ginv0.device
         self.gone = torch.zeros(m, dtype=torch.bool, device=device)  # removed columns, original indices
         self.stored = torch.arange(m, device=device)  # original index of each stored row
@@ -136,7 +136,7 @@ class DowndatedInverse:
 
     def _reset_factors(self) -> None:
         n = len(self.ginv0)
-        room = max(0, min(self.capacity - self.removed_columns, n))  # the columns still planned (it can grow)
+        room = max(0, min(self.planned - self.columns_gone, n))  # the columns still planned (it can grow)
         self.u = self.ginv0.new_zeros(n, room)
         self.y = self.ginv0.new_zeros(n, room)
         self.z = self.ginv0.new_zeros(room if self.lazy else 0, self.weight0.shape[1])
@@ -195,9 +195,9 @@ class DowndatedInverse:
             self.z[r:r + s] = w_s
         self.rank = r + s
         self.blocks -= self._masked(g[columns] @ y[columns].transpose(1, 2))  # every candidate's Ginv_bb
-        self.removed_columns += s
+        self.columns_gone += s
         n = len(self.ginv0)
-        steps_left = (self.planned - self.removed_columns) / max(1, self.columns.shape[1])
+        steps_left = (self.planned - self.columns_gone) / max(1, self.columns.shape[1])
         # a restart costs two n x n x r GEMMs; it pays once enough steps are left to save their n x r
         # reads of Y (about n / 20 of them at this CPU's GEMM-to-memory speed ratio; n / 16 for the copies)
         if self.rank >= max(RESTART_AFTER, n // 8) and steps_left >= n / 16:
