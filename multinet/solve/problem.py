@@ -88,21 +88,25 @@ def blocked_columns(n_channels: int, block: int) -> torch.Tensor:
     return torch.arange(n_channels * block).reshape(n_channels, block)
 
 
-def prepare_gram(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_gram(gram: torch.Tensor, damp: float, keep: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 gram with dead columns decoupled and relative damping added.
 
     A dead column (zero on every calibration row) carries no signal: it is cut loose from the
     others with a unit diagonal, and the caller zeroes its weight row, so removing it costs
     nothing. Damping adds damp * mean(diag) to the diagonal so rank-deficient statistics stay
-    solvable. Returns (gram, dead mask).
+    solvable. ``keep``: only these columns' block of the result, built without the rest (the damping
+    and dead columns still judged on the whole diagonal). Returns (gram, dead mask), both over ``keep``.
     """
+    diag = torch.diagonal(gram).to(torch.float64)
+    dead = dead_columns(gram)
+    live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=diag.dtype, device=diag.device)
+    if keep is not None:
+        gram, dead = gram[keep][:, keep], dead[keep]
     g = gram.to(torch.float64, copy=True)
     g.add_(g.T.clone()).mul_(0.5)  # symmetric to the last bit, with one temporary instead of three
-    diag = torch.diagonal(g)
-    dead = dead_columns(g)
     g[dead, :] = 0
     g[:, dead] = 0
-    live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=g.dtype, device=g.device)
     idx = torch.arange(len(g), device=g.device)
     g[idx, idx] += damp * live_mean
     g[dead, dead] = 1.0

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import (ConsumerProblem, SolverInputError, blocked_columns, dead_columns, finish, removed_columns,
-                      start)
+from .problem import (ConsumerProblem, SolverInputError, blocked_columns, dead_columns, finish, prepare_gram,
+                      removed_columns, start)
 
 
 @dataclass
@@ -242,21 +242,10 @@ def without_columns(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
 
 def kept_columns_fit(gram: torch.Tensor, rhs: torch.Tensor, kept: torch.Tensor, damp: float) -> torch.Tensor | None:
     """The least-squares weight from columns ``kept`` only, (G_d)_KK^-1 rhs_K with G_d the damped Gram
-    (``prepare_gram``'s, restricted to K without building it whole): the same weight as
+    (``prepare_gram``'s block of K, built without the rest): the same weight as
     ``without_columns`` for the other columns, at O(|K|^3) instead of O(|S|^3 + m |S| d), so the cheaper
     where most columns go. None where the block's Cholesky factor does not exist (then downdate)."""
-    g = gram.to(torch.float64)
-    dead = dead_columns(g)
-    diag = torch.diagonal(g)
-    live_mean = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=g.dtype, device=g.device)
-    block = g[kept][:, kept]
-    block = (block + block.T) * 0.5
-    gone = dead[kept]
-    block[gone, :] = 0
-    block[:, gone] = 0
-    idx = torch.arange(len(block), device=block.device)
-    block[idx, idx] += damp * live_mean
-    block[gone, gone] = 1.0
+    block, _ = prepare_gram(gram, damp, kept)
     chol, info = torch.linalg.cholesky_ex(block)
     if info.item() != 0:
         return None
