@@ -53,6 +53,12 @@ def take(batch: Batch, start: int, stop: int) -> Batch:
     return pytree.tree_map(lambda t: t[start:stop], batch)
 
 
+def select(batch: Batch, rows: Sequence[int]) -> Batch:
+    """Samples ``rows`` (indices along dim 0) of every tensor of the batch."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    return pytree.tree_map(lambda t: t.index_select(0, index.to(t.device)), batch)
+
+
 def to_device(batch: Batch, device) -> Batch:
     return pytree.tree_map(lambda t: t.to(device), batch)
 

@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError
                       model_validator)
 
 from ..options import RunOptions
+from ..unification.holdout import HOLDOUT
 from ..errors import MultinetError
 
 
@@ -84,6 +85,8 @@ class UnifyStep(_Strict):
     max_positions: int | None = Field(RunOptions.max_positions, ge=1)
     member_weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
     skip_links: bool = True  # a member's layer may read its own earlier tensors (whole layers can go)
+    # the fraction of the calibration samples links are judged on and nothing is fitted on (0: the same samples)
+    holdout: float = Field(HOLDOUT, ge=0, le=0.5)
 
 
 class EvaluateStep(_Strict):

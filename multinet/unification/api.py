@@ -1,6 +1,6 @@
 """``multinet.unify``: several models on one input -> one network that computes what they share once.
 
-The search, in four steps (each member's own output error stays in the objective throughout):
+The search, in six steps (each member's own output error stays in the objective throughout):
 
 1. Members are put in a canonical order (a digest of their weights), so the list order the user
    gives changes nothing but the names and the order of the outputs.
@@ -24,6 +24,11 @@ The search, in four steps (each member's own output error stays in the objective
    member's features cannot also take its own skip link) is tried once more in place of each kept
    direction among the same members, under the same rule: the swap is kept only if it lowers the
    summed error further.
+6. Every candidate above (each member alone, every trial) is fitted on half of the calibration samples
+   and compared on the other half (``holdout``): links add least-squares columns and REAP candidates,
+   which fit the samples they are fitted on better than new ones, so compared on those a link can look
+   like a gain that held-out samples show as a loss (holdout.py). What is chosen is then fitted again on
+   every sample, and so is each member alone (``Unified.separate``: what ``compress`` gives it).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
 from .bridges import Bridge, add_bridges, choose_links, live_links
+from .holdout import HOLDOUT, FitSamples, check_fraction, count_samples, held_out, holdout_step
 from .multinet import MultiNet, combine, model_costs, named_models
 from .similarity import Candidate, canonical_order, linkable_layers, score_candidates, skip_conflicts
 
@@ -123,11 +129,13 @@ class _Part:
     bridged: fx.GraphModule
     bridges: list[Bridge]
     result: CompressResult
+    links: list[Candidate] = field(default_factory=list)  # what the part was built from, to fit it again
+    budget: Budget | None = None  # ... with the member weights its trial used
 
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
           batch_size: int = 128, min_r2: float = MIN_R2, tolerance: float = 0.0, eval_samples: int = 1024,
-          member_weights: Mapping[str, float] | None = None, skip_links: bool = True,
+          member_weights: Mapping[str, float] | None = None, skip_links: bool = True, holdout: float = HOLDOUT,
           **compress_options) -> Unified:
     """Merge models that read the same input into one MultiNet and compress it to ``budget``.
 
@@ -142,27 +150,32 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     final-output error (default 1: all count equally). ``skip_links``: a member's layer may also read an
     earlier tensor of its own (another channel group) that explains its input, so that the layers in
     between can be removed whole where that beats narrowing them (at small budgets); like every link, a
-    member keeps its skip links only when they lower its error. The result does not depend on the order of ``models``. ``compress_options`` are passed
+    member keeps its skip links only when they lower its error. ``holdout``: the fraction of the calibration
+    samples (0.5: every second one; at most ``eval_samples`` of them are read) that every candidate is
+    compared on and none is fitted on; what is chosen is then fitted again on every sample (see
+    holdout.py). 0, or fewer than ``holdout.MIN_HELD`` such samples: fit and compare on the same samples. The result does not depend on the order of ``models``. ``compress_options`` are passed
     to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
     model alone, then every link trial: which member reads which, kept or dropped).
     """
     given = compress_options.get("executor")
     if not isinstance(given, str):
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, skip_links, **compress_options)
+                      eval_samples, member_weights, skip_links, holdout, **compress_options)
     executor = resolve_executor(given)  # one executor for every compression: its Ray actors are reused
     try:
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, skip_links, **{**compress_options, "executor": executor})
+                      eval_samples, member_weights, skip_links, holdout, **{**compress_options, "executor": executor})
     finally:
         executor.release()
 
 
 def _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance, eval_samples,
-           member_weights, skip_links, **compress_options) -> Unified:
+           member_weights, skip_links, holdout, **compress_options) -> Unified:
     named = named_models(models)
     budget = _checked(budget)
     weights = _checked_weights(member_weights, list(named))
+    step = holdout_step(check_fraction(holdout), count_samples(calibration_data, batch_size))
+    fit = calibration_data if step is None else FitSamples(calibration_data, batch_size, step)
     example = example_inputs
     if example is None:
         example = first_sample(calibration_data, batch_size)
@@ -174,7 +187,7 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
         ok, why = linkable_layers(graph, net.graph_module, member)
         targets[member] = list(ok)
         unlinkable.update(why)
-    candidates = score_candidates(net.graph_module, targets, calibration_data, batch_size,
+    candidates = score_candidates(net.graph_module, targets, fit, batch_size,
                                   conflicts=skip_conflicts(graph) if skip_links else None)
     rank = {m: i for i, m in enumerate(order)}
 
@@ -183,21 +196,26 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
         return choose_links(net.graph_module, mine, rank, min_r2, ways)
 
     options = dict(schedule=schedule, batch_size=batch_size, eval_samples=eval_samples, **compress_options)
-    inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+    if step is None:
+        inputs = evaluation_inputs(calibration_data, batch_size, eval_samples)
+    else:
+        inputs = held_out(calibration_data, batch_size, step, eval_samples)
     reference = member_outputs(net, inputs)
     progress = bool(compress_options.get("progress", False))
     bar = Bar(progress, len(order), "unify: each model alone")
     separate = {}
     for m in order:
         bar.note(m)
-        separate[m] = _separate(m, named[m], calibration_data, budget, example, options)
+        separate[m] = _separate(m, named[m], fit, budget, example, options)
         bar.advance()
     bar.close()
     errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
               for m, s in separate.items()}
-    trials = _Trials(named, order, calibration_data, budget, example, options, inputs, reference, errors, tolerance,
+    trials = _Trials(named, order, fit, budget, example, options, inputs, reference, errors, tolerance,
                      weights)
     parts = _unified_parts(trials, links_among, progress, skip_links)
+    if step is not None:  # chosen on the held-out samples: now fitted on every sample
+        parts, separate = _refitted(named, order, parts, calibration_data, budget, example, options, progress)
     together = {m for p in parts for m in p.members}
     alone = [m for m in order if m not in together]
     for m in alone:
@@ -441,7 +459,31 @@ def _unify_part(named, members: list[str], links: list[Candidate], data, budget:
     bridged, bridges = add_bridges(net, example, links)
     result = compress(bridged, data, budget=_relative_to(budget, net.graph_module, bridged), **options)
     model = MultiNet.from_graph(result.model, members, live_links(bridges, result.model))
-    return _Part(members, model, bridged, bridges, result)
+    return _Part(members, model, bridged, bridges, result, list(links), budget)
+
+
+def _refitted(named, order: list[str], parts: list[_Part], data, budget: Budget, example, options, progress: bool
+              ) -> tuple[list[_Part], dict[str, tuple[MultiNet, CompressResult] | None]]:
+    """The chosen parts and every member alone, fitted again on all the calibration samples (the
+    choice was made on samples none of them was fitted on). A part that no longer fits its budget
+    on all of them (REAP may keep other channels) stays as it was chosen."""
+    bar = Bar(progress, len(parts) + len(order), "unify: the choice fitted on every sample")
+    again = []
+    for part in parts:
+        bar.note(" + ".join(part.members))
+        try:
+            new = _unify_part(named, part.members, part.links, data, part.budget, example, options)
+        except BudgetError:
+            new = part
+        again.append(part if over_budget(new.result.plan) else new)
+        bar.advance()
+    separate = {}
+    for m in order:
+        bar.note(f"{m} alone")
+        separate[m] = _separate(m, named[m], data, budget, example, options)
+        bar.advance()
+    bar.close()
+    return again, separate
 
 
 def member_outputs(net: MultiNet, inputs: list) -> dict[str, list[torch.Tensor]]:
