@@ -98,3 +98,12 @@ def test_with_holdout_the_fitted_part_never_reads_the_held_out_samples(split, mo
     first_refit = seen.index(200)  # the chosen parts, then the members alone, fitted again on every sample
     assert first_refit >= 2 and set(seen[:first_refit]) == {160} and set(seen[first_refit:]) == {200}
     assert len(seen) - first_refit >= 2
+
+
+def test_the_refits_show_their_progress(split, capsys):
+    a = zoo.create("mlp")
+    multinet.unify({"a": a, "b": copy.deepcopy(a)}, split.train_x[:256], budget=0.3, holdout=0.5, progress=True)
+    err = capsys.readouterr().err
+    search, refit = err.split("unify: the choice fitted on every sample", 1)
+    assert "unify: link trials" in search.split("done")[-2]  # the trials' bar closes before the refits start
+    assert "3/3 (100%) done" in refit  # the unified part and both models alone, fitted on every sample

@@ -1,6 +1,6 @@
 """``multinet.unify``: several models on one input -> one network that computes what they share once.
 
-The search, in six steps (each member's own output error stays in the objective throughout):
+The search, in five steps (six with ``holdout``) (each member's own output error stays in the objective throughout):
 
 1. Members are put in a canonical order (a digest of their weights), so the list order the user
    gives changes nothing but the names and the order of the outputs.
@@ -24,8 +24,8 @@ The search, in six steps (each member's own output error stays in the objective 
    member's features cannot also take its own skip link) is tried once more in place of each kept
    direction among the same members, under the same rule: the swap is kept only if it lowers the
    summed error further.
-6. Every candidate above (each member alone, every trial) is fitted on half of the calibration samples
-   and compared on the other half (``holdout``): links add least-squares columns and REAP candidates,
+6. With ``holdout`` (off by default), every candidate above (each member alone, every trial) is fitted on
+   part of the calibration samples and compared on the rest: links add least-squares columns and REAP candidates,
    which fit the samples they are fitted on better than new ones, so compared on those a link can look
    like a gain that held-out samples show as a loss (holdout.py). What is chosen is then fitted again on
    every sample, and so is each member alone (``Unified.separate``: what ``compress`` gives it).
@@ -150,10 +150,11 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     final-output error (default 1: all count equally). ``skip_links``: a member's layer may also read an
     earlier tensor of its own (another channel group) that explains its input, so that the layers in
     between can be removed whole where that beats narrowing them (at small budgets); like every link, a
-    member keeps its skip links only when they lower its error. ``holdout``: the fraction of the calibration
+    member keeps its skip links only when they lower its error. ``holdout``: a fraction of the calibration
     samples (0.5: every second one; at most ``eval_samples`` of them are read) that every candidate is
     compared on and none is fitted on; what is chosen is then fitted again on every sample (see
-    holdout.py). 0, or fewer than ``holdout.MIN_HELD`` such samples: fit and compare on the same samples. The result does not depend on the order of ``models``. ``compress_options`` are passed
+    holdout.py). 0 (the default), or fewer than ``holdout.MIN_HELD`` such samples: fit and compare on the
+    same samples. The result does not depend on the order of ``models``. ``compress_options`` are passed
     to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
     model alone, then every link trial: which member reads which, kept or dropped).
     """
