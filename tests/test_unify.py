@@ -75,15 +75,22 @@ def test_a_copy_collapses_to_one_model_plus_its_head_with_only_a_flops_budget(sp
     assert unified.costs_after["total"]["flops"] <= budget * total
     assert unified.chosen == {"a": "unified", "b": "unified"}
     layers = {name for name, _ in unified.model.named_modules()}
-    assert "b.hidden.0" not in layers and "b.head" in layers  # b's first layer is gone, its head reads a's features
-    assert all(lk.model == "b" and lk.source == "a" for lk in unified.model.links)
+    # which twin is kept is a tie the search breaks by float rounding (either collapse is exact): one member's
+    # first layer is gone and its head reads the other's features, which the other keeps
+    kept = "a" if "a.hidden.0" in layers else "b"
+    gone = "b" if kept == "a" else "a"
+    assert f"{gone}.hidden.0" not in layers and f"{kept}.hidden.0" in layers and f"{gone}.head" in layers
+    assert all(lk.source == kept for lk in unified.model.links)
+    assert any(lk.model == gone for lk in unified.model.links)
     with torch.no_grad():
         out = unified.model(x)
     torch.testing.assert_close(out["a"], a(x), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out["b"], b(x), atol=1e-3, rtol=1e-3)
     assert unified.matches and all(m.r2 > 0.99 for m in unified.matches)
-    assert all(b.r2 > 0.99 for b in unified.bridges)
-    b_row = next(r for r in unified.summary() if r["model"] == "b")
+    # the twin's bridges are exact; the kept member may add a skip link of its own (judged by its error)
+    assert all(b.r2 > 0.99 for b in unified.bridges if b.model == gone)
+    assert any(b.model == gone for b in unified.bridges)
+    b_row = next(r for r in unified.summary() if r["model"] == gone)
     assert b_row["channels_before"] == 128 + 64 + 10 and b_row["groups_removed"] >= 1
     if make_copy is copy.deepcopy:  # each removed neuron is matched to its twin
         assert all((m.other_channel == m.channel and abs(m.alpha - 1) < 1e-3) or m.other_channel == -1

@@ -175,7 +175,8 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     named = named_models(models)
     budget = _checked(budget)
     weights = _checked_weights(member_weights, list(named))
-    step = holdout_step(check_fraction(holdout), count_samples(calibration_data, batch_size))
+    fraction = check_fraction(holdout)  # the data is counted only where a holdout is asked for
+    step = holdout_step(fraction, count_samples(calibration_data, batch_size)) if fraction else None
     fit = calibration_data if step is None else FitSamples(calibration_data, batch_size, step)
     example = example_inputs
     if example is None:
