@@ -44,6 +44,12 @@ def holdout_step(fraction: float, samples: int) -> int | None:
     return step if samples // step >= MIN_HELD else None
 
 
+def _rows(first: int, n: int, step: int, held: bool) -> list[int]:
+    """Rows of a batch whose first sample is sample ``first`` of the set: the held-out ones (every
+    ``step``-th sample of the set) or the others."""
+    return [i for i in range(n) if ((first + i) % step == step - 1) == held]
+
+
 class FitSamples:
     """The calibration data without its held-out samples, iterable as often as a compression needs:
     each pass reads ``data`` again and drops every ``step``-th sample (counted over the whole set)."""
@@ -55,7 +61,7 @@ class FitSamples:
         seen = 0
         for batch in iterate_batches(self.data, self.batch_size):
             n = batch_ops.size(batch)
-            kept = [i for i in range(n) if (seen + i) % self.step != self.step - 1]
+            kept = _rows(seen, n, self.step, held=False)
             seen += n
             if kept:
                 part = batch_ops.select(batch, kept)
@@ -68,7 +74,7 @@ def held_out(data, batch_size: int, step: int, limit: int) -> list:
     chosen, seen, total = [], 0, 0
     for batch in iterate_batches(data, batch_size):
         n = batch_ops.size(batch)
-        picked = [i for i in range(n) if (seen + i) % step == step - 1][:max(limit - total, 0)]
+        picked = _rows(seen, n, step, held=True)[:max(limit - total, 0)]
         seen += n
         if picked:
             chosen.append(batch_ops.select(batch, picked))
