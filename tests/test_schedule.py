@@ -260,6 +260,31 @@ def test_remembered_savings_equal_fresh_ones(calib):
     assert len(remembered._saved) < 20 * len(orders)
 
 
+@pytest.mark.parametrize("name", ["densenet", "resnet"])
+def test_savings_of_groups_going_whole_equal_whole_network_differences(calib, name):
+    """A group that goes whole (or comes back) takes with it every group only its writers read (dead
+    code): its saving is computed from the terms of the groups that died or revived, and equals the
+    difference of the whole network's costs, along random walks that empty groups and refill them."""
+    graph = trace(zoo.create(name), calib[:1])
+    model = CostModel(graph)
+    rng = random.Random(2)
+    orders = {g.id: rng.sample(range(g.size), g.size) for g in graph.prunable_groups}
+    costs = model.along(orders)
+    counts = {g: 0 for g in orders}
+    died = 0
+    for _ in range(25):
+        for g in orders:
+            size = len(orders[g])
+            for k in {size, rng.randrange(size), max(0, counts[g] - 1)}:
+                before, after = costs(counts), costs({**counts, g: k})
+                died += len(costs._dead({**counts, g: k})) > len(costs._dead(counts)) + (k == size)
+                assert costs.change(counts, g, k) == pytest.approx((before[0] - after[0], before[1] - after[1]),
+                                                                   rel=1e-9, abs=1e-6)
+        g = rng.choice(list(orders))
+        counts[g] = rng.choice([len(orders[g]), rng.randrange(len(orders[g]) + 1)])
+    assert died  # some moves killed other groups with them: the case this checks
+
+
 def test_the_search_reuses_the_curves_inverse_grams(calib, monkeypatch):
     """The masked evaluator is handed the inverses the REAP curves factored on the same statistics: the
     search factors no consumer again, and the plan is the one it makes when it factors its own."""

@@ -195,6 +195,9 @@ class CostModel:
         return PrefixCosts(self, orders)
 
 
+TERMS_REMEMBERED = 1 << 20  # term sizes PrefixCosts keeps (about 100 MB at most) before it starts afresh
+
+
 class PrefixCosts:
     """Costs of prefix removals, with per-range prefix counts precomputed (O(1) per range)."""
 
@@ -206,6 +209,10 @@ class PrefixCosts:
         self._cum: dict[tuple[int, int, int], np.ndarray] = {}
         self._near: dict[int, tuple[int, ...]] = {}
         self._saved: dict[tuple, tuple[float, float]] = {}
+        # the groups each term reads (its ranges' and the gained bias's): its size depends on their counts alone
+        self._term_groups = [tuple(sorted({r.group for d in t.dims for r in d.ranges} | set(t.needs or ())))
+                             for _, t in model.terms]
+        self._sizes: dict[tuple, float] = {}
 
     def _prefix(self, g: int, lo: int, hi: int) -> np.ndarray:
         key = (g, lo, hi)
@@ -243,26 +250,39 @@ class PrefixCosts:
         terms that group touches are re-evaluated, and only when a group they depend on has moved
         since (the greedy asks again for every other group's moves after each step)."""
         size = self.model.sizes[gid]
-        if counts.get(gid, 0) >= size or k >= size:  # the group dies or revives: so may others, anywhere
-            before, after = self(counts), self({**counts, gid: k})
-            return before[0] - after[0], before[1] - after[1]
         dead = self._dead(counts)
+        if counts.get(gid, 0) >= size or k >= size:
+            # the group dies or revives, and so may others anywhere (``dead``): the terms that change are
+            # those of the groups whose removals differ, the group and every one that died or revived with it
+            new = {**counts, gid: k}
+            dead_after = self._dead(new)
+            return self._change(counts, new, {gid} | (dead ^ dead_after), dead, dead_after)
         key = (gid, k, tuple(counts.get(g, 0) for g in self._neighbours(gid)), dead)
         saved = self._saved.get(key)
         if saved is None:
-            saved = self._saved[key] = self._change(counts, gid, k, dead)
+            saved = self._saved[key] = self._change(counts, {**counts, gid: k}, {gid}, dead, dead)
         return saved
 
-    def _change(self, counts: Mapping[int, int], gid: int, k: int, dead: frozenset) -> tuple[float, float]:
-        new = {**counts, gid: k}
-        before, after = self._removed_in(counts, dead), self._removed_in(new, dead)
-        pruned_before = {g for g, n in counts.items() if n} | dead
-        pruned_after = {g for g, n in new.items() if n} | dead
+    def _change(self, counts: Mapping[int, int], new: Mapping[int, int], moved: set[int], dead: frozenset,
+                dead_after: frozenset) -> tuple[float, float]:
+        """The cost saved going from ``counts`` to ``new``, from the terms of the ``moved`` groups alone
+        (every other term reads the same removals and the same pruned groups before and after)."""
         saved = [0.0, 0.0]
-        for i in self.model.terms_of.get(gid, ()):
-            metric, t = self.model.terms[i]
-            saved[metric] += self.model.term_size(t, before, pruned_before) - self.model.term_size(t, after, pruned_after)
+        for i in sorted({i for g in moved for i in self.model.terms_of.get(g, ())}):
+            saved[self.model.terms[i][0]] += self._term(i, counts, dead) - self._term(i, new, dead_after)
         return saved[0], saved[1]
+
+    def _term(self, i: int, counts: Mapping[int, int], dead: frozenset) -> float:
+        """Term ``i``'s size, remembered by the counts of the groups it reads (-1: dead): the greedy asks
+        for the same terms at the same counts for every candidate move of every group."""
+        key = (i, tuple(-1 if g in dead else counts.get(g, 0) for g in self._term_groups[i]))
+        size = self._sizes.get(key)
+        if size is None:
+            if len(self._sizes) >= TERMS_REMEMBERED:
+                self._sizes.clear()
+            pruned = {g for g in self._term_groups[i] if g in dead or counts.get(g, 0)}
+            size = self._sizes[key] = self.model.term_size(self.model.terms[i][1], self._removed_in(counts, dead), pruned)
+        return size
 
 
 def _all_of(groups: frozenset, removed_in: Callable[[int, int, int], int]) -> Callable[[int, int, int], int]:
