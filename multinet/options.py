@@ -19,7 +19,8 @@ FRONTIER_DTYPES = ("float32", "float16", "bfloat16")
 @dataclass(frozen=True)
 class RunOptions:
     """``batch_size``: calibration and evaluation batches. ``max_positions``: conv output positions
-    sampled per image for the statistics (None: all). ``damp``: relative damping of every Gram.
+    (and grid positions of a Linear reading an image channels-last) sampled per image for the
+    statistics (None: all; a Linear over a token sequence keeps every token). ``damp``: relative damping of every Gram.
     ``device``: where calibration, solves, curves and evaluation run ("cpu", "cuda", "cuda:1").
     ``seed``: position sampling and random selections. ``eval_samples``: calibration samples that
     measure errors at the final outputs; ``probe_samples``: the most of them an auto schedule's

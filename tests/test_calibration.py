@@ -111,3 +111,44 @@ def test_sampled_positions_are_gathered_without_the_whole_im2col(shape, geom):
     pick = torch.randperm(per_sample, generator=torch.Generator().manual_seed(1))[: max(1, per_sample // 3)]
     expected = full.view(shape[0], per_sample, -1)[:, pick].reshape(-1, full.shape[1])
     assert torch.equal(unfold_conv_input(x, geom, pick), expected)
+
+
+class _PointwiseTwice(nn.Module):
+    """The same 1x1 map of a 6-channel image twice: as a conv, and as a channels-last Linear (ConvNeXt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 4, 1)
+        self.linear = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.conv(h) + self.linear(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("max_positions", [None, 64, 10])
+def test_a_channels_last_linear_samples_its_grid_like_a_1x1_conv(max_positions):
+    """A Linear reading an image channels-last is a 1x1 conv in another layout: its statistics sample the
+    same positions per sample as the conv's (``max_positions``), so the two Grams are equal, and at most
+    ``max_positions`` rows per sample (every one of the 8x8 grid's 64 without a limit or at 64)."""
+    torch.manual_seed(0)
+    model = _PointwiseTwice().eval()
+    x = torch.randn(12, 2, 8, 8)
+    graph = multinet.trace(model, x[:2])
+    stats = collect(graph.module, consumer_specs(graph, ["conv", "linear"]), x, batch_size=5,
+                    max_positions=max_positions)
+    torch.testing.assert_close(stats["linear"].gram, stats["conv"].gram)
+    assert stats["linear"].rows == stats["conv"].rows == 12 * min(64, max_positions or 64)
+
+
+def test_a_linear_over_tokens_keeps_every_token():
+    """(N, T, C) is a sequence, not a grid: every token counts, whatever ``max_positions``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    x = torch.randn(4, 30, 5)
+    graph = multinet.trace(model, x[:1])
+    stats = collect(graph.module, consumer_specs(graph, ["2"]), x, batch_size=2, max_positions=4)
+    h = torch.cat([F.relu(model[0](x)).reshape(-1, 7), torch.ones(120, 1)], 1).double().detach()
+    torch.testing.assert_close(stats["2"].gram, h.T @ h)
+    assert stats["2"].rows == 120

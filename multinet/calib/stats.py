@@ -112,15 +112,30 @@ def _sampled_positions(per_sample: int, max_positions: int | None, gen: torch.Ge
     return None
 
 
+def _linear_rows(x: torch.Tensor, max_positions: int | None, gen: torch.Generator,
+                 keep_rows: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's rows. On an image grid channels-last ((N, H, W, C): ConvNeXt's and Swin's pointwise
+    layers, a 1x1 conv in another layout) at most ``max_positions`` positions per sample, drawn as a
+    conv's are: every position made their Grams 49x a conv's rows at 56x56 and the statistics most of a
+    ConvNeXt compression. A sequence (N, T, C) keeps every token (``keep_rows``: the real ones)."""
+    if x.ndim >= 4 and keep_rows is None:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        pick = _sampled_positions(flat.shape[1], max_positions, gen)
+        if pick is not None:
+            flat = flat[:, pick.to(flat.device)]
+        return flat.reshape(-1, flat.shape[-1])
+    rows = linear_rows(x)
+    return rows if keep_rows is None else rows[keep_rows]
+
+
 def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, gen: torch.Generator,
                dtype: torch.dtype = torch.float64, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The rows a consumer's weights multiply (sampled conv positions) in ``dtype``, with a ones column last.
+    """The rows a consumer's weights multiply (sampled conv positions, or a channels-last Linear's
+    sampled grid positions) in ``dtype``, with a ones column last.
 
     ``keep_rows`` (a Linear's rows, e.g. real tokens, not padding) selects the rows that count."""
     if spec.kind == "linear":
-        rows = linear_rows(x)
-        if keep_rows is not None:
-            rows = rows[keep_rows]
+        rows = _linear_rows(x, max_positions, gen, keep_rows)
     else:  # sampled before unfolding: only these patches are built
         per_sample = math.prod(output_grid(x, spec.geometry))
         rows = unfold_conv_input(x, spec.geometry, _sampled_positions(per_sample, max_positions, gen))
@@ -137,9 +152,7 @@ def output_rows(spec: ConsumerSpec, y: torch.Tensor, max_positions: int | None,
     input (``gen`` seeded as it was there: the same sampled positions; a conv's output grid has as
     many positions as ``input_rows`` unfolds)."""
     if spec.kind == "linear":
-        rows = y.reshape(-1, y.shape[-1])
-        if keep_rows is not None:
-            rows = rows[keep_rows]
+        rows = _linear_rows(y, max_positions, gen, keep_rows)
     else:
         flat = y.flatten(2)  # N x outputs x positions, row-major over the output grid like the unfold
         pick = _sampled_positions(flat.shape[2], max_positions, gen)
