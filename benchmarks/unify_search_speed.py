@@ -46,17 +46,10 @@ def worker(threads: int) -> dict:
     costs.CostModel.term_size = staticmethod(counted)
     split = data.load("digits")
     torch.manual_seed(1)
-    copy = zoo.create("mlp")
-    g = torch.Generator().manual_seed(3)  # the order test's permuted, rescaled copy (tests/test_unify.py)
-    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for layer, nxt in zip(linears, linears[1:]):
-            perm = torch.randperm(layer.out_features, generator=g)
-            scale = torch.rand(layer.out_features, generator=g) + 0.5
-            layer.weight.copy_(layer.weight[perm] * scale[:, None])
-            layer.bias.copy_(layer.bias[perm] * scale)
-            nxt.weight.copy_(nxt.weight[:, perm] / scale[None, :])
-    models = {"a": zoo.create("mlp"), "b": copy, "c": zoo.create("vgg")}
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_unify import _permuted_scaled  # the order test's set, exactly
+
+    models = {"a": zoo.create("mlp"), "b": _permuted_scaled(zoo.create("mlp"), 3), "c": zoo.create("vgg")}
     start = time.perf_counter()
     unified = multinet.unify(models, split.train_x[:512], budget=multinet.Budget(flops=0.05), max_positions=16)
     seconds = time.perf_counter() - start
