@@ -77,9 +77,12 @@ class CostModel:
         self.params_terms += self._gained_biases(graph, slices)
         self.fixed_flops, self.fixed_params = fixed_flops, fixed_params
         self.terms = [(0, t) for t in self.flops_terms] + [(1, t) for t in self.params_terms]
+        # the groups each term reads (its ranges' and the gained bias's): its size depends on their counts alone
+        self.term_groups = [tuple(sorted({r.group for d in t.dims for r in d.ranges} | set(t.needs or ())))
+                            for _, t in self.terms]
         self.terms_of: dict[int, list[int]] = {}  # group -> indices of the terms it changes
-        for i, (_, t) in enumerate(self.terms):
-            for gid in {r.group for d in t.dims for r in d.ranges} | set(t.needs or ()):
+        for i, groups in enumerate(self.term_groups):
+            for gid in groups:
                 self.terms_of.setdefault(gid, []).append(i)
         self.sizes = {g.id: g.size for g in graph.groups}
         self._readers = {g.id: list(g.consumer_names) for g in graph.groups if g.prunable and g.consumers}
@@ -209,9 +212,6 @@ class PrefixCosts:
         self._cum: dict[tuple[int, int, int], np.ndarray] = {}
         self._near: dict[int, tuple[int, ...]] = {}
         self._saved: dict[tuple, tuple[float, float]] = {}
-        # the groups each term reads (its ranges' and the gained bias's): its size depends on their counts alone
-        self._term_groups = [tuple(sorted({r.group for d in t.dims for r in d.ranges} | set(t.needs or ())))
-                             for _, t in model.terms]
         self._sizes: dict[tuple, float] = {}
 
     def _prefix(self, g: int, lo: int, hi: int) -> np.ndarray:
@@ -240,8 +240,7 @@ class PrefixCosts:
         if gid not in self._near:
             near = {gid}
             for i in self.model.terms_of.get(gid, ()):
-                t = self.model.terms[i][1]
-                near |= {r.group for d in t.dims for r in d.ranges} | set(t.needs or ())
+                near.update(self.model.term_groups[i])
             self._near[gid] = tuple(sorted(near))
         return self._near[gid]
 
@@ -275,12 +274,12 @@ class PrefixCosts:
     def _term(self, i: int, counts: Mapping[int, int], dead: frozenset) -> float:
         """Term ``i``'s size, remembered by the counts of the groups it reads (-1: dead): the greedy asks
         for the same terms at the same counts for every candidate move of every group."""
-        key = (i, tuple(-1 if g in dead else counts.get(g, 0) for g in self._term_groups[i]))
+        key = (i, tuple(-1 if g in dead else counts.get(g, 0) for g in self.model.term_groups[i]))
         size = self._sizes.get(key)
         if size is None:
             if len(self._sizes) >= TERMS_REMEMBERED:
                 self._sizes.clear()
-            pruned = {g for g in self._term_groups[i] if g in dead or counts.get(g, 0)}
+            pruned = {g for g in self.model.term_groups[i] if g in dead or counts.get(g, 0)}
             size = self._sizes[key] = self.model.term_size(self.model.terms[i][1], self._removed_in(counts, dead), pruned)
         return size
 

@@ -1,6 +1,6 @@
 """``multinet.unify``: several models on one input -> one network that computes what they share once.
 
-The search, in five steps (six with ``holdout``) (each member's own output error stays in the objective throughout):
+The search, in five steps, six with ``holdout`` (each member's own output error stays in the objective throughout):
 
 1. Members are put in a canonical order (a digest of their weights), so the list order the user
    gives changes nothing but the names and the order of the outputs.
