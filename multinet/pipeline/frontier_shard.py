@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from ..calib import batches as batch_ops
 from ..errors import MultinetError
-from ..calib.frontier import ActivationStore, GraphRunner, frontier_budget, model_outputs
+from ..calib.frontier import ActivationStore, GraphRunner, KeptValues, frontier_budget, model_outputs
 from ..calib.unfold import output_grid
 from ..schedule.oneshot import output_parts, real_tokens
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
@@ -97,13 +98,12 @@ class FrontierShard:
         self.cur_store = ActivationStore(memory, store_dtype, spill_dir)
         self.ref_store = ActivationStore(memory, store_dtype, spill_dir)
         # values of the original model that its frontier has passed and later groups read (see statistics)
-        self.ref_kept = ActivationStore(memory, store_dtype, spill_dir)
+        self.ref_kept = KeptValues(ActivationStore(memory, store_dtype, spill_dir))
         names = [p.name for p in self.cur.placeholders]
         self.masks = [batch_ops.padding_mask(batch_ops.to_device(b, device), names) for b in batches]
         for i, batch in enumerate(batches):
             self.cur_store.put(i, self.cur.start(batch_ops.to_device(batch, device)))
             self.ref_store.put(i, self.ref.start(batch_ops.to_device(batch, device)))
-            self.ref_kept.put(i, {})
         self.position = 0  # the compressed model's frontier is at this node
         self.ref_position = 0  # the original's: it only moves forward
         self.node_batches = {"compressed": 0, "original": 0}  # nodes run, summed over batches
@@ -181,13 +181,16 @@ class FrontierShard:
                   ) -> dict[OriginalRead, torch.Tensor | SampledRows]:
         """The original model's values that ``reads`` need for batch ``b``: kept from an earlier run
         ahead, or by moving its frontier on to ``last`` (keeping on the way what ``later`` reads)."""
-        kept = self.ref_kept.get(b)
-        stored = set(kept)
+        kept = self.ref_kept.keys(b)
+        fresh: dict[str, Any] = {}  # kept on the way for later groups: stored once the run is over
 
         def lookup(read: OriginalRead):
             if "rows|" + read.key in kept:
-                return SampledRows(kept["rows|" + read.key])
-            return kept.get("value|" + read.key)
+                return SampledRows(self.ref_kept.get(b, "rows|" + read.key))
+            return self.ref_kept.get(b, "value|" + read.key)
+
+        def known(read: OriginalRead) -> bool:
+            return "rows|" + read.key in kept or "value|" + read.key in kept
 
         got = {r: v for r in reads if (v := lookup(r)) is not None}
         wanted: dict[str, list[tuple[OriginalRead, bool]]] = {}  # node -> (read, for this group?)
@@ -195,7 +198,7 @@ class FrontierShard:
             if r not in got:
                 wanted.setdefault(r.node, []).append((r, True))
         for r in later:
-            if lookup(r) is None:
+            if not known(r):
                 wanted.setdefault(r.node, []).append((r, False))
 
         def hear(node: str, kind: str):
@@ -205,9 +208,10 @@ class FrontierShard:
                         continue
                     if now:
                         got.setdefault(read, x)
-                    elif lookup(read) is None:
+                    elif not known(read):
                         form, value = self._kept_form(read, x, b)
-                        kept[f"{form}|{read.key}"] = value
+                        fresh[f"{form}|{read.key}"] = value
+                        kept.add(f"{form}|{read.key}")
             return take
 
         env = self.ref_store.get(b)
@@ -225,8 +229,10 @@ class FrontierShard:
             raise MultinetError(f"the original model's values at {missing} were passed without being kept "
                                 f"(an internal error: they were not announced as read later)")
         keep = {f"{form}|{r.key}" for r in later for form in ("rows", "value")}
-        if set(kept) != stored or not keep.issuperset(kept):  # written again only when what is kept changed
-            self.ref_kept.put(b, {k: v for k, v in kept.items() if k in keep})
+        self.ref_kept.drop(b, kept - keep)  # this group's values: deleted, the others' left as they are
+        for key, value in fresh.items():
+            if key in keep:
+                self.ref_kept.add(b, key, value)
         return got
 
     def _accumulate(self, acc, specs, captured, original, b: int, seed: int, values) -> None:
