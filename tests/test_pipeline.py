@@ -1,4 +1,6 @@
 """The cached-input pipeline: the same problems, kept channels and model as the full-pass reference path."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -165,6 +167,20 @@ def test_kept_values_drop_deletes_one_file_and_leaves_the_others(tmp_path):
     torch.testing.assert_close(kept.get(1, "a"), a + 1, atol=0, rtol=0)
     kept.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_spilling_says_what_to_do(tmp_path, monkeypatch):
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    store = ActivationStore(0, None, tmp_path)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(multinet.MultinetError, match="could not spill .*frontier_memory.*bfloat16") as err:
+        store.put(0, {"x": torch.zeros(1000)})
+    assert "No space left on device" in str(err.value) and str(tmp_path) in str(err.value)
+    assert not [p for d in tmp_path.iterdir() for p in d.iterdir()]  # no half-written file left behind
+    store.close()
 
 
 def test_budgets_and_plans_run_through_the_pipeline(calib):

@@ -82,7 +82,7 @@ class ActivationStore:
         size = _nbytes(stored)
         if not self.budget.take(size):
             path = self._directory() / f"batch-{index}.pt"
-            torch.save(stored, path)
+            _save(stored, path, size)
             self._files[index] = (path, dtypes)
             self.spilled += 1
             return
@@ -171,6 +171,20 @@ class KeptValues:
     def close(self) -> None:
         self._entries.clear()
         self.store.close()
+
+
+def _save(env: Env, path: Path, size: int) -> None:
+    """torch.save, with a full disk reported as what it is: the frontier spilling past its memory."""
+    try:
+        torch.save(env, path)
+    except (OSError, RuntimeError) as exc:
+        path.unlink(missing_ok=True)
+        used = sum(f.stat().st_size for f in path.parent.iterdir())
+        raise MultinetError(
+            f"could not spill {size / 2**20:.0f} MB of the pipeline's frontier to {path.parent} ({used / 2**30:.1f} GB "
+            f"there so far): {str(exc).strip().splitlines()[0]}. Free disk space there (TMPDIR chooses the folder), "
+            f"keep more in memory (frontier_memory), store it in half precision (frontier_dtype='bfloat16'), or "
+            f"calibrate on fewer samples") from exc
 
 
 def _nbytes(env: Env) -> int:
