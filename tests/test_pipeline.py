@@ -100,6 +100,48 @@ def test_values_kept_for_later_groups_as_their_sampled_rows_give_the_reference_r
     assert max(share for kind, share in rows if kind == "out") == pytest.approx(4 / 64)
 
 
+class ChannelsLastStage(nn.Module):
+    """ConvNeXt's pattern: a stream read by blocks whose pointwise Linear layers see the grid channels-last."""
+
+    def __init__(self, width=12, hidden=24):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.ups = nn.ModuleList(nn.Linear(width, hidden) for _ in range(3))
+        self.downs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(3))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for up, down in zip(self.ups, self.downs):
+            h = h + down(torch.relu(up(h.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.head(h.mean((2, 3)))
+
+
+def test_channels_last_values_kept_for_later_groups_are_their_sampled_rows(calib, monkeypatch):
+    """A Linear reading an image grid channels-last samples its positions as a conv does, so what the
+    original's frontier keeps for it (the stream's run passes every block) is those rows too: a fraction
+    of the grid. The result is the reference's."""
+    from multinet.pipeline.frontier_shard import FrontierShard
+
+    forms = []
+    kept_form = FrontierShard._kept_form
+
+    def spy(self, read, value, b):
+        form, kept = kept_form(self, read, value, b)
+        forms.append((read.spec.kind, form, kept.numel() / value.numel()))
+        return form, kept
+
+    monkeypatch.setattr(FrontierShard, "_kept_form", spy)
+    torch.manual_seed(0)
+    model = ChannelsLastStage().eval()
+    ratios = {g.id: 0.4 for g in multinet.trace(model, calib[:1]).prunable_groups}
+    reference = multinet.compress(model, calib, ratio=ratios, mode="reference", max_positions=4)
+    pipeline = multinet.compress(model, calib, ratio=ratios, max_positions=4)
+    _same(pipeline, reference, calib[:64])
+    linear = [(form, share) for kind, form, share in forms if kind == "linear"]
+    assert linear and all(form == "rows" and share < 0.2 for form, share in linear)  # 4 of 64 positions, + ones
+
+
 def test_spilled_and_half_precision_frontiers(calib):
     in_memory = _compress(zoo.create("vgg"), calib, ratio=0.5)
     spilled = _compress(zoo.create("vgg"), calib, ratio=0.5, frontier_memory=0)
