@@ -74,9 +74,10 @@ def test_a_residual_stream_spanning_segments_equals_the_reference(calib):
     assert pipeline.cost.compressed_nodes < 2 * pipeline.cost.nodes
 
 
-def test_values_kept_for_later_groups_as_their_sampled_rows_give_the_reference_result(calib, monkeypatch):
-    """What the original's frontier passes for later groups is kept as the rows their statistics will
-    sample (a fraction of the activations at few positions per image), and the result does not change."""
+def _kept_forms(model: nn.Module, calib, monkeypatch) -> list[tuple[str, str, str, float]]:
+    """Compress ``model`` through the pipeline and the reference path (same result asserted) and return, for
+    every value the original's frontier kept for a later group: (layer kind, read kind, form, its size as a
+    share of the value)."""
     from multinet.pipeline.frontier_shard import FrontierShard
 
     forms = []
@@ -84,17 +85,23 @@ def test_values_kept_for_later_groups_as_their_sampled_rows_give_the_reference_r
 
     def spy(self, read, value, b):
         form, kept = kept_form(self, read, value, b)
-        forms.append((read.kind, form, kept.numel() / value.numel()))
+        forms.append((read.spec.kind, read.kind, form, kept.numel() / value.numel()))
         return form, kept
 
     monkeypatch.setattr(FrontierShard, "_kept_form", spy)
-    torch.manual_seed(0)
-    model = Stage().eval()
     ratios = {g.id: 0.4 for g in multinet.trace(model, calib[:1]).prunable_groups}
     reference = multinet.compress(model, calib, ratio=ratios, mode="reference", max_positions=4)
     pipeline = multinet.compress(model, calib, ratio=ratios, max_positions=4)
     _same(pipeline, reference, calib[:64])
-    rows = [(kind, share) for kind, form, share in forms if form == "rows"]
+    return forms
+
+
+def test_values_kept_for_later_groups_as_their_sampled_rows_give_the_reference_result(calib, monkeypatch):
+    """What the original's frontier passes for later groups is kept as the rows their statistics will
+    sample (a fraction of the activations at few positions per image), and the result does not change."""
+    torch.manual_seed(0)
+    forms = _kept_forms(Stage().eval(), calib, monkeypatch)
+    rows = [(kind, share) for _, kind, form, share in forms if form == "rows"]
     assert {kind for kind, _ in rows} == {"in", "out"}  # block inputs and the stream's values for the drift
     assert all(share < 1 for _, share in rows)
     assert max(share for kind, share in rows if kind == "out") == pytest.approx(4 / 64)
@@ -121,24 +128,9 @@ def test_channels_last_values_kept_for_later_groups_are_their_sampled_rows(calib
     """A Linear reading an image grid channels-last samples its positions as a conv does, so what the
     original's frontier keeps for it (the stream's run passes every block) is those rows too: a fraction
     of the grid. The result is the reference's."""
-    from multinet.pipeline.frontier_shard import FrontierShard
-
-    forms = []
-    kept_form = FrontierShard._kept_form
-
-    def spy(self, read, value, b):
-        form, kept = kept_form(self, read, value, b)
-        forms.append((read.spec.kind, form, kept.numel() / value.numel()))
-        return form, kept
-
-    monkeypatch.setattr(FrontierShard, "_kept_form", spy)
     torch.manual_seed(0)
-    model = ChannelsLastStage().eval()
-    ratios = {g.id: 0.4 for g in multinet.trace(model, calib[:1]).prunable_groups}
-    reference = multinet.compress(model, calib, ratio=ratios, mode="reference", max_positions=4)
-    pipeline = multinet.compress(model, calib, ratio=ratios, max_positions=4)
-    _same(pipeline, reference, calib[:64])
-    linear = [(form, share) for kind, form, share in forms if kind == "linear"]
+    forms = _kept_forms(ChannelsLastStage().eval(), calib, monkeypatch)
+    linear = [(form, share) for layer, _, form, share in forms if layer == "linear"]
     assert linear and all(form == "rows" and share < 0.2 for form, share in linear)  # 4 of 64 positions, + ones
 
 
