@@ -138,7 +138,7 @@ class KeptValues:
     transformer's width group spans every block: ViT-B/16 keeps ~50 MB per image for the blocks'
     heads and MLP groups). Each group then drops only its own. Stored as one environment per batch,
     every drop rewrote the whole rest of it: ViT-B/16 at 1,024 images of 224² spilled ~39 GB and
-    wrote them again at every one of its 25 groups. One entry per value makes a drop a deletion."""
+    wrote them again for every one of its 24 later groups. One entry per value makes a drop a deletion."""
 
     def __init__(self, store: ActivationStore):
         self.store = store
