@@ -167,23 +167,20 @@ class FrontierShard:
         (ConvNeXt's pointwise layers: 64 of 3,136 positions at 224²); a token sequence keeps every token."""
         if not self.max_positions or read.spec.kind not in ("conv", "linear"):
             return "value", value
-        grams = self._grams(read.seed, b)
-        if read.spec.kind == "linear":
-            if value.ndim < 4 or self.masks[b] is not None:
-                return "value", value
-            rows = (grams.input_rows(read.spec, value, read.call) if read.kind == "in"
-                    else grams.output_rows(read.spec, value, read.call))
-            return ("rows", rows) if rows.numel() < value.numel() else ("value", value)
-        if read.kind == "in":
-            per_sample = math.prod(output_grid(value, read.spec.geometry))
-            columns = value.shape[1] * math.prod(read.spec.geometry["kernel"]) + 1
-        else:
-            per_sample, columns = value[0, 0].numel(), value.shape[1]
-        if value.shape[0] * min(per_sample, self.max_positions) * columns >= value.numel():
+        if read.spec.kind == "linear" and (value.ndim < 4 or self.masks[b] is not None):
             return "value", value
+        if read.spec.kind == "conv":  # the rows' size is known before they are built
+            if read.kind == "in":
+                per_sample = math.prod(output_grid(value, read.spec.geometry))
+                columns = value.shape[1] * math.prod(read.spec.geometry["kernel"]) + 1
+            else:
+                per_sample, columns = value[0, 0].numel(), value.shape[1]
+            if value.shape[0] * min(per_sample, self.max_positions) * columns >= value.numel():
+                return "value", value
+        grams = self._grams(read.seed, b)
         rows = (grams.input_rows(read.spec, value, read.call) if read.kind == "in"
                 else grams.output_rows(read.spec, value, read.call))
-        return "rows", rows
+        return ("rows", rows) if rows.numel() < value.numel() else ("value", value)
 
     def _original(self, b: int, reads: list[OriginalRead], last: int, later: list[OriginalRead]
                   ) -> dict[OriginalRead, torch.Tensor | SampledRows]:
