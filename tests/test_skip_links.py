@@ -113,22 +113,23 @@ def test_skip_links_do_not_depend_on_the_order_of_the_models(split, digit_pair):
         assert _accuracy(fo[name], split.test_y) == _accuracy(bo[name], split.test_y)
 
 
-def test_a_direction_kept_first_gives_way_to_a_blocked_one_that_helps_more(split, digit_pair, monkeypatch):
-    """The two digit MLPs at 1 %: the forward selection keeps one head reading the other model's hidden
-    layer, then a model reading the other's features for its head (a small gain), and that blocks the
-    model's own skip link (one layer, one source). The swap pass tries the blocked skip link in place of
-    the direction that blocked it, and keeps it: both models end with a lower error than without it."""
+def test_a_link_to_another_model_no_longer_blocks_the_layers_own_skip_link(split, digit_pair, monkeypatch):
+    """The two digit MLPs at 1 %. A layer used to take one source, so a head reading the other model's
+    features blocked that head's own skip link, and only the swap pass (the blocked direction tried in
+    place of the one that blocked it) found the better network. A layer now takes one source of each
+    kind: forward selection alone keeps the skip link, and the swap pass has nothing left to change."""
     import multinet.unification.api as api
 
     calib = split.train_x[:1024]
     swapped = multinet.unify(digit_pair, calib, budget=0.01)
     monkeypatch.setattr(api, "_swaps", lambda *args: [])
     forward_only = multinet.unify(digit_pair, calib, budget=0.01)
-    assert any(lk.model == lk.source for lk in swapped.model.links)
-    assert not any(lk.model == lk.source for lk in forward_only.model.links)
+    assert any(lk.model == lk.source for lk in forward_only.model.links)
+    assert any(lk.model != lk.source for lk in forward_only.model.links)
+    assert sorted(map(str, forward_only.model.links)) == sorted(map(str, swapped.model.links))
     for name in digit_pair:
-        assert swapped.errors[name]["unified"] < 0.9 * forward_only.errors[name]["unified"]
-        assert swapped.errors[name]["unified"] < swapped.errors[name]["separate"]
+        assert forward_only.errors[name]["unified"] == swapped.errors[name]["unified"]
+        assert forward_only.errors[name]["unified"] < 0.6 * forward_only.errors[name]["separate"]
 
 
 # --- compress(..., skip_links=True): one model, its own skip links, a plain model back --------------------

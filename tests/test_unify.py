@@ -234,7 +234,10 @@ def test_links_go_both_ways_and_a_member_a_link_leaves_worse_off_is_weighted_up(
     (``tolerance``) while the digit model halves its error. (With no slack the retry misses by 5 %:
     parity's separate compression improved when the schedule learned to spend a plan's leftover budget.)"""
     models = {"digit": zoo.create("mlp"), "parity": _parity_mlp(split)}
-    unified = multinet.unify(models, split.train_x[:1024], budget=0.04, skip_links=False, tolerance=0.1)
+    # fuse_layers=False: the members' first layers stay apart (compressed fused, the digit model reading
+    # parity's features is enough here: tests/test_unify.py::test_fused_first_layers_...)
+    unified = multinet.unify(models, split.train_x[:1024], budget=0.04, skip_links=False, tolerance=0.1,
+                             fuse_layers=False)
     assert unified.chosen == {"digit": "unified", "parity": "unified"}
     assert any(lk.model == "parity" and lk.source == "digit" for lk in unified.model.links)
     by_r2 = sorted(unified.candidates, key=lambda c: -c.r2)[0]
@@ -271,3 +274,90 @@ def test_unify_reports_its_search_with_progress(split, capsys):
     err = capsys.readouterr().err
     assert "unify: each model alone: 0/2" in err and "unify: each model alone: 2/2 (100%) done" in err
     assert "unify: link trials: 0/" in err and "reading" in err and "unify: link trials" in err.split("done")[-2]
+
+
+def test_a_layer_may_read_another_members_tensor_and_its_own_earlier_one_at_once(split):
+    """One link per kind and layer: a head can read the other member's features (a cross link) and its own
+    first layer's (a skip link) together, each tensor once; widened with zero weights, outputs are unchanged."""
+    from multinet.unification import choose_links, score_candidates
+    from multinet.unification.bridges import add_bridges
+    from multinet.unification.similarity import canonical_order, linkable_layers, skip_conflicts
+
+    models = {"digit": zoo.create("mlp"), "parity": _parity_mlp(split)}
+    net = MultiNet(models, split.train_x[:1])
+    graph = trace(net.graph_module, split.train_x[:1])
+    targets = {m: list(linkable_layers(graph, net.graph_module, m)[0]) for m in models}
+    candidates = score_candidates(net.graph_module, targets, split.train_x[:256], conflicts=skip_conflicts(graph))
+    rank = {m: i for i, m in enumerate(canonical_order(models))}
+    links = choose_links(net.graph_module, candidates, rank, 0.5, {("digit", "parity"), ("digit", "digit")})
+    kinds: dict[str, list[bool]] = {}
+    for lk in links:
+        kinds.setdefault(lk.layer, []).append(lk.source == lk.model)
+    assert all(sorted(k) in ([False], [True], [False, True]) for k in kinds.values())
+    both = [layer for layer, k in kinds.items() if len(k) == 2]
+    assert "digit.head" in both
+    bridged, bridges = add_bridges(net, split.train_x[:1], links)
+    bridge = next(b for b in bridges if b.consumer == "digit.head")
+    assert len(bridge.sources) == len(bridge.tensors) == 2
+    assert {s for s, _, _ in bridge.sources} == {"digit", "parity"}
+    head = bridged.get_submodule("digit.head")
+    assert head.in_features == bridge.own + sum(w for _, _, w in bridge.sources)
+    x = split.test_x[:64]
+    with torch.no_grad():
+        out, ref = bridged(x), net(x)
+    for m in models:
+        torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+
+
+def test_members_first_layers_fuse_for_compression_and_a_members_own_layers_do_not(split):
+    from multinet.unification.fusion import fuse_across_members
+
+    a, b = zoo.create("mlp"), _permuted_scaled(zoo.create("mlp"), 3)
+    net = MultiNet({"a": a, "b": b}, split.train_x[:1])
+    fused = fuse_across_members(net.graph_module, ["a", "b"])
+    shared = [n for n, _ in fused.named_children() if n.startswith("shared_")]
+    assert shared == ["shared_a_hidden_0_0"] and fused.get_submodule(shared[0]).out_features == 256
+    layers = {n for n, _ in fused.named_modules()}
+    assert "a.hidden.0" not in layers and "b.hidden.0" not in layers and "a.hidden.2" in layers
+    x = split.test_x[:64]
+    with torch.no_grad():
+        out, ref = fused(x), net(x)
+    for m in ("a", "b"):
+        torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+    # the fused layer is one channel group of both members' channels
+    graph = trace(fused, split.train_x[:1])
+    assert graph.group_of_layer(shared[0]).size == 256
+    kept = fuse_across_members(net.graph_module, ["a", "b"], keep=("b.hidden.*",))
+    assert not any(n.startswith("shared_") for n, _ in kept.named_children())
+    alone = fuse_across_members(MultiNet({"a": a}, split.train_x[:1]).graph_module, ["a"])
+    assert not any(n.startswith("shared_") for n, _ in alone.named_children())
+
+
+def test_fused_first_layers_let_one_trunk_serve_a_digit_and_a_parity_model(split):
+    """At 2 % of their FLOPs a digit and a parity MLP keep a trunk of a few first-layer neurons. Apart,
+    each member's first layer is its own channel group and the schedule's greedy path spends the trunk
+    on one member's neurons; fused, REAP picks among both members' neurons for both heads at once. unify
+    keeps whichever variant has the lower summed error, never leaving a member worse than alone."""
+    models = {"digit": zoo.create("mlp"), "parity": _parity_mlp(split)}
+    calib = split.train_x[:1024]
+    fused = multinet.unify(models, calib, budget=0.02)
+    apart = multinet.unify(models, calib, budget=0.02, fuse_layers=False)
+    for u in (fused, apart):
+        assert u.chosen == {"digit": "unified", "parity": "unified"}
+        for m, e in u.errors.items():
+            assert e["unified"] <= e["separate"]
+    assert any(n.startswith("shared_") for n, _ in fused.model.named_children())
+    assert not any(n.startswith("shared_") for n, _ in apart.model.named_children())
+    total = lambda u: sum(e["unified"] for e in u.errors.values())  # noqa: E731
+    assert total(fused) < 0.9 * total(apart)
+    x = split.test_x
+    with torch.no_grad():
+        digit = lambda u: (u.model(x)["digit"].argmax(1) == split.test_y).float().mean().item()  # noqa: E731
+        assert digit(fused) > digit(apart) + 0.05
+        assert fused.costs_after["total"]["flops"] <= 0.02 * sum(count(trace(m, x[:1]).module).flops
+                                                                  for m in models.values())
+        torch.testing.assert_close(fused.model.fused()(x[:32])["digit"], fused.model(x[:32])["digit"],
+                                   atol=1e-5, rtol=1e-5)
+        from multinet.io import from_bytes, to_bytes
+        again = from_bytes(to_bytes(fused.model))  # the shared layer and its split pass the model-file checks
+        torch.testing.assert_close(again(x[:32])["parity"], fused.model(x[:32])["parity"])

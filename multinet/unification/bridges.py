@@ -1,7 +1,8 @@
 """Bridges: let a member's layer read another member's tensor, so that it can stop computing its own.
 
 A chosen link (see ``choose_links``) concatenates the source tensor (average-pooled to the
-layer's grid when needed) in front of the layer's own input, and the layer is widened with zero
+layer's grid when needed) in front of the layer's own input (a layer with a skip link and a link to
+another member reads both, so a head can draw on both members' features), and the layer is widened with zero
 weights for those channels: outputs are unchanged. REAP then treats the source channels as
 columns that help reconstruct (they belong to the source member's group), and may remove the
 layer's own input channels entirely: its producer chain is then dead code. Links go in both
@@ -36,9 +37,10 @@ class Bridge:
 
 def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict[str, int],
                  min_r2: float, ways: set[tuple[str, str]] | None = None) -> list[Candidate]:
-    """At most one source per layer: the best-explaining one (R² ≥ ``min_r2``) that keeps the
-    network acyclic and does not let two tensors stand in for each other (REAP's per-group curves
-    would then count the same redundancy twice). Layers claim in order of their best R², ties
+    """At most two sources per layer, one of each kind: the best-explaining tensor of another member
+    and the best-explaining earlier tensor of its own member (a skip link), each with R² ≥ ``min_r2``,
+    that keep the network acyclic and do not let two tensors stand in for each other (REAP's
+    per-group curves would then count the same redundancy twice). Layers claim in order of their best R², ties
     broken by the canonical member ``rank`` (later members read earlier ones), never by list order.
     ``ways``: the (reader, source) member pairs allowed; by default one direction per pair
     (:func:`directions`). Both directions between two members may be allowed: the acyclicity and
@@ -62,14 +64,18 @@ def choose_links(gm: fx.GraphModule, candidates: Iterable[Candidate], rank: dict
     for layer in layers:
         node = calls[layer]
         own = node.args[0].name
+        taken: set[bool] = set()  # kinds of source this layer has: True = its own member's (a skip link)
         for c in by_layer[layer]:
+            kind = c.source == c.model
+            if kind in taken:
+                continue
             source = calls[c.source_layer].args[0].name
             if node.name in _reach(inputs, source) or own in _reach(stands_in, source):
                 continue
             inputs[node.name].add(source)
             stands_in.setdefault(own, set()).add(source)
             chosen.append(c)
-            break
+            taken.add(kind)
     return chosen
 
 
@@ -131,19 +137,25 @@ def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) 
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     links = list(links)
     inputs = {name: calls[name].args[0] for lk in links for name in (lk.layer, lk.source_layer)}  # before any cat
-    bridges = []
+    by_layer: dict[str, list[Candidate]] = {}
     for link in links:
-        node = calls[link.layer]
-        own, source = inputs[link.layer], inputs[link.source_layer]
-        dim = -1 if isinstance(gm.get_submodule(link.layer), nn.Linear) else 1  # where the layer's channels are
+        by_layer.setdefault(link.layer, []).append(link)
+    bridges = []
+    for layer, reads in by_layer.items():
+        node, own = calls[layer], inputs[layer]
+        dim = -1 if isinstance(gm.get_submodule(layer), nn.Linear) else 1  # where the layer's channels are
+        tensors = []
         with gm.graph.inserting_before(node):
-            src = source if link.pool is None else gm.graph.call_function(_POOLS[len(link.pool)], (source, link.pool))
-            cat = gm.graph.call_function(torch.cat, ([src, own], dim))
+            for link in reads:
+                source = inputs[link.source_layer]
+                tensors.append(source if link.pool is None else
+                               gm.graph.call_function(_POOLS[len(link.pool)], (source, link.pool)))
+            cat = gm.graph.call_function(torch.cat, ([*tensors, own], dim))
         node.args = (cat, *node.args[1:])
-        width = _shape(source)[dim]
-        set_submodule(gm, link.layer, _widen(gm.get_submodule(link.layer), width))
-        bridges.append(Bridge(link.layer, link.model, [(link.source, link.source_layer, width)], _shape(own)[dim],
-                              link.r2, link.pool, (source.name,)))
+        sources = [(link.source, link.source_layer, _shape(inputs[link.source_layer])[dim]) for link in reads]
+        set_submodule(gm, layer, _widen(gm.get_submodule(layer), sum(w for _, _, w in sources)))
+        bridges.append(Bridge(layer, reads[0].model, sources, _shape(own)[dim], max(lk.r2 for lk in reads),
+                              reads[0].pool, tuple(inputs[lk.source_layer].name for lk in reads)))
     gm = _topologically_sorted(gm)
     propagate_shapes(gm, example)
     gm.meta["multinet_bridges"] = [b.consumer for b in bridges]

@@ -13,6 +13,7 @@ so compression keeps working on the unfused graph where every member owns its la
 from __future__ import annotations
 
 import copy
+import fnmatch
 import operator
 from collections import defaultdict
 
@@ -40,6 +41,34 @@ def fuse_parallel(gm: fx.GraphModule, halve: bool = True) -> fx.GraphModule:
         _fuse(gm, siblings)
     if halve:
         halve_pools(gm, _device_of(gm))
+    return finish_rewrite(gm)
+
+
+def fuse_across_members(gm: fx.GraphModule, members: list[str], keep: tuple[str, ...] = ()) -> fx.GraphModule:
+    """A copy of ``gm`` in which layers of *different* members that read the same tensor are one wider layer,
+    for compression rather than speed: the fused layer's output channels are one channel group, so REAP
+    chooses among all the members' channels at once which to keep (a head bridged to both members'
+    features reads the union, and its least squares picks from it), where apart each member's group
+    would be cut by its own curve and the schedule would split the budget between them. Digits: an MLP
+    digit classifier and a parity MLP at 2 % of their FLOPs, both heads reading both first layers:
+    0.87 / 0.90 accuracy fused, 0.72 / 0.97 apart (separately compressed: 0.57 / 0.90).
+
+    Layers of one member stay apart (that is the member's own architecture), and so do layers named
+    by ``keep`` (glob patterns, e.g. a budget's ``ignore``: they must stay findable by name). The
+    fused layer is named after its first sibling (``shared_<layer>``), so two parts fused apart can
+    be combined into one MultiNet without a name clash."""
+    gm = copy.deepcopy(gm)
+    merge_repeated_ops(gm)
+    for siblings in sibling_layers(gm):
+        chosen, owners = [], set()
+        for node in siblings:
+            owner = next((m for m in members if str(node.target).startswith(f"{m}.")), None)
+            if owner is None or owner in owners or any(fnmatch.fnmatchcase(str(node.target), p) for p in keep):
+                continue
+            chosen.append(node)
+            owners.add(owner)
+        if len(chosen) > 1:
+            _fuse(gm, chosen, stem=f"shared_{str(chosen[0].target).replace('.', '_')}")
     return finish_rewrite(gm)
 
 
@@ -124,10 +153,10 @@ def _fusion_key(module: nn.Module) -> tuple | None:
     return None
 
 
-def _fuse(gm: fx.GraphModule, siblings: list[fx.Node]) -> None:
-    """Replace ``siblings`` by one wider layer and a split of its output, in their order."""
+def _fuse(gm: fx.GraphModule, siblings: list[fx.Node], stem: str = "fused") -> None:
+    """Replace ``siblings`` by one wider layer (named ``stem_<i>``) and a split of its output, in their order."""
     modules = [gm.get_submodule(n.target) for n in siblings]
-    name = _free_name(gm, "fused")
+    name = _free_name(gm, stem)
     gm.add_submodule(name, _wider(modules))
     sizes = [m.weight.shape[0] for m in modules]
     dim = 1 if isinstance(modules[0], _CONVS) else -1
