@@ -348,6 +348,14 @@ def test_fused_first_layers_let_one_trunk_serve_a_digit_and_a_parity_model(split
             assert e["unified"] <= e["separate"]
     assert any(n.startswith("shared_") for n, _ in fused.model.named_children())
     assert not any(n.startswith("shared_") for n, _ in apart.model.named_children())
+    rows = {r["model"]: r for r in fused.summary()}
+    width = fused.model.get_submodule(next(n for n, _ in fused.model.named_children() if n.startswith("shared_")))
+    assert rows["shared"]["channels_after"] == width.out_features > 0
+    # a member's first layer went into the shared one, not away: only its second hidden layer may be gone
+    layers = {n for n, _ in fused.model.named_modules()}
+    for m in models:
+        assert rows[m]["groups_removed"] == (f"{m}.hidden.2" not in layers)
+    assert apart.summary()[-1]["channels_after"] == 0
     total = lambda u: sum(e["unified"] for e in u.errors.values())  # noqa: E731
     assert total(fused) < 0.9 * total(apart)
     x = split.test_x

@@ -51,7 +51,8 @@ def markdown(report: dict) -> str:
                       "channels another model stands in for |", "|---|---|---|---|---|---|---|"]
             for r in u["summary"]:
                 if r["model"] == "shared":
-                    lines.append(f"| shared | {r['flops_before']:,} | {r['flops_after']:,} | | | | |")
+                    fused = r.get("channels_after") or ""  # the members' first layers fused into one (fuse_layers)
+                    lines.append(f"| shared | {r['flops_before']:,} | {r['flops_after']:,} | | {fused} | | |")
                 else:
                     lines.append(f"| {r['model']} | {r['flops_before']:,} | {r['flops_after']:,} | {r['channels_before']} "
                                  f"| {r['channels_after']} | {r['groups_removed']} | {r['replaced_by_other_models']} |")

@@ -52,7 +52,7 @@ from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
 from .bridges import Bridge, add_bridges, choose_links, live_links
-from .fusion import fuse_across_members
+from .fusion import SHARED, fuse_across_members, layers_fused_across_members
 from .holdout import HOLDOUT, FitSamples, check_fraction, count_samples, held_out, holdout_step
 from .multinet import MultiNet, combine, model_costs, named_models
 from .similarity import Candidate, canonical_order, linkable_layers, score_candidates, skip_conflicts
@@ -92,6 +92,7 @@ class Unified:
     candidates: list[Candidate] = field(default_factory=list)  # every scored link (R²), chosen or not
     unlinkable: dict[str, str] = field(default_factory=dict)  # weighted layers no link may target, and why
     separate: dict[str, CompressResult] = field(default_factory=dict, repr=False)  # each model compressed alone
+    shared_channels: int = 0  # channels of the layers several members' first layers were fused into (fuse_layers)
 
     def as_dict(self) -> dict:
         skip = {"model", "result", "separate"}
@@ -120,7 +121,7 @@ class Unified:
                 separate_error=errors.get("separate"), weight=errors.get("weight"),
             ))
         rows.append(dict(model="shared", flops_before=self.costs_before["shared"]["flops"],
-                         flops_after=self.costs_after["shared"]["flops"]))
+                         flops_after=self.costs_after["shared"]["flops"], channels_after=self.shared_channels))
         return rows
 
 
@@ -242,7 +243,8 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
                    replace(largest.result, model=largest.model) if largest else None,
                    _channels_after(net, model, example, list(named)),
                    {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
-                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s})
+                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s},
+                   _shared_channels(model, example))
 
 
 def _tracing(compress_options: Mapping) -> tuple:
@@ -570,10 +572,24 @@ def _channels(net: MultiNet, example, names: list[str]) -> dict[str, int]:
 
 
 def _channels_after(net: MultiNet, model: MultiNet, example, names: list[str]) -> dict[str, tuple[int, int]]:
-    """Per member: channels of its groups after, and how many of its groups are gone entirely."""
+    """Per member: channels of its groups after, and how many of its groups are gone entirely (a group
+    whose layer was fused with other members' into a shared one is not gone: see ``_shared_channels``)."""
     before, after = trace(net.graph_module, example), trace(model.graph_module, example)
-    return {n: (sum(g.size for g in _member_groups(after, n)),
-                len(_member_groups(before, n)) - len(_member_groups(after, n))) for n in names}
+    fused = {name for layers in layers_fused_across_members(net.graph_module, names) for name in layers}
+    shared = _shared_channels(model, example) > 0
+    out = {}
+    for n in names:
+        kept = {p for g in _member_groups(after, n) for p in g.producers}
+        gone = [g for g in _member_groups(before, n) if not set(g.producers) & kept
+                and not (shared and set(g.producers) <= fused)]
+        out[n] = (sum(g.size for g in _member_groups(after, n)), len(gone))
+    return out
+
+
+def _shared_channels(model: MultiNet, example) -> int:
+    """Channels of the layers several members' layers were fused into for compression (``fuse_layers``)."""
+    graph = trace(model.graph_module, example)
+    return sum(g.size for g in graph.groups if g.producers and all(p.startswith(SHARED) for p in g.producers))
 
 
 def compress_multinet(net: MultiNet, calibration_data, **options) -> CompressResult:

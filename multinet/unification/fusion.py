@@ -59,6 +59,24 @@ def fuse_across_members(gm: fx.GraphModule, members: list[str], keep: tuple[str,
     be combined into one MultiNet without a name clash."""
     gm = copy.deepcopy(gm)
     merge_repeated_ops(gm)
+    for chosen in _across_members(gm, members, keep):
+        _fuse(gm, chosen, stem=f"{SHARED}{str(chosen[0].target).replace('.', '_')}")
+    return finish_rewrite(gm)
+
+
+SHARED = "shared_"  # the name prefix of a layer fuse_across_members made from several members' layers
+
+
+def layers_fused_across_members(gm: fx.GraphModule, members: list[str], keep: tuple[str, ...] = ()) -> list[list[str]]:
+    """The layer names :func:`fuse_across_members` would fuse, per fused layer (``gm`` is not changed)."""
+    gm = copy.deepcopy(gm)
+    merge_repeated_ops(gm)
+    return [[str(n.target) for n in chosen] for chosen in _across_members(gm, members, keep)]
+
+
+def _across_members(gm: fx.GraphModule, members: list[str], keep: tuple[str, ...]) -> list[list[fx.Node]]:
+    """Sibling layers of different members (at most one per member, none named by ``keep``)."""
+    out = []
     for siblings in sibling_layers(gm):
         chosen, owners = [], set()
         for node in siblings:
@@ -68,8 +86,8 @@ def fuse_across_members(gm: fx.GraphModule, members: list[str], keep: tuple[str,
             chosen.append(node)
             owners.add(owner)
         if len(chosen) > 1:
-            _fuse(gm, chosen, stem=f"shared_{str(chosen[0].target).replace('.', '_')}")
-    return finish_rewrite(gm)
+            out.append(chosen)
+    return out
 
 
 def finish_rewrite(gm: fx.GraphModule) -> fx.GraphModule:
