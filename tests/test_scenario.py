@@ -160,3 +160,24 @@ def test_a_compress_step_with_skip_links_reports_them(tmp_path, capsys):
     step = report["steps"][0]
     assert step["models"]["m"]["skip_links"] == [["head", "hidden.2"]]
     assert step["models"]["m"]["flops_after"] <= 0.04 * step["models"]["m"]["flops_before"]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse):
+    """`unify.fuse_layers` (default true) is what unify gets; the search itself is tested in test_unify.py."""
+    import multinet.scenario.runner as runner
+
+    seen = {}
+
+    def fake_unify(models, calib, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)  # stop the run here: only the arguments matter
+
+    monkeypatch.setattr(runner, "unify", fake_unify)
+    text = (SCENARIOS / "unify_pair.yaml").read_text().replace(
+        "budget: {flops: 0.25}", "budget: {flops: 0.25}\n      " + ("" if fuse else "fuse_layers: false"))
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--out", str(tmp_path / "o"), *SMALL])
+    assert seen["fuse_layers"] is fuse

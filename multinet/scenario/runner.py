@@ -173,8 +173,8 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
             spec = step.spec
             unified = unify(models, calib, budget=_budget(spec.budget, scenario.runtime.device),
                             schedule=spec.schedule, batch_size=scenario.data.batch_size,
-                            member_weights=spec.member_weights, skip_links=spec.skip_links, fuse_layers=spec.fuse_layers,
-                            holdout=spec.holdout,
+                            member_weights=spec.member_weights, skip_links=spec.skip_links,
+                            fuse_layers=spec.fuse_layers, holdout=spec.holdout,
                             max_positions=spec.max_positions, device=scenario.runtime.device, seed=scenario.runtime.seed,
                             progress=progress, executor=executor)
             net = unified.model

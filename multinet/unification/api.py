@@ -136,7 +136,7 @@ class _Part:
     result: CompressResult
     links: list[Candidate] = field(default_factory=list)  # what the part was built from, to fit it again
     budget: Budget | None = None  # ... with the member weights its trial used
-    fused: bool = False  # ... and whether the members' layers that read the same tensor were one layer (_variants)
+    fused: bool = False  # ... and whether the members' layers that read the same tensor were one (_best_variant)
 
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
@@ -160,11 +160,12 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     samples (0.5: every second one; at most ``eval_samples`` of them are read) that every candidate is
     compared on and none is fitted on; what is chosen is then fitted again on every sample (see
     holdout.py). 0 (the default), or fewer than ``holdout.MIN_HELD`` such samples: fit and compare on the
-    same samples. ``fuse_layers``: every trial is also compressed with the members' layers that read the same
-    tensor (their first layers) fused into one, so that REAP chooses among all their channels at once; the
-    variant with the lower summed error is kept (see ``_Trials._best_variant``). The result does not depend on the order of ``models``. ``compress_options`` are passed
-    to :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each
-    model alone, then every link trial: which member reads which, kept or dropped).
+    same samples. ``fuse_layers``: every trial is also compressed with the members' layers that read the
+    same tensor (their first layers) fused into one, so that REAP chooses among all their channels at
+    once; the variant with the lower summed error is kept (see ``_Trials._best_variant``). The result
+    does not depend on the order of ``models``. ``compress_options`` are passed to
+    :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each model
+    alone, then every link trial: which member reads which, kept or dropped).
     """
     given = compress_options.get("executor")
     if not isinstance(given, str):
