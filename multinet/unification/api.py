@@ -239,13 +239,13 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     matches = [m for p in parts for m in _matches(p.bridged, p.bridges, p.result.plan, calibration_data, example,
                                                    batch_size)]
     largest = max(parts, key=lambda p: len(p.members), default=None)
+    shared = _shared_channels(model, example)
     return Unified(model, list(named), bridges, model_costs(net), model_costs(model, example),
                    largest.result.plan if largest else None, matches, _channels(net, example, list(named)),
                    replace(largest.result, model=largest.model) if largest else None,
-                   _channels_after(net, model, example, list(named)),
+                   _channels_after(net, model, example, list(named), shared),
                    {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
-                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s},
-                   _shared_channels(model, example))
+                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s}, shared)
 
 
 def _tracing(compress_options: Mapping) -> tuple:
@@ -315,6 +315,7 @@ class _Trials:
     tolerance: float
     weights: dict[str, float]
     fuse_layers: bool = True  # also try the members' layers that read the same tensor as one (_best_variant)
+    fusable: dict = field(default_factory=dict)  # (members, ignore) -> whether they have such layers
 
     def attempt(self, members: list[str], links: list[Candidate], current: dict[str, float | None]
                 ) -> tuple[_Part, dict[str, float], dict[str, float]] | None:
@@ -345,6 +346,13 @@ class _Trials:
             used = {m: used[m] * (2.0 if m in worse else 1.0) for m in members}
         return None
 
+    def _fusable(self, members: list[str], budget: Budget) -> bool:
+        """``_fusable`` once per set of members (a trial's reweighted retries ask again)."""
+        key = (tuple(members), budget.ignore)
+        if key not in self.fusable:
+            self.fusable[key] = _fusable(self.named, members, self.example, self.options, budget)
+        return self.fusable[key]
+
     def _best_variant(self, members: list[str], links: list[Candidate], budget: Budget
                       ) -> tuple[_Part, dict[str, float]] | None:
         """The members unified by ``links`` as they are, and with their layers that read the same tensor
@@ -355,7 +363,7 @@ class _Trials:
         of different seeds (0.89 / 0.89 against 0.93 / 0.92). None when neither reaches the budget."""
         found = []
         for fused in (False, True):
-            if fused and not (self.fuse_layers and _fusable(self.named, members, self.example, self.options, budget)):
+            if fused and not (self.fuse_layers and self._fusable(members, budget)):
                 break
             try:
                 part = _unify_part(self.named, members, links, self.data, budget, self.example, self.options, fused)
@@ -521,8 +529,7 @@ def _fusable(named, members: list[str], example, options, budget: Budget) -> boo
     if len(members) < 2:
         return False
     gm = MultiNet({m: named[m] for m in members}, example, *_tracing(options)).graph_module
-    return any(name.startswith("shared_") for name, _ in
-               fuse_across_members(gm, members, keep=budget.ignore).named_children())
+    return bool(layers_fused_across_members(gm, members, keep=budget.ignore))
 
 
 def _refitted(named, order: list[str], parts: list[_Part], data, budget: Budget, example, options, progress: bool
@@ -572,12 +579,13 @@ def _channels(net: MultiNet, example, names: list[str]) -> dict[str, int]:
     return {n: sum(g.size for g in _member_groups(graph, n)) for n in names}
 
 
-def _channels_after(net: MultiNet, model: MultiNet, example, names: list[str]) -> dict[str, tuple[int, int]]:
+def _channels_after(net: MultiNet, model: MultiNet, example, names: list[str], shared_channels: int
+                    ) -> dict[str, tuple[int, int]]:
     """Per member: channels of its groups after, and how many of its groups are gone entirely (a group
     whose layer was fused with other members' into a shared one is not gone: see ``_shared_channels``)."""
     before, after = trace(net.graph_module, example), trace(model.graph_module, example)
     fused = {name for layers in layers_fused_across_members(net.graph_module, names) for name in layers}
-    shared = _shared_channels(model, example) > 0
+    shared = shared_channels > 0
     out = {}
     for n in names:
         kept = {p for g in _member_groups(after, n) for p in g.producers}
