@@ -174,6 +174,9 @@ def zipit(models: dict[str, nn.Module], calib: torch.Tensor, fraction: float) ->
 # --- the benchmark ----------------------------------------------------------------------------
 
 TIMED = ("original", "separate", "multinet", "fused", "unified")  # (a), (b), (c), (d), (e)
+# inference is timed per batch of this many test images, and unify times its link trials at the same
+# batch (speed_check): which layers are fast depends on it
+INFERENCE_BATCH = 256
 
 
 def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
@@ -185,7 +188,7 @@ def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
     held_x = torch.cat([split.test_x, split.train_x[len(calib):]])
     held = {key: TASKS[task][0](torch.cat([split.test_y, split.train_y[len(calib):]]))
             for key, (_, task, _) in zip(models, spec)}
-    x1, xb = calib[:1], split.test_x[:256]
+    x1, xb = calib[:1], split.test_x[:INFERENCE_BATCH]
     full = {k: flops(m, x1) for k, m in models.items()}
     total = sum(full.values())
     with torch.no_grad():
@@ -196,7 +199,7 @@ def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
         row = dict(set=name, budget=frac, base=base)
         start = time.perf_counter()
         try:
-            u = multinet.unify(models, calib, budget=Budget(flops=frac))
+            u = multinet.unify(models, calib, budget=Budget(flops=frac), speed_check=INFERENCE_BATCH)
             row["unify_s"] = time.perf_counter() - start
             with torch.no_grad():
                 row["unified"] = accuracies(u.model(split.test_x), labels)
@@ -205,7 +208,8 @@ def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
             row["links"] = len(u.model.links)
             row["chosen"] = u.chosen
             start = time.perf_counter()
-            reverse = multinet.unify(dict(reversed(list(models.items()))), calib, budget=Budget(flops=frac))
+            reverse = multinet.unify(dict(reversed(list(models.items()))), calib, budget=Budget(flops=frac),
+                                     speed_check=INFERENCE_BATCH)
             row["unify_reversed_s"] = time.perf_counter() - start
             with torch.no_grad():
                 row["reversed"] = accuracies(reverse.model(split.test_x), labels)

@@ -30,3 +30,14 @@ def same_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def untimed_unify(monkeypatch):
+    """unify times every link trial against its members' separate networks (``speed_check``); on a shared
+    CI box a measured time would make which links are kept depend on the machine's load. Tests see a
+    neutral ratio (1.0, never slower); the check itself is tested with given ratios and a fake clock
+    (tests/test_unify_speed.py)."""
+    from multinet.unification import speed
+
+    monkeypatch.setattr(speed, "unified_vs_separate", lambda *args, **kwargs: 1.0)

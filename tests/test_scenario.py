@@ -162,9 +162,11 @@ def test_a_compress_step_with_skip_links_reports_them(tmp_path, capsys):
     assert step["models"]["m"]["flops_after"] <= 0.04 * step["models"]["m"]["flops_before"]
 
 
+@pytest.mark.parametrize("key", ["fuse_layers", "speed_check"])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse):
-    """`unify.fuse_layers` (default true) is what unify gets; the search itself is tested in test_unify.py."""
+def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse, key):
+    """`unify.fuse_layers` and `unify.speed_check` (default true) are what unify gets; the search itself is
+    tested in test_unify.py and test_unify_speed.py."""
     import multinet.scenario.runner as runner
 
     seen = {}
@@ -175,9 +177,9 @@ def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse):
 
     monkeypatch.setattr(runner, "unify", fake_unify)
     text = (SCENARIOS / "unify_pair.yaml").read_text().replace(
-        "budget: {flops: 0.25}", "budget: {flops: 0.25}\n      " + ("" if fuse else "fuse_layers: false"))
+        "budget: {flops: 0.25}", "budget: {flops: 0.25}\n      " + ("" if fuse else f"{key}: false"))
     path = tmp_path / "s.yaml"
     path.write_text(text)
     with pytest.raises(SystemExit):
         main(["run", str(path), "--out", str(tmp_path / "o"), *SMALL])
-    assert seen["fuse_layers"] is fuse
+    assert seen[key] is fuse

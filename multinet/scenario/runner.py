@@ -174,7 +174,7 @@ def run(scenario: Scenario, out: str | Path, resume: bool = False, progress: boo
             unified = unify(models, calib, budget=_budget(spec.budget, scenario.runtime.device),
                             schedule=spec.schedule, batch_size=scenario.data.batch_size,
                             member_weights=spec.member_weights, skip_links=spec.skip_links,
-                            fuse_layers=spec.fuse_layers, holdout=spec.holdout,
+                            fuse_layers=spec.fuse_layers, speed_check=spec.speed_check, holdout=spec.holdout,
                             max_positions=spec.max_positions, device=scenario.runtime.device, seed=scenario.runtime.seed,
                             progress=progress, executor=executor)
             net = unified.model

@@ -86,6 +86,7 @@ class UnifyStep(_Strict):
     member_weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
     skip_links: bool = True  # a member's layer may read its own earlier tensors (whole layers can go)
     fuse_layers: bool = True  # members' layers that read the same tensor may be compressed as one layer
+    speed_check: bool = True  # a link trial whose fused network runs slower than the models apart is dropped
     # the fraction of the calibration samples links are judged on and nothing is fitted on (0: the same samples)
     holdout: float = Field(HOLDOUT, ge=0, le=0.5)
 

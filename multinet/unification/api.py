@@ -19,7 +19,9 @@ The search, in five steps, six with ``holdout`` (each member's own output error 
    compressed twice where the members have layers that read the same tensor (their first layers):
    as they are, and with those layers fused into one, whose channels REAP then chooses among at once
    (``fuse_layers``); the lower summed error wins. A trial that
-   lowers the summed error but leaves a member worse off is retried with that member weighted more.
+   lowers the summed error but leaves a member worse off is retried with that member weighted more;
+   one that passes is timed, and dropped where its fused network runs slower than its members
+   compressed separately (``speed_check``; FLOPs miss what small layers cost per call: speed.py).
    So no member pays for another's gain: never worse than separate, by construction, and a link that
    hurts one member never costs the other members the links that help them (a member with no kept
    link stays exactly separate).
@@ -55,6 +57,7 @@ from .bridges import Bridge, add_bridges, choose_links, live_links
 from .fusion import SHARED, fuse_across_members, layers_fused_across_members
 from .holdout import HOLDOUT, FitSamples, check_fraction, count_samples, held_out, holdout_step
 from .multinet import MultiNet, combine, model_costs, named_models
+from . import speed
 from .similarity import Candidate, canonical_order, linkable_layers, score_candidates, skip_conflicts
 
 MIN_R2 = 0.5  # a layer reads another member only where that member explains at least half its input
@@ -93,6 +96,9 @@ class Unified:
     unlinkable: dict[str, str] = field(default_factory=dict)  # weighted layers no link may target, and why
     separate: dict[str, CompressResult] = field(default_factory=dict, repr=False)  # each model compressed alone
     shared_channels: int = 0  # channels of the layers several members' first layers were fused into (fuse_layers)
+    # per unified part ("a + b"): its fused network's time over its members' separate networks' (speed_check)
+    speed: dict[str, float] = field(default_factory=dict)
+    slower_trials: list[dict] = field(default_factory=list)  # trials dropped for running slower than separate
 
     def as_dict(self) -> dict:
         skip = {"model", "result", "separate"}
@@ -137,12 +143,13 @@ class _Part:
     links: list[Candidate] = field(default_factory=list)  # what the part was built from, to fit it again
     budget: Budget | None = None  # ... with the member weights its trial used
     fused: bool = False  # ... and whether the members' layers that read the same tensor were one (_best_variant)
+    speed: float | None = None  # its fused network's time over its members' separate networks' (speed_check)
 
 
 def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str = "auto", example_inputs=None,
           batch_size: int = 128, min_r2: float = MIN_R2, tolerance: float = 0.0, eval_samples: int = 1024,
           member_weights: Mapping[str, float] | None = None, skip_links: bool = True, holdout: float = HOLDOUT,
-          fuse_layers: bool = True, **compress_options) -> Unified:
+          fuse_layers: bool = True, speed_check: bool | int = True, **compress_options) -> Unified:
     """Merge models that read the same input into one MultiNet and compress it to ``budget``.
 
     ``models``: {name: model}, (name, model) pairs, or a list. ``budget``: a Budget (FLOPs or
@@ -162,26 +169,31 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     holdout.py). 0 (the default), or fewer than ``holdout.MIN_HELD`` such samples: fit and compare on the
     same samples. ``fuse_layers``: every trial is also compressed with the members' layers that read the
     same tensor (their first layers) fused into one, so that REAP chooses among all their channels at
-    once; the variant with the lower summed error is kept (see ``_Trials._best_variant``). The result
-    does not depend on the order of ``models``. ``compress_options`` are passed to
+    once; the variant with the lower summed error is kept (see ``_Trials._best_variant``).
+    ``speed_check``: a trial is also timed on one batch of calibration inputs (``batch_size`` of them, or
+    as many as an int given here: the batch you will run inference at, since which layers are fast depends
+    on it), on the run's device, and dropped where its fused network runs slower than its members
+    compressed separately, one after another (FLOPs miss what small and odd-sized layers cost per call: see
+    speed.py); the ratios of the parts kept are ``Unified.speed``. False: no timing. The result does not depend on the order of ``models`` (up to the
+    timing, where a trial is within noise of the limit). ``compress_options`` are passed to
     :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each model
     alone, then every link trial: which member reads which, kept or dropped).
     """
     given = compress_options.get("executor")
     if not isinstance(given, str):
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, skip_links, holdout, fuse_layers, **compress_options)
+                      eval_samples, member_weights, skip_links, holdout, fuse_layers, speed_check, **compress_options)
     executor = resolve_executor(given)  # one executor for every compression: its Ray actors are reused
     try:
         return _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance,
-                      eval_samples, member_weights, skip_links, holdout, fuse_layers,
+                      eval_samples, member_weights, skip_links, holdout, fuse_layers, speed_check,
                       **{**compress_options, "executor": executor})
     finally:
         executor.release()
 
 
 def _unify(models, calibration_data, budget, schedule, example_inputs, batch_size, min_r2, tolerance, eval_samples,
-           member_weights, skip_links, holdout, fuse_layers, **compress_options) -> Unified:
+           member_weights, skip_links, holdout, fuse_layers, speed_check, **compress_options) -> Unified:
     named = named_models(models)
     budget = _checked(budget)
     weights = _checked_weights(member_weights, list(named))
@@ -224,7 +236,8 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
     errors = {m: {"unified": None, "separate": member_errors(s[0], inputs, reference)[m] if s else None}
               for m, s in separate.items()}
     trials = _Trials(named, order, fit, budget, example, options, inputs, reference, errors, tolerance,
-                     weights, fuse_layers)
+                     weights, fuse_layers, speed_batch=_speed_batch(speed_check, calibration_data, batch_size),
+                     separate={m: s[1].model for m, s in separate.items() if s})
     parts = _unified_parts(trials, links_among, progress, skip_links)
     if step is not None:  # chosen on the held-out samples: now fitted on every sample
         parts, separate = _refitted(named, order, parts, calibration_data, budget, example, options, progress)
@@ -245,12 +258,28 @@ def _unify(models, calibration_data, budget, schedule, example_inputs, batch_siz
                    replace(largest.result, model=largest.model) if largest else None,
                    _channels_after(net, model, example, list(named), shared),
                    {m: "unified" if m in together else "separate" for m in named}, {m: errors[m] for m in named},
-                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s}, shared)
+                   candidates, unlinkable, {m: s[1] for m, s in separate.items() if s}, shared,
+                   {" + ".join(p.members): p.speed for p in parts if p.speed is not None},
+                   [{"members": list(members), "time_ratio": ratio} for members, ratio in trials.slower])
 
 
 def _tracing(compress_options: Mapping) -> tuple:
     """The members' tracing settings (compress's ``leaf_modules`` and ``autowrap_functions``)."""
     return compress_options.get("leaf_modules", ()), compress_options.get("autowrap_functions", ())
+
+
+def _speed_batch(speed_check, data, batch_size: int):
+    """The calibration inputs trials are timed on (``speed_check``: True, ``batch_size`` of them; an int, that
+    many), or None for no timing."""
+    if speed_check is False:
+        return None
+    if speed_check is True:
+        size = batch_size
+    elif isinstance(speed_check, int) and speed_check >= 1:
+        size = speed_check
+    else:
+        raise MultinetError(f"speed_check must be True, False or a batch size (a positive int), got {speed_check!r}")
+    return batches.concat(evaluation_inputs(data, size, size))  # fewer where the data has fewer samples
 
 
 def _checked_weights(member_weights, names: list[str]) -> dict[str, float]:
@@ -316,6 +345,10 @@ class _Trials:
     weights: dict[str, float]
     fuse_layers: bool = True  # also try the members' layers that read the same tensor as one (_best_variant)
     fusable: dict = field(default_factory=dict)  # (members, ignore) -> whether they have such layers
+    speed_batch: Any = None  # inputs a trial is timed on against its members' separate networks (None: not timed)
+    separate: dict[str, nn.Module] = field(default_factory=dict)  # each member compressed alone (None: cannot be)
+    slower: list = field(default_factory=list)  # (members, time ratio) of the trials dropped for it
+    last_slower: float | None = None  # the last attempt's time ratio, where that is why it was dropped
 
     def attempt(self, members: list[str], links: list[Candidate], current: dict[str, float | None]
                 ) -> tuple[_Part, dict[str, float], dict[str, float]] | None:
@@ -326,9 +359,11 @@ class _Trials:
         A trial that lowers the summed error but leaves some members worse off is retried with those
         members' weights in the schedule's objective doubled (``REWEIGHTS`` times): the weights act as
         multipliers on the "never worse" constraints, so a shared trunk can be split more fairly
-        instead of being thrown away."""
+        instead of being thrown away. A trial that passes is then timed (``speed_check``): its fused
+        network slower than its members' separate networks by more than ``SPEED_SLACK`` drops it."""
         used = {m: self.weights[m] for m in members}
         before = [current[m] for m in members]
+        self.last_slower = None
         for _ in range(REWEIGHTS + 1):
             budget = replace(_budget_for(self.budget, members, self.order),
                              output_weights=tuple(used[m] for m in members for _ in self.reference[m]))
@@ -340,11 +375,23 @@ class _Trials:
             worse = [m for m in members if alone[m] is not None and got[m] > alone[m] * (1 + self.tolerance) + 1e-12]
             gain = None in before or sum(got[m] for m in members) < sum(before) - MIN_GAIN
             if not worse and gain:
+                part.speed = self._time_ratio(members, part)
+                if part.speed is not None and part.speed > 1 + speed.SPEED_SLACK:
+                    self.slower.append((list(members), part.speed))
+                    self.last_slower = part.speed
+                    return None
                 return part, got, used
             if not gain:
                 return None
             used = {m: used[m] * (2.0 if m in worse else 1.0) for m in members}
         return None
+
+    def _time_ratio(self, members: list[str], part: _Part) -> float | None:
+        """The part's fused network's time over its members' separate networks' on ``speed_batch``; None where that is not asked for or a member has no separate network to compare with."""
+        if self.speed_batch is None or any(m not in self.separate for m in members):
+            return None
+        return speed.unified_vs_separate(part.model.fused(), [self.separate[m] for m in members],
+                                         self.speed_batch)
 
     def _fusable(self, members: list[str], budget: Budget) -> bool:
         """``_fusable`` once per set of members (a trial's reweighted retries ask again)."""
@@ -449,7 +496,7 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
             continue  # its links would displace kept ones, or every one of them closes a cycle
         members = next(c for c in _components(order, trial) if way[0] in c)
         got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
-        outcome = f"{_named(way)}: {'kept' if got else 'dropped'}; "
+        outcome = f"{_named(way)}: {_outcome(got, trials)}; "
         if got is not None:
             keep(trial, kept_ways | {way}, members, got)
     for way, instead in _swaps(blocked, kept_ways, parts):
@@ -465,7 +512,7 @@ def _unified_parts(trials: _Trials, links_among, progress: bool = False, skip_li
             continue  # still displaced, or the swap would split the members it joins
         bar.note(f"{outcome}{_named(way)} instead of {_named(instead)}")
         got = trials.attempt(members, [lk for lk in trial if lk.model in members and lk.source in members], current)
-        outcome = f"{_named(way)} instead of {_named(instead)}: {'kept' if got else 'dropped'}; "
+        outcome = f"{_named(way)} instead of {_named(instead)}: {_outcome(got, trials)}; "
         if got is not None:
             keep(trial, ways, members, got)
     bar.note(outcome.rstrip("; "))
@@ -485,6 +532,13 @@ def _swaps(blocked: list[tuple[str, str]], kept_ways: set[tuple[str, str]], part
         members = next((k for k in parts if way[0] in k), frozenset({way[0]}))
         pairs += [(way, v) for v in sorted(kept_ways) if v[0] in members and v[1] in members]
     return pairs
+
+
+def _outcome(got, trials: _Trials) -> str:
+    if got is not None:
+        return "kept"
+    slower = trials.last_slower
+    return "dropped" if slower is None else f"dropped: {slower:.2f}x the time of separate"
 
 
 def _named(way: tuple[str, str]) -> str:
@@ -545,6 +599,8 @@ def _refitted(named, order: list[str], parts: list[_Part], data, budget: Budget,
             new = _unify_part(named, part.members, part.links, data, part.budget, example, options, part.fused)
         except BudgetError:
             new = part
+        if new is not part:
+            new.speed = part.speed  # the structure timed when it was chosen
         again.append(part if over_budget(new.result.plan) else new)
         bar.advance()
     separate = {}
