@@ -110,6 +110,8 @@ def _case(tmp_path, extra="", calib="64", budget_key="budget", flops="0.5"):
     (lambda t: t / "missing.yaml", "no scenario file"),
     (lambda t: _write(t, UNIFY.format(weights="{a: -1}")), "`steps.0.unify.member_weights.a`: Input should be greater than 0"),
     (lambda t: _write(t, UNIFY.format(weights="{c: 2}")), "member_weights names unknown models ['c']"),
+    (lambda t: _write(t, UNIFY.format(weights="{a: 1}\n      speed_check: 0")),
+     "`steps.0.unify.speed_check`: must be true, false or a batch size (a whole number >= 1) (got 0)"),
     (lambda t: _write(t, BASE.format(extra="", calib="64", budget_key="budget", flops="0.5").replace(
         "compress:\n", "compress:\n      skip_links: true\n").replace("budget: {flops: 0.5}", "ratio: 0.5")),
      "skip_links need a flops or params budget"),
@@ -162,11 +164,12 @@ def test_a_compress_step_with_skip_links_reports_them(tmp_path, capsys):
     assert step["models"]["m"]["flops_after"] <= 0.04 * step["models"]["m"]["flops_before"]
 
 
-@pytest.mark.parametrize("key", ["fuse_layers", "speed_check"])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse, key):
-    """`unify.fuse_layers` and `unify.speed_check` (default true) are what unify gets; the search itself is
-    tested in test_unify.py and test_unify_speed.py."""
+@pytest.mark.parametrize("key, given, expected", [
+    ("fuse_layers", None, True), ("fuse_layers", "false", False),
+    ("speed_check", None, True), ("speed_check", "false", False), ("speed_check", "256", 256)])
+def test_a_unify_steps_search_keys_reach_unify(tmp_path, monkeypatch, key, given, expected):
+    """`unify.fuse_layers` and `unify.speed_check` (default true; speed_check may be the infer batch) are what
+    unify gets; the search itself is tested in test_unify.py and test_unify_speed.py."""
     import multinet.scenario.runner as runner
 
     seen = {}
@@ -177,9 +180,9 @@ def test_a_unify_steps_fuse_layers_reaches_unify(tmp_path, monkeypatch, fuse, ke
 
     monkeypatch.setattr(runner, "unify", fake_unify)
     text = (SCENARIOS / "unify_pair.yaml").read_text().replace(
-        "budget: {flops: 0.25}", "budget: {flops: 0.25}\n      " + ("" if fuse else f"{key}: false"))
+        "budget: {flops: 0.25}", "budget: {flops: 0.25}\n      " + ("" if given is None else f"{key}: {given}"))
     path = tmp_path / "s.yaml"
     path.write_text(text)
     with pytest.raises(SystemExit):
         main(["run", str(path), "--out", str(tmp_path / "o"), *SMALL])
-    assert seen[key] is fuse
+    assert seen[key] == expected and type(seen[key]) is type(expected)

@@ -86,9 +86,19 @@ class UnifyStep(_Strict):
     member_weights: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
     skip_links: bool = True  # a member's layer may read its own earlier tensors (whole layers can go)
     fuse_layers: bool = True  # members' layers that read the same tensor may be compressed as one layer
-    speed_check: bool = True  # a link trial whose fused network runs slower than the models apart is dropped
+    # a link trial whose fused network runs slower than the models apart is dropped; timed at data.batch_size
+    # inputs (true) or at this many (the batch the infer step runs at, e.g. 256)
+    speed_check: bool | int = True
     # the fraction of the calibration samples links are judged on and nothing is fitted on (0: the same samples)
     holdout: float = Field(HOLDOUT, ge=0, le=0.5)
+
+    @field_validator("speed_check", mode="before")
+    @classmethod
+    def _switch_or_batch(cls, value):
+        """true, false or a batch size: 0 or 1 must not pass for a switch (YAML reads them as numbers)."""
+        if isinstance(value, bool) or (isinstance(value, int) and value >= 1):
+            return value
+        raise ValueError("must be true, false or a batch size (a whole number >= 1)")
 
 
 class EvaluateStep(_Strict):

@@ -37,6 +37,7 @@ The search, in five steps, six with ``holdout`` (each member's own output error 
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -171,11 +172,13 @@ def unify(models, calibration_data, budget: Budget | float = 0.5, schedule: str 
     same tensor (their first layers) fused into one, so that REAP chooses among all their channels at
     once; the variant with the lower summed error is kept (see ``_Trials._best_variant``).
     ``speed_check``: a trial is also timed on one batch of calibration inputs (``batch_size`` of them, or
-    as many as an int given here: the batch you will run inference at, since which layers are fast depends
-    on it), on the run's device, and dropped where its fused network runs slower than its members
+    up to as many as an int given here: the batch you will run inference at, since which layers are fast
+    depends on it), on the run's device, and dropped where its fused network runs slower than its members
     compressed separately, one after another (FLOPs miss what small and odd-sized layers cost per call: see
-    speed.py); the ratios of the parts kept are ``Unified.speed``. False: no timing. The result does not depend on the order of ``models`` (up to the
-    timing, where a trial is within noise of the limit). ``compress_options`` are passed to
+    speed.py); the ratios of the parts kept are ``Unified.speed`` (as measured when chosen). It costs 16
+    forward passes of that batch per trial that passes the accuracy rule, and makes the result depend on
+    the machine's speed and load where a trial is within noise of the limit. False: no timing. The result
+    does not depend on the order of ``models`` (up to that timing). ``compress_options`` are passed to
     :func:`multinet.compress`; with ``progress=True`` the search shows its own steps too (each model
     alone, then every link trial: which member reads which, kept or dropped).
     """
@@ -269,17 +272,17 @@ def _tracing(compress_options: Mapping) -> tuple:
 
 
 def _speed_batch(speed_check, data, batch_size: int):
-    """The calibration inputs trials are timed on (``speed_check``: True, ``batch_size`` of them; an int, that
-    many), or None for no timing."""
+    """The calibration inputs trials are timed on (``speed_check``: True, ``batch_size`` of them; an int, at
+    most that many: all the samples where there are fewer), or None for no timing."""
     if speed_check is False:
         return None
-    if speed_check is True:
-        size = batch_size
-    elif isinstance(speed_check, int) and speed_check >= 1:
-        size = speed_check
-    else:
+    try:
+        size = batch_size if speed_check is True else operator.index(speed_check)  # numpy ints too
+    except TypeError:
+        size = 0
+    if size < 1:
         raise MultinetError(f"speed_check must be True, False or a batch size (a positive int), got {speed_check!r}")
-    return batches.concat(evaluation_inputs(data, size, size))  # fewer where the data has fewer samples
+    return batches.concat(evaluation_inputs(data, size, size))
 
 
 def _checked_weights(member_weights, names: list[str]) -> dict[str, float]:
@@ -387,11 +390,13 @@ class _Trials:
         return None
 
     def _time_ratio(self, members: list[str], part: _Part) -> float | None:
-        """The part's fused network's time over its members' separate networks' on ``speed_batch``; None where that is not asked for or a member has no separate network to compare with."""
+        """The part's fused network's time over its members' separate networks' on ``speed_batch``, on the
+        run's device; None where that is not asked for or a member has no separate network to compare with.
+        The reference is always every member apart (the goal), not the parts kept so far."""
         if self.speed_batch is None or any(m not in self.separate for m in members):
             return None
         return speed.unified_vs_separate(part.model.fused(), [self.separate[m] for m in members],
-                                         self.speed_batch)
+                                         self.speed_batch, device=self.options.get("device"))
 
     def _fusable(self, members: list[str], budget: Budget) -> bool:
         """``_fusable`` once per set of members (a trial's reweighted retries ask again)."""

@@ -11,6 +11,7 @@ network is slower than its members' separate networks one after another.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -48,10 +49,14 @@ def time_ratio(first: Callable[[], object], second: Callable[[], object], rounds
 
 
 def unified_vs_separate(unified: torch.nn.Module, separate: Sequence[torch.nn.Module], batch,
-                        rounds: int = SPEED_ROUNDS) -> float:
+                        rounds: int = SPEED_ROUNDS, device: str | torch.device | None = None) -> float:
     """Time ratio of ``unified`` (the fused part, every member's outputs) to the ``separate`` networks run
-    one after another, on one batch of evaluation inputs (as ``batches.call`` takes them)."""
-    device = next((p.device for p in unified.parameters()), torch.device("cpu"))
+    one after another, on one batch of evaluation inputs (as ``batches.call`` takes them), on ``device``
+    (None: where ``unified``'s parameters are; elsewhere, copies are moved there: the caller's stay put)."""
+    here = next((p.device for p in unified.parameters()), torch.device("cpu"))
+    device = here if device is None else torch.device(device)
+    if device != here or any(next((p.device for p in s.parameters()), device) != device for s in separate):
+        unified, separate = copy.deepcopy(unified).to(device), [copy.deepcopy(s).to(device) for s in separate]
     batch = batches.to_device(batch, device)
 
     def run_separate():
