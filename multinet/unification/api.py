@@ -271,7 +271,7 @@ def _tracing(compress_options: Mapping) -> tuple:
     return compress_options.get("leaf_modules", ()), compress_options.get("autowrap_functions", ())
 
 
-def _speed_batch(speed_check, data, batch_size: int):
+def _speed_batch(speed_check: bool | int, data, batch_size: int) -> Any:
     """The calibration inputs trials are timed on (``speed_check``: True, ``batch_size`` of them; an int, at
     most that many: all the samples where there are fewer), or None for no timing."""
     if speed_check is False:
@@ -349,7 +349,7 @@ class _Trials:
     fuse_layers: bool = True  # also try the members' layers that read the same tensor as one (_best_variant)
     fusable: dict = field(default_factory=dict)  # (members, ignore) -> whether they have such layers
     speed_batch: Any = None  # inputs a trial is timed on against its members' separate networks (None: not timed)
-    separate: dict[str, nn.Module] = field(default_factory=dict)  # each member compressed alone (None: cannot be)
+    separate: dict[str, nn.Module] = field(default_factory=dict)  # each member compressed alone (absent: it cannot be)
     slower: list = field(default_factory=list)  # (members, time ratio) of the trials dropped for it
     last_slower: float | None = None  # the last attempt's time ratio, where that is why it was dropped
 
