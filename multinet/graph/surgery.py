@@ -54,19 +54,13 @@ def prune(
 
 def _refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
     """The copied nodes still carry the unpruned shapes from tracing: record the pruned ones, so
-    that ``count(prune(...))`` is right without example inputs (one pass over the example, in eval
-    mode so that no BatchNorm statistics move)."""
+    that ``count(prune(...))`` is right without example inputs (one pass over the example; propagate_shapes
+    runs it in eval mode, so no BatchNorm statistics move)."""
     if not example_inputs:
         return
     device = next((p.device for p in gm.parameters()), None)
     inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) and device is not None else t for t in example_inputs)
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        propagate_shapes(gm, inputs)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+    propagate_shapes(gm, inputs)
 
 
 def _local_keep(graph: ChannelGraph, keep: Mapping[int, object]) -> dict[int, torch.Tensor]:

@@ -1,12 +1,14 @@
 """torch.fx tracing with the standard escape hatches and errors that point at the user's code."""
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils import _pytree as pytree
 
@@ -136,13 +138,27 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module):
+    """``module`` in eval mode for a pass that must change nothing (a BatchNorm in training mode would
+    move its running statistics towards the pass's inputs); each submodule's own mode is restored."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Run the graph once on the example inputs, recording each node's output shape."""
+    """Run the graph once on the example inputs, recording each node's output shape (in eval mode: the
+    example, often zeros, must not move a training-mode BatchNorm's running statistics)."""
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(example_inputs) != n_placeholders:
         raise InputShapeError(f"model takes {n_placeholders} input(s), got {len(example_inputs)} example input(s)")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(gm):
             prop = _ShapeProp(gm)
             prop.extra_traceback = False  # keep the message to one line
             prop.run(*example_inputs)
