@@ -38,6 +38,9 @@ def untimed_unify(monkeypatch):
     CI box a measured time would make which links are kept depend on the machine's load. Tests see a
     neutral ratio (1.0, never slower); the check itself is tested with given ratios and a fake clock
     (tests/test_unify_speed.py)."""
-    from multinet.unification import speed
+    from multinet.unification import fusion_timing, speed
 
     monkeypatch.setattr(speed, "unified_vs_separate", lambda *args, **kwargs: 1.0)
+    # the same for timed fusion (infer fuses each set of sibling layers where that is not slower on its
+    # first batch): every set fuses, as untimed; tests/test_fusion_timing.py gives ratios instead
+    monkeypatch.setattr(fusion_timing, "fused_over_apart", lambda *args, **kwargs: 1.0)

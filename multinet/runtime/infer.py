@@ -26,7 +26,10 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
 
     Returns the outputs concatenated along the batch: for a MultiNet {model name: output}, for a
     plain model its output. A MultiNet runs fused (``fuse=False``: as given): layers of its members
-    that read the same tensor are one wider layer, so the members run as one wide network.
+    that read the same tensor are one wider layer, so the members run as one wide network; each such
+    set of layers is timed on the first batch and fused only where the wider layer is not slower
+    (``MultiNet.fused(timed_on=...)``; timed where the network's parameters are, and fused untimed
+    where those are not on ``device``).
     ``fuse="batched"``: fused, and same-shaped layers of different members run as one batched or
     grouped op (``MultiNet.fused(batched=True)``). ``fuse="auto"``: whichever of those forms runs the
     first batch fastest on ``device`` (timed in turns, ``FUSE_TRIALS`` rounds each, or fewer where the
@@ -50,8 +53,8 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     stream = BatchStream(data, batch_size)
     if fuse == "auto":
         net = faster_form(net, stream.first(), dev)
-    elif fuse:
-        net = _fused(net, batched=fuse == "batched")
+    elif fuse and _is_multinet(net):
+        net = _fused(net, batched=fuse == "batched", timed_on=stream.first(), device=dev)
     on_ray = executor is not None and getattr(executor, "name", "local") == "ray"
     if overlap is True and _is_multinet(net):
         net = net.overlapped()
@@ -87,7 +90,7 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
     given. A form that changes nothing is not timed twice; a batched form that cannot be built or does
     not run this batch (shapes that matched only at the recorded input size) is left out, with a warning."""
     forms = [net]
-    fused = _fused(net)
+    fused = _fused(net, timed_on=batch, device=device)
     if fused is not net:
         forms.append(fused)
     batched = _batched(forms[-1])
@@ -208,11 +211,18 @@ def _same_graph(a: nn.Module, b: nn.Module) -> bool:
     return getattr(a, "graph_module", a).code == getattr(b, "graph_module", b).code
 
 
-def _fused(net: nn.Module, batched: bool = False) -> nn.Module:
-    """A MultiNet's fused form (same outputs up to float rounding, fewer and larger ops); others as given."""
+def _fused(net: nn.Module, batched: bool = False, timed_on=None, device: torch.device | None = None) -> nn.Module:
+    """A MultiNet's fused form (same outputs up to float rounding, fewer and larger ops); others as given.
+    ``timed_on``: fuse each set of sibling layers only where that is not slower on this batch, timed
+    where the network's parameters are; only when those are on ``device`` (the run's), so that the
+    timing is the run's and the caller's network is not moved to time it."""
     from ..unification.multinet import MultiNet
 
-    return net.fused(batched=batched) if isinstance(net, MultiNet) else net
+    if not isinstance(net, MultiNet):
+        return net
+    here = next((p.device for p in net.parameters()), torch.device("cpu"))
+    timed = timed_on is not None and (device is None or here == torch.device(device))
+    return net.fused(batched=batched, timed_on=batches.to_device(timed_on, here) if timed else None)
 
 
 def predictor_device() -> torch.device:

@@ -390,12 +390,13 @@ class _Trials:
         return None
 
     def _time_ratio(self, members: list[str], part: _Part) -> float | None:
-        """The part's fused network's time over its members' separate networks' on ``speed_batch``, on the
-        run's device; None where that is not asked for or a member has no separate network to compare with.
-        The reference is always every member apart (the goal), not the parts kept so far."""
+        """The part's network's time, fused for ``speed_batch`` (speed.unified_vs_separate), over its
+        members' separate networks' on that batch, on the run's device; None where that is not asked for
+        or a member has no separate network to compare with. The reference is always every member apart
+        (the goal), not the parts kept so far."""
         if self.speed_batch is None or any(m not in self.separate for m in members):
             return None
-        return speed.unified_vs_separate(part.model.fused(), [self.separate[m] for m in members],
+        return speed.unified_vs_separate(part.model, [self.separate[m] for m in members],
                                          self.speed_batch, device=self.options.get("device"))
 
     def _fusable(self, members: list[str], budget: Budget) -> bool:

@@ -16,6 +16,7 @@ import copy
 import fnmatch
 import operator
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -32,12 +33,19 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FUSE_MIN_DEPTH = 32
 
 
-def fuse_parallel(gm: fx.GraphModule, halve: bool = True) -> fx.GraphModule:
+def fuse_parallel(gm: fx.GraphModule, halve: bool = True, timed_on=None) -> fx.GraphModule:
     """A copy of ``gm`` in which every set of sibling Conv/Linear layers is one wider layer (and, with
-    ``halve``, the links' average pools are strided sums on a CPU: pooling.py)."""
+    ``halve``, the links' average pools are strided sums on a CPU: pooling.py). ``timed_on``: a batch of
+    inputs; each set is then fused only where its wider layer is not slower on what that batch makes it
+    read (fusion_timing.py: at some widths and batches it is)."""
     gm = copy.deepcopy(gm)
     merge_repeated_ops(gm)  # each member's flatten(x): one flatten, so their first layers become siblings
-    for siblings in sibling_layers(gm):
+    sets = sibling_layers(gm)
+    if timed_on is not None:
+        from .fusion_timing import fusions_that_pay
+
+        sets = [s for s, pays in zip(sets, fusions_that_pay(gm, sets, timed_on)) if pays]
+    for siblings in sets:
         _fuse(gm, siblings)
     if halve:
         halve_pools(gm, _device_of(gm))
@@ -176,8 +184,7 @@ def _fuse(gm: fx.GraphModule, siblings: list[fx.Node], stem: str = "fused") -> N
     modules = [gm.get_submodule(n.target) for n in siblings]
     name = _free_name(gm, stem)
     gm.add_submodule(name, _wider(modules))
-    sizes = [m.weight.shape[0] for m in modules]
-    dim = 1 if isinstance(modules[0], _CONVS) else -1
+    sizes, dim = _split_of(modules)
     first = siblings[0]  # siblings come in graph order: the first one's place is after their shared input
     with gm.graph.inserting_before(first):
         wide = gm.graph.call_module(name, first.args)
@@ -189,6 +196,24 @@ def _fuse(gm: fx.GraphModule, siblings: list[fx.Node], stem: str = "fused") -> N
             node.replace_all_uses_with(piece)
     for node in siblings:
         gm.graph.erase_node(node)
+
+
+def _split_of(modules: list[nn.Module]) -> tuple[list[int], int]:
+    """How a wider layer's output splits back into ``modules``' outputs: their sizes, along which dim."""
+    return [m.weight.shape[0] for m in modules], 1 if isinstance(modules[0], _CONVS) else -1
+
+
+def widened_call(modules: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """``modules``' outputs computed as the fused graph computes them: one wider layer, its output split,
+    channel slices made dense (what fusion_timing.py times against the layers apart)."""
+    wide = _wider(modules)
+    sizes, dim = _split_of(modules)
+
+    def call(x: torch.Tensor) -> list[torch.Tensor]:
+        pieces = torch.split(wide(x), sizes, dim)
+        return [p.contiguous() for p in pieces] if dim == 1 else list(pieces)
+
+    return call
 
 
 def _wider(modules: list[nn.Module]) -> nn.Module:

@@ -243,19 +243,24 @@ class MultiNet(nn.Module):
         """FLOPs and params per member, shared by several members, and in total (see :func:`model_costs`)."""
         return model_costs(self, example_inputs)
 
-    def fused(self, batched: bool = False, export: bool = False) -> "MultiNet":
+    def fused(self, batched: bool = False, export: bool = False, timed_on=None) -> "MultiNet":
         """The same MultiNet with structurally parallel layers fused (one wider layer per shared input):
         for inference and export; compress the unfused one (it keeps every member's own layers).
         ``batched``: also run same-shaped layers of different members as one batched/grouped op
         (see batching.py: fewer, larger ops, a win where launches cost, e.g. on a GPU; on a CPU often
         not, so it is not the default). ``export``: keep the links' average pools as pools (a deployment
         runtime has its own pooling kernels; their strided sums, pooling.py, pay off in eager CPU
-        inference only). A fused MultiNet is returned as it is, or batched where asked."""
+        inference only). ``timed_on``: a batch of the inputs it will run (on the device where its
+        parameters are); each set of layers is then fused only where the wider layer is not slower on
+        that batch (fusion_timing.py: a CPU's conv kernels charge by blocks of output channels, so two
+        16-channel convs fused ran 1.18x the pair at a batch of 256 here, and 0.86x at 32). A fused MultiNet is returned as it is, or batched
+        where asked."""
         if self.is_fused and not batched:
             return self
         from .fusion import fuse_parallel
 
-        gm = self._graph_module if self.is_fused else fuse_parallel(self._graph_module, halve=not export)
+        gm = self._graph_module if self.is_fused else fuse_parallel(self._graph_module, halve=not export,
+                                                                    timed_on=timed_on)
         if batched:
             from .batching import batch_members
 

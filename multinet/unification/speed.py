@@ -50,14 +50,18 @@ def time_ratio(first: Callable[[], object], second: Callable[[], object], rounds
 
 def unified_vs_separate(unified: torch.nn.Module, separate: Sequence[torch.nn.Module], batch,
                         rounds: int = SPEED_ROUNDS, device: str | torch.device | None = None) -> float:
-    """Time ratio of ``unified`` (the fused part, every member's outputs) to the ``separate`` networks run
-    one after another, on one batch of evaluation inputs (as ``batches.call`` takes them), on ``device``
-    (None: where ``unified``'s parameters are; elsewhere, copies are moved there: the caller's stay put)."""
+    """Time ratio of ``unified`` (the part, every member's outputs) to the ``separate`` networks run one
+    after another, on one batch of evaluation inputs (as ``batches.call`` takes them), on ``device``
+    (None: where ``unified``'s parameters are; elsewhere, copies are moved there: the caller's stay put).
+    A MultiNet that is not fused yet is timed in its fused form for this batch (``fused(timed_on=batch)``:
+    each set of its sibling layers fused where that is not slower here)."""
     here = next((p.device for p in unified.parameters()), torch.device("cpu"))
     device = here if device is None else torch.device(device)
     if device != here or any(next((p.device for p in s.parameters()), device) != device for s in separate):
         unified, separate = copy.deepcopy(unified).to(device), [copy.deepcopy(s).to(device) for s in separate]
     batch = batches.to_device(batch, device)
+    if getattr(unified, "is_fused", True) is False:
+        unified = unified.fused(timed_on=batch)
 
     def run_separate():
         for net in separate:
