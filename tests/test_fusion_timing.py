@@ -142,3 +142,22 @@ def test_unify_speed_check_times_the_part_fused_for_its_batch(monkeypatch):
     monkeypatch.setattr(fusion_timing, "fused_over_apart", lambda modules, inp, *a, **k: seen.append(1) or 1.0)
     ratio = MEASURED_SPEED(net, list(models.values()), x, rounds=3)
     assert seen == [1] and ratio > 0
+
+
+def test_auto_form_does_not_time_a_fused_form_that_fused_nothing(monkeypatch):
+    """Where timed fusion keeps every set apart the fused form runs the same code as the net as built:
+    infer's ``fuse="auto"`` then has nothing to choose between and times no calls."""
+    infer_module = importlib.import_module("multinet.runtime.infer")
+    models, net, x = _net()
+    monkeypatch.setattr(fusion_timing, "fused_over_apart", lambda *a, **k: 2.0)
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return float(len(reads))
+
+    chosen = infer_module.faster_form(net, x, torch.device("cpu"), clock=clock)
+    assert chosen is net and reads == []
+    monkeypatch.setattr(fusion_timing, "fused_over_apart", lambda *a, **k: 0.5)  # fused: two forms timed
+    chosen = infer_module.faster_form(net, x, torch.device("cpu"), clock=clock)
+    assert reads and chosen.members == net.members

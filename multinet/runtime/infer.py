@@ -91,9 +91,9 @@ def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_
     not run this batch (shapes that matched only at the recorded input size) is left out, with a warning."""
     forms = [net]
     fused = _fused(net, timed_on=batch, device=device)
-    if fused is not net:
+    if fused is not net and not _same_graph(fused, net):  # timed fusion may have kept every set apart
         forms.append(fused)
-    batched = _batched(forms[-1])
+    batched = _batched(fused)
     if batched is not None and not _same_graph(batched, forms[-1]):
         forms.append(batched)
     else:
