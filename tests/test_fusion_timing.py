@@ -81,6 +81,34 @@ def test_each_set_is_decided_on_its_own(monkeypatch):
             torch.testing.assert_close(out[name], model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_layer_called_at_two_levels_is_timed_on_each_call_s_own_input(monkeypatch):
+    """Heads shared across pyramid levels (RetinaNet/FCOS style): the same two modules read p3 and then
+    p4, two sets of siblings. Each set is timed on the tensor its nodes read (it used to be the modules'
+    first call's input, p3, for both), and only the set that pays is fused."""
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem, self.down = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
+            self.cls, self.box = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            p3 = torch.relu(self.stem(x))
+            p4 = torch.relu(self.down(p3))
+            return torch.cat([f(p).mean((2, 3)) for p in (p3, p4) for f in (self.cls, self.box)], 1)
+
+    model, x = Pyramid(), torch.randn(4, 16, 6, 6)
+    net = MultiNet({"det": model}, x[:1])
+    seen = []
+    monkeypatch.setattr(fusion_timing, "fused_over_apart",
+                        lambda modules, inp, *a, **k: seen.append(tuple(inp.shape)) or (1.0 if inp.shape[-1] == 3 else 2.0))
+    fused = net.fused(timed_on=x)
+    assert seen == [(4, 16, 6, 6), (4, 16, 3, 3)]
+    assert len(_wide_layers(fused)) == 1  # p4's set (timed as paying), not p3's
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)["det"], model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_building_and_timed_fusion_leave_batchnorm_statistics_and_training_modes_alone():
     """Shape propagation and the timing's pass run in eval mode: a member in training mode keeps its
     BatchNorm statistics (they used to move towards the zeros that shapes are propagated with)."""

@@ -74,7 +74,7 @@ class ConsumerSpec:
     stream: str | None = None  # the node this consumer's output is added to (a residual stream), if any
 
 
-class _Capture(fx.Interpreter):
+class Capture(fx.Interpreter):
     """Runs a GraphModule and hands the first input of watched nodes to a callback, and the outputs
     of tapped nodes to ``taps`` (node name -> value)."""
 
@@ -316,10 +316,10 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
         gen_state = seed * 1_000_003 + batch_index * 101
         with torch.no_grad():
             try:
-                _Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x), streams.values(),
+                Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x), streams.values(),
                          taps).run(*args)
                 if reference is not None:
-                    _Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x),
+                    Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x),
                              ref_streams.values(), ref_taps).run(*args)
             except Exception as exc:
                 raise InputShapeError(f"calibration batch of shape {batches.describe(batch)} does not fit the model: "

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..calib import batches
+from ..calib.stats import Capture
 from ..graph.tracing import evaluation_mode
 from .fusion import widened_call
 from .speed import SPEED_ROUNDS, time_ratio
@@ -26,13 +27,26 @@ from .speed import SPEED_ROUNDS, time_ratio
 def fusions_that_pay(gm: fx.GraphModule, sibling_sets: Sequence[Sequence[fx.Node]], batch,
                      rounds: int = SPEED_ROUNDS, clock: Callable[[], float] = time.perf_counter) -> list[bool]:
     """Per set of sibling layers of ``gm``: whether one wider layer computes them no slower than the layers
-    one after another, on the tensor they read when ``gm`` runs ``batch`` (on ``gm``'s device)."""
+    one after another, on the tensor they read when ``gm`` runs ``batch`` (on ``gm``'s device).
+
+    Each set is timed during one run of ``gm``, as soon as the value its layers read exists: the value of
+    that node (not of the module, which may be called on other tensors too: a head shared across pyramid
+    levels), and one at a time, so that no more than one set's input is kept beyond the run's own. In
+    eval mode: nothing such as a BatchNorm's running statistics changes; each module's mode is restored."""
     if not sibling_sets:
         return []
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    inputs = _sibling_inputs(gm, [gm.get_submodule(s[0].target) for s in sibling_sets], batch, device)
-    return [fused_over_apart([gm.get_submodule(n.target) for n in siblings], x, rounds, device, clock) <= 1.0
-            for siblings, x in zip(sibling_sets, inputs)]
+    pays: dict[int, bool] = {}
+
+    def time_set(index: str, x: torch.Tensor) -> None:  # a graph runs each node once: each set is timed once
+        modules = [gm.get_submodule(n.target) for n in sibling_sets[int(index)]]
+        pays[int(index)] = fused_over_apart(modules, x, rounds, device, clock) <= 1.0
+
+    watched = {siblings[0].name: str(i) for i, siblings in enumerate(sibling_sets)}
+    args = batches.as_args(batches.to_device(batch, device), batches.input_names(gm))
+    with torch.no_grad(), evaluation_mode(gm):
+        Capture(gm, watched, time_set).run(*args)
+    return [pays[i] for i in range(len(sibling_sets))]
 
 
 def fused_over_apart(modules: Sequence[nn.Module], x: torch.Tensor, rounds: int = SPEED_ROUNDS,
@@ -41,23 +55,3 @@ def fused_over_apart(modules: Sequence[nn.Module], x: torch.Tensor, rounds: int 
     runs it) over their time one after another, on ``x`` (the median of paired rounds: speed.time_ratio)."""
     wide = widened_call(list(modules))
     return time_ratio(lambda: wide(x), lambda: [m(x) for m in modules], rounds, device, clock)
-
-
-def _sibling_inputs(gm: fx.GraphModule, firsts: list[nn.Module], batch, device: torch.device) -> list[torch.Tensor]:
-    """The tensor each set's first layer reads when ``gm`` runs ``batch`` (in eval mode: nothing such as a
-    BatchNorm's running statistics changes; each module's own mode is restored)."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def keep(i: int):
-        def hook(module, args) -> None:  # returns None: the layer's input is left as it is
-            seen.setdefault(i, args[0])
-        return hook
-
-    hooks = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(firsts)]
-    try:
-        with torch.no_grad(), evaluation_mode(gm):
-            batches.call(gm, batches.to_device(batch, device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [seen[i] for i in range(len(firsts))]
