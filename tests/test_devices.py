@@ -31,6 +31,17 @@ def test_cuda_without_a_gpu_is_refused(name):
         resolve_device(name)
 
 
+def test_a_gpu_named_without_its_index_is_the_current_one(monkeypatch):
+    """A parameter on the current GPU reports 'cuda:0'; a run's device given as 'cuda' is that GPU (torch's
+    ``==`` says otherwise, and infer's timed fusion used to be skipped there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert devices.same_device("cuda", "cuda:1") and devices.same_device(torch.device("cuda:1"), "cuda")
+    assert not devices.same_device("cuda", "cuda:0") and not devices.same_device("cuda:0", "cuda:1")
+    assert devices.same_device("cuda", "cuda") and not devices.same_device("cuda", "cpu")
+    assert devices.same_device("cpu", torch.device("cpu")) and not devices.same_device("cpu", "meta")
+
+
 def test_compress_refuses_a_bad_device_before_any_work(monkeypatch):
     import multinet.pipeline.compression as compression
 

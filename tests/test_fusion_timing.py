@@ -163,6 +163,27 @@ def test_infer_times_fusion_on_its_first_batch_and_not_on_another_device(monkeyp
     assert seen == [] and _wide_layers(elsewhere)  # parameters not on the run's device: fused untimed
 
 
+def test_a_ray_actor_times_fusion_on_its_own_first_batch_not_the_driver(monkeypatch):
+    """Batch inference on Ray ships the network as given; each actor (``_Predictor``, built here from the
+    bytes without a cluster) chooses its form on its first batch, where it computes."""
+    infer_module = importlib.import_module("multinet.runtime.infer")
+    from multinet.io import to_bytes
+
+    models, net, x = _net()
+    seen = []
+    monkeypatch.setattr(fusion_timing, "fused_over_apart",
+                        lambda modules, inp, *a, **k: seen.append(inp.shape[0]) or 1.0)
+    monkeypatch.setattr(infer_module, "predictor_device", lambda: torch.device("cpu"))
+    actor = infer_module._Predictor(to_bytes(net, x[:1]), True, False)
+    assert seen == [] and not actor.net.is_fused  # nothing chosen before a batch arrives
+    first = actor({"data": x[:3].numpy()})
+    actor({"data": x[3:].numpy()})
+    assert seen == [3] and actor.net.is_fused and _wide_layers(actor.net)  # timed once, on the first batch
+    with torch.no_grad():
+        for i, name in enumerate(net(x[:1])):  # the actor returns the outputs flattened, in the net's order
+            torch.testing.assert_close(torch.from_numpy(first[f"out{i}"]), models[name](x[:3]), atol=1e-5, rtol=1e-5)
+
+
 def test_unify_speed_check_times_the_part_fused_for_its_batch(monkeypatch):
     """``unified_vs_separate`` given an unfused MultiNet fuses it for the batch it times on."""
     models, net, x = _net()

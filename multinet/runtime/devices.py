@@ -41,6 +41,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two devices are the same one: 'cuda' (no index: the current GPU) is the 'cuda:0' that a
+    parameter on the current GPU reports, which ``==`` on torch.device does not see."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, not the machine's total)."""
     try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -12,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ..calib import batches, iterate_batches
 from ..errors import MultinetError
-from .devices import resolve_device
+from .devices import resolve_device, same_device
 from ..schedule.latency import synchronize
 from .progress import Bar
 
@@ -42,8 +43,8 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
     the network as given. The data is read once through (a batch timed on is not lost).
     The network is moved to ``device``; inputs are moved batch by batch.
     With a Ray executor the batches go through Ray Data (``map_batches`` over a pool of actors
-    that each rebuild the network once from its model bytes; with ``overlap="auto"`` each actor
-    times the overlap on its first batch, on its own device), in order.
+    that each rebuild the network once from its model bytes and choose its form, fusion and overlap
+    alike, on their own first batch, device and CPUs, not the driver's), in order.
     """
     if not (isinstance(fuse, bool) or fuse in ("auto", "batched")):
         raise MultinetError(f"fuse must be True, False, 'batched' or 'auto', got {fuse!r}")
@@ -51,17 +52,10 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
         raise MultinetError(f"overlap must be True, False or 'auto', got {overlap!r}")
     dev = resolve_device(device)
     stream = BatchStream(data, batch_size)
-    if fuse == "auto":
-        net = faster_form(net, stream.first(), dev)
-    elif fuse and _is_multinet(net):
-        net = _fused(net, batched=fuse == "batched", timed_on=stream.first(), device=dev)
-    on_ray = executor is not None and getattr(executor, "name", "local") == "ray"
-    if overlap is True and _is_multinet(net):
-        net = net.overlapped()
-    elif overlap == "auto" and not on_ray and _may_overlap(net):
-        net = faster_overlap(net, stream.first(), dev)
-    if on_ray:  # the actors time the overlap on their own device and CPUs
-        return _infer_ray(net, stream, batch_size, executor, overlap == "auto" and _may_overlap(net))
+    if executor is not None and getattr(executor, "name", "local") == "ray":
+        # the actors choose the form (fusion, overlap) on their own first batch, device and CPUs
+        return _infer_ray(net, stream, batch_size, executor, fuse, overlap)
+    net = chosen_form(net, stream.first, dev, fuse, overlap)
     net = net.to(dev).eval()
     total = batches.size(data) if isinstance(data, (torch.Tensor, Mapping)) else None
     bar = Bar(progress, total or 0, "inference")
@@ -81,6 +75,22 @@ def infer(net: nn.Module, data, batch_size: int = 256, device: str = "cpu", prog
         bar.close()
     joined = [torch.cat(column) for column in zip(*parts)]
     return pytree.tree_unflatten(joined, spec)
+
+
+def chosen_form(net: nn.Module, first: Callable[[], Any], device: torch.device, fuse: bool | str,
+                overlap: bool | str) -> nn.Module:
+    """The form ``net`` runs in for ``fuse`` and ``overlap`` (see ``infer``), any timing done on the batch
+    ``first()`` gives (asked for only where something is timed) and where the network's parameters are
+    (on ``device``: infer's; on its own device: a Ray actor's)."""
+    if fuse == "auto":
+        net = faster_form(net, first(), device)
+    elif fuse and _is_multinet(net):
+        net = _fused(net, batched=fuse == "batched", timed_on=first(), device=device)
+    if overlap is True and _is_multinet(net):
+        net = net.overlapped()
+    elif overlap == "auto" and _may_overlap(net):
+        net = faster_overlap(net, first(), device)
+    return net
 
 
 def faster_form(net: nn.Module, batch, device: torch.device, trials: int = FUSE_TRIALS,
@@ -221,7 +231,7 @@ def _fused(net: nn.Module, batched: bool = False, timed_on=None, device: torch.d
     if not isinstance(net, MultiNet):
         return net
     here = next((p.device for p in net.parameters()), torch.device("cpu"))
-    timed = timed_on is not None and (device is None or here == torch.device(device))
+    timed = timed_on is not None and (device is None or same_device(here, device))
     return net.fused(batched=batched, timed_on=batches.to_device(timed_on, here) if timed else None)
 
 
@@ -237,29 +247,29 @@ def predictor_device() -> torch.device:
 
 
 class _Predictor:
-    """A Ray Data actor: rebuilds the network once on its device, then maps batches to outputs."""
+    """A Ray Data actor: rebuilds the network once on its device, chooses its form (fusion, overlap: the
+    run-time choices the model bytes do not hold) on its first batch, then maps batches to outputs."""
 
-    def __init__(self, blob_ref, overlap: bool | str = False):
+    def __init__(self, blob_ref, fuse: bool | str = True, overlap: bool | str = False):
         from .executors import fetch
         from ..io import from_bytes
 
         self.device = predictor_device()
         self.net = from_bytes(fetch(blob_ref)).to(self.device).eval()
-        self.overlap = overlap  # a run-time choice the model bytes do not hold
-        if overlap is True:
-            self.net = self.net.overlapped()
+        self.form: tuple | None = (fuse, overlap)  # None once chosen
 
     def __call__(self, batch: dict) -> dict:
         x = torch.from_numpy(batch["data"]).to(self.device)
-        if self.overlap == "auto":  # timed here: this actor's device and CPUs, not the driver's
-            self.net, self.overlap = faster_overlap(self.net, x, self.device), None
+        if self.form is not None:  # timed here: this actor's device and CPUs, not the driver's
+            self.net, self.form = chosen_form(self.net, lambda: x, self.device, *self.form).eval(), None
         with torch.no_grad():
             out = self.net(x)
         leaves, _ = pytree.tree_flatten(out)
         return {f"out{i}": t.cpu().numpy() for i, t in enumerate(leaves)}
 
 
-def _infer_ray(net: nn.Module, stream: BatchStream, batch_size: int, executor, time_overlap: bool):
+def _infer_ray(net: nn.Module, stream: BatchStream, batch_size: int, executor, fuse: bool | str,
+               overlap: bool | str):
     import ray
 
     try:
@@ -278,7 +288,7 @@ def _infer_ray(net: nn.Module, stream: BatchStream, batch_size: int, executor, t
     context.execution_options.preserve_order = True
     blocks = [c.numpy() for c in torch.chunk(x, max(1, executor.workers))]  # one block per actor to start with
     dataset = ray.data.from_numpy(blocks).map_batches(
-        _Predictor, fn_constructor_args=(blob, "auto" if time_overlap else bool(getattr(net, "is_overlapped", False))),
+        _Predictor, fn_constructor_args=(blob, fuse, overlap or bool(getattr(net, "is_overlapped", False))),
         batch_size=batch_size, batch_format="numpy",
         concurrency=max(1, executor.workers), num_cpus=executor.options["num_cpus"],
         num_gpus=executor.options["num_gpus"] or None)

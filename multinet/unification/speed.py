@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..calib import batches
+from ..runtime.devices import same_device
 from ..schedule.latency import synchronize
 
 SPEED_SLACK = 0.05  # slower than separate by more than this fraction (the median of paired rounds) is slower
@@ -57,7 +58,8 @@ def unified_vs_separate(unified: torch.nn.Module, separate: Sequence[torch.nn.Mo
     each set of its sibling layers fused where that is not slower here)."""
     here = next((p.device for p in unified.parameters()), torch.device("cpu"))
     device = here if device is None else torch.device(device)
-    if device != here or any(next((p.device for p in s.parameters()), device) != device for s in separate):
+    if not same_device(device, here) or any(not same_device(next((p.device for p in s.parameters()), device), device)
+                                            for s in separate):
         unified, separate = copy.deepcopy(unified).to(device), [copy.deepcopy(s).to(device) for s in separate]
     batch = batches.to_device(batch, device)
     if getattr(unified, "is_fused", True) is False:
