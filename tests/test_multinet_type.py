@@ -71,6 +71,30 @@ def test_deep_sibling_convs_fuse_into_one_layer_and_shallow_ones_do_not():
                 torch.testing.assert_close(out[name], model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fused_linear_outputs_are_dense_so_code_that_views_them_still_runs():
+    """Two members' Linears reading one input become one layer whose output is split along the features;
+    a slice of it is strided, and a member that views its output (``y.view(-1)``) failed on it at any batch
+    above the one the net was built with (a batch of 1 hides it: its slices view fine)."""
+    class Member(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.fc = nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.fc(x).view(-1)
+
+    models, x = {"a": Member(0), "b": Member(1)}, torch.randn(6, 64)
+    fused = MultiNet(models, x[:1]).fused()
+    assert [n for n, _ in fused.named_children() if n.startswith("fused_")]
+    with torch.no_grad():
+        out = fused(x)
+        for name, model in models.items():
+            torch.testing.assert_close(out[name], model(x), atol=1e-5, rtol=1e-5)
+    outs = multinet.infer(MultiNet(models, x[:1]), x, batch_size=3, overlap=False)
+    torch.testing.assert_close(outs["a"], torch.cat([models["a"](x[:3]), models["a"](x[3:])]), atol=1e-5, rtol=1e-5)
+
+
 def test_unified_network_fuses_to_the_same_outputs(split, unified):
     net = unified.model
     assert isinstance(net, MultiNet) and net.members == ["a", "b"]

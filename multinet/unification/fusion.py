@@ -190,9 +190,9 @@ def _fuse(gm: fx.GraphModule, siblings: list[fx.Node], stem: str = "fused") -> N
         wide = gm.graph.call_module(name, first.args)
         parts = gm.graph.call_function(torch.split, (wide, sizes, dim))
         for i, node in enumerate(siblings):
-            piece = gm.graph.call_function(operator.getitem, (parts, i))
-            if dim == 1:  # a channel slice is strided; the layers after it run faster on a dense copy
-                piece = gm.graph.call_method("contiguous", (piece,))
+            # every slice made dense, as each layer's own output was: a channel slice runs the layers after
+            # it slower strided, and a Linear's last-dim slice breaks what views it (``y.view(-1)``)
+            piece = gm.graph.call_method("contiguous", (gm.graph.call_function(operator.getitem, (parts, i)),))
             node.replace_all_uses_with(piece)
     for node in siblings:
         gm.graph.erase_node(node)
@@ -205,13 +205,13 @@ def _split_of(modules: list[nn.Module]) -> tuple[list[int], int]:
 
 def widened_call(modules: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """``modules``' outputs computed as the fused graph computes them: one wider layer, its output split,
-    channel slices made dense (what fusion_timing.py times against the layers apart)."""
+    each slice made dense (what fusion_timing.py times against the layers apart)."""
     wide = _wider(modules)
     sizes, dim = _split_of(modules)
 
     def call(x: torch.Tensor) -> list[torch.Tensor]:
         pieces = torch.split(wide(x), sizes, dim)
-        return [p.contiguous() for p in pieces] if dim == 1 else list(pieces)
+        return [p.contiguous() for p in pieces]
 
     return call
 
