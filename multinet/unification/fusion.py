@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.op_tables import UNARY_MODULES
 from ..graph.tracing import propagate_shapes
 from .pooling import halve_pools
 
@@ -185,17 +186,41 @@ def _fuse(gm: fx.GraphModule, siblings: list[fx.Node], stem: str = "fused") -> N
     name = _free_name(gm, stem)
     gm.add_submodule(name, _wider(modules))
     sizes, dim = _split_of(modules)
+    dense = dense_pieces(gm, siblings)
     first = siblings[0]  # siblings come in graph order: the first one's place is after their shared input
     with gm.graph.inserting_before(first):
         wide = gm.graph.call_module(name, first.args)
         parts = gm.graph.call_function(torch.split, (wide, sizes, dim))
         for i, node in enumerate(siblings):
-            # every slice made dense, as each layer's own output was: a channel slice runs the layers after
-            # it slower strided, and a Linear's last-dim slice breaks what views it (``y.view(-1)``)
-            piece = gm.graph.call_method("contiguous", (gm.graph.call_function(operator.getitem, (parts, i)),))
+            piece = gm.graph.call_function(operator.getitem, (parts, i))
+            if dense[i]:
+                piece = gm.graph.call_method("contiguous", (piece,))
             node.replace_all_uses_with(piece)
     for node in siblings:
         gm.graph.erase_node(node)
+
+
+# layers that read a strided slice of a Linear's output as fast as a dense copy and write a dense output
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)  # return it as is
+_READ_STRIDED = (nn.Linear, *(m for m in UNARY_MODULES if m not in _PASS_THROUGH))
+
+
+def dense_pieces(gm: fx.GraphModule, siblings: list[fx.Node]) -> list[bool]:
+    """Which slices of a fused output are made dense (a copy): a conv's channel slice always (the layers after
+    it run slower strided), a Linear's last-dim slice unless every reader is a Linear or an elementwise layer
+    that is not in place: a strided slice breaks what views it (``y.view(-1)``) or returns it (an output),
+    and on digit MLPs of 0.16 ms the copies alone cost a few % (benchmarks/results/unify.md)."""
+    modules = [gm.get_submodule(n.target) for n in siblings]
+    if _split_of(modules)[1] == 1:
+        return [True] * len(siblings)
+
+    def strided_ok(user: fx.Node) -> bool:
+        if user.op != "call_module":
+            return False
+        module = gm.get_submodule(user.target)
+        return type(module) in _READ_STRIDED and not getattr(module, "inplace", False)
+
+    return [not node.users or not all(strided_ok(u) for u in node.users) for node in siblings]
 
 
 def _split_of(modules: list[nn.Module]) -> tuple[list[int], int]:
@@ -203,15 +228,18 @@ def _split_of(modules: list[nn.Module]) -> tuple[list[int], int]:
     return [m.weight.shape[0] for m in modules], 1 if isinstance(modules[0], _CONVS) else -1
 
 
-def widened_call(modules: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+def widened_call(modules: list[nn.Module], dense: list[bool] | None = None
+                 ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """``modules``' outputs computed as the fused graph computes them: one wider layer, its output split,
-    each slice made dense (what fusion_timing.py times against the layers apart)."""
+    the slices ``dense`` says (``dense_pieces``; None: all) made dense (what fusion_timing.py times against
+    the layers apart)."""
     wide = _wider(modules)
     sizes, dim = _split_of(modules)
+    dense = [True] * len(modules) if dense is None else dense
 
     def call(x: torch.Tensor) -> list[torch.Tensor]:
         pieces = torch.split(wide(x), sizes, dim)
-        return [p.contiguous() for p in pieces]
+        return [p.contiguous() if d else p for p, d in zip(pieces, dense)]
 
     return call
 

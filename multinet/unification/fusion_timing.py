@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..calib import batches
 from ..calib.stats import Capture
 from ..graph.tracing import evaluation_mode
-from .fusion import widened_call
+from .fusion import dense_pieces, widened_call
 from .speed import SPEED_ROUNDS, time_ratio
 
 
@@ -39,8 +39,9 @@ def fusions_that_pay(gm: fx.GraphModule, sibling_sets: Sequence[Sequence[fx.Node
     pays: dict[int, bool] = {}
 
     def time_set(index: str, x: torch.Tensor) -> None:  # a graph runs each node once: each set is timed once
-        modules = [gm.get_submodule(n.target) for n in sibling_sets[int(index)]]
-        pays[int(index)] = fused_over_apart(modules, x, rounds, device, clock) <= 1.0
+        siblings = list(sibling_sets[int(index)])
+        modules = [gm.get_submodule(n.target) for n in siblings]
+        pays[int(index)] = fused_over_apart(modules, x, rounds, device, clock, dense_pieces(gm, siblings)) <= 1.0
 
     watched = {siblings[0].name: str(i) for i, siblings in enumerate(sibling_sets)}
     args = batches.as_args(batches.to_device(batch, device), batches.input_names(gm))
@@ -50,8 +51,10 @@ def fusions_that_pay(gm: fx.GraphModule, sibling_sets: Sequence[Sequence[fx.Node
 
 
 def fused_over_apart(modules: Sequence[nn.Module], x: torch.Tensor, rounds: int = SPEED_ROUNDS,
-                     device: torch.device | None = None, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Time of ``modules`` as one wider layer (its output split and each piece made dense, as fusion.py
-    runs it) over their time one after another, on ``x`` (the median of paired rounds: speed.time_ratio)."""
-    wide = widened_call(list(modules))
+                     device: torch.device | None = None, clock: Callable[[], float] = time.perf_counter,
+                     dense: list[bool] | None = None) -> float:
+    """Time of ``modules`` as one wider layer (its output split and the pieces ``dense`` says made dense, as
+    fusion.py runs it) over their time one after another, on ``x`` (the median of paired rounds:
+    speed.time_ratio)."""
+    wide = widened_call(list(modules), dense)
     return time_ratio(lambda: wide(x), lambda: [m(x) for m in modules], rounds, device, clock)
