@@ -45,12 +45,14 @@ def _shard_job(job: dict) -> dict[str, tuple]:
 
 def collect_on(executor, model, specs: list[ConsumerSpec], data, reference=None, reference_specs=None,
                batch_size: int = 128, max_positions: int | None = None, device: str = "cpu", seed: int = 0,
-               precision: torch.dtype = torch.float64) -> dict[str, ConsumerStats]:
-    """``collect`` split over ``executor.workers`` jobs (the plain ``collect`` for one worker)."""
+               precision: torch.dtype = torch.float64, outputs=None) -> dict[str, ConsumerStats]:
+    """``collect`` split over ``executor.workers`` jobs (the plain ``collect`` for one worker).
+    ``outputs``: ``collect``'s callback for the model's outputs, called only where the pass runs in this
+    process (sharded jobs return statistics alone)."""
     if executor is None or getattr(executor, "workers", 1) <= 1 and getattr(executor, "name", "local") == "local":
         return collect(model, specs, data, reference=reference, reference_specs=reference_specs,
                        batch_size=batch_size, max_positions=max_positions, device=device, seed=seed,
-                       precision=precision)
+                       precision=precision, outputs=outputs)
     from ..io import to_bytes
 
     batches = list(iterate_batches(data, batch_size))

@@ -283,9 +283,12 @@ def first_sample(data, batch_size: int = 128) -> Batch:
 def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: fx.GraphModule | None = None,
             reference_specs: list[ConsumerSpec] | None = None, batch_size: int = 128,
             max_positions: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-            progress=None, first_batch: int = 0, warn: bool = True, precision: torch.dtype = torch.float64
-            ) -> dict[str, ConsumerStats]:
+            progress=None, first_batch: int = 0, warn: bool = True, precision: torch.dtype = torch.float64,
+            outputs=None) -> dict[str, ConsumerStats]:
     """Accumulate statistics for ``specs`` over ``data``.
+
+    ``outputs(batch, out)``, where given, receives each batch (on ``device``) and ``model``'s output on it:
+    a caller that also needs the model's outputs on the calibration samples takes them from this pass.
 
     With ``reference`` (the original model) the cross term with the reference model's input at
     the consumer of the same name is accumulated as well (sequential mode), and for the specs with
@@ -316,14 +319,17 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
         gen_state = seed * 1_000_003 + batch_index * 101
         with torch.no_grad():
             try:
-                Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x), streams.values(),
-                         taps).run(*args)
+                out = Capture(model, watched, lambda name, x: captured.setdefault(name, []).append(x),
+                              streams.values(), taps).run(*args)
                 if reference is not None:
                     Capture(reference, ref_watched, lambda name, x: ref_captured.setdefault(name, []).append(x),
                              ref_streams.values(), ref_taps).run(*args)
             except Exception as exc:
                 raise InputShapeError(f"calibration batch of shape {batches.describe(batch)} does not fit the model: "
                                       f"{str(exc).strip().splitlines()[0]}") from exc
+        if outputs is not None:
+            outputs(batch, out)
+        del out
         grams = BatchGrams(max_positions, gen_state, precision, mask)
         for name, inputs in captured.items():
             for call, x in enumerate(inputs):

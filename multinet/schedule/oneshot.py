@@ -45,14 +45,65 @@ class GroupCurve:
 
 
 def one_shot_stats(graph: ChannelGraph, group_ids: Sequence[int], data, batch_size: int, max_positions: int | None,
-                   device: str, seed: int, executor=None):
+                   device: str, seed: int, executor=None, outputs=None):
     """Gram statistics of every consumer of the given groups, in one pass over the data (sharded
     over the executor's workers when it has several). Each batch's Gram is one float32 GEMM added into
     float64 sums, as in the sequential pipeline: half the time of a float64 GEMM, ~3e-7 relative
-    rounding, which the solver's Cholesky absorbs (``invert``)."""
+    rounding, which the solver's Cholesky absorbs (``invert``). ``outputs``: see ``calib.collect``
+    (an ``EvaluationOutputs``)."""
     names = list(dict.fromkeys(n for g in group_ids for n in graph.group(g).consumer_names))
     return collect_on(executor, graph.module, consumer_specs(graph, names), data, batch_size=batch_size,
-                      max_positions=max_positions, device=device, seed=seed, precision=torch.float32)
+                      max_positions=max_positions, device=device, seed=seed, precision=torch.float32,
+                      outputs=outputs)
+
+
+class EvaluationOutputs:
+    """The original model's outputs on the evaluation samples, taken from the statistics pass.
+
+    The masked evaluator compares every candidate with these outputs; computed on their own they cost
+    a forward pass over the evaluation samples, a whole plain pass where those are every calibration
+    sample (the default 1,024 of 1,024; on ResNet-50 at 224x224, 0.8-1 of the ~10 passes a budget run
+    took). The statistics pass runs the same model on the same batches first, so its outputs are kept
+    instead. Each batch it sees is checked against the evaluation batch of the same index (a shuffling
+    loader gives other samples each time it is read): any difference, or a pass that ran elsewhere (a
+    sharded executor), leaves ``reference()`` None and the evaluator runs its own pass, as before."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Batch]):
+        self.model, self.inputs = model, list(inputs)
+        self.names = batches.input_names(model)
+        self.parts: list[list[torch.Tensor]] = []
+        self.valid = True
+
+    def __call__(self, batch: Batch, out) -> None:
+        index = len(self.parts)
+        if not self.valid or index >= len(self.inputs):
+            return
+        wanted = self.inputs[index]
+        n = batches.size(wanted)
+        if n < batches.size(batch):  # the evaluation set ends inside this batch: run its cut as the evaluator does
+            batch = batches.take(batch, 0, n)
+            with torch.no_grad():
+                out = batches.call(self.model, batch)
+        if not _same_batch(batch, wanted):
+            self.valid = False
+            return
+        self.parts.append(output_parts(real_tokens(out, batches.padding_mask(batch, self.names))))
+
+    def reference(self) -> list[torch.Tensor] | None:
+        """Per output, the outputs on every evaluation sample; None where the pass did not give them all."""
+        if not self.valid or len(self.parts) != len(self.inputs) or not self.parts:
+            return None
+        return [torch.cat(column) for column in zip(*self.parts)]
+
+
+def _same_batch(a: Batch, b: Batch) -> bool:
+    """Whether two batches hold the same samples (compared on the CPU: the statistics pass's copy may be on a GPU)."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    return all(torch.equal(x.cpu(), y.cpu()) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+               for x, y in zip(leaves_a, leaves_b))
 
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
@@ -234,11 +285,14 @@ class MaskedModel:
     """Final-output error of one-shot REAP reconstructions for any removal sets (see module doc)."""
 
     def __init__(self, graph: ChannelGraph, stats, group_ids: Sequence[int], inputs: list[torch.Tensor], damp: float,
-                 device: str = "cpu", output_weights: Sequence[float] | None = None):
+                 device: str = "cpu", output_weights: Sequence[float] | None = None,
+                 reference: list[torch.Tensor] | None = None):
+        """``reference``: the model's outputs on ``inputs`` where already known (``EvaluationOutputs``);
+        otherwise they are computed here, a forward pass over ``inputs``."""
         self.gm = copy.deepcopy(graph.module).to(device).eval()
         self.inputs = [batches.to_device(x, device) for x in inputs]
         self.device = device
-        self.reference = run_outputs(self.gm, self.inputs)
+        self.reference = run_outputs(self.gm, self.inputs) if reference is None else [r.to(device) for r in reference]
         self._energy: list[torch.Tensor] | None = None  # per output, for sample_errors
         self.samples = sum(batches.size(x) for x in self.inputs)  # evaluation samples in all
         check_output_weights(output_weights, len(self.reference))
@@ -416,14 +470,18 @@ class MaskedModel:
 # --- the masked evaluator on executor workers (built once per worker, from plain data) ----------
 
 def masked_setup(model_bytes: bytes, example, stats, group_ids, inputs, damp: float,
-                 output_weights=None) -> MaskedModel:
-    """Runs on a worker: rebuild the model from bytes and its masked evaluator (on its GPU if any)."""
+                 output_weights=None, reference: list[torch.Tensor] | None = None) -> MaskedModel:
+    """Runs on a worker: rebuild the model from bytes and its masked evaluator (on its GPU if any).
+    ``reference``: the driver's outputs on ``inputs``, used on a CPU worker (it saves that worker a pass over
+    the evaluation samples); a GPU worker computes its own there, so that the model with nothing removed
+    measures an error of 0 on it too."""
     from ..graph import trace
     from ..io import from_bytes
 
     graph = trace(from_bytes(model_bytes), example)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MaskedModel(graph, stats, group_ids, inputs, damp, device, output_weights)
+    return MaskedModel(graph, stats, group_ids, inputs, damp, device, output_weights,
+                       reference if device == "cpu" else None)
 
 
 def masked_error(masked: MaskedModel, removed) -> float:

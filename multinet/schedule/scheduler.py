@@ -40,7 +40,7 @@ from .allocate import Step, counts_at, greedy, refill
 from .budget import Budget, BudgetError, schedulable_groups
 from .costs import CostModel, PrefixCosts
 from .latency import latency_input, measure_ms
-from .oneshot import (GroupCurve, MaskedModel, evaluation_inputs, group_curves, masked_error,
+from .oneshot import (EvaluationOutputs, GroupCurve, MaskedModel, evaluation_inputs, group_curves, masked_error,
                       masked_sample_errors, masked_setup, one_shot_stats)
 from .plan import GroupPlan, Plan
 
@@ -152,10 +152,11 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
     check_reachable(model, budget, allowed)
     seconds = {}
     start = time.perf_counter()
-    stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor)
-    seconds["statistics"] = time.perf_counter() - start
     inputs = evaluation_inputs(data, batch_size, eval_samples)
-    masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device, budget.output_weights)
+    outputs = EvaluationOutputs(graph.module, inputs)  # the evaluator's reference, from the statistics pass
+    stats = one_shot_stats(graph, list(allowed), data, batch_size, max_positions, device, seed, executor, outputs)
+    seconds["statistics"] = time.perf_counter() - start
+    masked = MaskedModel(graph, stats, list(allowed), inputs, damp, device, budget.output_weights, outputs.reference())
     local = executor is None or getattr(executor, "name", "local") == "local"
     start = time.perf_counter()
     # the curves' inverse Grams go to the evaluator where it runs here (workers build their own)
@@ -167,7 +168,7 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
         from ..io import to_bytes
 
         remote = (to_bytes(graph.module), graph.example_inputs, stats, list(allowed), inputs, damp,
-                  budget.output_weights)
+                  budget.output_weights, masked.reference)
     return Scheduling(graph, budget, allowed, curves, model.along({g: c.order for g, c in curves.items()}), masked,
                       seconds, (model.flops_full, model.params_full), executor, remote,
                       probe_samples=opts.probe_samples)
