@@ -160,3 +160,24 @@ def test_pruned_model_counts_its_own_flops_and_magnitude_selects_heads():
     result = _compress(model, data, ratio=0.5, method="magnitude")
     heads = [r for r in result.removed_channels() if "attention.self" in r["producers"][0]]
     assert heads and all(len(r["removed"]) == 2 for r in heads)
+
+
+def test_the_cost_model_counts_a_captured_bert_s_attention_as_surgery_leaves_it():
+    """A torch.export graph's attention (aten SDPA) shrinks with the heads kept, in the scheduler's cost
+    model as in the pruned model's count: a budget's plan lands on what it costs."""
+    from multinet.schedule.costs import CostModel
+
+    model, data = _bert(), _data()
+    example = batches.as_args(batches.take(data, 0, 2), ["input_ids", "attention_mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        graph = multinet.trace(model, example, capture="export")
+    cost = CostModel(graph)
+    cost.terms = [(m, t) for m, t in cost.terms if t.needs is None]  # plain surgery adds no bias
+    heads = [g for g in graph.prunable_groups if g.attention_heads]
+    assert heads
+    for share in (4, 2, 1):
+        keep = {g.id: list(range(max(1, g.size * share // 4))) for g in graph.prunable_groups}
+        removed = {g: [c for c in range(graph.group(g).size) if c not in set(k)] for g, k in keep.items()}
+        real = multinet.count(multinet.prune(graph, keep), example)
+        assert cost.totals(removed) == (real.flops, real.params)

@@ -51,6 +51,9 @@ class AnalysisResult:
     space_units: dict[int, int] = None  # producer space -> features per channel (head_dim for heads)
     part_requests: dict[str, frozenset[int]] = None  # producer -> feature offsets where a later pass cuts it
     head_spaces: set[int] = None  # spaces tied by attention (sdpa, batched matmul, einsum): head channels
+    # node name -> the channel axis of its output, for nodes with one: what a weightless layer's cost
+    # (attention, batched matmul) shrinks with when the channels there go (schedule/costs.py)
+    node_axes: dict[str, Axis] = None
 
 
 def _shape(arg) -> tuple[int, ...] | None:
@@ -115,7 +118,8 @@ class ChannelAnalysis:
         self._check_param_uses()
         return AnalysisResult(self.table, self.edits, self.layers, dict(self.passthrough), dict(self.inexact),
                               self.unknown_ops, self.unit_requests, dict(self._space_unit), self.part_requests,
-                              self.head_spaces)
+                              self.head_spaces,
+                              {n.name: info for n, info in self.info.items() if isinstance(info, Axis)})
 
     def _visit(self, node: fx.Node) -> Info:
         if node.op in ("placeholder", "get_attr"):

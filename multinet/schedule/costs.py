@@ -23,6 +23,9 @@ from ..graph import ChannelGraph, count
 from ..graph.edits import GroupedInput, SliceTensor
 
 
+WEIGHTLESS = ("attention", "matmul")  # counted layers (graph/counting.py) whose cost no weight slice gives
+
+
 @dataclass
 class _Range:
     group: int
@@ -63,10 +66,17 @@ class CostModel:
         self.flops_full, self.params_full = counts.flops, counts.params
         self.flops_terms: list[_Term] = []
         fixed_flops = counts.flops
+        axes = graph.analysis.node_axes or {}
         for layer in counts.layers:
             weight = _weight_name(gm, layer.name)
             if layer.flops and weight in slices:
                 self.flops_terms.append(_Term(layer.flops, self._dims(slices[weight])))
+                fixed_flops -= layer.flops
+            elif layer.flops and layer.kind in WEIGHTLESS and layer.name in axes:
+                # attention and batched matmuls: their channel axis is a batch dim (the heads; a tracked
+                # contracted dim makes the group unprunable), so their MACs shrink with the kept heads
+                axis = axes[layer.name]
+                self.flops_terms.append(_Term(layer.flops, self._dims([SliceTensor("", axis.dim, axis.segments)])))
                 fixed_flops -= layer.flops
         self.params_terms: list[_Term] = []
         fixed_params = counts.params
