@@ -209,6 +209,7 @@ def run_set(name: str, split, calib, budgets, repeats: int) -> list[dict]:
             row["unified_flops"] = u.costs_after["total"]["flops"] / total
             row["links"] = len(u.model.links)
             row["chosen"] = u.chosen
+            row["speed_check"] = u.speed  # unify's own reading of each kept part's time over separate's
             start = time.perf_counter()
             reverse = multinet.unify(dict(reversed(list(models.items()))), calib, budget=Budget(flops=frac),
                                      speed_check=INFERENCE_BATCH)
