@@ -84,7 +84,7 @@ class EvaluationOutputs:
             batch = batches.take(batch, 0, n)
             with torch.no_grad():
                 out = batches.call(self.model, batch)
-        if not _same_batch(batch, wanted):
+        if not batches.same_batches([batch], [wanted]):
             self.valid = False
             return
         self.parts.append(output_parts(real_tokens(out, batches.padding_mask(batch, self.names))))
@@ -94,16 +94,6 @@ class EvaluationOutputs:
         if not self.valid or len(self.parts) != len(self.inputs) or not self.parts:
             return None
         return [torch.cat(column) for column in zip(*self.parts)]
-
-
-def _same_batch(a: Batch, b: Batch) -> bool:
-    """Whether two batches hold the same samples (compared on the CPU: the statistics pass's copy may be on a GPU)."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return False
-    return all(torch.equal(x.cpu(), y.cpu()) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
-               for x, y in zip(leaves_a, leaves_b))
 
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
