@@ -95,6 +95,22 @@ def test_calibration_bad_inputs(setup):
         collect(graph.module, consumer_specs(graph, ["fc"]), x[:3])
 
 
+def test_the_finiteness_check_of_calibration_rows_is_exact():
+    """Rows are checked by their sum (a mask as large as the rows cost 15-25x more per batch); a sum that
+    overflows on finite values falls back to the element-wise check."""
+    from multinet.solve.problem import all_finite
+
+    big = torch.full((64, 8), 3e38)  # finite, but its sum overflows to inf
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(64, 8)
+        t[5, 3] = bad
+        assert not all_finite(t)
+    both = torch.randn(64, 8)
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # their sum is NaN, not a finite number
+    assert not all_finite(both)
+
+
 @pytest.mark.parametrize("shape,geom", [
     ((3, 4, 9, 11), dict(kernel=(3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
     ((2, 5, 8, 8), dict(kernel=(1, 1), stride=(2, 2), padding=(0, 0), dilation=(1, 1))),

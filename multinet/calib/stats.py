@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InputShapeError, MultinetError
+from ..solve.problem import all_finite
 from . import batches
 from .batches import Batch, token_rows
 from .unfold import conv_geometry, linear_rows, output_grid, unfold_conv_input
@@ -194,7 +195,7 @@ class BatchGrams:
         key = (id(x), spec.kind, repr(spec.geometry), call)
         if key not in self._rows:
             rows = x.rows.to(self.precision) if isinstance(x, SampledRows) else self.input_rows(spec, x, call)
-            if not torch.isfinite(rows).all():
+            if not all_finite(rows):
                 raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
             self._rows[key] = rows
         return key, self._rows[key]
