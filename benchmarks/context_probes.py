@@ -20,7 +20,7 @@ import torch
 
 from multinet import Budget, trace
 from multinet.schedule import make_plan, prepare, scheduler
-from scale import build
+from scale import build, calibration_images
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     model, example = build("resnet50", args.size)
-    x = example.repeat(args.images, 1, 1, 1) + 0.1 * torch.randn(args.images, *example.shape[1:])
+    x = calibration_images(example, args.images)
     with torch.no_grad():
         start = time.perf_counter()
         for i in range(0, args.images, 32):

@@ -3,45 +3,73 @@
 
     python benchmarks/finite_check.py zoo-resnet 1024 8 15      # model images size rounds (as scale.py builds them)
     python benchmarks/finite_check.py resnet50 64 112 3
+
+Each round runs both checks, in alternating order; every run's removed channels are compared with the
+first run's, so "same channels" covers every round of both.
 """
+from __future__ import annotations
+
+import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-warnings.simplefilter("ignore")
-sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
-import multinet, scale
-import multinet.calib.stats as S
-name, images, size, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model, ex = scale.build(name, size)
-if name == "zoo-resnet":
-    from multinet import data
-    x = data.load("digits").train_x[:1024]
-else:
+import multinet
+import multinet.calib.stats as calib_stats
+from multinet import data
+from scale import build, calibration_images
+
+CHECKS = {"mask": lambda t: bool(torch.isfinite(t).all()), "sum": calib_stats.all_finite}
+
+
+def plain_pass(model, x: torch.Tensor, repeats: int = 5) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(x), 32):
+                model(x[i:i + 32])
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("images", type=int)
+    parser.add_argument("size", type=int)
+    parser.add_argument("rounds", type=int)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    model, example = build(args.model, args.size)
     torch.manual_seed(0)
-    x = ex.repeat(images, 1, 1, 1) + 0.1 * torch.randn(images, *ex.shape[1:])
-kw = dict(batch_size=32, max_positions=64, eval_samples=len(x), ratio=0.3)
-fns = {"mask": lambda t: bool(torch.isfinite(t).all()), "sum": S.all_finite}
-multinet.compress(model, x, **kw)
-out = {k: [] for k in fns}; stat = {k: [] for k in fns}; kept = {}
-for i in range(rounds):
-    for k, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
-        S.all_finite = fn
-        t = time.perf_counter(); r = multinet.compress(model, x, **kw); out[k].append(time.perf_counter() - t)
-        stat[k].append(r.cost.seconds.get("statistics", float("nan")))
-        kept[k] = {g: tuple(v) for g, v in r.kept.items()} if hasattr(r, "kept") else None
-with torch.no_grad():
-    ps = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for i in range(0, len(x), 32): model(x[i:i + 32])
-        ps.append(time.perf_counter() - t)
-p = statistics.median(ps)
-for k in fns:
-    print(k, "run passes", round(statistics.median(out[k]) / p, 2), "statistics passes", round(statistics.median(stat[k]) / p, 2))
-print("paired sum/mask", sorted(round(a / b, 3) for a, b in zip(out["sum"], out["mask"])), "same kept", kept["sum"] == kept["mask"])
+    x = data.load("digits").train_x[:1024] if args.model == "zoo-resnet" else calibration_images(example, args.images)
+    options = dict(batch_size=32, max_positions=64, eval_samples=len(x), ratio=0.3)
+    first = multinet.compress(model, x, **options).removed_channels()  # warm-up, and the channels to match
+    seconds = {k: [] for k in CHECKS}
+    stats_seconds = {k: [] for k in CHECKS}
+    same = True
+    for i in range(args.rounds):
+        for name in (list(CHECKS) if i % 2 == 0 else list(CHECKS)[::-1]):
+            calib_stats.all_finite = CHECKS[name]
+            start = time.perf_counter()
+            result = multinet.compress(model, x, **options)
+            seconds[name].append(time.perf_counter() - start)
+            stats_seconds[name].append(result.cost.seconds["statistics"])
+            same &= result.removed_channels() == first
+    calib_stats.all_finite = CHECKS["sum"]
+    unit = plain_pass(model, x)
+    for name in CHECKS:
+        print(f"{name}: run {statistics.median(seconds[name]) / unit:.2f} passes, "
+              f"statistics {statistics.median(stats_seconds[name]) / unit:.2f} passes")
+    ratios = sorted(a / b for a, b in zip(seconds["sum"], seconds["mask"]))
+    print(f"paired run time sum / mask: median {statistics.median(ratios):.3f}, "
+          f"{sum(r < 1 for r in ratios)} of {len(ratios)} below 1; same channels in every run: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,11 +107,11 @@ def check_runs(device: str) -> bool:
 
 def check_scale(device: str, images: int, size: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from scale import build
+    from scale import build, calibration_images
 
     model, example = build("resnet50", size)
     model = model.to(device)
-    x = (example.repeat(images, 1, 1, 1) + 0.1 * torch.randn(images, *example.shape[1:])).to(device)
+    x = calibration_images(example, images).to(device)
     with torch.no_grad():
         model(x[:8])
         _, forward = timed(lambda: [model(x[i:i + 32]) for i in range(0, images, 32)], device)

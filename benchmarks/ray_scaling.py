@@ -80,10 +80,10 @@ def main() -> None:
         rows.append(f"| {label}: {n:,} images | {n / local:,.0f} | {n / ray1:,.0f} | {n / ray2:,.0f} | "
                     f"{ray1 / local:.2f}× | {ray1 / ray2:.2f}× |")
     if args.compress_model == "resnet50":
-        from scale import build
+        from scale import build, calibration_images
 
         model_of, example = (lambda: build("resnet50", 112)[0]), build("resnet50", 112)[1]
-        samples = example.repeat(args.compress_samples, 1, 1, 1) + 0.1 * torch.randn(args.compress_samples, 3, 112, 112)
+        samples = calibration_images(example, args.compress_samples)
     else:
         model_of = lambda: zoo.create("resnet")  # noqa: E731
         samples = torch.cat([x] * (args.compress_samples // len(x) + 1))[: args.compress_samples]

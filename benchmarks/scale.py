@@ -110,6 +110,11 @@ def build(name: str, size: int):
     return zoo.create("resnet"), data.load("digits").train_x[:1]
 
 
+def calibration_images(example: torch.Tensor, images: int) -> torch.Tensor:
+    """``images`` copies of ``example`` with noise: random-weight models time the same on any inputs."""
+    return example.repeat(images, *([1] * (example.ndim - 1))) + 0.1 * torch.randn(images, *example.shape[1:])
+
+
 CONFIGS = {  # label -> compress keyword arguments
     "sequential, ratio 0.3": dict(ratio=0.3),
     "one-shot, ratio 0.3": dict(ratio=0.3, mode="oneshot"),
@@ -126,7 +131,7 @@ def worker(name: str, label: str, images: int, size: int, threads: int, repeats:
     warnings.simplefilter("ignore")
     model, example = build(name, size)
     images = 1024 if name == "zoo-resnet" else images  # 8x8 digits: a real calibration set
-    x = example.repeat(images, *([1] * (example.ndim - 1))) + 0.1 * torch.randn(images, *example.shape[1:])
+    x = calibration_images(example, images)
     with torch.no_grad():
         model(x[:8])
         times = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from scale import build
+from scale import build, calibration_images
 
 from multinet import Budget, trace
 from multinet.schedule.budget import schedulable_groups
@@ -56,7 +56,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     model, example = build("resnet50", args.size)
     torch.manual_seed(1)
-    x = example.repeat(args.images, 1, 1, 1) + 0.1 * torch.randn(args.images, *example.shape[1:])
+    x = calibration_images(example, args.images)
     graph = trace(model, example)
     allowed = schedulable_groups(graph, Budget(flops=0.5))
 

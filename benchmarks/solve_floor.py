@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import multinet
-from scale import build
+from scale import build, calibration_images
 
 RESULTS = Path(__file__).parent / "results" / "solve_floor.md"
 MAX_POSITIONS = 64  # as benchmarks/scale.py runs compress
@@ -101,7 +101,7 @@ def factorisation_seconds(cols: int, dtype: torch.dtype, repeats: int) -> float:
 def measure(name: str, images: int, size: int, repeats: int) -> dict:
     model, example = build(name, size)
     torch.manual_seed(0)
-    x = example.repeat(images, *([1] * (example.ndim - 1))) + 0.1 * torch.randn(images, *example.shape[1:])
+    x = calibration_images(example, images)
     graph = multinet.trace(model, example)
     grams = consumer_inputs(graph, model, example, images)
     plain_macs = multinet.count(graph.module).flops * images
