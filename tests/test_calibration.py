@@ -111,12 +111,72 @@ def test_the_finiteness_check_of_calibration_rows_is_exact():
     assert not all_finite(both)
 
 
-@pytest.mark.parametrize("shape,geom", [
+CONV_CALLS = [  # input shape, conv geometry: strides, padding, dilation, 'same', Conv1d
     ((3, 4, 9, 11), dict(kernel=(3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
     ((2, 5, 8, 8), dict(kernel=(1, 1), stride=(2, 2), padding=(0, 0), dilation=(1, 1))),
     ((2, 3, 7, 7), dict(kernel=(3, 3), stride=(1, 1), padding="same", dilation=(2, 2))),
     ((2, 3, 10), dict(kernel=(3,), stride=(2,), padding=(1,), dilation=(1,))),
-])
+]
+
+
+def _im2col_reference(x: torch.Tensor, geom: dict) -> torch.Tensor:
+    """Float64 rows (bias column of ones last) from F.unfold directly, padding written out."""
+    x = x.double()
+    kernel, stride, dilation, padding = geom["kernel"], geom["stride"], geom["dilation"], geom["padding"]
+    if x.ndim == 3:
+        x, kernel, stride, dilation, padding = x[:, :, None], (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
+        padding = (0, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    cols = cols.reshape(-1, cols.shape[2])
+    return torch.cat([cols, torch.ones(len(cols), 1, dtype=torch.float64)], 1)
+
+
+@pytest.mark.parametrize("shape,geom", CONV_CALLS)
+def test_a_conv_consumers_rows_and_cross_term_match_a_float64_im2col(shape, geom):
+    """The rows are written with their ones column in one copy, and X^T (X_ref - X) W_ref comes from a
+    conv of the input difference (no im2col of the reference input) where nothing is sampled; both
+    against float64 im2col GEMMs. Sampled positions take the rows' route and agree as well."""
+    from multinet.calib.stats import BatchGrams, ConsumerSpec, input_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    x_ref = x + 0.3 * torch.randn(shape, generator=gen)
+    spec = ConsumerSpec("c", "conv", ["c"], geom)
+    rows = _im2col_reference(x, geom)
+    target = torch.randn(rows.shape[1], 5, generator=gen, dtype=torch.float64)
+    expected = rows.T @ ((_im2col_reference(x_ref, geom) - rows) @ target)
+    got_rows = input_rows(spec, x, None, gen, torch.float32)
+    assert got_rows.dtype == torch.float32
+    assert torch.allclose(got_rows.double(), rows, atol=1e-6)
+    for max_positions in (None, 2):  # every position (the conv route), two of them (the rows' route)
+        grams = BatchGrams(max_positions, 7)
+        stats = grams.stats("c", spec, x, 0, spec, x_ref, target.float())
+        if max_positions is None:
+            assert torch.allclose(stats.delta_cross, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        else:
+            picked = grams.input_rows(spec, x, 0).double()
+            picked_ref = grams.input_rows(spec, x_ref, 0).double()
+            sampled = picked.T @ ((picked_ref - picked) @ target)
+            assert picked.shape[0] == 2 * shape[0]
+            assert torch.allclose(stats.delta_cross, sampled, rtol=1e-4, atol=1e-4 * sampled.abs().max())
+
+
+def test_a_nan_in_the_original_models_conv_input_is_reported():
+    from multinet.calib.stats import BatchGrams, ConsumerSpec
+
+    geom = dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    spec = ConsumerSpec("layer", "conv", ["layer"], geom)
+    x = torch.randn(2, 3, 5, 5)
+    x_ref = x.clone()
+    x_ref[1, 2, 3, 4] = float("nan")
+    with pytest.raises(MultinetError, match="NaN or Inf"):
+        BatchGrams(None, 0).stats("layer", spec, x, 0, spec, x_ref, torch.randn(28, 4))
+
+
+@pytest.mark.parametrize("shape,geom", CONV_CALLS)
 def test_sampled_positions_are_gathered_without_the_whole_im2col(shape, geom):
     from multinet.calib.unfold import output_grid, unfold_conv_input
 

@@ -26,7 +26,7 @@ from ..errors import InputShapeError, MultinetError
 from ..solve.problem import all_finite
 from . import batches
 from .batches import Batch, token_rows
-from .unfold import conv_geometry, linear_rows, output_grid, unfold_conv_input
+from .unfold import conv_as_rows, conv_geometry, linear_rows, output_grid, unfold_conv_input
 
 
 @dataclass
@@ -135,14 +135,15 @@ def input_rows(spec: ConsumerSpec, x: torch.Tensor, max_positions: int | None, g
     sampled grid positions) in ``dtype``, with a ones column last.
 
     ``keep_rows`` (a Linear's rows, e.g. real tokens, not padding) selects the rows that count."""
-    if spec.kind == "linear":
-        rows = _linear_rows(x, max_positions, gen, keep_rows)
-    else:  # sampled before unfolding: only these patches are built
+    if spec.kind != "linear":  # sampled before unfolding: only these patches are built, ones column and all
         per_sample = math.prod(output_grid(x, spec.geometry))
-        rows = unfold_conv_input(x, spec.geometry, _sampled_positions(per_sample, max_positions, gen))
-    rows = rows.to(dtype)
-    ones = torch.ones(rows.shape[0], 1, dtype=dtype, device=rows.device)
-    return torch.cat([rows, ones], 1)
+        return unfold_conv_input(x, spec.geometry, _sampled_positions(per_sample, max_positions, gen),
+                                 ones_column=True, dtype=dtype)
+    rows = _linear_rows(x, max_positions, gen, keep_rows)
+    out = torch.empty(rows.shape[0], rows.shape[1] + 1, dtype=dtype, device=rows.device)
+    out[:, :-1] = rows  # converted in the copy that appends the ones column
+    out[:, -1] = 1
+    return out
 
 
 def output_rows(spec: ConsumerSpec, y: torch.Tensor, max_positions: int | None,
@@ -209,6 +210,9 @@ class BatchGrams:
         gram = self._product(key, key, rows, rows)
         if ref_x is None:
             return ConsumerStats(gram, None, rows.shape[0])
+        if ref_target is not None and (moved := self._moved_by_conv(name, spec, x, ref_x, ref_target)) is not None:
+            if moved.shape[0] == rows.shape[0]:
+                return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
         ref_key, ref_rows = self.rows(name, ref_spec, ref_x, call)
         if ref_target is None:
             return ConsumerStats(gram, self._product(key, ref_key, rows, ref_rows), rows.shape[0])
@@ -218,6 +222,22 @@ class BatchGrams:
                                 f"{tuple(rows.shape)}")
         moved = (ref_rows - rows) @ ref_target.to(rows)  # zero where the input has not changed
         return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
+
+    def _moved_by_conv(self, name: str, spec: ConsumerSpec, x: torch.Tensor, ref_x, ref_target: torch.Tensor
+                       ) -> torch.Tensor | None:
+        """(X_ref - X) W_ref as one conv of the input difference with the reference weights, where a conv
+        uses every output position (nothing sampled): no im2col of the reference input, and a subtraction
+        on the input instead of on its kernel-times larger rows (the bias rows cancel). None where the
+        rows are sampled (a conv over every position would cost more than the sampled GEMM) or the
+        inputs are not two plain tensors of one shape."""
+        if spec.kind != "conv" or not isinstance(ref_x, torch.Tensor) or ref_x.shape != x.shape:
+            return None
+        if self.max_positions and math.prod(output_grid(x, spec.geometry)) > self.max_positions:
+            return None
+        diff = ref_x.to(self.precision) - x.to(self.precision)
+        if not all_finite(diff):
+            raise MultinetError(f"activations entering `{name}` contain NaN or Inf: check the model and data")
+        return conv_as_rows(diff, spec.geometry, ref_target[:-1].to(self.precision))
 
     def drift(self, name: str, spec: ConsumerSpec, x: torch.Tensor, call: int, reference: torch.Tensor | SampledRows,
               current: torch.Tensor) -> torch.Tensor:

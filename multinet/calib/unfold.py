@@ -1,6 +1,8 @@
 """A consumer's input as the rows x columns matrix its weights multiply (im2col for convs)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,26 +62,45 @@ def output_grid(x: torch.Tensor, geom: dict) -> tuple[int, ...]:
     return _grid(*_as_image(x, geom))
 
 
-def unfold_conv_input(x: torch.Tensor, geom: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+def unfold_conv_input(x: torch.Tensor, geom: dict, positions: torch.Tensor | None = None,
+                      ones_column: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """N x C x (L | H x W) -> (N*positions) x (C*prod(kernel)), columns ordered like weight.flatten(1).
 
     ``positions``: flat output positions (row-major over the output grid) to keep, the same for
     every sample; only their patches are gathered, so sampling never builds the whole im2col
-    matrix (C*k*k columns for every output position) first."""
+    matrix (C*k*k columns for every output position) first. ``ones_column`` appends a column of
+    ones (a bias's input), ``dtype`` converts: both written in the one copy that lays the patches
+    out as rows, not in copies of their own (the rows are most of the statistics' memory traffic)."""
     x, kernel, stride, dilation, padding = _as_image(x, geom)
     if positions is None:
         cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N x C*k x L
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    _, width = _grid(x, kernel, stride, dilation, padding)
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    positions = positions.to(x.device)
-    top = (positions // width) * stride[0]
-    left = (positions % width) * stride[1]
-    rows = top[:, None, None] + (torch.arange(kernel[0], device=x.device) * dilation[0])[None, :, None]
-    cols = left[:, None, None] + (torch.arange(kernel[1], device=x.device) * dilation[1])[None, None, :]
-    patches = x[:, :, rows, cols]  # N x C x P x kh x kw
-    n, c, p = patches.shape[:3]
-    return patches.permute(0, 2, 1, 3, 4).reshape(n * p, c * kernel[0] * kernel[1])
+        patches = cols.transpose(1, 2)  # N x L x C*k, a view
+    else:
+        _, width = _grid(x, kernel, stride, dilation, padding)
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        positions = positions.to(x.device)
+        top = (positions // width) * stride[0]
+        left = (positions % width) * stride[1]
+        rows = top[:, None, None] + (torch.arange(kernel[0], device=x.device) * dilation[0])[None, :, None]
+        cols = left[:, None, None] + (torch.arange(kernel[1], device=x.device) * dilation[1])[None, None, :]
+        gathered = x[:, :, rows, cols]  # N x C x P x kh x kw
+        patches = gathered.permute(0, 2, 1, 3, 4)  # N x P x C x kh x kw, a view
+    n, p = patches.shape[:2]
+    columns = math.prod(patches.shape[2:])
+    out = torch.empty(n * p, columns + int(ones_column), dtype=dtype or x.dtype, device=x.device)
+    out[:, :columns].view(patches.shape).copy_(patches)
+    if ones_column:
+        out[:, columns] = 1
+    return out
+
+
+def conv_as_rows(x: torch.Tensor, geom: dict, matrix: torch.Tensor) -> torch.Tensor:
+    """``unfold_conv_input(x, geom) @ matrix`` for a ``C*prod(kernel)`` x d ``matrix``, computed as the
+    conv it is (no im2col matrix): (N*positions) x d, rows ordered like the unfolded ones."""
+    x, kernel, stride, dilation, padding = _as_image(x, geom)
+    weight = matrix.T.reshape(matrix.shape[1], x.shape[1], *kernel).to(x)
+    y = F.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation)  # N x d x H' x W'
+    return y.flatten(2).transpose(1, 2).reshape(-1, matrix.shape[1])
 
 
 def linear_rows(x: torch.Tensor) -> torch.Tensor:
