@@ -32,6 +32,21 @@ def _same(a, b, x, atol=1e-3):
         torch.testing.assert_close(a.model(x), b.model(x), atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_compression_leaves_the_users_model_as_it_was(training, calib):
+    """The pipeline runs the original model as it is where that cannot change it (eval mode, on the
+    device) and a copy otherwise: a model in training mode would update its BatchNorm statistics."""
+    model = zoo.create("resnet").train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    result = _compress(model, calib, ratio=0.5)
+    assert sum(g.channels_before - g.channels_after for g in result.groups) > 0
+    assert [m.training for m in model.modules()] == modes
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "mobilenet", "densenet"])
 def test_pipeline_equals_the_full_pass_reference_on_the_zoo(name, calib):
     reference = _compress(zoo.create(name), calib, ratio=0.5, mode="reference")

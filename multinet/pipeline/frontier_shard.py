@@ -77,12 +77,25 @@ def dense_target(reference: fx.GraphModule, name: str) -> torch.Tensor | None:
     return torch.cat([flat.T, bias[None]], 0)
 
 
+def _run_as_is_or_copied(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself where running it cannot change it (every module in eval mode, every tensor on
+    ``device``: nothing moves, no BatchNorm statistics update), else an eval-mode copy on ``device``.
+    The original model is only ever read; a copy of a large model costs as much as a few batches."""
+    target = torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if not any(m.training for m in model.modules()) and all(t.device == target for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device).eval()
+
+
 class FrontierShard:
     """Batches ``first_batch ..`` of the calibration set with both models' activations at the frontier."""
 
     def __init__(self, model: fx.GraphModule | bytes, batches: list, first_batch: int, *, max_positions: int | None,
                  device: str, memory_limit: int | str | None = None, store_dtype: torch.dtype | None = None,
-                 spill_dir=None, shards: int = 1):
+                 spill_dir=None, shards: int = 1, work: fx.GraphModule | None = None):
+        """``work``: the compressed model to run, shared with an in-process driver (its solves then
+        reach this shard without a copy); by default a copy of ``model``."""
         if isinstance(model, (bytes, bytearray)):  # on a worker: the model travels as checked model bytes
             from ..io import from_bytes
 
@@ -90,8 +103,8 @@ class FrontierShard:
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 device = "cpu"
         self.device, self.max_positions, self.first = device, max_positions, first_batch
-        self.work = copy.deepcopy(model).to(device).eval()
-        self.reference = copy.deepcopy(model).to(device).eval()
+        self.work = work if work is not None else copy.deepcopy(model).to(device).eval()
+        self.reference = _run_as_is_or_copied(model, device)
         self.cur, self.ref = GraphRunner(self.work), GraphRunner(self.reference)
         self.batches = batches
         memory = frontier_budget(memory_limit, shards)  # one budget for all three stores, decided where they live

@@ -213,7 +213,7 @@ class SequentialPipeline:
         options = dict(max_positions=max_positions, device=device, memory_limit=memory_limit,
                        store_dtype=store_dtype, spill_dir=spill_dir)
         if self.local:
-            self.shards = LocalShards([FrontierShard(original.module, all_batches, 0, **options)])
+            self.shards = LocalShards([FrontierShard(original.module, all_batches, 0, work=self.work, **options)])
         else:  # the calibration data crosses to the workers once, the model once, as checked model bytes
             from ..io import to_bytes
 
