@@ -66,3 +66,25 @@ def test_checkpoints_reproduce_recorded_accuracy(name):
     acc = data.accuracy(zoo.create(name), split.test_x, split.test_y)
     assert acc == pytest.approx(zoo.recorded_accuracy("digits")[name], abs=1e-4)
     assert acc > 0.95
+
+
+def test_tracing_records_fx_s_shapes_without_importing_sympy():
+    """Each node's tensor_meta carries fx ShapeProp's shape, dtype and strides, recorded without its
+    memory-format probe, whose first call imports sympy (~0.4 s in every fresh process)."""
+    import subprocess
+    import sys
+
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    from multinet.graph.tracing import tensor_metadata
+
+    for t in (torch.randn(2, 3, 4, 5), torch.randn(4, 6).T, torch.zeros(3, dtype=torch.int64)):
+        ours, fx_s = tensor_metadata(t), _extract_tensor_metadata(t)
+        assert (ours.shape, ours.dtype, ours.stride, ours.requires_grad) == (fx_s.shape, fx_s.dtype, fx_s.stride,
+                                                                             fx_s.requires_grad)
+    script = ("import sys, torch, multinet\n"
+              "from multinet import zoo\n"
+              "multinet.trace(zoo.create('resnet'), torch.zeros(1, 1, 8, 8))\n"
+              "print('sympy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError, TraceError
@@ -115,6 +115,13 @@ def as_tuple(example_inputs: Any) -> tuple:
     raise InputShapeError(f"example_inputs must be a tensor or a sequence of tensors, got {type(example_inputs).__name__}")
 
 
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """fx's record of a node's value (shape, dtype, strides), without the memory-format probe of fx's
+    own ShapeProp: that probe goes through ``torch._check``, whose first call imports sympy (~0.4 s,
+    several plain passes of a small model, in every fresh process); no pass here reads the format."""
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, t.is_quantized, {})
+
+
 class _ShapeProp(fx.Interpreter):
     """Records each node's output shape (``meta['tensor_meta']``, as fx's ShapeProp does) and
     reports the failing node in the user's terms instead of printing a traceback."""
@@ -132,7 +139,7 @@ class _ShapeProp(fx.Interpreter):
         leaves = pytree.tree_leaves(result)
         if any(isinstance(t, torch.Tensor) for t in leaves):
             n.meta["tensor_meta"] = pytree.tree_map(
-                lambda t: _extract_tensor_metadata(t) if isinstance(t, torch.Tensor) else t, result)
+                lambda t: tensor_metadata(t) if isinstance(t, torch.Tensor) else t, result)
         else:
             n.meta.pop("tensor_meta", None)
         return result
