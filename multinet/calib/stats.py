@@ -211,8 +211,7 @@ class BatchGrams:
         if ref_x is None:
             return ConsumerStats(gram, None, rows.shape[0])
         if ref_target is not None and (moved := self._moved_by_conv(name, spec, x, ref_x, ref_target)) is not None:
-            if moved.shape[0] == rows.shape[0]:
-                return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
+            return ConsumerStats(gram, None, rows.shape[0], delta_cross=(rows.T @ moved).to(torch.float64))
         ref_key, ref_rows = self.rows(name, ref_spec, ref_x, call)
         if ref_target is None:
             return ConsumerStats(gram, self._product(key, ref_key, rows, ref_rows), rows.shape[0])
