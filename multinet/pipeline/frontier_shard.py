@@ -27,6 +27,7 @@ from ..calib.frontier import ActivationStore, GraphRunner, KeptValues, frontier_
 from ..calib.unfold import output_grid
 from ..schedule.oneshot import output_parts, real_tokens
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
+from .consumer_weights import consumer_weight, weight_matrix
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its spec is not hashable
@@ -64,17 +65,13 @@ def dense_target(reference: fx.GraphModule, name: str) -> torch.Tensor | None:
     """The original consumer's weights with its bias row last (m+1 x d), where X^T (X_ref - X) W_ref
     costs less than X^T X_ref (2 d < m + 1: a 3x3 conv, a Linear that narrows); None elsewhere, and
     for a grouped conv, whose weight is not the m x d matrix the rows multiply."""
-    from .group_problems import consumer_weight  # the one place that reads a consumer's weights
-
     weight, bias, is_module = consumer_weight(reference, name)
-    flat = weight.detach().flatten(1)
     module = reference.get_submodule(name) if is_module else None
     if weight.ndim > 2 and (module is None or module.groups != 1):  # a functional conv's groups are not known here
         return None
-    if 2 * flat.shape[0] >= flat.shape[1] + 1:
+    if 2 * weight.shape[0] >= weight[0].numel() + 1:
         return None
-    bias = bias.detach() if bias is not None else flat.new_zeros(flat.shape[0])
-    return torch.cat([flat.T, bias[None]], 0)
+    return weight_matrix(weight, bias, dtype=None, device=None)  # where and as the reference holds it
 
 
 def _run_as_is_or_copied(model: nn.Module, device: str) -> nn.Module:

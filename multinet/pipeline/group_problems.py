@@ -20,15 +20,7 @@ from ..solve.pairs import unify_pairs
 from ..solve.problem import prepare_gram, removed_columns
 from ..solve.reap import invert
 from ..solve.selection import lowest, magnitude_scores, random_channels
-
-
-def consumer_weight(gm: fx.GraphModule, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(weight, bias, is_module) of a consumer: a module name or a functional weight attribute."""
-    try:
-        module = gm.get_submodule(name)
-        return module.weight, module.bias, True
-    except AttributeError:
-        return getattr(gm, name), None, False
+from .consumer_weights import consumer_matrix, consumer_weight, has_bias_row, layer_weight
 
 
 def _output_scale(gm: fx.GraphModule, graph: ChannelGraph, name: str) -> torch.Tensor | None:
@@ -52,18 +44,15 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
     problems, layout = [], []
     inverses = _SharedInverses(damp)
     for name in group.consumer_names:
-        w_cur, b_cur, is_module = consumer_weight(current.module, name)
-        w_ref, b_ref, _ = consumer_weight(original.module, name)
-        has_bias = is_module or b_cur is not None
+        w_cur = consumer_weight(current.module, name)[0]
+        has_bias = has_bias_row(current.module, name)
         s = stats[name]
         gram = s.gram
         cross = s.cross if s.cross is not None else s.gram  # one-shot: the model is its own reference
-        outputs = surviving.get(name, torch.arange(w_ref.shape[0]))
-        # statistics come back on the CPU; so do the weights, whatever device the model is on
-        target = w_ref.detach().cpu().flatten(1).T.double()[:, outputs]  # m_ref x d (outputs still present)
-        bias_ref = (b_ref.detach().cpu().double()[outputs] if b_ref is not None
-                    else torch.zeros(len(outputs), dtype=torch.float64))
-        target = torch.cat([target, bias_ref[None]], 0)
+        outputs = surviving.get(name, torch.arange(consumer_weight(original.module, name)[0].shape[0]))
+        # (m_ref + 1) x d for the outputs still present, float64 on the CPU like the statistics (the ones
+        # column is in every cross term, so the target always has its bias row: zero without a bias)
+        target = consumer_matrix(original.module, name, bias_row=True, outputs=outputs)
         drift = _drift_columns(s.drift, outputs)
         # X^T Y_ref: accumulated as such (target_cross) or as X^T X_ref times the original weights
         rhs = s.target_cross.double()[:, outputs] if s.target_cross is not None else cross.double() @ target
@@ -146,7 +135,7 @@ def to_layer_weights(problems, weights, layout, removed) -> dict:
         if has_bias:
             drop[-1] = True
         kept = w[~drop]
-        layer_w = kept.T.reshape(shape[0], -1, *shape[2:]).float()
+        layer_w = layer_weight(kept, shape).float()
         out[name] = (layer_w, w[-1].float()) if has_bias else layer_w
     return out
 

@@ -44,15 +44,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..errors import MultinetError
 from ..graph import ChannelGraph
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import SolverInputError, prepare_gram, removed_columns
 from ..solve.reap import ReapResult, invert, protected
-from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, consumer_weight, group_problems,
-                             on_cpu, relative_error, to_layer_weights, weights_for_selection)
+from .consumer_weights import consumer_weight, layer_weight, weight_matrix, write_matrix
+from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, group_problems, on_cpu,
+                             relative_error, to_layer_weights, weights_for_selection)
 
 
 # --- counts -----------------------------------------------------------------------------------
@@ -206,8 +206,7 @@ def _block_problems(current: ChannelGraph, original: ChannelGraph, group, name: 
     outputs = surviving.get(name, torch.arange(w_ref.shape[0]))
     out_per = w_ref.shape[0] // groups
     full_width = w_cur.shape[0] != len(outputs)  # the cached-input pipeline keeps removed outputs
-    flat_ref = w_ref.detach().cpu().flatten(1).double()
-    bias_ref = b_ref.detach().cpu().double() if b_ref is not None else torch.zeros(w_ref.shape[0], dtype=torch.float64)
+    reference = weight_matrix(w_ref, b_ref)  # (width + 1) x out: every conv group's columns over its outputs
     scale = _output_scale(current.module, current, name)
     if scale is not None and len(scale) != len(outputs):
         scale = scale[outputs]
@@ -223,7 +222,7 @@ def _block_problems(current: ChannelGraph, original: ChannelGraph, group, name: 
         gram_g, cross_g = gram[idx][:, idx], cross[idx][:, idx]
         in_g = (outputs // out_per) == g
         out_g = outputs[in_g]
-        target = torch.cat([flat_ref[out_g].T, bias_ref[out_g][None]], 0)
+        target = reference[:, out_g]
         rhs = cross_g.double() @ target
         scale_g = scale[in_g] if scale is not None else None
         if scale_g is not None:
@@ -315,7 +314,7 @@ def grouped_layer_weights(solution: GroupedSolution) -> dict:
             if weight is None:
                 weight = torch.zeros(shape[0], per, *shape[2:], dtype=torch.float32)
                 bias = torch.zeros(shape[0], dtype=torch.float32)
-            weight[b.rows] = kept.T.reshape(len(b.rows), per, *shape[2:]).float()
+            weight[b.rows] = layer_weight(kept, shape).float()
             bias[b.rows] = w[-1].float()
         out[name] = (weight, bias)
     return out
@@ -327,19 +326,8 @@ def write_grouped_full_width(gm: fx.GraphModule, solution: GroupedSolution, keep
     if dense.problems:
         write_dense(gm, dense, keep_rows, surviving)
     for name, parts in _grouped_parts(solution).items():
-        module = gm.get_submodule(name)
-        flat = module.weight.detach().flatten(1).clone()
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device))
-        bias = module.bias.detach().clone()
-        for _, w, (_, _, _, scale), b in parts:
-            if scale is not None:
-                w = w / scale[None]
-            rows = b.rows.to(flat.device)
-            flat[rows] = w[:-1].T.to(flat)
-            bias[rows] = w[-1].to(bias)
-        module.weight.data = flat.reshape(module.weight.shape)
-        module.bias.data = bias
+        for _, w, (_, _, _, scale), b in parts:  # each conv group's outputs read its own block of columns
+            write_matrix(gm, name, w / scale[None] if scale is not None else w, True, b.rows)
 
 
 def zero_grouped_columns(gm: fx.GraphModule, solution: GroupedSolution, keep_rows, zero_dense) -> None:
@@ -367,14 +355,11 @@ class GroupedConsumer:
     def __init__(self, graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float):
         module = graph.module.get_submodule(name)
         self.name, self.shape, self.has_bias = name, tuple(module.weight.shape), True
-        weight = module.weight.detach().cpu().flatten(1).T.double()
-        bias = (module.bias.detach().cpu().double() if module.bias is not None
-                else torch.zeros(weight.shape[1], dtype=torch.float64))
-        self.weight = torch.cat([weight, bias[None]], 0)
+        self.weight = weight_matrix(module.weight, module.bias)  # its own layout: (in/groups)*kh*kw + bias rows
         self.slots = [(g.id, sl.channels, sl.column_blocks()) for g in graph.groups if g.id in wanted
                       for sl in g.consumers if sl.consumer == name]
         self.groups = module.groups
-        self.width = weight.shape[0]
+        self.width = self.weight.shape[0] - 1
         self.out_per = self.shape[0] // self.groups
         m = stats.gram.shape[0]
         self.blocks = []

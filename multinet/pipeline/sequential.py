@@ -42,6 +42,7 @@ from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..schedule.oneshot import first_samples
 from ..solve.problem import removed_columns
+from .consumer_weights import write_matrix
 from .frontier_shard import FrontierShard, dense_target
 from .group_problems import GroupSolution, solve_group
 from .grouped_conv import GroupedSolution, write_grouped_full_width, zero_grouped_columns
@@ -110,21 +111,9 @@ def write_full_width(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dic
     for p, w, (name, shape, has_bias, scale) in zip(solution.problems, solution.weights, solution.layout):
         if scale is not None:
             w = w / scale[None]
-        full = torch.zeros(keep_rows[name].numel(), w.shape[1], dtype=w.dtype)
+        full = torch.zeros(keep_rows[name].numel(), w.shape[1], dtype=w.dtype)  # the bias row is always last
         full[_problem_rows(keep_rows[name], len(w))] = w
-        columns = keep_rows[name].numel() - 1  # the layer's input columns; the bias column is last
-        module = _module(gm, name)
-        weight = module.weight if module is not None else gm.get_parameter(name)
-        outputs = surviving.get(name, torch.arange(shape[0])).to(weight.device)
-        flat = weight.detach().flatten(1).clone()
-        flat[outputs] = full[:columns].T.to(flat)
-        weight.data = flat.reshape(weight.shape)
-        if has_bias:
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros(shape[0], dtype=weight.dtype, device=weight.device))
-            bias = module.bias.detach().clone()
-            bias[outputs] = full[columns].to(bias)
-            module.bias.data = bias
+        write_matrix(gm, name, full if has_bias else full[:-1], has_bias, surviving.get(name, torch.arange(shape[0])))
 
 
 def zero_columns(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor]) -> None:

@@ -25,7 +25,8 @@ from ..calib.batches import Batch
 from ..calib.frontier import GraphRunner
 from ..calib.sharded import collect_on
 from ..graph import ChannelGraph
-from ..pipeline.group_problems import consumer_weight, group_problems
+from ..pipeline.consumer_weights import consumer_matrix, consumer_weight, has_bias_row, write_matrix
+from ..pipeline.group_problems import group_problems
 from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.reap import invert, kept_columns_fit, without_columns
@@ -305,15 +306,13 @@ class MaskedModel:
     def _consumer(graph: ChannelGraph, name: str, stats, wanted: set[int], damp: float) -> _Consumer:
         if graph.analysis.layers[name].conv_groups > 1:  # one problem per conv group
             return GroupedConsumer(graph, name, stats, wanted, damp)
-        w, b, is_module = consumer_weight(graph.module, name)
-        has_bias = is_module or b is not None
-        weight = w.detach().cpu().flatten(1).T.double()  # statistics are on the CPU
-        bias = b.detach().cpu().double() if b is not None else torch.zeros(weight.shape[1], dtype=torch.float64)
-        weight = torch.cat([weight, bias[None]], 0) if has_bias else weight
+        has_bias = has_bias_row(graph.module, name)
+        weight = consumer_matrix(graph.module, name, has_bias)  # float64 on the CPU, like the statistics
         gram = stats.gram if has_bias else stats.gram[:-1, :-1]
         slots = [(g.id, sl.channels, sl.column_blocks()) for g in graph.groups if g.id in wanted
                  for sl in g.consumers if sl.consumer == name]
-        return _Consumer(name, gram, damp, weight, dead_columns(gram), slots, tuple(w.shape), has_bias)
+        shape = tuple(consumer_weight(graph.module, name)[0].shape)
+        return _Consumer(name, gram, damp, weight, dead_columns(gram), slots, shape, has_bias)
 
     @staticmethod
     def _removed_columns(c: _Consumer, removed: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -348,20 +347,7 @@ class MaskedModel:
                 c.factor(p.inverse)
 
     def _load(self, c: _Consumer, w: torch.Tensor) -> None:
-        layer_w = (w[:-1] if c.has_bias else w).T.reshape(c.shape)
-        try:
-            module = self.gm.get_submodule(c.name)
-        except AttributeError:
-            module = None
-        if isinstance(module, nn.Module):
-            module.weight.data = layer_w.to(module.weight)
-            if c.has_bias:
-                if module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(c.shape[0], device=module.weight.device))
-                module.bias.data = w[-1].to(module.weight)
-        else:
-            weight = self.gm.get_parameter(c.name)
-            weight.data = layer_w.to(weight)  # functional layers are read without a bias (as in compress)
+        write_matrix(self.gm, c.name, w, c.has_bias)
 
     def to(self, device: str) -> "MaskedModel":
         self.gm = self.gm.to(device)
