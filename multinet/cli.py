@@ -25,6 +25,7 @@ import torch
 from .options import RunOptions
 from .errors import InputShapeError, MultinetError
 from .io.files import check_output_path
+from .io.modelfile import recorded_input_shapes
 from .io.sources import load_target
 from .runtime.devices import default_threads, resolve_device, set_threads
 
@@ -46,7 +47,7 @@ def example_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tenso
     """One example input: --input-shape, else the shape a .mnet file recorded, else the zoo dataset's."""
     from . import zoo
 
-    shapes = model.meta.get("input_shapes") if hasattr(model, "meta") else None
+    shapes = recorded_input_shapes(model)
     if args.input_shape:
         return torch.zeros(parse_shape(args.input_shape))
     if shapes:
@@ -65,8 +66,7 @@ def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
     from .io.user_data import check_fit
 
     given = tuple(x.shape[1:])
-    meta = getattr(model, "meta", None)
-    shapes = meta.get("input_shapes") if isinstance(meta, dict) else None
+    shapes = recorded_input_shapes(model)
     if shapes and tuple(shapes[0][1:]) != given:
         raise InputShapeError(f"{what} are {_shape(given)} per sample, but the model expects "
                               f"{_shape(tuple(shapes[0][1:]))}")

@@ -8,7 +8,10 @@ import torch
 import multinet
 import test_hard_cases as hard
 from multinet import Budget, data, zoo
+from multinet.graph import trace
+from multinet.graph.dropping import bridged_layers, mark_bridged
 from multinet.io import ModelFileError, from_bytes, load, save, to_bytes
+from multinet.io.modelfile import recorded_input_shapes
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,17 @@ def test_unified_multinet_and_plain_module_reload(calib, tmp_path):
     plain = load(save(model, tmp_path / "resnet.mnet", example_inputs=x[:1]))
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
+
+
+def test_a_model_file_keeps_the_bridged_layers_and_the_input_shape(calib, tmp_path):
+    """What a graph records beside its code (the bridged layers a later compression may drop groups
+    from, the input shape the CLI takes an example from) comes back from a .mnet file."""
+    gm = trace(zoo.create("mlp"), calib[:1]).module
+    assert bridged_layers(gm) == frozenset() and recorded_input_shapes(gm) is None
+    mark_bridged(gm, ["head", "hidden.2", "head"])
+    loaded = load(save(gm, tmp_path / "mlp.mnet", example_inputs=calib[:1]))
+    assert bridged_layers(loaded) == {"head", "hidden.2"}
+    assert recorded_input_shapes(loaded) == [(1, *calib.shape[1:])]
 
 
 HARD_CASES = {  # the hand-written architectures of test_hard_cases.py, with an input each takes

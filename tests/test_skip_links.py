@@ -7,6 +7,7 @@ import torch
 import multinet
 from multinet import MultiNet, data, zoo
 from multinet.graph import count, trace
+from multinet.graph.dropping import bridged_layers
 from multinet.unification import score_candidates
 from multinet.unification.similarity import ancestors, linkable_layers, skip_conflicts
 
@@ -247,7 +248,7 @@ def test_skip_links_reach_a_budget_that_narrowing_cannot(split):
     result = multinet.compress(zoo.create("mlp"), split.train_x[:256], budget=budget, skip_links=True)
     assert result.skip_links == [("head", "hidden.2")] and result.flops_after <= 74
     assert result.plan.original == result.flops_before == 17024
-    assert all(not n.startswith("model.") for n in result.model.meta.get("multinet_bridges", ()))
+    assert all(not n.startswith("model.") for n in bridged_layers(result.model))
 
 
 def test_ignore_patterns_name_the_models_own_layers_with_skip_links(split):

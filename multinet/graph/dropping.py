@@ -15,7 +15,7 @@ Two cases, where nothing is lost that least squares cannot stand in for:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,23 @@ import torch.nn as nn
 from ..errors import PruneError
 from .groups import ChannelGraph, ChannelGroup
 from .streams import _is_batchnorm, _is_identity, stream_operand
+
+
+# where a graph keeps the names of its bridged layers: its ``meta`` (copied by tracing, deep copies and
+# .mnet files, so a unified network re-compressed later still knows them); only the two functions below
+# read or write it
+_BRIDGED = "multinet_bridges"
+
+
+def bridged_layers(gm: fx.GraphModule) -> frozenset[str]:
+    """The layers marked as MultiNet bridges (``mark_bridged``): the ones a group may be dropped from."""
+    return frozenset(gm.meta.get(_BRIDGED, ()))
+
+
+def mark_bridged(gm: fx.GraphModule, layers: Iterable[str]) -> None:
+    """Record that ``layers`` read a concatenation of their own input with other members' tensors (what
+    unification's bridges add): a group whose every reader is one of them can be removed entirely."""
+    gm.meta[_BRIDGED] = sorted(set(layers))
 
 
 def _cat_inputs(node: fx.Node) -> fx.Node | None:
@@ -77,7 +94,7 @@ def droppable(graph: ChannelGraph, group: ChannelGroup, branches: bool = False) 
     group is a residual branch (see the module doc)."""
     if not group.prunable or group.pieces or not group.consumers:
         return False
-    bridged = set(graph.module.meta.get("multinet_bridges", ()))
+    bridged = bridged_layers(graph.module)
     if set(group.consumer_names) <= bridged:
         return all(_owned_args(graph, group, c) is not None for c in group.consumer_names)
     return branches and residual_branch(graph, group)
@@ -170,7 +187,7 @@ def drop_group(graph: ChannelGraph, gid: int, consumer_weights: Mapping[str, obj
     group = graph.group(gid)
     if not droppable(graph, group, branches=True):
         raise PruneError(f"group {gid} cannot be removed entirely: some layer reads only its channels")
-    bridged = set(graph.module.meta.get("multinet_bridges", ()))
+    bridged = bridged_layers(graph.module)
     if not set(group.consumer_names) <= bridged:
         return _drop_branch(graph, group, consumer_weights)
     plans = {c: _owned_args(graph, group, c) for c in group.consumer_names}

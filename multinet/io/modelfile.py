@@ -664,8 +664,19 @@ def _rebuild(manifest: dict, tensors: dict) -> fx.GraphModule:
     gm.load_state_dict(state, strict=True, assign=True)  # the stored tensors, strides and all
     gm.meta.update(manifest["meta"])
     if manifest["input_shapes"]:
-        gm.meta["input_shapes"] = [tuple(s) for s in manifest["input_shapes"]]
+        gm.meta[_INPUT_SHAPES] = [tuple(s) for s in manifest["input_shapes"]]
     return gm.eval()
+
+
+_INPUT_SHAPES = "input_shapes"  # where a loaded graph keeps the input shapes its file recorded (its meta)
+
+
+def recorded_input_shapes(model: nn.Module) -> list[tuple[int, ...]] | None:
+    """The input shapes a loaded .mnet file recorded (batch dimension first), None for a model that
+    records none: what the CLI takes an example input from and checks data against."""
+    meta = getattr(model, "meta", None)  # a loaded GraphModule's, or a MultiNet's (its graph's)
+    shapes = meta.get(_INPUT_SHAPES) if isinstance(meta, dict) else None
+    return [tuple(s) for s in shapes] if shapes else None
 
 
 def _as_multinet(gm: fx.GraphModule, section: dict | None) -> nn.Module:

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..graph import trace
+from ..graph.dropping import mark_bridged
 from ..graph.tracing import propagate_shapes
 from .multinet import Link, MultiNet
 from .similarity import _POOLS, Candidate, ancestors
@@ -130,8 +131,8 @@ def set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
 
 def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) -> tuple[fx.GraphModule, list[Bridge]]:
     """A copy of the MultiNet's graph in which each linked layer also reads its source's tensor.
-    The graph's ``meta["multinet_bridges"]`` lists the bridged layers: the channel analysis
-    (graph/dropping.py) reads it to let such a layer lose all its own channels."""
+    The bridged layers are marked on the graph (``graph.dropping.mark_bridged``): the channel analysis
+    lets such a layer lose all its own channels."""
     gm = copy.deepcopy(net.graph_module)
     example = trace(gm, example_inputs).example_inputs
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -158,7 +159,7 @@ def add_bridges(net: MultiNet, example_inputs, links: Iterable[Candidate] = ()) 
                               reads[0].pool, tuple(inputs[lk.source_layer].name for lk in reads)))
     gm = _topologically_sorted(gm)
     propagate_shapes(gm, example)
-    gm.meta["multinet_bridges"] = [b.consumer for b in bridges]
+    mark_bridged(gm, [b.consumer for b in bridges])
     return gm, bridges
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..calib import batches, first_sample
 from ..errors import MultinetError
 from ..graph import count, trace
-from ..graph.dropping import residual_branch
+from ..graph.dropping import bridged_layers, mark_bridged, residual_branch
 from ..pipeline.compression import CompressResult, compress
 from ..schedule import Budget, BudgetError, Plan
 from ..schedule.oneshot import evaluation_inputs
@@ -123,9 +123,8 @@ def member_graph(net: MultiNet, name: str) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.meta.update(source.meta)
-    if "multinet_bridges" in gm.meta:  # the layers that read a concatenation with another source: own names
-        gm.meta["multinet_bridges"] = [n[len(prefix):] if n.startswith(prefix) else n
-                                       for n in gm.meta["multinet_bridges"]]
+    if bridged_layers(source):  # the layers that read a concatenation with another source: own names
+        mark_bridged(gm, [n[len(prefix):] if n.startswith(prefix) else n for n in bridged_layers(source)])
     return gm
 
 
