@@ -50,6 +50,17 @@ class ConsumerStats:
                 mine += theirs
         self.rows += other.rows
 
+    def owned(self) -> "ConsumerStats":
+        """These statistics as float64 tensors of their own, to accumulate later batches into: a batch's
+        Gram is the GEMM's float32 result, which consumers reading the same tensor share (``BatchGrams``),
+        so it is converted once, where a sum starts, and added into it (float32 + float64 in place: the
+        same sum to the bit as converting first) instead of being copied for every consumer and batch."""
+        def own(t):
+            return None if t is None else t.to(torch.float64, copy=True)
+
+        return ConsumerStats(own(self.gram), own(self.cross), self.rows, own(self.drift), own(self.delta_cross),
+                             own(self.target_cross))
+
     def as_tuple(self) -> tuple:
         """The fields in order, as they travel between a shard and the driver."""
         return self.gram, self.cross, self.rows, self.drift, self.delta_cross, self.target_cross
@@ -254,10 +265,11 @@ class BatchGrams:
         return (rows.T @ d).to(torch.float64)
 
     def _product(self, left: tuple, right: tuple, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The product in ``precision``, shared by every consumer that asks for it: read only (a sum is
+        started from ``ConsumerStats.owned`` and others are added into it)."""
         if (left, right) not in self._products:
             self._products[(left, right)] = gram_of(a) if left == right else a.T @ b
-        # a float64 tensor of its own for every consumer (their sums are added into): one conversion, no copy
-        return self._products[(left, right)].to(torch.float64, copy=True)
+        return self._products[(left, right)]
 
 
 SYMMETRIC_BLOCK = 768  # columns per block of a Gram computed by its upper triangle (below: one GEMM)
@@ -361,7 +373,7 @@ def collect(model: fx.GraphModule, specs: list[ConsumerSpec], data, reference: f
                 if name in stats:
                     stats[name].add(part)
                 else:
-                    stats[name] = part
+                    stats[name] = part.owned()
         if progress is not None:
             progress(batches.size(batch))
     if warn:

@@ -266,7 +266,7 @@ class FrontierShard:
                 if name in acc:
                     acc[name].add(part)
                 else:
-                    acc[name] = part
+                    acc[name] = part.owned()
 
     def _target(self, spec: ConsumerSpec) -> torch.Tensor | None:
         if spec.name not in self._targets:
