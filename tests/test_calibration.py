@@ -228,3 +228,36 @@ def test_a_linear_over_tokens_keeps_every_token():
     h = torch.cat([F.relu(model[0](x)).reshape(-1, 7), torch.ones(120, 1)], 1).double().detach()
     torch.testing.assert_close(stats["2"].gram, h.T @ h)
     assert stats["2"].rows == 120
+
+
+class Siblings(nn.Module):
+    """Two Linear layers and two convs that read the same tensors: their batches share one Gram product."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+        self.q, self.k = nn.Linear(7 * 5 * 5, 4), nn.Linear(7 * 5 * 5, 6)
+
+    def forward(self, x):
+        h = torch.flatten(torch.cat([self.c1(x), self.c2(x)], 1), 1)
+        return self.q(h) + self.k(h).sum(1, keepdim=True)
+
+
+def test_consumers_that_share_a_batchs_gram_keep_sums_of_their_own():
+    """Each batch's product is computed once for consumers that read the same tensor and handed to all of
+    them in float32; every consumer's float64 sum over the batches must still be its own and exact."""
+    torch.manual_seed(0)
+    model, x = Siblings().eval(), torch.randn(11, 2, 5, 5)
+    graph = multinet.trace(model, x[:2])
+    stats = collect(graph.module, consumer_specs(graph, ["c1", "c2", "q", "k"]), x, batch_size=4,
+                    precision=torch.float32)
+    ones = torch.ones(len(x), 1, dtype=torch.float64)
+    h = torch.flatten(torch.cat([model.c1(x), model.c2(x)], 1), 1).detach().double()
+    rows = torch.cat([h, ones], 1)
+    cols = F.unfold(x.double(), 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    patches = torch.cat([cols, torch.ones(len(cols), 1, dtype=torch.float64)], 1)
+    for names, expected in ((("q", "k"), rows.T @ rows), (("c1", "c2"), patches.T @ patches)):
+        a, b = (stats[n].gram for n in names)
+        assert a.dtype == torch.float64 and a.data_ptr() != b.data_ptr()
+        for gram in (a, b):
+            torch.testing.assert_close(gram, expected, rtol=1e-5, atol=1e-4)
