@@ -422,11 +422,15 @@ def _scaled(curve: Callable[[int], float], factor: float) -> Callable[[int], flo
 
 
 def _interpolated(errors: np.ndarray, points: list[tuple[int, float]]) -> Callable[[int], float]:
+    """k -> errors[k] times the amplification interpolated linearly between the measured ``points``,
+    tabulated for every k at once: the allocators ask for it hundreds of thousands of times (ResNet-50's
+    37 groups: 0.9 M calls, each a scalar np.interp, 3 s of a 33 s search); the same values."""
     ks = np.array([k for k, _ in points], dtype=float)
     ratios = np.array([r for _, r in points])
+    table = (np.asarray(errors, dtype=float) * np.interp(np.arange(len(errors), dtype=float), ks, ratios)).tolist()
 
     def predict(k: int) -> float:
-        return float(errors[k] * np.interp(k, ks, ratios))
+        return table[k]
     return predict
 
 
