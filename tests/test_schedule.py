@@ -11,7 +11,7 @@ import multinet
 from multinet import Budget, BudgetError, MultinetError, Plan, count, data, prune, trace, zoo
 from multinet.pipeline.group_problems import group_problems, to_layer_weights
 from multinet.schedule import make_plan, prepare
-from multinet.schedule.allocate import greedy
+from multinet.schedule.allocate import RememberedSavings, greedy
 from multinet.schedule.costs import CostModel
 from multinet.schedule.oneshot import output_error, run_outputs
 from multinet.solve import reconstruct_multi
@@ -258,6 +258,40 @@ def test_remembered_savings_equal_fresh_ones(calib):
         g = rng.choice(list(orders))
         counts[g] = min(counts[g] + rng.randrange(1, 4), len(orders[g]))
     assert len(remembered._saved) < 20 * len(orders)
+
+
+@pytest.mark.parametrize("name", ["densenet", "resnet"])
+def test_savings_remembered_between_allocator_steps_equal_fresh_ones(calib, name):
+    """The allocators keep a move's saving until a group it depends on moves (RememberedSavings): along
+    random walks whose moves also empty groups and refill them (every remembered value is dropped then),
+    each answer equals a fresh cost model's, exactly, and most answers come from memory."""
+    graph = trace(zoo.create(name), calib[:1])
+    model = CostModel(graph)
+    rng = random.Random(3)
+    orders = {g.id: rng.sample(range(g.size), g.size) for g in graph.prunable_groups}
+    costs = model.along(orders)
+    asked = []
+
+    def saving(counts, g, k):
+        if k < model.sizes[g] and counts[g] < model.sizes[g]:  # a move that may be remembered
+            asked.append((g, k))
+        return costs.change(counts, g, k)[0]
+
+    remembered = RememberedSavings(saving, costs.neighbours, model.sizes)
+    counts, answers = {g: 0 for g in orders}, 0
+    for step in range(40):
+        fresh = model.along(orders)
+        for g in orders:
+            size = len(orders[g])
+            for k in sorted({min(counts[g] + 1, size), min(counts[g] + 2, size), size}):
+                answers += k < size and counts[g] < size  # the moves that may be remembered
+                assert remembered(counts, g, k) == fresh.change(counts, g, k)[0]
+        g = rng.choice(list(orders))
+        size = len(orders[g])
+        k = size if step % 7 == 6 else (rng.randrange(size) if counts[g] == size else min(counts[g] + 1, size - 1))
+        remembered.moved(g, counts[g], k)
+        counts[g] = k
+    assert len(asked) < 0.7 * answers  # the rest came from memory
 
 
 @pytest.mark.parametrize("name", ["densenet", "resnet"])

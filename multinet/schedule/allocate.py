@@ -29,6 +29,51 @@ class Step:
 ErrorsOf = Callable[[Mapping[int, int], Sequence[tuple[int, int]]], Sequence[float]]
 
 
+class RememberedSavings:
+    """``saving(counts, g, k)`` remembered per move while the groups it depends on stay where they are.
+
+    A move's saving reads only the cost terms of its own group, so once group m has moved only the groups
+    sharing a term with it (``neighbours(m)``, m among them) can save differently; unless a group dies or
+    revives (loses its last channel, or gets one back), which dead-code elimination carries anywhere in
+    the graph: then nothing is kept. A move that kills or revives its own group is never remembered.
+    Exact (the same values, not an estimate), and the allocators ask again for every group's moves at
+    every step: ResNet-50's 37 groups asked 0.4 M times in one search."""
+
+    def __init__(self, saving: Callable[[Mapping[int, int], int, int], float],
+                 neighbours: Callable[[int], Sequence[int]], sizes: Mapping[int, int]):
+        self.saving, self.neighbours, self.sizes = saving, neighbours, sizes
+        self.known: dict[tuple[int, int], float] = {}
+
+    def __call__(self, counts: Mapping[int, int], g: int, k: int) -> float:
+        if k >= self.sizes[g] or counts.get(g, 0) >= self.sizes[g]:
+            return self.saving(counts, g, k)
+        value = self.known.get((g, k))
+        if value is None:
+            value = self.known[(g, k)] = self.saving(counts, g, k)
+        return value
+
+    def moved(self, g: int, before: int, after: int) -> None:
+        """Group ``g`` went from ``before`` to ``after`` removals: forget what that can change."""
+        if max(before, after) >= self.sizes[g]:
+            self.known.clear()
+            return
+        near = set(self.neighbours(g))
+        self.known = {move: v for move, v in self.known.items() if move[0] not in near}
+
+
+def remembering(saving):
+    """``saving`` as RememberedSavings where it says what it depends on (``neighbours`` and ``sizes``
+    attributes: the scheduler's cost model does), else as it is. One per allocator run: what it remembers
+    holds for that run's counts only."""
+    neighbours, sizes = getattr(saving, "neighbours", None), getattr(saving, "sizes", None)
+    return RememberedSavings(saving, neighbours, sizes) if neighbours is not None and sizes is not None else saving
+
+
+def _moved(saving, g: int, before: int, after: int) -> None:
+    if isinstance(saving, RememberedSavings):
+        saving.moved(g, before, after)
+
+
 def greedy(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, int], int, int], float],
            start_cost: float, target: float, errors_of: ErrorsOf, lookahead: Mapping[int, int],
            every_step: bool, progress: Callable[[float], None] | None = None,
@@ -44,6 +89,7 @@ def greedy(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, 
     counts = {g: (start or {}).get(g, 0) for g in allowed}
     position = {g: list(allowed[g]).index(counts[g]) for g in allowed}
     cost, error = start_cost, start_error
+    saving = remembering(saving)
     path: list[Step] = []
     while cost > target:
         candidates: list[tuple[int, int, float]] = []  # (group, index into allowed, cost after)
@@ -64,6 +110,7 @@ def greedy(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, 
                    key=lambda i: ((errors[i] - error) / (cost - candidates[i][2]), candidates[i][2]))
         g, j, cost = candidates[best]
         error = errors[best]
+        _moved(saving, g, counts[g], allowed[g][j])
         position[g], counts[g] = j, allowed[g][j]
         path.append(Step(g, counts[g], cost, error))
         if progress is not None:
@@ -82,6 +129,7 @@ def refill(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, 
     every step lowers the error, so it ends."""
     counts = {g: counts.get(g, 0) for g in allowed}
     position = {g: list(allowed[g]).index(counts[g]) for g in allowed}
+    saving = remembering(saving)
     path: list[Step] = []
     while cost <= target:
         candidates: list[tuple[int, int, float]] = []  # (group, index into allowed, cost after)
@@ -99,6 +147,7 @@ def refill(allowed: Mapping[int, Sequence[int]], saving: Callable[[Mapping[int, 
         best = max(better, key=lambda i: ((error - errors[i]) / max(candidates[i][2] - cost, 1e-12), -candidates[i][2]))
         g, j, cost = candidates[best]
         error = errors[best]
+        _moved(saving, g, counts[g], allowed[g][j])
         position[g], counts[g] = j, allowed[g][j]
         path.append(Step(g, counts[g], cost, error))
     return path

@@ -245,7 +245,7 @@ class PrefixCosts:
     def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
         return self.model.evaluate(self._removed_in(counts), {g for g, k in counts.items() if k})
 
-    def _neighbours(self, gid: int) -> tuple[int, ...]:
+    def neighbours(self, gid: int) -> tuple[int, ...]:
         """The groups (``gid`` among them) whose counts the terms ``gid`` touches depend on."""
         if gid not in self._near:
             near = {gid}
@@ -266,7 +266,7 @@ class PrefixCosts:
             new = {**counts, gid: k}
             dead_after = self._dead(new)
             return self._change(counts, new, {gid} | (dead ^ dead_after), dead, dead_after)
-        key = (gid, k, tuple(counts.get(g, 0) for g in self._neighbours(gid)), dead)
+        key = (gid, k, tuple(counts.get(g, 0) for g in self.neighbours(gid)), dead)
         saved = self._saved.get(key)
         if saved is None:
             saved = self._saved[key] = self._change(counts, {**counts, gid: k}, {gid}, dead, dead)

@@ -318,6 +318,7 @@ def _saving(ctx: Scheduling, metric: int):
     """saving(counts, g, k) for the allocators: the cost (FLOPs or parameters) a move of group g to k saves."""
     def saving(counts, g, k):
         return ctx.costs.change(counts, g, k)[metric]
+    saving.neighbours, saving.sizes = ctx.costs.neighbours, ctx.costs.model.sizes  # for RememberedSavings
     return saving
 
 
