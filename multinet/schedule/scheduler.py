@@ -314,12 +314,27 @@ def _auto(ctx: Scheduling, saving, start_cost: float, target: float, report,
                          path[-1].error)
 
 
-def _saving(ctx: Scheduling, metric: int):
-    """saving(counts, g, k) for the allocators: the cost (FLOPs or parameters) a move of group g to k saves."""
-    def saving(counts, g, k):
-        return ctx.costs.change(counts, g, k)[metric]
-    saving.neighbours, saving.sizes = ctx.costs.neighbours, ctx.costs.model.sizes  # for RememberedSavings
-    return saving
+@dataclass
+class _Saving:
+    """saving(counts, g, k) for the allocators: the cost (FLOPs or parameters) a move of group g to k saves;
+    with what a move's saving depends on (``neighbours``, ``sizes``: allocate.RememberedSavings)."""
+
+    costs: PrefixCosts
+    metric: int
+
+    def __call__(self, counts: Mapping[int, int], g: int, k: int) -> float:
+        return self.costs.change(counts, g, k)[self.metric]
+
+    def neighbours(self, g: int) -> tuple[int, ...]:
+        return self.costs.neighbours(g)
+
+    @property
+    def sizes(self) -> Mapping[int, int]:
+        return self.costs.model.sizes
+
+
+def _saving(ctx: Scheduling, metric: int) -> _Saving:
+    return _Saving(ctx.costs, metric)
 
 
 def _additive(predict: dict[int, Callable[[int], float]]):
