@@ -497,3 +497,99 @@ def test_a_channel_mean_that_does_not_normalise_fails_closed():
     graph = multinet.trace(ChannelMeanAsFeature(), torch.randn(3, 4))
     group = _group(graph, "a")
     assert not group.prunable and "reduction over the channel dim" in " ".join(group.reasons)
+
+
+class FPNDetector(nn.Module):
+    """A detector's feature pyramid as torchvision writes it: lateral 1x1s, a top-down path upsampled to
+    the lateral's spatial size read from its shape (``F.interpolate(size=lateral.shape[-2:])``), 3x3
+    smoothing, and one head shared by every level, whose class and box outputs stay whole."""
+
+    def __init__(self, w: int = 4):
+        super().__init__()
+        self.c2 = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1), nn.BatchNorm2d(w), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.c4 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, 2, 1), nn.BatchNorm2d(4 * w), nn.ReLU())
+        self.l2, self.l3, self.l4 = nn.Conv2d(w, 6, 1), nn.Conv2d(2 * w, 6, 1), nn.Conv2d(4 * w, 6, 1)
+        self.s2, self.s3 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.ReLU())
+        self.cls, self.box = nn.Conv2d(5, 3, 1), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        c2 = self.c2(x)
+        c3 = self.c3(c2)
+        p4 = self.l4(self.c4(c3))
+        lateral3 = self.l3(c3)
+        p3 = self.s3(lateral3 + F.interpolate(p4, size=lateral3.shape[-2:], mode="nearest"))
+        lateral2 = self.l2(c2)
+        p2 = self.s2(lateral2 + F.interpolate(p3, size=c2.shape[-2:], mode="nearest"))
+        return [(self.cls(self.head(p)), self.box(self.head(p))) for p in (p2, p3, p4)]
+
+
+def test_fpn_detector_upsampled_to_a_shape_read_off_a_tensor():
+    graph = check_model(randomize_norm_stats(FPNDetector()), torch.randn(2, 3, 16, 16))
+    # reading only the spatial dims of a shape leaves the channels free: the backbone stays prunable
+    for layer in ("c2.0", "c3.0", "c4.0", "head.0"):
+        assert _group(graph, layer).prunable, (layer, _group(graph, layer).reasons)
+    # the laterals, the smoothing convs and what the top-down path adds them to are one channel group
+    assert set(_group(graph, "l4").producers) == {"l2", "l3", "l4", "s2", "s3"}
+    assert not _group(graph, "cls").prunable and not _group(graph, "box").prunable
+
+
+class ShapeWithChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.reshape(y.shape[0], -1)) + torch.zeros(y.shape[1:]).sum()
+
+
+def test_a_shape_slice_that_holds_the_channel_count_fails_closed():
+    graph = multinet.trace(ShapeWithChannels(), torch.randn(2, 3, 5, 5))
+    group = _group(graph, "conv")
+    assert not group.prunable and any("sliced" in r for r in group.reasons)
+
+
+class SegmentationUNet(nn.Module):
+    """An encoder-decoder: bilinear upsampling and concatenated skips are followed; a transposed conv is
+    not supported yet and leaves the groups it reads whole, with the reason."""
+
+    def __init__(self, w: int = 4):
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.e2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.e3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, 2, 1), nn.ReLU())
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
+        self.d2 = nn.Sequential(nn.Conv2d(4 * w, 2 * w, 3, padding=1), nn.ReLU())
+        self.up1 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.d1 = nn.Sequential(nn.Conv2d(3 * w, w, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(w, 5, 1)
+
+    def forward(self, x):
+        e1 = self.e1(x)
+        e2 = self.e2(e1)
+        d2 = self.d2(torch.cat([self.up2(self.e3(e2)), e2], 1))
+        return self.out(self.d1(torch.cat([self.up1(d2), e1], 1)))
+
+
+def test_unet_skips_and_upsampling_prunable_a_transposed_conv_reported():
+    graph = check_model(randomize_norm_stats(SegmentationUNet()), torch.randn(2, 3, 8, 8))
+    for layer in ("e1.0", "e2.0", "d2.0", "d1.0"):
+        assert _group(graph, layer).prunable, (layer, _group(graph, layer).reasons)
+    assert any("ConvTranspose2d" in r for r in _group(graph, "e3.0").reasons)
+
+
+@pytest.mark.parametrize("model_cls, shape", [(FPNDetector, (16, 3, 16, 16)), (SegmentationUNet, (16, 3, 8, 8))])
+def test_detector_and_segmentation_models_compress_like_the_reference_path(model_cls, shape):
+    """The cached-input pipeline keeps the same channels as the full-pass reference on both, and the
+    compressed models keep their output structure."""
+    torch.manual_seed(0)
+    model, x = randomize_norm_stats(model_cls()).eval(), torch.randn(*shape)
+    fast = multinet.compress(model, x, ratio=0.3, batch_size=8)
+    reference = multinet.compress(model, x, ratio=0.3, batch_size=8, mode="reference")
+    assert fast.removed_channels() == reference.removed_channels()
+    assert fast.flops_after < fast.flops_before
+    with torch.no_grad():
+        out, ref = fast.model(x), model(x)
+    assert [t.shape for t in torch.utils._pytree.tree_leaves(out)] == [t.shape for t in torch.utils._pytree.tree_leaves(ref)]

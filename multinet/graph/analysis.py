@@ -682,8 +682,11 @@ class ChannelAnalysis:
         base, index = node.args[0], node.args[1]
         if base in self._shape_tuples:
             dim, spaces = self._shape_tuples[base]
-            if isinstance(index, int) and _norm(index, len(_shape(base.args[0]))) == dim:
+            rank = len(_shape(base.args[0]))
+            if isinstance(index, int) and _norm(index, rank) == dim:
                 self._channel_sizes[node] = spaces
+            elif isinstance(index, slice) and dim not in range(rank)[index]:
+                pass  # the other dims only (``x.shape[-2:]``, an FPN's upsampling size): no channel count in it
             elif not isinstance(index, int):
                 self.table.mark(spaces, f"a shape containing the channel count is sliced at `{node.name}`")
             return None

@@ -37,6 +37,7 @@ from ..schedule.oneshot import evaluation_inputs, output_error, run_outputs
 from ..graph import ChannelGraph, count, prune, trace
 from ..graph.dropping import drop_group, droppable
 from ..graph.streams import residual_partners
+from ..graph.surgery import kept_output_rows
 from ..calib.frontier import STORE_DTYPES
 from .group_problems import solve_group, to_layer_weights
 from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
@@ -451,6 +452,7 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
                                                pending, solved)
         keep = sorted(set(range(group.size)) - set(removed))
         if keep:
+            weights = _own_outputs_cut(weights, kept_output_rows(current, group.id, keep))
             track_outputs(current, group, keep, surviving)
             pruned = prune(current, {group.id: keep}, consumer_weights=weights)
         else:
@@ -463,6 +465,19 @@ def _apply(original: ChannelGraph, requests: Mapping[int, int | list[int]], meth
             state.record(current.module, example, finished, [asdict(r) for r in reports], surviving)
     bar.close()
     return current, reports
+
+
+def _own_outputs_cut(weights, rows: Mapping[str, torch.Tensor]):
+    """A consumer that also writes the group it reads (an FPN's smoothing conv reads the lateral sum and
+    its output is added to the next lateral: one group) loses the removed channels on both sides in the
+    same cut: its re-solved weight (and bias) keeps only the output rows the cut leaves (``rows``)."""
+    if not weights:
+        return weights
+    out = dict(weights)
+    for name in weights.keys() & rows.keys():
+        spec, kept = weights[name], rows[name]
+        out[name] = (spec[0][kept], spec[1][kept]) if isinstance(spec, tuple) else spec[kept]
+    return out
 
 
 def _plan_requests(graph: ChannelGraph, plan: Plan) -> dict[int, list[int]]:
