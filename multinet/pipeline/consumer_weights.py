@@ -46,7 +46,7 @@ def weight_matrix(weight: torch.Tensor, bias: torch.Tensor | None, bias_row: boo
 def consumer_matrix(gm: fx.GraphModule, name: str, bias_row: bool | None = None, **options) -> torch.Tensor:
     """``weight_matrix`` of a consumer in ``gm``; ``bias_row`` None: where the layer can hold a bias (a
     module always can: a bias-free module gains one when re-solved; a functional weight only with one)."""
-    weight, bias, is_module = consumer_weight(gm, name)
+    weight, bias, _ = consumer_weight(gm, name)
     if bias_row is None:
         bias_row = has_bias_row(gm, name)
     return weight_matrix(weight, bias, bias_row, **options)
@@ -59,8 +59,8 @@ def has_bias_row(gm: fx.GraphModule, name: str) -> bool:
 
 
 def layer_weight(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of ``weight_matrix`` without its bias row: columns x outputs back to the layer's
-    (outputs, columns per kernel position..., *kernel) for a layer whose weight has ``shape``'s kernel."""
+    """The inverse of ``weight_matrix`` without its bias row: columns x outputs back to a layer weight
+    (outputs, inputs per conv group, *kernel), the kernel taken from ``shape`` (the layer's weight shape)."""
     return rows.T.reshape(rows.shape[1], -1, *shape[2:])
 
 
