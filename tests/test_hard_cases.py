@@ -461,6 +461,39 @@ def test_channel_count_used_on_its_own_tensor_is_fine():
     assert _group(graph, "a").prunable
 
 
+class TokensAsRows(TwoLinears):
+    """The output has a row per token, not per sample (a (B, T, C) tensor reshaped to (B*T, C))."""
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).reshape(-1, 6))
+
+
+class TokensMixed(TwoLinears):
+    """Rows ordered token-major: a sample's rows are not together, so no subset of rows is a subset of samples."""
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).transpose(0, 1).reshape(-1, 6))
+
+
+@pytest.mark.parametrize("model_cls, per_sample", [(TokensAsRows, True), (TokensMixed, False)])
+@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+def test_a_budget_on_outputs_with_several_rows_per_sample(model_cls, per_sample, mode):
+    """The auto schedule measures errors on some samples at a time: it finds how many rows each sample
+    has, and where an output's rows mix samples it measures on every sample at once (this crashed with a
+    size mismatch before). The plan's error is measured against the right rows either way."""
+    torch.manual_seed(0)
+    model, x = model_cls().eval(), torch.randn(48, 3, 4)
+    result = multinet.compress(model, x, batch_size=16, budget=multinet.Budget(flops=0.6), mode=mode)
+    assert result.flops_after <= 0.6 * result.flops_before + 1e-9
+    with torch.no_grad():
+        expected = float(((result.model(x) - model(x)) ** 2).sum() / (model(x) ** 2).sum())
+    assert result.plan.measured_error == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    graph = multinet.trace(model, x[:1])
+    from multinet.schedule import prepare
+    ctx = prepare(graph, x, multinet.Budget(flops=0.6), batch_size=16)
+    assert ctx.masked.per_sample is per_sample
+
+
 class PackedGatedMLP(nn.Module):
     """Phi-3's MLP: one Linear gives gate and up, chunked in two and multiplied (a GLU)."""
 

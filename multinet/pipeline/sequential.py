@@ -239,7 +239,11 @@ class SequentialPipeline:
         if not parts or any(p is None for p in parts):
             return None
         columns = [torch.cat(column) for column in zip(*[batch for shard in parts for batch in shard])]
-        return [c[:samples] for c in columns]
+        # an output may have several rows per sample (``h.reshape(-1, C)``): the first samples' rows
+        total = sum(batches.size(b) for b in self._batches)
+        if any(len(c) % total or (len(c) != total and samples != total) for c in columns):
+            return None  # not a row per sample, and only some samples wanted: the result gets a pass of its own
+        return [c[:samples * (len(c) // total)] for c in columns]
 
     def close(self) -> None:
         reports = self.shards.call("report")

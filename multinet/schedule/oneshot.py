@@ -153,11 +153,14 @@ def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor],
 
 
 def sample_output_errors(outputs: list[torch.Tensor], reference: list[torch.Tensor], energy: list[torch.Tensor],
-                         weights: Sequence[float] | None = None) -> torch.Tensor:
+                         weights: Sequence[float] | None = None, samples: int | None = None) -> torch.Tensor:
     """Per sample, its squared error at each output over ``energy`` (that output's mean energy per
     sample on the whole evaluation set), combined over the outputs as ``output_error`` combines them.
-    Their mean over every evaluation sample is ``output_error``; over some samples, an estimate of it."""
-    errors = [((o - r) ** 2).flatten(1).sum(1) / e.clamp_min(1e-30) for o, r, e in zip(outputs, reference, energy)]
+    Their mean over every evaluation sample is ``output_error``; over some samples, an estimate of it.
+    ``samples``: how many samples the rows hold (an output may have several rows per sample, a sample's
+    rows together: ``h.reshape(-1, C)`` of a (B, T, C) tensor); None: a row per sample."""
+    errors = [((o - r) ** 2).reshape(samples if samples is not None else len(o), -1).sum(1) / e.clamp_min(1e-30)
+              for o, r, e in zip(outputs, reference, energy)]
     return _combined(errors, weights)
 
 
@@ -285,6 +288,7 @@ class MaskedModel:
         self.device = device
         self.reference = run_outputs(self.gm, self.inputs) if reference is None else [r.to(device) for r in reference]
         self._energy: list[torch.Tensor] | None = None  # per output, for sample_errors
+        self._rows_per_sample: list[int] | None = None  # per output, once found (see per_sample)
         self.samples = sum(batches.size(x) for x in self.inputs)  # evaluation samples in all
         check_output_weights(output_weights, len(self.reference))
         self.output_weights = output_weights
@@ -395,18 +399,57 @@ class MaskedModel:
             errors[i] = output_error(outputs, self.reference, self.output_weights)
         return errors
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether every output's rows come a sample at a time, the same number per sample (found once,
+        on the first evaluation batch): only then can errors be measured on some samples (``sample_errors``).
+        Not where an output mixes samples (a batch mean, rows ordered position-major: h.transpose(0, 1))."""
+        if self._rows_per_sample is None:
+            self._rows_per_sample = self._sample_layout()
+        return bool(self._rows_per_sample)
+
+    def _sample_layout(self) -> list[int]:
+        """Rows per sample of each output ([] where some output's rows do not come a sample at a time): the
+        unchanged model on the first half of the first batch (a slice that cuts a batch, as probes do) must
+        give the reference's first rows, as many per sample as the reference has."""
+        if not self.inputs or any(len(r) % self.samples for r in self.reference):
+            return []
+        first = sample_slice(self.inputs, 0, (batches.size(self.inputs[0]) + 1) // 2)[0]
+        n = batches.size(first)
+        self.set_removed({})
+        names = batches.input_names(self.gm)
+        with torch.no_grad():
+            outputs = output_parts(real_tokens(batches.call(self.gm, first), batches.padding_mask(first, names)))
+        per = [len(r) // self.samples for r in self.reference]
+        if len(outputs) != len(per) or any(len(o) != k * n for o, k in zip(outputs, per)):
+            return []
+        if not all(torch.allclose(o, r[:len(o)], rtol=1e-4, atol=1e-6 * float(r.abs().max().clamp_min(1e-30)))
+                   for o, r in zip(outputs, self.reference)):
+            return []
+        return per
+
     def sample_errors(self, states: Sequence[Mapping[int, Sequence[int]]], start: int, stop: int,
                       base: Mapping[int, Sequence[int]] | None = None) -> list[torch.Tensor]:
         """Each state's per-sample errors (``sample_output_errors``) on evaluation samples ``start ..
         stop-1``: their mean over all samples is ``error``, and over a few an estimate whose spread says
         whether more samples are needed (the auto schedule's probes). ``base``: the removals the states
-        share (a plan they vary): the frontier runs with those, so a state runs from where it differs."""
+        share (a plan they vary): the frontier runs with those, so a state runs from where it differs.
+        Where the outputs' rows do not come a sample at a time (``per_sample``), only every sample at
+        once: each state's whole-set error, as one value."""
+        if not self.per_sample:
+            if (start, stop) != (0, self.samples):
+                raise ValueError("these outputs mix samples: errors are measured on every evaluation sample at once")
+            return [torch.tensor([output_error(outputs, self.reference, self.output_weights)], dtype=torch.float64)
+                    for _, outputs in sorted(self._prefix_outputs(states, self.inputs, base), key=lambda io: io[0])]
         if self._energy is None:  # each output's mean energy per sample, on every evaluation sample
-            self._energy = [(r ** 2).sum() / max(len(r), 1) for r in self.reference]
-        inputs, reference = sample_slice(self.inputs, start, stop), [r[start:stop] for r in self.reference]
+            self._energy = [(r ** 2).sum() / max(self.samples, 1) for r in self.reference]
+        per = self._rows_per_sample
+        inputs = sample_slice(self.inputs, start, stop)
+        reference = [r[start * k:stop * k] for r, k in zip(self.reference, per)]
         errors: list[torch.Tensor] = [torch.zeros(0)] * len(states)
         for i, outputs in self._prefix_outputs(states, inputs, base):
-            errors[i] = sample_output_errors(outputs, reference, self._energy, self.output_weights).cpu()
+            errors[i] = sample_output_errors(outputs, reference, self._energy, self.output_weights,
+                                             stop - start).cpu()
         return errors
 
     def _prefix_outputs(self, states: Sequence[Mapping[int, Sequence[int]]], inputs: list[Batch],

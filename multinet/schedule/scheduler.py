@@ -108,9 +108,10 @@ class Scheduling:
         where they differ from it). ``floor``: a value smaller than this needs no more than ``precision``
         of ``floor`` as its standard error (an absolute precision for values that matter only that much)."""
         total = self.masked.samples
-        limit = min(self.probe_samples or total, total)
+        mixed = not self.masked.per_sample  # outputs that mix samples: measured on every sample at once
+        limit = total if mixed else min(self.probe_samples or total, total)
         values = [torch.zeros(0, dtype=torch.float64) for _ in pairs]
-        active, start, stop = list(range(len(pairs))), 0, min(PROBE_FIRST, limit)
+        active, start, stop = list(range(len(pairs))), 0, limit if mixed else min(PROBE_FIRST, limit)
         while active:
             unique: dict[tuple, dict] = {}
             for i in active:
