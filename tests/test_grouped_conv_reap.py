@@ -134,6 +134,31 @@ def test_per_conv_group_resolve_and_selection_match_brute_force():
         torch.testing.assert_close(layer_w[2 * g:2 * g + 2].double().flatten(1), w[:-1].T, rtol=1e-4, atol=1e-5)
 
 
+def test_the_masked_evaluator_resolves_each_conv_group_by_least_squares():
+    """The scheduler's masked evaluator (and the one-shot mode's final weights) re-solve a grouped consumer
+    per conv group: each block the brute-force least-squares fit of its outputs on its kept columns."""
+    from multinet.pipeline.grouped_conv import GroupedConsumer
+
+    model, x, graph, group, stats = _tiny()
+    conv = model[2]
+    with torch.no_grad():
+        inp = model[1](model[0](x)).double()
+        y = F.conv2d(inp, conv.weight.double(), conv.bias.double(), padding=1, groups=4)
+    cols = F.unfold(inp, 3, padding=1).transpose(1, 2).reshape(-1, 12 * 9)
+    outs = y.permute(0, 2, 3, 1).reshape(-1, 8)
+    consumer = GroupedConsumer(graph, "2", stats["2"], {group.id}, 0.0)
+    preset = [0, 4, 8, 9]  # one channel of each conv group
+    gone = torch.tensor([27 * (c // 3) + 9 * (c % 3) + j for c in preset for j in range(9)])
+    solved = consumer.solved(gone)  # ((in / groups) * 9 + bias) x out, the layer's own layout
+    for g, c in enumerate(preset):
+        keep = [9 * k + j for k in range(3) if 3 * g + k != c for j in range(9)]
+        w, _ = _block_fit(cols[:, 27 * g:27 * (g + 1)], outs[:, 2 * g:2 * g + 2], keep)
+        block = solved[:, 2 * g:2 * g + 2]
+        torch.testing.assert_close(block[keep + [27]], w, rtol=1e-4, atol=1e-5)
+        assert not block[[9 * (c % 3) + j for j in range(9)]].any()
+    torch.testing.assert_close(consumer.solved(torch.zeros(0, dtype=torch.long)), consumer.weight)
+
+
 def test_joint_greedy_is_per_conv_group_greedy_on_a_grouped_consumer():
     _, _, graph, group, stats = _tiny()
     problems, _, blocks = grouped_problems(graph, graph, group, stats, 1e-6, {})

@@ -247,27 +247,3 @@ def test_restarts_with_several_consumers_and_channels_in_two_slots(restarts):
     torch.testing.assert_close(result.errors, errors, rtol=1e-6, atol=1e-10)
     for got, want in zip(result.weights, weights):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("removed", [5, 30, 39])
-def test_a_fit_from_the_kept_columns_equals_the_downdated_one(removed):
-    """Where most columns go the masked evaluator fits the few kept ones directly: the same weight as
-    downdating the full inverse, and as solving the damped normal equations of the kept columns."""
-    from multinet.solve.problem import prepare_gram
-    from multinet.solve.reap import invert, kept_columns_fit, without_columns
-
-    x, w = _problem(11, rows=200, channels=40, block=1, d=6, fixed=1)
-    x[:, 7] = 0  # a dead column among the kept ones
-    gram, damp = x.T @ x, 1e-4
-    damped = prepare_gram(gram, damp)[0]
-    inverse, rhs = invert(damped), gram @ w
-    cols = torch.randperm(41, generator=torch.Generator().manual_seed(removed))[:removed]
-    cols = cols[cols != 7].sort().values
-    kept = torch.ones(41, dtype=torch.bool)
-    kept[cols] = False
-    got = kept_columns_fit(gram, rhs, kept.nonzero().flatten(), damp)
-    torch.testing.assert_close(got, without_columns(inverse, inverse @ rhs, cols), rtol=1e-9, atol=1e-10)
-    direct = torch.zeros_like(w)
-    direct[kept] = torch.linalg.solve(damped[kept][:, kept], rhs[kept])
-    torch.testing.assert_close(got, direct, rtol=1e-9, atol=1e-10)
-    assert not got[cols].any()

@@ -341,17 +341,16 @@ def test_the_search_reuses_the_curves_inverse_grams(calib, monkeypatch):
 def test_deep_removals_are_refit_from_the_kept_columns(calib, monkeypatch):
     """The masked evaluator refits a consumer that loses most of its columns from the kept ones (cheaper
     than downdating): the outputs equal the downdated re-solve's."""
-    from multinet.schedule import oneshot
+    from multinet.solve.refit import ColumnRefit
 
     graph = trace(zoo.create("vgg"), zoo.example_input())
     ctx = prepare(graph, calib, Budget(flops=0.5), max_positions=16)
     deep = {g: c.order[: int(0.9 * len(c.order))] for g, c in ctx.curves.items()}
     used = []
-    fit = oneshot.kept_columns_fit
-    monkeypatch.setattr(oneshot, "kept_columns_fit", lambda *a: used.append(1) or fit(*a))
+    kept_form = ColumnRefit._kept_form
+    monkeypatch.setattr(ColumnRefit, "_kept_form", lambda self, *a: used.append(1) or kept_form(self, *a))
     refit = ctx.masked.error(deep)
     assert used
-    monkeypatch.setattr(oneshot._Consumer, "without", lambda self, cols: oneshot.without_columns(
-        self.inverse, self.fit, cols))
+    monkeypatch.setattr(ColumnRefit, "_kept_form_cheaper", lambda self, s: False)
     ctx.masked._loaded = {name: () for name in ctx.masked.consumers}  # forget what is loaded
     assert ctx.masked.error(deep) == pytest.approx(refit, rel=1e-9)

@@ -50,6 +50,7 @@ from ..graph import ChannelGraph
 from ..solve import ConsumerProblem, reap_greedy_multi
 from ..solve.problem import SolverInputError, prepare_gram, removed_columns
 from ..solve.reap import ReapResult, invert, protected
+from ..solve.refit import ColumnRefit
 from .consumer_weights import consumer_weight, layer_weight, weight_matrix, write_matrix
 from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, group_problems, on_cpu,
                              relative_error, to_layer_weights, weights_for_selection)
@@ -362,12 +363,12 @@ class GroupedConsumer:
         self.width = self.weight.shape[0] - 1
         self.out_per = self.shape[0] // self.groups
         m = stats.gram.shape[0]
-        self.blocks = []
+        self.damp = damp
+        self.block_grams = []  # per conv group: its block of the statistics, with the ones column
         for g in range(self.groups):
             idx = torch.cat([torch.arange(g * self.width, (g + 1) * self.width), torch.tensor([m - 1])])
-            damped, dead = prepare_gram(stats.gram[idx][:, idx], damp)
-            w = self.weight[:, self._outputs(g)]
-            self.blocks.append((damped, stats.gram[idx][:, idx].double() @ w, dead))
+            self.block_grams.append(stats.gram[idx][:, idx])
+        self.refits: list[ColumnRefit] | None = None  # made on the first re-solve
 
     def _outputs(self, g: int) -> slice:
         return slice(g * self.out_per, (g + 1) * self.out_per)
@@ -376,20 +377,24 @@ class GroupedConsumer:
         mine = cols[(cols >= g * self.width) & (cols < (g + 1) * self.width)]
         return mine - g * self.width
 
+    def _refits(self) -> list[ColumnRefit]:
+        """Each conv group's re-solve, from the full-column fit of its original outputs."""
+        if self.refits is None:
+            self.refits = []
+            for g, gram in enumerate(self.block_grams):
+                w = self.weight[:, self._outputs(g)]
+                inverse = invert(prepare_gram(gram, self.damp)[0], self.damp > 0)
+                fit = inverse @ (gram.double() @ w)
+                self.refits.append(ColumnRefit(gram, fit, self.damp, inverse, restore=w))
+        return self.refits
+
     def solved(self, cols: torch.Tensor) -> torch.Tensor:
         """Every conv group re-solved without the removed full-width columns ``cols``."""
         w = self.weight.clone()
-        for g, (gram, target, dead) in enumerate(self.blocks):
+        for g in range(self.groups):
             local = self._local(cols, g)
-            if not len(local):
-                continue
-            kept = torch.ones(len(gram), dtype=torch.bool)
-            kept[local] = False
-            block = torch.zeros_like(target)
-            block[kept] = torch.linalg.solve(gram[kept][:, kept], target[kept])
-            restore = dead & kept
-            block[restore] = self.weight[:, self._outputs(g)][restore]
-            w[:, self._outputs(g)] = block
+            if len(local):
+                w[:, self._outputs(g)] = self._refits()[g].without(local)
         return w
 
     def zeroed(self, cols: torch.Tensor) -> torch.Tensor:

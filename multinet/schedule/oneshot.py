@@ -29,8 +29,9 @@ from ..pipeline.consumer_weights import consumer_matrix, consumer_weight, has_bi
 from ..pipeline.group_problems import group_problems
 from ..pipeline.grouped_conv import GroupedConsumer, curve_job, solve_curve_job
 from ..solve import ConsumerProblem, reap_greedy_multi
-from ..solve.reap import invert, kept_columns_fit, without_columns
-from ..solve.problem import dead_columns, prepare_gram
+from ..solve.reap import invert
+from ..solve.refit import ColumnRefit
+from ..solve.problem import prepare_gram
 
 
 @dataclass
@@ -243,36 +244,29 @@ class _Consumer:
     gram: torch.Tensor  # as collected (m x m); damped only where this consumer factors it itself
     damp: float
     weight: torch.Tensor  # original (m x d), bias row last when has_bias
-    dead: torch.Tensor
     slots: list[tuple[int, torch.Tensor, torch.Tensor]]  # (group, channels, column blocks)
     shape: tuple[int, ...]
     has_bias: bool
-    inverse: torch.Tensor | None = None  # the damped gram's inverse, made (or adopted) on the first re-solve
-    fit: torch.Tensor | None = None  # the full-column least-squares weight, inverse @ G @ W
-    rhs: torch.Tensor | None = None  # G @ W, what any column subset's least-squares fit solves against
+    refit: ColumnRefit | None = None  # made (or given its inverse) on the first re-solve
 
     def factor(self, inverse: torch.Tensor | None = None) -> None:
-        """The inverse (adopted from a problem built with the same damping, or made here) and the fit.
-        Deferred to the first re-solve: an evaluator whose consumers are never re-solved, or whose
-        inverses come from the groups' problems, neither damps a copy nor multiplies G @ W up front."""
+        """The full-column least-squares fit of the original outputs, inverse @ G @ W, from the inverse
+        adopted from a problem built with the same damping, or made here. Deferred to the first re-solve:
+        an evaluator whose consumers are never re-solved, or whose inverses come from the groups' problems,
+        neither damps a copy nor multiplies G @ W up front."""
         if inverse is None:
             inverse = invert(prepare_gram(self.gram, self.damp)[0], tolerate_rounding=True)
-        self.inverse = inverse.to(torch.float64)
-        self.rhs = self.gram.double() @ self.weight
-        self.fit = self.inverse @ self.rhs
+        inverse = inverse.to(torch.float64)
+        fit = inverse @ (self.gram.double() @ self.weight)
+        self.refit = ColumnRefit(self.gram, fit, self.damp, inverse, restore=self.weight)
 
     def without(self, cols: torch.Tensor) -> torch.Tensor:
-        """The least-squares weight once columns ``cols`` are gone: the inverse downdated by them, or,
-        where most columns go and factoring the few kept ones costs less, a fit from those alone."""
-        m, d, s = len(self.weight), self.weight.shape[1], len(cols)
-        k = m - s
-        if k ** 3 / 3 + 2 * k * k * d < (2 / 3) * s ** 3 + 2 * m * s * d:  # an LU of Ginv_SS and its product
-            kept = torch.ones(m, dtype=torch.bool)
-            kept[cols] = False
-            w = kept_columns_fit(self.gram, self.rhs, kept.nonzero().flatten(), self.damp)
-            if w is not None:
-                return w
-        return without_columns(self.inverse, self.fit, cols)
+        """The least-squares weight once columns ``cols`` are gone (see solve.refit)."""
+        if not len(cols):
+            return self.weight
+        if self.refit is None:  # factored once per consumer, then every removal set is a small update
+            self.factor()
+        return self.refit.without(cols)
 
 
 class MaskedModel:
@@ -316,7 +310,7 @@ class MaskedModel:
         slots = [(g.id, sl.channels, sl.column_blocks()) for g in graph.groups if g.id in wanted
                  for sl in g.consumers if sl.consumer == name]
         shape = tuple(consumer_weight(graph.module, name)[0].shape)
-        return _Consumer(name, gram, damp, weight, dead_columns(gram), slots, shape, has_bias)
+        return _Consumer(name, gram, damp, weight, slots, shape, has_bias)
 
     @staticmethod
     def _removed_columns(c: _Consumer, removed: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -328,25 +322,14 @@ class MaskedModel:
     @staticmethod
     def _weights(c: _Consumer, cols: torch.Tensor) -> torch.Tensor:
         """The consumer re-solved by least squares without ``cols`` (which read zero weight)."""
-        if isinstance(c, GroupedConsumer):
-            return c.solved(cols)
-        if not len(cols):
-            return c.weight
-        if c.inverse is None:  # factored once per consumer, then every removal set is a small update
-            c.factor()
-        w = c.without(cols)
-        kept = torch.ones(len(c.weight), dtype=torch.bool)
-        kept[cols] = False
-        restore = c.dead & kept  # zero on calibration data is not zero elsewhere
-        w[restore] = c.weight[restore]
-        return w
+        return c.solved(cols) if isinstance(c, GroupedConsumer) else c.without(cols)
 
     def adopt_inverses(self, problems, names: Sequence[str]) -> None:
         """Take consumers' inverse Grams from problems built on the same statistics with the same
         damping (group_problems' one-shot problems): the final re-solve then factors nothing again."""
         for p, name in zip(problems, names):
             c = self.consumers.get(name)
-            if (isinstance(c, _Consumer) and c.inverse is None and p.inverse is not None
+            if (isinstance(c, _Consumer) and c.refit is None and p.inverse is not None
                     and p.inverse.shape == c.gram.shape):
                 c.factor(p.inverse)
 

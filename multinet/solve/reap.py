@@ -18,6 +18,9 @@ diagonal blocks Ginv_bb, all that scoring reads, are downdated in a batch of |S|
 The weight is kept the same way (W0 - Y Z), with each candidate's W_b W_b^T updated from one
 product W W_S^T, and once Y has grown enough the factors are folded in and the removed columns'
 rows dropped (``DowndatedInverse``): same selections, a third of the memory traffic at full depth.
+
+The re-solve for a removal set chosen all at once (a plan, a preset, the masked evaluator) is
+``refit.ColumnRefit``: the same downdate for the whole set, or a fit of the kept columns.
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import (ConsumerProblem, SolverInputError, blocked_columns, dead_columns, finish, prepare_gram,
-                      removed_columns, start)
+from .problem import (ConsumerProblem, SolverInputError, blocked_columns, dead_columns, finish, removed_columns, start)
 
 
 @dataclass
@@ -227,33 +229,6 @@ class DowndatedInverse:
             self.products = self._masked(rows @ rows.transpose(1, 2))
 
 
-def without_columns(ginv: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The least-squares weight once columns ``cols`` are gone, from the full problem's inverse Gram
-    and full-column weight: W - Ginv[:, S] (Ginv_SS)^-1 W_S with rows S zeroed. The same step as
-    one greedy removal (DowndatedInverse.remove), for any set at once: O(m |S|^2 + |S|^3) instead of
-    factoring the m - |S| kept columns again."""
-    if not len(cols):
-        return weight.clone()
-    g = ginv[:, cols]
-    out = weight - g @ torch.linalg.solve(g[cols], weight[cols])
-    out[cols] = 0
-    return out
-
-
-def kept_columns_fit(gram: torch.Tensor, rhs: torch.Tensor, kept: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """The least-squares weight from columns ``kept`` only, (G_d)_KK^-1 rhs_K with G_d the damped Gram
-    (``prepare_gram``'s block of K, built without the rest): the same weight as
-    ``without_columns`` for the other columns, at O(|K|^3) instead of O(|S|^3 + m |S| d), so the cheaper
-    where most columns go. None where the block's Cholesky factor does not exist (then downdate)."""
-    block, _ = prepare_gram(gram, damp, kept)
-    chol, info = torch.linalg.cholesky_ex(block)
-    if info.item() != 0:
-        return None
-    out = rhs.new_zeros(rhs.shape)
-    out[kept] = torch.cholesky_solve(rhs[kept], chol)
-    return out
-
-
 def protected(alive: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
     """Channels that are the last alive member of a piece (a split output must keep one channel)."""
     mask = torch.zeros_like(alive)
@@ -341,16 +316,3 @@ def reap_greedy(gram: torch.Tensor, weight: torch.Tensor, n_remove: int, block: 
 def _check_counts(n_channels: int, n_remove: int, allow_all: bool = False) -> None:
     if not 0 <= n_remove < n_channels + allow_all:
         raise SolverInputError(f"n_remove must lie in 0..{n_channels - 1} (keep at least one channel), got {n_remove}")
-
-
-def reconstruct_multi(problems: list[ConsumerProblem], removed: list[int], damp: float = 1e-6) -> list[torch.Tensor]:
-    """Least-squares re-solve of every consumer once ``removed`` channels are gone (any selection)."""
-    weights = []
-    for p in problems:
-        state = DowndatedInverse(p, damp, len(removed) * p.columns.shape[1], scoring=False)
-        for c in removed:
-            rows = (p.channels == c).nonzero().flatten()
-            if len(rows):
-                state.remove(p.columns[rows].flatten())
-        weights.append(finish(p, state.weight, state.dead, ~removed_columns(p, removed)))
-    return weights
