@@ -8,6 +8,7 @@ import torch
 import multinet
 from multinet.graph.axes import kept_positions
 from multinet.graph.edits import GroupedInput, SliceTensor
+from multinet.graph.op_tables import weight_output_dim
 from multinet.graph.surgery import _local_keep, _resolve
 
 
@@ -32,6 +33,12 @@ def _consumer_weight_attrs(graph) -> set[str]:
     return out
 
 
+def _input_dim(gm, attr: str) -> int:
+    """The dim of a consumer's weight that holds its inputs: 0 for a transposed conv ((in, out, *kernel))."""
+    owner = _resolve(gm, attr)[0]
+    return 1 - weight_output_dim(owner) if attr.endswith("weight") and owner is not gm else 1
+
+
 def zero_channel(graph, gid: int, channel, side: str) -> torch.fx.GraphModule:
     """A copy of the traced model with one channel zeroed on the producer side or the consumer side.
 
@@ -49,7 +56,7 @@ def zero_channel(graph, gid: int, channel, side: str) -> torch.fx.GraphModule:
             _zero_grouped_input(gm, edit, keep_local)
         if not isinstance(edit, SliceTensor):
             continue
-        is_consumer = edit.attr in consumers and edit.dim == 1
+        is_consumer = edit.attr in consumers and edit.dim == _input_dim(gm, edit.attr)
         if is_consumer != (side == "consumer") or edit.attr.endswith(("running_mean", "running_var")):
             continue
         owner, attr = _resolve(gm, edit.attr)

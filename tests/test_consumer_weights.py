@@ -112,3 +112,38 @@ def test_outputs_select_the_matrix_columns_and_their_bias():
     assert weight_matrix(layer.weight, layer.bias, bias_row=False).shape == (5, 4)
     same = weight_matrix(layer.weight, layer.bias, dtype=None, device=None)
     assert same.dtype == torch.float32 and torch.equal(same, full.float())
+
+
+TRANSPOSED = [
+    (lambda: nn.ConvTranspose2d(3, 4, 2, stride=2), (2, 3, 4, 5)),
+    (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1, bias=False), (2, 3, 4, 5)),
+    (lambda: nn.ConvTranspose2d(3, 4, 4, stride=3, padding=2, dilation=2), (2, 3, 4, 5)),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1), (2, 3, 7)),
+]
+
+
+@pytest.mark.parametrize("make, shape", TRANSPOSED)
+def test_a_transposed_conv_is_the_conv_it_equals(make, shape):
+    """A transposed conv's rows (its input zero-stuffed and padded, calib.unfold) times its matrix (kernel
+    flipped, in/out swapped) give the layer's output, sampled positions too; the matrix written back
+    (doubled) doubles the output, and layer_weight takes it back to the (in, out, *kernel) layout."""
+    from multinet.calib.unfold import conv_as_rows, conv_geometry, output_grid, unfold_conv_input
+
+    torch.manual_seed(0)
+    layer, x = make().double().eval(), torch.randn(*shape, dtype=torch.float64)
+    gm = fx.symbolic_trace(nn.Sequential(layer))
+    w = consumer_matrix(gm, "0")
+    geom = conv_geometry(layer, (), {}, tuple(layer.weight.shape))
+    with torch.no_grad():
+        y = layer(x)
+    expected = _outputs_as_rows(layer, y)
+    assert tuple(output_grid(x, geom))[-1] == y.shape[-1]
+    torch.testing.assert_close(unfold_conv_input(x, geom, ones_column=True) @ w, expected)
+    torch.testing.assert_close(conv_as_rows(x, geom, w[:-1]) + w[-1], expected)
+    positions = torch.tensor([0, 5, y[0, 0].numel() - 1])
+    sampled = unfold_conv_input(x, geom, positions, ones_column=True) @ w
+    torch.testing.assert_close(sampled, expected.reshape(len(x), -1, 4)[:, positions].reshape(-1, 4))
+    torch.testing.assert_close(layer_weight(w[:-1], tuple(layer.weight.shape), True), layer.weight)
+    write_matrix(gm, "0", 2 * w, True)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), 2 * y)

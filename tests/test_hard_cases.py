@@ -585,8 +585,8 @@ def test_a_shape_slice_that_holds_the_channel_count_fails_closed():
 
 
 class SegmentationUNet(nn.Module):
-    """An encoder-decoder: bilinear upsampling and concatenated skips are followed; a transposed conv is
-    not supported yet and leaves the groups it reads whole, with the reason."""
+    """An encoder-decoder: a transposed conv and bilinear upsampling bring the decoder back up, and
+    concatenated skips join the encoder's features."""
 
     def __init__(self, w: int = 4):
         super().__init__()
@@ -606,11 +606,46 @@ class SegmentationUNet(nn.Module):
         return self.out(self.d1(torch.cat([self.up1(d2), e1], 1)))
 
 
-def test_unet_skips_and_upsampling_prunable_a_transposed_conv_reported():
-    graph = check_model(randomize_norm_stats(SegmentationUNet()), torch.randn(2, 3, 8, 8))
-    for layer in ("e1.0", "e2.0", "d2.0", "d1.0"):
+def test_unet_skips_upsampling_and_transposed_convs_prunable():
+    """Every group but the logits: the transposed conv reads one (its weight's dim 0) and writes another
+    (dim 1), and the cost model counts its pruned FLOPs as counting the pruned model does."""
+    from multinet.schedule.costs import CostModel
+
+    x = torch.randn(2, 3, 8, 8)
+    graph = check_model(randomize_norm_stats(SegmentationUNet()), x)
+    for layer in ("e1.0", "e2.0", "e3.0", "up2", "d2.0", "d1.0"):
         assert _group(graph, layer).prunable, (layer, _group(graph, layer).reasons)
-    assert any("ConvTranspose2d" in r for r in _group(graph, "e3.0").reasons)
+    assert "up2" in _group(graph, "e3.0").consumer_names
+    read, written = _group(graph, "e3.0"), _group(graph, "up2")
+    keep = {read.id: [0, 3, 4, 9, 15], written.id: [1, 2, 6]}
+    pruned = multinet.prune(graph, keep)
+    up = pruned.get_submodule("up2")
+    assert up.weight.shape == (5, 3, 2, 2) and (up.in_channels, up.out_channels) == (5, 3) and len(up.bias) == 3
+    removed = {g: [c for c in range(graph.group(g).size) if c not in kept] for g, kept in keep.items()}
+    model = CostModel(graph)
+    model.terms = [(m, t) for m, t in model.terms if t.needs is None]  # plain surgery adds no bias
+    real = multinet.count(pruned, (x,))
+    assert model.totals(removed) == (real.flops, real.params)
+    assert real.flops < multinet.count(graph.module).flops
+
+
+@pytest.mark.parametrize("layer, why", [(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), "groups=2"),
+                                        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1), "output_size")])
+def test_transposed_convs_it_cannot_follow_are_reported(layer, why):
+    """A grouped transposed conv and one called with an output_size leave the groups they touch whole."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up, self.head = nn.Conv2d(3, 4, 3, padding=1), layer, nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = self.up(y, output_size=[8, 8]) if why == "output_size" else self.up(y)
+            return self.head(y)
+
+    graph = multinet.trace(Up(), torch.randn(2, 3, 4, 4))
+    group = _group(graph, "conv")
+    assert not group.prunable and any(why in r for r in group.reasons), group.reasons
 
 
 @pytest.mark.parametrize("model_cls, shape", [(FPNDetector, (16, 3, 16, 16)), (SegmentationUNet, (16, 3, 8, 8))])
@@ -626,3 +661,40 @@ def test_detector_and_segmentation_models_compress_like_the_reference_path(model
     with torch.no_grad():
         out, ref = fast.model(x), model(x)
     assert [t.shape for t in torch.utils._pytree.tree_leaves(out)] == [t.shape for t in torch.utils._pytree.tree_leaves(ref)]
+
+
+def test_a_transposed_conv_consumer_is_resolved_by_least_squares():
+    """Channels removed from the group a transposed conv reads: its new weight is the least-squares fit of
+    its original outputs from the kept channels, checked against a design matrix built from the layer
+    itself (the output of each kept (input channel, kernel tap) alone), not from im2col."""
+    from multinet.calib import collect, consumer_specs
+    from multinet.pipeline.group_problems import group_problems, to_layer_weights
+    from multinet.solve import reconstruct_multi
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(5, 3, 3, stride=2, padding=1, output_padding=1)).eval()
+    x = torch.randn(12, 2, 4, 4)
+    graph = multinet.trace(model, x[:1])
+    group = _group(graph, "0")
+    stats = collect(graph.module, consumer_specs(graph, group.consumer_names), x, max_positions=None)
+    problems, layout = group_problems(graph, graph, group, stats, 0.0, {})
+    removed = [1, 3]
+    weight, bias = to_layer_weights(problems, reconstruct_multi(problems, removed, 0.0), layout, removed)["2"]
+    up = model[2]
+    with torch.no_grad():
+        h = model[1](model[0](x)).double()
+        target = up(model[1](model[0](x))).double()
+    kept = [c for c in range(5) if c not in removed]
+    columns = []
+    for c in kept:  # the layer's response to one input channel through one kernel tap
+        for a in range(3):
+            for b in range(3):
+                tap = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+                tap[0, 0, a, b] = 1
+                columns.append(F.conv_transpose2d(h[:, c:c + 1], tap, stride=2, padding=1, output_padding=1))
+    design = torch.stack([t.flatten() for t in columns] + [torch.ones(target[:, 0].numel(), dtype=torch.float64)], 1)
+    for o in range(3):
+        fit = torch.linalg.lstsq(design, target[:, o].flatten()).solution
+        torch.testing.assert_close(weight[:, o].double().flatten(), fit[:-1], rtol=1e-4, atol=1e-4)
+        assert float(bias[o]) == pytest.approx(float(fit[-1]), abs=1e-4)

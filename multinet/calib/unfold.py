@@ -15,8 +15,11 @@ def conv_geometry(module: nn.Module | None, node_args: tuple, node_kwargs: dict,
     if module is not None:
         if module.padding_mode != "zeros":
             raise MultinetError(f"calibration supports zero-padded convs only, not padding_mode={module.padding_mode!r}")
-        return dict(kernel=tuple(module.kernel_size), stride=tuple(module.stride), padding=module.padding,
+        geom = dict(kernel=tuple(module.kernel_size), stride=tuple(module.stride), padding=module.padding,
                     dilation=tuple(module.dilation))
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            geom.update(transposed=True, output_padding=tuple(module.output_padding))
+        return geom
     nd = len(weight_shape) - 2
 
     def get(i, name, default):
@@ -42,6 +45,8 @@ def _explicit_padding(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple]
 
 def _as_image(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
     """Explicitly padded N x C x H x W input and its kernel, stride, dilation, padding (Conv1d as 1 x L)."""
+    if geom.get("transposed"):
+        return _transposed_as_image(x, geom)
     x, padding = _explicit_padding(x, geom)
     kernel, stride, dilation = geom["kernel"], geom["stride"], geom["dilation"]
     if x.ndim == 3:  # Conv1d as a 1 x L image
@@ -50,6 +55,26 @@ def _as_image(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple, tuple, 
     if x.ndim != 4:
         raise MultinetError("calibration supports Conv1d and Conv2d consumers (not Conv3d)")
     return x, tuple(kernel), tuple(stride), tuple(dilation), tuple(padding)
+
+
+def _transposed_as_image(x: torch.Tensor, geom: dict) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
+    """A transposed conv as the conv it equals: its input with stride - 1 zeros between neighbours, padded
+    by dilation * (kernel - 1) - padding on each side (output_padding more at the end; a negative pad
+    crops), read at stride 1 with the kernel flipped and in/out swapped (consumer_weights.output_major)."""
+    kernel, stride, dilation = geom["kernel"], geom["stride"], geom["dilation"]
+    padding, extra = geom["padding"], geom["output_padding"]
+    if x.ndim == 3:  # ConvTranspose1d as a 1 x L image
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding, extra = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding), (0, *extra)
+    if x.ndim != 4:
+        raise MultinetError("calibration supports ConvTranspose1d and ConvTranspose2d consumers (not 3d)")
+    n, c, h, w = x.shape
+    stuffed = x.new_zeros(n, c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1)
+    stuffed[:, :, ::stride[0], ::stride[1]] = x
+    pads = []  # F.pad order: last dim first
+    for k, d, p, e in reversed(list(zip(kernel, dilation, padding, extra))):
+        pads += [d * (k - 1) - p, d * (k - 1) - p + e]
+    return F.pad(stuffed, pads), tuple(kernel), (1, 1), tuple(dilation), (0, 0)
 
 
 def _grid(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple, padding: tuple) -> tuple[int, ...]:

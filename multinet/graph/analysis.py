@@ -191,8 +191,9 @@ class ChannelAnalysis:
         return (Segment(sid, 0, self.table.spaces[sid].size, unit),)
 
     def _new_producer(self, name: str, size: int, kind: str, nodes: list[str], cols: int, reason: str | None,
-                      weight: str, bias: str | None, module: str | None) -> tuple[Segment, ...]:
-        """The producer's output channels: one space, or one per part when a pass asked for parts."""
+                      weight: str, bias: str | None, module: str | None, weight_dim: int = 0) -> tuple[Segment, ...]:
+        """The producer's output channels: one space, or one per part when a pass asked for parts.
+        ``weight_dim``: the weight's dim of the outputs (1 for a transposed conv)."""
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
         if use.out_space is None:
             whole = self.units.get(name, 1)
@@ -212,7 +213,7 @@ class ChannelAnalysis:
                 segs.extend(self._whole(sid))
             use.out_space, use.out_segments = segs[0].space, tuple(segs)
             seg = use.out_segments
-            self.edits.append(SliceTensor(weight, 0, seg))
+            self.edits.append(SliceTensor(weight, weight_dim, seg))
             if bias is not None:
                 self.edits.append(SliceTensor(bias, 0, seg))
             if module is not None:
@@ -221,7 +222,8 @@ class ChannelAnalysis:
         return use.out_segments
 
     def _consume(self, name: str, kind: str, ax: Axis | None, node: fx.Node, cols: int, weight: str,
-                 module: str | None, conv_groups: int = 1) -> None:
+                 module: str | None, conv_groups: int = 1, weight_dim: int = 1) -> None:
+        """``weight_dim``: the weight's dim of the inputs (0 for a transposed conv)."""
         use = self.layers.setdefault(name, LayerUse(name, kind, [], cols))
         use.conv_groups = conv_groups
         if ax is None:
@@ -234,7 +236,7 @@ class ChannelAnalysis:
                 self.edits += [GroupedInput(weight, conv_groups, ax.segments),
                                Balanced(name, conv_groups, ax.segments)]
             else:
-                self.edits.append(SliceTensor(weight, 1, ax.segments))
+                self.edits.append(SliceTensor(weight, weight_dim, ax.segments))
             if module is not None:
                 self.edits.append(SetCount(module, "in_channels" if kind == "conv" else "in_features", ax.segments))
         else:
@@ -294,6 +296,8 @@ class ChannelAnalysis:
         name = node.target
         if isinstance(m, ops.CONV_MODULES):
             return self._conv_module(node, m, ax)
+        if isinstance(m, ops.CONV_TRANSPOSE_MODULES):
+            return self._conv_transpose_module(node, m, ax)
         if isinstance(m, nn.Linear):
             return self._linear(node, ax, shape, name, m.out_features, f"{name}.weight",
                                 f"{name}.bias" if m.bias is not None else None, module=name)
@@ -359,6 +363,25 @@ class ChannelAnalysis:
                     self.passthrough[s].add(name)
             return Axis(1, out)
         return self._grouped_conv(node, m, ax, cols, bias)
+
+    def _conv_transpose_module(self, node: fx.Node, m: nn.Module, ax: Axis | None) -> Info:
+        """A transposed conv (a U-Net decoder's upsampling): a consumer of its input channels (weight dim
+        0) and the producer of its outputs (weight dim 1). Its statistics are those of the conv it equals
+        (calib.unfold); grouped ones and calls with ``output_size`` are not followed."""
+        name = node.target
+        if m.groups != 1:
+            return self._unknown(node, f"grouped `{type(m).__name__}` (groups={m.groups})")
+        if len(node.args) > 1 or node.kwargs:
+            return self._unknown(node, f"`{type(m).__name__}` called with an output_size")
+        if ax is not None and ax.dim != 1:
+            self._fail([ax], "transposed conv input whose channel axis is not dim 1", node)
+            ax = None
+        cols = math.prod(m.kernel_size)
+        bias = f"{name}.bias" if m.bias is not None else None
+        self._consume(name, "conv", ax, node, cols, f"{name}.weight", module=name, weight_dim=0)
+        out = self._new_producer(name, m.out_channels, "conv", [node.name], cols, None, f"{name}.weight", bias,
+                                 module=name, weight_dim=1)
+        return Axis(1, out)
 
     def _grouped_conv(self, node: fx.Node, m: nn.Module, ax: Axis | None, cols: int, bias: str | None) -> Info:
         """groups=G: output block g reads only input block g. Pruning keeps the same number of

@@ -37,6 +37,11 @@ def _out_numel(node: fx.Node) -> int:
     return math.prod(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
 
 
+def _in_numel(node: fx.Node) -> int:
+    shape = _in_shape(node.args[0]) if node.args else None
+    return math.prod(shape) if shape is not None else 0
+
+
 def _in_shape(arg) -> tuple[int, ...] | None:
     meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -69,6 +74,8 @@ def count(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Counts:
             own = sum(p.numel() for p in m.parameters(recurse=False))
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 kind, flops = "conv", _out_numel(node) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # every input value times out/groups x kernel
+                kind, flops = "conv", _in_numel(node) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
             elif isinstance(m, nn.Linear):
                 kind, flops = "linear", _out_numel(node) * m.in_features
             elif own:

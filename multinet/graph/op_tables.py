@@ -158,6 +158,13 @@ POOL_MODULES: dict[type, int] = {
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCENORM_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# a transposed conv's weight is (in, out / groups, *kernel): its outputs along dim 1 (see weight_output_dim)
+CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def weight_output_dim(module: nn.Module | None) -> int:
+    """The dim of a layer's weight that holds its output channels: 1 for a transposed conv, 0 elsewhere."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
 # Functions of optional libraries, matched by qualified name so that importing them is not needed.

@@ -16,6 +16,7 @@ from ..errors import PruneError
 from .axes import kept_positions
 from .edits import ATEN_SLICE, Balanced, GroupedInput, SetCount, ShapeLiteral, SliceBounds, SliceTensor, SplitSizes
 from .groups import ChannelGraph
+from .op_tables import weight_output_dim
 from .trace_api import trace
 from .tracing import propagate_shapes
 
@@ -98,12 +99,22 @@ def kept_output_rows(graph: ChannelGraph, group_id: int, keep) -> dict[str, torc
     owners = {table.spaces[s].owner for s, _ in group.members if table.spaces[s].kind == "producer"}
     rows: dict[str, torch.Tensor] = {}
     for edit in graph.analysis.edits:
-        if not (isinstance(edit, SliceTensor) and edit.dim == 0 and edit.attr.endswith(".weight")):
+        if not (isinstance(edit, SliceTensor) and edit.attr.endswith(".weight")):
             continue
         owner = edit.attr[: -len(".weight")]
-        if owner in owners and any(seg.space in keep_local for seg in edit.segments):
+        if owner not in owners or edit.dim != weight_output_dim(_module_or_none(graph.module, owner)):
+            continue
+        if any(seg.space in keep_local for seg in edit.segments):
             rows[owner] = kept_positions(edit.segments, keep_local)
     return rows
+
+
+def _module_or_none(gm: nn.Module, name: str) -> nn.Module | None:
+    """The module called ``name``; None for a functional layer's weight attribute."""
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _resolve(gm: nn.Module, path: str) -> tuple[nn.Module, str]:

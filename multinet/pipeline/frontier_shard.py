@@ -27,7 +27,7 @@ from ..calib.frontier import ActivationStore, GraphRunner, KeptValues, frontier_
 from ..calib.unfold import output_grid
 from ..schedule.oneshot import output_parts, real_tokens
 from ..calib.stats import BatchGrams, ConsumerSpec, ConsumerStats, SampledRows
-from .consumer_weights import consumer_weight, weight_matrix
+from .consumer_weights import consumer_weight, output_major, transposed, weight_matrix
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its spec is not hashable
@@ -69,9 +69,11 @@ def dense_target(reference: fx.GraphModule, name: str) -> torch.Tensor | None:
     module = reference.get_submodule(name) if is_module else None
     if weight.ndim > 2 and (module is None or module.groups != 1):  # a functional conv's groups are not known here
         return None
-    if 2 * weight.shape[0] >= weight[0].numel() + 1:
+    is_transposed = transposed(reference, name)
+    as_conv = output_major(weight, is_transposed)
+    if 2 * as_conv.shape[0] >= as_conv[0].numel() + 1:
         return None
-    return weight_matrix(weight, bias, dtype=None, device=None)  # where and as the reference holds it
+    return weight_matrix(weight, bias, dtype=None, device=None, is_transposed=is_transposed)  # where the reference is
 
 
 def _run_as_is_or_copied(model: nn.Module, device: str) -> nn.Module:

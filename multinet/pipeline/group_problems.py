@@ -8,6 +8,7 @@ different scale add up fairly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -20,7 +21,21 @@ from ..solve.pairs import unify_pairs
 from ..solve.problem import prepare_gram, removed_columns
 from ..solve.reap import invert
 from ..solve.selection import lowest, magnitude_scores, random_channels
-from .consumer_weights import consumer_matrix, consumer_weight, has_bias_row, layer_weight
+from .consumer_weights import (consumer_matrix, consumer_weight, has_bias_row, layer_weight, output_count, output_major,
+                               transposed)
+
+
+class ConsumerLayout(NamedTuple):
+    """How a problem's weight goes back into its layer."""
+    name: str
+    shape: tuple[int, ...]  # the layer's weight shape
+    has_bias: bool
+    scale: torch.Tensor | None  # the BatchNorm output weighting the problem's weight carries
+    transposed: bool = False  # a transposed conv (weight (in, out, *kernel); consumer_weights.output_major)
+
+    @property
+    def outputs(self) -> int:
+        return self.shape[1] if self.transposed else self.shape[0]
 
 
 def _output_scale(gm: fx.GraphModule, graph: ChannelGraph, name: str) -> torch.Tensor | None:
@@ -49,7 +64,7 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         s = stats[name]
         gram = s.gram
         cross = s.cross if s.cross is not None else s.gram  # one-shot: the model is its own reference
-        outputs = surviving.get(name, torch.arange(consumer_weight(original.module, name)[0].shape[0]))
+        outputs = surviving.get(name, torch.arange(output_count(original.module, name)))
         # (m_ref + 1) x d for the outputs still present, float64 on the CPU like the statistics (the ones
         # column is in every cross term, so the target always has its bias row: zero without a bias)
         target = consumer_matrix(original.module, name, bias_row=True, outputs=outputs)
@@ -76,7 +91,7 @@ def group_problems(current: ChannelGraph, original: ChannelGraph, group, stats, 
         if column_index is not None:
             columns = column_index[name][columns]
         problems.append(ConsumerProblem(gram, weight, channels, columns, 1.0 / energy, inverse))
-        layout.append((name, tuple(w_cur.shape), has_bias, scale))
+        layout.append(ConsumerLayout(name, tuple(w_cur.shape), has_bias, scale, transposed(current.module, name)))
     return problems, layout
 
 
@@ -128,14 +143,14 @@ def zero_removed(problem: ConsumerProblem, removed: list[int]) -> torch.Tensor:
 
 def to_layer_weights(problems, weights, layout, removed) -> dict:
     out = {}
-    for p, w, (name, shape, has_bias, scale) in zip(problems, weights, layout):
+    for p, w, (name, shape, has_bias, scale, is_transposed) in zip(problems, weights, layout):
         if scale is not None:
             w = w / scale[None]
         drop = removed_columns(p, removed)
         if has_bias:
             drop[-1] = True
         kept = w[~drop]
-        layer_w = layer_weight(kept, shape).float()
+        layer_w = layer_weight(kept, shape, is_transposed).float()
         out[name] = (layer_w, w[-1].float()) if has_bias else layer_w
     return out
 
@@ -168,7 +183,7 @@ def solve_group(current: ChannelGraph, original: ChannelGraph, group, n_remove: 
     problems, layout = group_problems(current, original, group, stats, damp, surviving, column_index)
     problems = [p.to(device) for p in problems]  # the solve runs on the run's device
     if method == "unify" and preset is None:
-        if not all(has_bias for _, _, has_bias, _ in layout):
+        if not all(entry.has_bias for entry in layout):
             raise MultinetError(f"unify needs a bias in every consumer of group {group.id} (a functional layer "
                                 f"without one cannot absorb the affine offset); use method='reap'")
         removed, weights, _ = unify_pairs(problems, group.size, n_remove, group.pieces)
@@ -205,7 +220,8 @@ def _magnitude(graph: ChannelGraph, group) -> torch.Tensor:
     for space, _ in group.members:
         sp = table.spaces[space]
         if sp.kind == "producer":
-            weights[sp.owner] = consumer_weight(graph.module, sp.owner)[0]
+            weight = consumer_weight(graph.module, sp.owner)[0]  # its output rows first, whatever the layer
+            weights[sp.owner] = output_major(weight, transposed(graph.module, sp.owner))
     sizes = {s: table.spaces[s].size for s, _ in group.members}
     owners = {s: table.spaces[s].owner for s, _ in group.members}
     return magnitude_scores(group, weights, sizes, owners)

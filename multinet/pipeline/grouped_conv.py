@@ -52,8 +52,8 @@ from ..solve.problem import SolverInputError, prepare_gram, removed_columns
 from ..solve.reap import ReapResult, invert, protected
 from ..solve.refit import ColumnRefit
 from .consumer_weights import consumer_weight, layer_weight, weight_matrix, write_matrix
-from .group_problems import (GroupSolution, _magnitude, _merge_slots, _output_scale, group_problems, on_cpu,
-                             relative_error, to_layer_weights, weights_for_selection)
+from .group_problems import (ConsumerLayout, GroupSolution, _magnitude, _merge_slots, _output_scale, group_problems,
+                             on_cpu, relative_error, to_layer_weights, weights_for_selection)
 
 
 # --- counts -----------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def _block_problems(current: ChannelGraph, original: ChannelGraph, group, name: 
         energy += float((weight * rhs).sum())
         mine = owner == g
         problems.append(ConsumerProblem(gram_g, weight, channels[mine], columns[mine] - g * width))
-        layout.append((name, tuple(w_cur.shape), True, scale_g))
+        layout.append(ConsumerLayout(name, tuple(w_cur.shape), True, scale_g))
         blocks.append(ConvBlock(name, g, groups, out_g if full_width else in_g.nonzero().flatten()))
     for p in problems:  # the consumer's errors as a fraction of its whole output energy, like a dense one's
         p.scale = 1.0 / max(energy, 1e-30)
@@ -302,7 +302,7 @@ def grouped_layer_weights(solution: GroupedSolution) -> dict:
         shape = parts[0][2][1]
         kept_per = None
         weight = bias = None
-        for p, w, (_, _, _, scale), b in parts:
+        for p, w, (_, _, _, scale, _), b in parts:
             if scale is not None:
                 w = w / scale[None]
             drop = removed_columns(p, solution.removed)
@@ -327,7 +327,7 @@ def write_grouped_full_width(gm: fx.GraphModule, solution: GroupedSolution, keep
     if dense.problems:
         write_dense(gm, dense, keep_rows, surviving)
     for name, parts in _grouped_parts(solution).items():
-        for _, w, (_, _, _, scale), b in parts:  # each conv group's outputs read its own block of columns
+        for _, w, (_, _, _, scale, _), b in parts:  # each conv group's outputs read its own block of columns
             write_matrix(gm, name, w / scale[None] if scale is not None else w, True, b.rows)
 
 

@@ -42,7 +42,7 @@ from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
 from ..schedule.oneshot import first_samples
 from ..solve.problem import removed_columns
-from .consumer_weights import write_matrix
+from .consumer_weights import layer_layout, output_major, write_matrix
 from .frontier_shard import FrontierShard, dense_target
 from .group_problems import GroupSolution, solve_group
 from .grouped_conv import GroupedSolution, write_grouped_full_width, zero_grouped_columns
@@ -108,25 +108,28 @@ def write_full_width(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dic
     """Consumers' re-solved weights into the full-width model: removed columns read zero weight."""
     if isinstance(solution, GroupedSolution):  # a grouped conv's weights go back per conv group
         return write_grouped_full_width(gm, solution, keep_rows, surviving, write_full_width)
-    for p, w, (name, shape, has_bias, scale) in zip(solution.problems, solution.weights, solution.layout):
+    for p, w, entry in zip(solution.problems, solution.weights, solution.layout):
+        name, has_bias, scale = entry.name, entry.has_bias, entry.scale
         if scale is not None:
             w = w / scale[None]
         full = torch.zeros(keep_rows[name].numel(), w.shape[1], dtype=w.dtype)  # the bias row is always last
         full[_problem_rows(keep_rows[name], len(w))] = w
-        write_matrix(gm, name, full if has_bias else full[:-1], has_bias, surviving.get(name, torch.arange(shape[0])))
+        write_matrix(gm, name, full if has_bias else full[:-1], has_bias,
+                     surviving.get(name, torch.arange(entry.outputs)))
 
 
 def zero_columns(gm: fx.GraphModule, solution: GroupSolution, keep_rows: dict[str, torch.Tensor]) -> None:
     """Selection without reconstruction: the consumers only stop reading the removed channels."""
     if isinstance(solution, GroupedSolution):
         return zero_grouped_columns(gm, solution, keep_rows, zero_columns)
-    for p, (name, _, _, _) in zip(solution.problems, solution.layout):
-        gone = _problem_rows(keep_rows[name], p.gram.shape[0])[removed_columns(p, solution.removed)]
-        module = _module(gm, name)
-        weight = module.weight if module is not None else gm.get_parameter(name)
-        flat = weight.detach().flatten(1).clone()
+    for p, entry in zip(solution.problems, solution.layout):
+        gone = _problem_rows(keep_rows[entry.name], p.gram.shape[0])[removed_columns(p, solution.removed)]
+        module = _module(gm, entry.name)
+        weight = module.weight if module is not None else gm.get_parameter(entry.name)
+        as_conv = output_major(weight.detach(), entry.transposed)
+        flat = as_conv.flatten(1).clone()
         flat[:, gone.to(weight.device)] = 0
-        weight.data = flat.reshape(weight.shape)
+        weight.data = layer_layout(flat.reshape(as_conv.shape), entry.transposed).contiguous()
 
 
 def consumer_tensors(gm: fx.GraphModule, names) -> dict[str, torch.Tensor]:

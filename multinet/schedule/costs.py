@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ..graph import ChannelGraph, count
 from ..graph.edits import GroupedInput, SliceTensor
+from ..graph.op_tables import weight_output_dim
 
 
 WEIGHTLESS = ("attention", "matmul")  # counted layers (graph/counting.py) whose cost no weight slice gives
@@ -153,8 +154,9 @@ class CostModel:
             module = modules.get(name)
             if module is None or getattr(module, "bias", 0) is not None or f"{name}.weight" not in slices:
                 continue
-            out = [d for d in self._dims([e for e in slices[f"{name}.weight"] if e.dim == 0])]
-            full = module.weight.shape[0]
+            dim = weight_output_dim(module)
+            out = [d for d in self._dims([e for e in slices[f"{name}.weight"] if e.dim == dim])]
+            full = module.weight.shape[dim]
             terms.append(_Term(full, out or [_Dim(full, full, [])], needs=gids))
         return terms
 
