@@ -43,6 +43,8 @@ from .group_problems import solve_group, to_layer_weights
 from .grouped_conv import GroupedSolution, grouped_layer_weights, removal_count, removal_step
 from .oneshot import compress_oneshot
 from .sequential import PipelineStats, SequentialPipeline, track_outputs
+from .statistics_memory import fitting, statistics_limit
+from .submodule import find_submodule, submodule_inputs, with_submodule
 
 METHODS = ("reap", "unify", "magnitude", "magnitude+ls", "random")
 MODES = ("sequential", "oneshot", "reference")
@@ -74,10 +76,19 @@ class CompressResult:
     cost: PipelineStats | None = None  # the cached-input pipeline's forward work and phase times
     # with skip_links=True: (layer, the layer whose input it reads instead of its own) for every skip kept
     skip_links: list[tuple[str, str]] = field(default_factory=list)
+    # with submodule=: its path, and a copy of the whole model with ``model`` (the compressed submodule) in
+    # place; FLOPs, parameters and groups are then the submodule's
+    submodule: str | None = None
+    whole_model: nn.Module | None = None
 
     def as_dict(self) -> dict:
-        out = asdict(self)
+        whole, self.whole_model = self.whole_model, None  # a model is no report entry (and asdict copies it)
+        try:
+            out = asdict(self)
+        finally:
+            self.whole_model = whole
         out.pop("model")
+        out.pop("whole_model")
         return out
 
     def removed_channels(self) -> list[dict]:
@@ -102,6 +113,8 @@ class CompressResult:
         budget = f", {self.plan.schedule} schedule to a {self.plan.metric} budget" if self.plan is not None else ""
         if self.skip_links:
             budget += f", {len(self.skip_links)} skip link{'s' * (len(self.skip_links) > 1)}"
+        if self.submodule is not None:
+            budget += f", submodule {self.submodule!r}"
         return (f"CompressResult(method={self.method!r}{budget}: FLOPs {self.flops_before:,} -> {self.flops_after:,} "
                 f"({self.flops_after / max(self.flops_before, 1):.1%}), params {self.params_before:,} -> "
                 f"{self.params_after:,}, {len(self.groups)} groups compressed, {self.seconds:.1f} s)")
@@ -114,7 +127,8 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
              seed: int = 0, eval_samples: int = 1024, executor: Executor | None = None, leaf_modules=(),
              autowrap_functions=(), progress: bool = False, run_dir=None, mode: str = "sequential",
              frontier_memory: int | str | None = "auto", frontier_dtype: str = "float32",
-             options: RunOptions | None = None, skip_links: bool = False) -> CompressResult:
+             options: RunOptions | None = None, skip_links: bool = False, submodule: str | None = None
+             ) -> CompressResult:
     """Compress ``model`` without retraining.
 
     Either ``ratio`` (remove that fraction of every prunable group, or per group {group_id: ratio};
@@ -155,6 +169,12 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     without either is computed too, and of the three the one with the least final-output error on the
     evaluation samples is kept (``result.skip_links`` lists the skip links, ``result.removed_whole``
     the groups gone whole). Costs about 2.5 to 6 plain compressions.
+
+    ``submodule``: compress only the submodule at this dotted path (a detector's "backbone", whose model
+    does not trace as a whole: its forward makes anchors and runs NMS), calibrated on what it receives
+    while ``model`` runs on ``calibration_data`` (recorded once by a hook); its outputs keep their
+    channels. ``result.model`` is the compressed submodule, ``result.whole_model`` a copy of ``model`` with
+    it in place; the FLOPs and groups reported are the submodule's.
     """
     if method not in METHODS:
         raise MultinetError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -176,6 +196,15 @@ def compress(model: nn.Module, calibration_data, ratio: float | Mapping[int, flo
     owned = opts.executor is not executor and (options is None or opts.executor is not options.executor)
     device, executor = opts.device, opts.executor
     try:
+        if submodule is not None:
+            inputs = submodule_inputs(model, submodule, calibration_data, opts.batch_size)
+            result = compress(find_submodule(model, submodule), inputs, ratio=ratio, method=method, budget=budget,
+                              schedule=schedule, plan=plan, plan_path=plan_path, leaf_modules=leaf_modules,
+                              autowrap_functions=autowrap_functions, progress=progress, run_dir=run_dir, mode=mode,
+                              options=opts, skip_links=skip_links)
+            result.submodule = submodule
+            result.whole_model = with_submodule(model, submodule, result.model)
+            return result
         if skip_links:
             from ..unification.skipping import compress_with_skip_links
 
@@ -240,6 +269,10 @@ def _applied(original: ChannelGraph, plan: Plan | None, ratio, method: str, data
     else:
         ratios = _ratios(original, 0.5 if ratio is None else ratio, method)
         requests = {gid: removal_count(original.group(gid), r) for gid, r in ratios.items()}
+        if method not in ("magnitude", "random"):  # the others solve least squares: their statistics must fit
+            fit = fitting(original, [g for g, n in requests.items() if n], statistics_limit(opts.frontier_memory),
+                          together=mode == "oneshot")
+            requests = {g: n for g, n in requests.items() if g in fit or not n}
     cost, outputs = None, None
     if mode == "oneshot" and not _removes_a_whole_group(original, requests):
         current, reports = _apply_oneshot(original, requests, method, data, example, ctx, plan, opts)

@@ -35,6 +35,7 @@ from ..calib import iterate_batches
 from ..options import RunOptions
 from ..runtime.executors import Executor
 from ..graph import ChannelGraph, prune
+from ..pipeline.statistics_memory import fitting, statistics_limit
 from ..runtime.progress import Bar
 from .allocate import Step, counts_at, greedy, refill
 from .budget import Budget, BudgetError, schedulable_groups
@@ -146,6 +147,8 @@ def prepare(graph: ChannelGraph, data, budget: Budget, options: RunOptions | Non
         opts.batch_size, opts.max_positions, opts.damp, opts.device, opts.seed, opts.eval_samples, opts.executor)
     budget.check_device()
     allowed = schedulable_groups(graph, budget)
+    fit = fitting(graph, allowed, statistics_limit(opts.frontier_memory), together=True)  # held at once
+    allowed = {g: counts for g, counts in allowed.items() if g in fit}
     if not allowed:
         raise BudgetError("no channel group may be pruned under these constraints (ignored layers, min_channels, "
                           "round_to, residual_streams): nothing to schedule")

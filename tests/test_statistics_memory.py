@@ -1,0 +1,60 @@
+"""Groups whose least-squares statistics cannot fit in memory stay whole, with a warning, before any work."""
+import pytest
+import torch
+import torch.nn as nn
+
+import multinet
+from multinet.pipeline import statistics_memory
+from multinet.pipeline.statistics_memory import GRAM_COPIES, group_bytes
+
+
+class WideReader(nn.Module):
+    """stem (group A, 4 channels) -> a 3x3 conv reading A (36 columns) -> wide (group B, 32 channels) read by a
+    3x3 conv (288 columns) and a 1x1 conv (32 columns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.wide = nn.Conv2d(4, 32, 3, padding=1)
+        self.a, self.b = nn.Conv2d(32, 6, 3, padding=1), nn.Conv2d(32, 6, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.wide(torch.relu(self.stem(x))))
+        return self.a(y) + self.b(y)
+
+
+def _setup():
+    torch.manual_seed(0)
+    model, x = WideReader().eval(), torch.randn(32, 3, 6, 6)
+    graph = multinet.trace(model, x[:1])
+    return model, x, graph, graph.group_of_layer("stem").id, graph.group_of_layer("wide").id
+
+
+def test_the_estimate_counts_every_consumer_gram():
+    _, _, graph, narrow, wide = _setup()
+    assert group_bytes(graph, narrow) == 8 * GRAM_COPIES * (36 + 1) ** 2
+    assert group_bytes(graph, wide) == 8 * GRAM_COPIES * ((288 + 1) ** 2 + (32 + 1) ** 2)
+
+
+@pytest.mark.parametrize("run", [dict(ratio=0.5), dict(ratio=0.5, mode="oneshot"),
+                                 dict(budget=multinet.Budget(flops=0.8))])
+def test_a_group_that_cannot_fit_stays_whole_and_the_others_compress(run, monkeypatch):
+    model, x, graph, narrow, wide = _setup()
+    limit = group_bytes(graph, narrow) + 1000  # the narrow group fits, the wide one does not
+    monkeypatch.setattr(statistics_memory, "available_memory", lambda: 2 * limit)  # half goes to the frontier
+    with pytest.warns(UserWarning, match=r"1 group\(s\) stay whole.*`a` reads 288 columns"):
+        result = multinet.compress(model, x, batch_size=16, max_positions=None, **run)
+    changed = {r.group for r in result.groups if r.channels_after < r.channels_before}
+    assert wide not in changed and narrow in changed
+
+
+def test_together_the_largest_go_first(monkeypatch):
+    from multinet.pipeline.statistics_memory import fitting
+
+    _, _, graph, narrow, wide = _setup()
+    both = group_bytes(graph, narrow) + group_bytes(graph, wide)
+    assert fitting(graph, [narrow, wide], both, together=True) == {narrow, wide}
+    with pytest.warns(UserWarning, match="together"):
+        assert fitting(graph, [narrow, wide], both - 1, together=True) == {narrow}
+    assert fitting(graph, [narrow, wide], both - 1, together=False) == {narrow, wide}  # one at a time: each fits
+    assert fitting(graph, [narrow, wide], None, together=True) == {narrow, wide}  # memory unknown: no check
