@@ -32,9 +32,10 @@ def models() -> list[tuple[str, str]]:
 
 
 def _structure(out) -> list:
-    """Keys and shapes of a model's outputs, whatever they nest in (dicts, lists of dicts)."""
+    """Keys and shapes of a model's outputs, whatever they nest in (dicts, lists of dicts); a tensor's first
+    dim is left out (a detector's boxes per image depend on what its scores pass)."""
     if isinstance(out, torch.Tensor):
-        return [tuple(out.shape)]
+        return [tuple(out.shape[1:])]
     if isinstance(out, dict):
         return [(k, _structure(v)) for k, v in out.items()]
     if isinstance(out, (list, tuple)):
@@ -53,10 +54,17 @@ def run_one(name: str, kind: str, ratio: float) -> dict:
     start = time.time()
     try:
         submodule = None if kind == "segmentation" else "backbone"
-        result = multinet.compress(model, images, ratio=ratio, batch_size=8, max_positions=32, submodule=submodule)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = multinet.compress(model, images, ratio=ratio, batch_size=8, max_positions=32,
+                                       submodule=submodule)
     except multinet.MultinetError as exc:
         row["note"] = str(exc).splitlines()[0][:100]
         return row
+    whole = [str(w.message) for w in caught if "stay whole" in str(w.message)]
+    if whole:  # groups left whole for memory: which, and why
+        limit = whole[0].split("more than the ", 1)[-1].split(" this run", 1)[0]
+        row["note"] = f"left whole for memory (over {limit}): " + whole[0].split("(group ", 1)[-1].rstrip(")")[:140]
     row["seconds"] = time.time() - start
     groups = f"/{len(multinet.trace(model, images[:1]).groups)}" if submodule is None else ""
     row["groups"] = f"{len(result.groups)}{groups}"

@@ -47,3 +47,32 @@ def test_swin_heads_are_prunable(name):
     assert len(heads) == 12 and all(g.prunable for g in heads)
     assert [g.size for g in heads] == [3, 3, 6, 6, 12, 12, 12, 12, 12, 12, 24, 24]
     assert len(graph.prunable_groups) == len(graph.groups) - 1  # all but the logits
+
+
+@pytest.mark.slow
+def test_segmentation_models_prune_exactly():
+    """LR-ASPP (a segmentation head reading two backbone stages, bilinear upsampling to the input size)."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(tvm.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None))
+    graph = check_model(model, torch.randn(2, 3, 64, 64), max_channels=1)
+    assert len(graph.prunable_groups) == len(graph.groups) - 1  # all but the logits
+
+
+@pytest.mark.slow
+def test_a_detector_backbone_compresses_as_a_submodule():
+    """A detector does not trace whole (anchors, NMS); its backbone + FPN is compressed on what the detector
+    feeds it, and the detector runs with it in place, its FPN levels unchanged in shape."""
+    torch.manual_seed(0)
+    detector = tvm.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None).eval()
+    images = torch.rand(8, 3, 160, 200)
+    with pytest.raises(multinet.MultinetError):
+        multinet.trace(detector, images[:1])
+    result = multinet.compress(detector, images, ratio=0.3, batch_size=4, max_positions=16, submodule="backbone")
+    assert result.flops_after < 0.7 * result.flops_before
+    assert result.whole_model.backbone.out_channels == detector.backbone.out_channels
+    x = detector.transform(list(images[:2]))[0].tensors
+    with torch.no_grad():
+        before, after = detector.backbone(x), result.model(x)
+        assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+        detections = result.whole_model(images[:2])
+    assert [sorted(d) for d in detections] == [["boxes", "labels", "scores"]] * 2

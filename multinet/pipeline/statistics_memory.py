@@ -63,6 +63,7 @@ def fitting(graph: ChannelGraph, group_ids: Iterable[int], limit: int | None, to
             lines.append(f"group {g} ({', '.join(graph.group(g).producers)[:60]}): {sizes[g] / 2 ** 30:.1f} GB, "
                          f"`{widest}` reads {consumer_columns(graph, widest):,} columns")
         warnings.warn(f"{len(dropped)} group(s) stay whole: their least-squares statistics would need more than "
-                      f"the {limit / 2 ** 30:.1f} GB this run can give them{' together' if together else ''} "
+                      f"the {limit / 2 ** 30:.1f} GB this run can give them{' together' if together else ''}, "
+                      f"beside what the frontier may keep (a smaller frontier_memory leaves them more) "
                       f"(" + "; ".join(lines) + ")", stacklevel=3)
     return kept
