@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import multinet
 from multinet.pipeline import statistics_memory
-from multinet.pipeline.statistics_memory import GRAM_COPIES, group_bytes
+from multinet.pipeline.statistics_memory import group_bytes, peak_bytes
 
 
 class WideReader(nn.Module):
@@ -32,15 +32,17 @@ def _setup():
 
 def test_the_estimate_counts_every_consumer_gram():
     _, _, graph, narrow, wide = _setup()
-    assert group_bytes(graph, narrow) == 8 * GRAM_COPIES * (36 + 1) ** 2
-    assert group_bytes(graph, wide) == 8 * GRAM_COPIES * ((288 + 1) ** 2 + (32 + 1) ** 2)
+    assert group_bytes(graph, narrow) == 8 * (36 + 1) ** 2
+    assert group_bytes(graph, wide) == 8 * ((288 + 1) ** 2 + (32 + 1) ** 2)
+    assert peak_bytes([10, 40], together=False) == 40 * 5.5
+    assert peak_bytes([10, 40], together=True) == 40 * 5.5 + 10 * 2
 
 
 @pytest.mark.parametrize("run", [dict(ratio=0.5), dict(ratio=0.5, mode="oneshot"),
                                  dict(budget=multinet.Budget(flops=0.8))])
 def test_a_group_that_cannot_fit_stays_whole_and_the_others_compress(run, monkeypatch):
     model, x, graph, narrow, wide = _setup()
-    limit = group_bytes(graph, narrow) + 1000  # the narrow group fits, the wide one does not
+    limit = peak_bytes([group_bytes(graph, narrow)], True) + 1000  # the narrow group fits, the wide one does not
     monkeypatch.setattr(statistics_memory, "available_memory", lambda: 2 * limit)  # half goes to the frontier
     with pytest.warns(UserWarning, match=r"1 group\(s\) stay whole.*`a` reads 288 columns"):
         result = multinet.compress(model, x, batch_size=16, max_positions=None, **run)
@@ -52,7 +54,7 @@ def test_together_the_largest_go_first(monkeypatch):
     from multinet.pipeline.statistics_memory import fitting
 
     _, _, graph, narrow, wide = _setup()
-    both = group_bytes(graph, narrow) + group_bytes(graph, wide)
+    both = peak_bytes([group_bytes(graph, narrow), group_bytes(graph, wide)], True)
     assert fitting(graph, [narrow, wide], both, together=True) == {narrow, wide}
     with pytest.warns(UserWarning, match="together"):
         assert fitting(graph, [narrow, wide], both - 1, together=True) == {narrow}
