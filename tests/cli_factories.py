@@ -16,3 +16,19 @@ def untraceable():
 
 def not_a_model():
     return 42
+
+
+def gated():
+    """A digit classifier whose forward branches on the data (fx cannot trace it) around a traceable trunk."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.features(x)
+            return self.head(h) if float(h.abs().sum()) > 0 else self.head(h) * 0
+
+    return Gated()

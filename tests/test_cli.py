@@ -268,3 +268,18 @@ def test_a_run_directory_is_marked_and_only_resume_continues_it(tmp_path, capsys
     assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 2
     assert "pass --resume" in _one_error_line(capsys.readouterr().err)
     assert main(["run", str(scenario), "--out", str(out), "--resume", "--quiet"]) == 0
+
+
+def test_compress_a_submodule_of_a_model_that_does_not_trace(tmp_path, capsys):
+    path = tmp_path / "features.mnet"
+    argv = ["compress", "cli_factories:gated", "--ratio", "0.5", "--calibration", "128", "--quiet"]
+    assert main(argv) == 2
+    assert "cannot trace" in capsys.readouterr().err
+    assert main(argv + ["--submodule", "features", "--save", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table's title wraps
+    assert "submodule `features` only" in out and "16 -> 8" in out and "test accuracy on digits" in out
+    assert "put it in place of the model's `features`" in out
+    features = multinet.load(path)
+    assert features(torch.rand(3, 1, 8, 8)).shape == (3, 16)
+    assert main(argv + ["--submodule", "neck"]) == 2
+    assert "no submodule 'neck'" in capsys.readouterr().err
