@@ -60,3 +60,14 @@ def test_together_the_largest_go_first(monkeypatch):
         assert fitting(graph, [narrow, wide], both - 1, together=True) == {narrow}
     assert fitting(graph, [narrow, wide], both - 1, together=False) == {narrow, wide}  # one at a time: each fits
     assert fitting(graph, [narrow, wide], None, together=True) == {narrow, wide}  # memory unknown: no check
+
+
+def test_the_limit_leaves_the_frontier_its_share(monkeypatch):
+    from multinet.pipeline.statistics_memory import statistics_limit
+
+    monkeypatch.setattr(statistics_memory, "available_memory", lambda: 1000)
+    assert statistics_limit("auto") == 500  # an "auto" frontier may keep half of what is available
+    assert statistics_limit(300) == 700 and statistics_limit(5000) == 0
+    assert statistics_limit(None) == 1000  # an unlimited frontier spills nothing: no share is set aside
+    monkeypatch.setattr(statistics_memory, "available_memory", lambda: None)
+    assert statistics_limit("auto") is None  # unknown: nothing is checked
