@@ -8,6 +8,7 @@ import stat
 
 import pytest
 import torch
+import torch.nn as nn
 
 import multinet
 from multinet import data, zoo
@@ -227,3 +228,28 @@ def test_sequential_compress_reports_each_group_it_calibrates(capsys):
     multinet.compress(zoo.create("vgg"), x, ratio=0.25, progress=True)
     err = capsys.readouterr().err
     assert "calibrating" in err and "group 0" in err and "done" in err
+
+
+def test_batches_of_other_image_sizes_join_as_one_row_and_budgets_run_on_them():
+    """A fully convolutional model calibrated on batches of different image sizes (as a detector's backbone
+    gets them): its outputs cannot be stacked a row per sample, so each becomes one row of all its numbers,
+    errors over them stay exact, and a budget's schedule runs (it measured nothing per sample)."""
+    from multinet.schedule.oneshot import join_outputs, output_parts
+
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(3, 3, 5, 6)
+    same = join_outputs([output_parts(a), output_parts(a)])
+    assert same[0].shape == (4, 48)
+    mixed = join_outputs([output_parts(a), output_parts(b)])
+    assert mixed[0].shape == (1, 2 * 48 + 3 * 90)
+    assert float((mixed[0] ** 2).sum()) == pytest.approx(float((a.double() ** 2).sum() + (b.double() ** 2).sum()))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    data = [torch.randn(8, 3, 8, 8), torch.randn(8, 3, 10, 6), torch.randn(8, 3, 6, 12)]
+    for mode in ("sequential", "oneshot"):
+        result = multinet.compress(model, data, budget=multinet.Budget(flops=0.5), mode=mode, max_positions=16)
+        assert result.flops_after <= 0.5 * result.flops_before + 1
+        with torch.no_grad():
+            expected = sum(float(((result.model(x) - model(x)) ** 2).sum()) for x in data) / sum(
+                float((model(x) ** 2).sum()) for x in data)
+        assert result.plan.measured_error == pytest.approx(expected, rel=1e-3)

@@ -40,7 +40,7 @@ from ..graph.streams import residual_partners
 from ..graph.surgery import kept_output_rows
 from ..runtime.executors import LocalShards
 from ..runtime.progress import Bar
-from ..schedule.oneshot import first_samples
+from ..schedule.oneshot import first_samples, join_outputs
 from ..solve.problem import removed_columns
 from .consumer_weights import layer_layout, output_major, write_matrix
 from .frontier_shard import FrontierShard, dense_target
@@ -241,7 +241,7 @@ class SequentialPipeline:
         parts = self.shards.call("final_outputs")
         if not parts or any(p is None for p in parts):
             return None
-        columns = [torch.cat(column) for column in zip(*[batch for shard in parts for batch in shard])]
+        columns = join_outputs([batch for shard in parts for batch in shard])
         # an output may have several rows per sample (``h.reshape(-1, C)``): the first samples' rows
         total = sum(batches.size(b) for b in self._batches)
         if any(len(c) % total or (len(c) != total and samples != total) for c in columns):

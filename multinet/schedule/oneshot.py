@@ -95,7 +95,7 @@ class EvaluationOutputs:
         """Per output, the outputs on every evaluation sample; None where the pass did not give them all."""
         if not self.valid or len(self.parts) != len(self.inputs) or not self.parts:
             return None
-        return [torch.cat(column) for column in zip(*self.parts)]
+        return join_outputs(self.parts)
 
 
 def _solve_job(job: dict) -> tuple[list[int], np.ndarray]:
@@ -189,6 +189,20 @@ def output_parts(out) -> list[torch.Tensor]:
     return [part for o in out for part in output_parts(o)]
 
 
+def join_outputs(parts: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per output, its matrices from every batch stacked (a row per sample). Where batches differ in an
+    output's width (images of other sizes through a fully convolutional model, a detector's backbone),
+    that output becomes one row of all its numbers: errors over it stay exact, only errors per sample are
+    not available (``MaskedModel.per_sample`` finds it), and no sample's numbers are mixed with another's."""
+    joined = []
+    for column in zip(*parts):
+        if len({tuple(t.shape[1:]) for t in column}) == 1:
+            joined.append(torch.cat(column))
+        else:
+            joined.append(torch.cat([t.reshape(-1) for t in column])[None])
+    return joined
+
+
 def run_outputs(model, inputs: list[Batch]) -> list[torch.Tensor]:
     """Outputs of ``model`` over batches of inputs, concatenated per output (padding tokens zeroed)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -198,7 +212,7 @@ def run_outputs(model, inputs: list[Batch]) -> list[torch.Tensor]:
         for x in inputs:
             x = batches.to_device(x, device)
             parts.append(output_parts(real_tokens(batches.call(model, x), batches.padding_mask(x, names))))
-    return [torch.cat(column) for column in zip(*parts)]
+    return join_outputs(parts)
 
 
 def real_tokens(out, mask: torch.Tensor | None):
@@ -466,7 +480,7 @@ class MaskedModel:
                     end = runner.run(env, position, runner.end)
                     out = fx.node.map_arg(output.args[0], lambda n: end[n.name])
                     parts.append(output_parts(real_tokens(out, batches.padding_mask(x, names))))
-                yield i, [torch.cat(column) for column in zip(*parts)]
+                yield i, join_outputs(parts)
 
 
 # --- the masked evaluator on executor workers (built once per worker, from plain data) ----------

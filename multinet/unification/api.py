@@ -53,7 +53,7 @@ from ..graph import count, trace
 from ..runtime.executors import resolve_executor
 from ..runtime.progress import Bar
 from ..schedule import Budget, BudgetError, Plan
-from ..schedule.oneshot import evaluation_inputs, output_error, output_parts
+from ..schedule.oneshot import evaluation_inputs, join_outputs, output_error, output_parts
 from .bridges import Bridge, add_bridges, choose_links, live_links
 from .fusion import SHARED, fuse_across_members, layers_fused_across_members
 from .holdout import HOLDOUT, FitSamples, check_fraction, count_samples, held_out, holdout_step
@@ -624,7 +624,7 @@ def member_outputs(net: MultiNet, inputs: list) -> dict[str, list[torch.Tensor]]
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     with torch.no_grad():
         outs = [batches.call(net, batches.to_device(x, device)) for x in inputs]
-    return {m: [torch.cat(col) for col in zip(*(output_parts(b[m]) for b in outs))] for m in net.members}
+    return {m: join_outputs([output_parts(b[m]) for b in outs]) for m in net.members}
 
 
 def member_errors(net: MultiNet, inputs, reference: dict[str, list[torch.Tensor]]) -> dict[str, float]:
