@@ -71,3 +71,16 @@ def test_the_limit_leaves_the_frontier_its_share(monkeypatch):
     assert statistics_limit(None) == 1000  # an unlimited frontier spills nothing: no share is set aside
     monkeypatch.setattr(statistics_memory, "available_memory", lambda: None)
     assert statistics_limit("auto") is None  # unknown: nothing is checked
+
+
+def test_the_cli_says_which_group_stayed_whole_and_why(monkeypatch, capsys):
+    from multinet import zoo
+    from multinet.cli import main
+
+    graph = multinet.trace(zoo.create("mlp"), zoo.example_input())
+    sizes = sorted(group_bytes(graph, g.id) for g in graph.prunable_groups)
+    limit = peak_bytes([sizes[0]], False) + 1000  # the smallest group fits, the largest does not
+    monkeypatch.setattr(statistics_memory, "available_memory", lambda: 2 * limit)
+    assert main(["compress", "zoo:mlp", "--ratio", "0.3", "--calibration", "64", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: " in err and "stay whole" in err and "GB" in err
