@@ -82,11 +82,8 @@ class CompressResult:
     whole_model: nn.Module | None = None
 
     def as_dict(self) -> dict:
-        whole, self.whole_model = self.whole_model, None  # a model is no report entry (and asdict copies it)
-        try:
-            out = asdict(self)
-        finally:
-            self.whole_model = whole
+        """The report's fields; the models are no report entries (and asdict would deep-copy them first)."""
+        out = asdict(replace(self, model=None, whole_model=None))
         out.pop("model")
         out.pop("whole_model")
         return out
